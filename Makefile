@@ -1,0 +1,27 @@
+# The two commands of the README: `make demo` and `make test`. Each creates the
+# virtualenv it needs from nothing but a Python 3.11+ interpreter.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test proto bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[server,test,demo]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/optserve demo
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+# Regenerates the committed stubs in client/generated from proto/ (tests check they are fresh).
+proto: $(STAMP)
+	$(PY) proto/generate.py client/generated
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

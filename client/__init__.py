@@ -1,0 +1,12 @@
+"""optserve's Python client: needs grpcio, protobuf and NumPy, never JAX.
+
+    from optserve.client import Client, IndexedSlices
+    client = Client("127.0.0.1:50051")
+    opt = client.create_optimizer("mlp", params, {"learning_rate": 1e-3})
+    version = opt.push(grads)
+    weights = opt.pull()
+"""
+
+from optserve.client.client import Client, IndexedSlices, Optimizer, OptimizerInfo, OptserveError, Weights
+
+__all__ = ["Client", "IndexedSlices", "Optimizer", "OptimizerInfo", "OptserveError", "Weights"]

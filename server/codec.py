@@ -1,0 +1,211 @@
+"""Translates wire messages into NumPy arrays and back, validating all it reads.
+
+Every check on a request's shape, dtype, size and indices happens here, before
+any state is touched; the messages name the offending field.
+"""
+
+import json
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from optserve.client.wire import ITEMSIZE, ChunkBuffer, data_type_of, dtype_name, iter_chunks
+from optserve.server.errors import InvalidArgument, NotFound, ResourceExhausted
+from optserve.v1 import optserve_pb2 as pb
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,128}")
+GRADIENT_DTYPES = (pb.DATA_TYPE_FLOAT32, pb.DATA_TYPE_FLOAT16, pb.DATA_TYPE_BFLOAT16)
+INDEX_DTYPES = (pb.DATA_TYPE_INT32, pb.DATA_TYPE_INT64)
+NON_FINITE_POLICIES = {
+    pb.NON_FINITE_POLICY_UNSPECIFIED: "refuse",
+    pb.NON_FINITE_POLICY_REFUSE: "refuse",
+    pb.NON_FINITE_POLICY_APPLY: "apply",
+}
+
+Gradient = np.ndarray | tuple[np.ndarray, np.ndarray]  # dense, or (indices, rows)
+
+
+@dataclass(frozen=True)
+class CreateRequest:
+    """A decoded CreateOptimizer stream."""
+
+    name: str
+    config: dict[str, Any]
+    params: dict[str, np.ndarray]
+    non_finite_policy: str  # "refuse" or "apply"
+
+
+def validate_name(name: str, field: str = "name") -> str:
+    """Checks an optimizer resource name."""
+    if not NAME_PATTERN.fullmatch(name):
+        raise InvalidArgument(f"{field}: must be 1-128 characters from [A-Za-z0-9._-], got {name!r}")
+    return name
+
+
+def decode_create(requests: Iterator[pb.CreateOptimizerRequest], max_bytes: int) -> CreateRequest:
+    """Reads a CreateOptimizer stream; refuses models larger than `max_bytes`."""
+    header, chunks = _split_stream(requests, "CreateOptimizer")
+    name = validate_name(header.name)
+    config = _decode_config(header.config_json)
+    if not header.tensors:
+        raise InvalidArgument("tensors: an optimizer needs at least one tensor")
+    layout = []
+    for spec in header.tensors:
+        field = f"tensors[{spec.name!r}]"
+        if not spec.name:
+            raise InvalidArgument("tensors: every tensor needs a non-empty name")
+        if spec.dtype != pb.DATA_TYPE_FLOAT32:
+            raise InvalidArgument(f"{field}.dtype: parameters must be float32, got {dtype_name(spec.dtype)}")
+        layout.append((spec.name, pb.DATA_TYPE_FLOAT32, _shape(spec.shape, f"{field}.shape")))
+    _refuse_duplicates([spec.name for spec in header.tensors], "tensors")
+    arrays = _read_arrays(chunks, layout, max_bytes, "tensors")
+    params = {tensor_name: array for (tensor_name, _, _), array in zip(layout, arrays)}
+    if header.non_finite_policy not in NON_FINITE_POLICIES:
+        raise InvalidArgument(f"non_finite_policy: unknown value {header.non_finite_policy}")
+    return CreateRequest(name, config, params, NON_FINITE_POLICIES[header.non_finite_policy])
+
+
+def split_push(requests: Iterator[pb.PushGradientsRequest]) -> tuple[pb.PushHeader, Iterator]:
+    """The push header, and the rest of the stream (the chunks) unread."""
+    header, chunks = _split_stream(requests, "PushGradients")
+    validate_name(header.optimizer, "optimizer")
+    return header, chunks
+
+
+def decode_gradients(
+    header: pb.PushHeader, chunks: Iterator, shapes: Mapping[str, tuple[int, ...]], max_bytes: int
+) -> dict[str, Gradient]:
+    """Reads a push's gradients, checked against the optimizer's tensor shapes."""
+    if not header.gradients:
+        raise InvalidArgument("gradients: empty push; send one gradient for every tensor")
+    names = [spec.name for spec in header.gradients]
+    _refuse_duplicates(names, "gradients")
+    for name in names:
+        if name not in shapes:
+            raise NotFound(f"gradients[{name!r}]: optimizer {header.optimizer!r} has no tensor {name!r}")
+    missing = [name for name in shapes if name not in set(names)]
+    if missing:
+        raise InvalidArgument(f"gradients: missing {missing}; every push carries a gradient for every tensor")
+    layout = []  # (name, dtype, shape) of each byte range, in stream order
+    for spec in header.gradients:
+        layout.extend(_gradient_layout(spec, shapes[spec.name]))
+    arrays_iter = iter(_read_arrays(chunks, layout, max_bytes, "gradients"))
+    grads: dict[str, Gradient] = {}
+    for spec in header.gradients:
+        if not spec.sparse:
+            grads[spec.name] = next(arrays_iter)
+            continue
+        indices, rows = next(arrays_iter), next(arrays_iter)
+        _check_indices(indices, shapes[spec.name][0], f"gradients[{spec.name!r}].indices")
+        grads[spec.name] = (indices, rows)
+    return grads
+
+
+def encode_pull(
+    version: int, iterations: int, tensors: Sequence[tuple[str, np.ndarray]]
+) -> Iterator[pb.PullWeightsResponse]:
+    """A PullWeights stream: the header, then the tensors' bytes in chunks."""
+    specs = [pb.TensorSpec(name=name, dtype=data_type_of(array.dtype), shape=array.shape) for name, array in tensors]
+    yield pb.PullWeightsResponse(header=pb.PullHeader(version=version, iterations=iterations, tensors=specs))
+    for chunk in iter_chunks(array for _, array in tensors):
+        yield pb.PullWeightsResponse(chunk=chunk)
+
+
+def _split_stream(requests: Iterator, rpc: str) -> tuple[Any, Iterator]:
+    first = next(requests, None)
+    if first is None:
+        raise InvalidArgument(f"{rpc}: empty stream; the first message must be a header")
+    if first.WhichOneof("part") != "header":
+        raise InvalidArgument(f"header: the first message of {rpc} must be a header, got a chunk")
+    return first.header, requests
+
+
+def _read_arrays(chunks: Iterator, layout: Sequence, max_bytes: int, field: str) -> list[np.ndarray]:
+    """Receives the arrays of `layout`, (name, dtype, shape) each, from the chunks."""
+    total = sum(_nbytes(dtype, shape) for _, dtype, shape in layout)
+    if total > max_bytes:
+        raise ResourceExhausted(f"{field}: {total} bytes exceed this server's limit of {max_bytes} per request")
+    buffer = ChunkBuffer(total, InvalidArgument)
+    for message in chunks:
+        if message.WhichOneof("part") != "chunk":
+            raise InvalidArgument("header: sent twice; only the first message may be a header")
+        buffer.write(message.chunk)
+    if buffer.filled != total:
+        short = _tensor_at(buffer.filled, layout)
+        raise InvalidArgument(
+            f"chunks: the stream ended after {buffer.filled} of the {total} bytes the header declares"
+            f" (tensor {short!r} is incomplete)"
+        )
+    arrays, offset = [], 0
+    for _, dtype, shape in layout:
+        arrays.append(buffer.view(offset, dtype, shape))
+        offset += _nbytes(dtype, shape)
+    return arrays
+
+
+def _tensor_at(offset: int, layout: Sequence) -> str:
+    for name, dtype, shape in layout:
+        offset -= _nbytes(dtype, shape)
+        if offset < 0:
+            return name
+    return layout[-1][0]
+
+
+def _gradient_layout(spec: pb.GradientSpec, shape: tuple[int, ...]) -> list:
+    """The (name, dtype, shape) byte ranges one gradient sends, after checking its header."""
+    field = f"gradients[{spec.name!r}]"
+    if spec.dtype not in GRADIENT_DTYPES:
+        raise InvalidArgument(f"{field}.dtype: must be float32, float16 or bfloat16, got {dtype_name(spec.dtype)}")
+    got = _shape(spec.shape, f"{field}.shape")
+    if not spec.sparse:
+        if got != shape:
+            raise InvalidArgument(f"{field}.shape: expected {list(shape)}, got {list(got)}")
+        return [(spec.name, spec.dtype, shape)]
+    if not shape:
+        raise InvalidArgument(f"{field}.sparse: a scalar tensor has no rows to index")
+    if len(got) != len(shape) or got[1:] != shape[1:]:
+        raise InvalidArgument(
+            f"{field}.shape: sparse rows must have shape [num_rows, {', '.join(map(str, shape[1:]))}], got {list(got)}"
+        )
+    if spec.index_dtype not in INDEX_DTYPES:
+        raise InvalidArgument(f"{field}.index_dtype: must be int32 or int64, got {dtype_name(spec.index_dtype)}")
+    return [(spec.name, spec.index_dtype, got[:1]), (spec.name, spec.dtype, got)]
+
+
+def _check_indices(indices: np.ndarray, rows: int, field: str) -> None:
+    bad = (indices < 0) | (indices >= rows)
+    if bad.any():
+        raise InvalidArgument(f"{field}: index {int(indices[bad][0])} is out of range [0, {rows})")
+
+
+def _shape(dims: Sequence[int], field: str) -> tuple[int, ...]:
+    if any(d < 0 for d in dims):
+        raise InvalidArgument(f"{field}: dimensions must be >= 0, got {list(dims)}")
+    return tuple(int(d) for d in dims)
+
+
+def _nbytes(dtype: int, shape: tuple[int, ...]) -> int:
+    return ITEMSIZE[dtype] * int(np.prod(shape, dtype=object))
+
+
+def _refuse_duplicates(names: Sequence[str], field: str) -> None:
+    seen = set()
+    for name in names:
+        if name in seen:
+            raise InvalidArgument(f"{field}[{name!r}]: appears twice")
+        seen.add(name)
+
+
+def _decode_config(config_json: str) -> dict[str, Any]:
+    if not config_json:
+        return {}
+    try:
+        config = json.loads(config_json)
+    except json.JSONDecodeError as err:
+        raise InvalidArgument(f"config_json: not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise InvalidArgument(f"config_json: must be a JSON object, got {type(config).__name__}")
+    return config

@@ -1,0 +1,42 @@
+"""Domain errors of the server, each tied to the gRPC status code it becomes.
+
+The engine, the registry and the codec raise these; one interceptor in
+`service.py` turns them into statuses, so no other module imports grpc for
+errors. Messages name the offending field, e.g. ``gradients['w'].shape``.
+"""
+
+
+class OptserveError(Exception):
+    """Base class; `code` is the name of a `grpc.StatusCode` member."""
+
+    code = "INTERNAL"
+
+
+class InvalidArgument(OptserveError):
+    """The request itself is malformed or out of range."""
+
+    code = "INVALID_ARGUMENT"
+
+
+class NotFound(OptserveError):
+    """An optimizer or tensor named by the request does not exist."""
+
+    code = "NOT_FOUND"
+
+
+class AlreadyExists(OptserveError):
+    """An optimizer of that name exists already."""
+
+    code = "ALREADY_EXISTS"
+
+
+class FailedPrecondition(OptserveError):
+    """The request is well formed but the optimizer's settings forbid it."""
+
+    code = "FAILED_PRECONDITION"
+
+
+class ResourceExhausted(OptserveError):
+    """The request would exceed a server limit."""
+
+    code = "RESOURCE_EXHAUSTED"

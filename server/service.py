@@ -1,0 +1,136 @@
+"""The gRPC face of the registry: thin RPC methods and one error interceptor.
+
+Each RPC decodes its request with `codec`, calls the registry, and encodes the
+reply. Domain errors become gRPC statuses in `ErrorInterceptor`, the one place
+that maps them; anything unexpected becomes INTERNAL with its traceback logged.
+"""
+
+import json
+import logging
+from collections.abc import Callable, Iterator
+
+import grpc
+
+from optserve.server import codec
+from optserve.server.errors import InvalidArgument, OptserveError
+from optserve.server.registry import OptimizerInfo, Registry
+from optserve.v1 import optserve_pb2 as pb
+from optserve.v1 import optserve_pb2_grpc as pb_grpc
+
+log = logging.getLogger("optserve.service")
+
+_POLICY_TO_WIRE = {"refuse": pb.NON_FINITE_POLICY_REFUSE, "apply": pb.NON_FINITE_POLICY_APPLY}
+_STATE_KINDS = {
+    pb.STATE_KIND_UNSPECIFIED: "weights",
+    pb.STATE_KIND_WEIGHTS: "weights",
+    pb.STATE_KIND_EMA: "ema",
+    pb.STATE_KIND_FIRST_MOMENT: "m",
+    pb.STATE_KIND_SECOND_MOMENT: "v",
+    pb.STATE_KIND_VHAT: "vhat",
+}
+
+
+class OptimizerService(pb_grpc.OptimizerServiceServicer):
+    """Implements optserve.v1.OptimizerService over a Registry."""
+
+    def __init__(self, registry: Registry, max_request_bytes: int):
+        self._registry = registry
+        self._max_request_bytes = max_request_bytes
+
+    def CreateOptimizer(self, request_iterator, context) -> pb.OptimizerInfo:
+        request = codec.decode_create(request_iterator, self._max_request_bytes)
+        optimizer = self._registry.create(request.name, request.config, request.params, request.non_finite_policy)
+        log.info("created optimizer %r: %d tensors", request.name, len(request.params))
+        return info_to_wire(optimizer.info())
+
+    def GetOptimizer(self, request, context) -> pb.OptimizerInfo:
+        return info_to_wire(self._registry.get(request.name).info())
+
+    def ListOptimizers(self, request, context) -> pb.ListOptimizersResponse:
+        return pb.ListOptimizersResponse(optimizers=[info_to_wire(o.info()) for o in self._registry.list()])
+
+    def DeleteOptimizer(self, request, context) -> pb.DeleteOptimizerResponse:
+        self._registry.delete(request.name)
+        log.info("deleted optimizer %r", request.name)
+        return pb.DeleteOptimizerResponse()
+
+    def PushGradients(self, request_iterator, context) -> pb.PushGradientsResponse:
+        header, chunks = codec.split_push(request_iterator)
+        optimizer = self._registry.get(header.optimizer)
+        grads = codec.decode_gradients(header, chunks, optimizer.shapes, self._max_request_bytes)
+        version, iterations = optimizer.push(grads)
+        return pb.PushGradientsResponse(version=version, iterations=iterations)
+
+    def PullWeights(self, request, context) -> Iterator[pb.PullWeightsResponse]:
+        if request.kind not in _STATE_KINDS:
+            raise InvalidArgument(f"kind: unknown state kind {request.kind}")
+        optimizer = self._registry.get(request.optimizer)
+        version, iterations, arrays = optimizer.pull(_STATE_KINDS[request.kind], request.names)
+        yield from codec.encode_pull(version, iterations, arrays)
+
+    def FinalizeOptimizer(self, request, context) -> pb.OptimizerInfo:
+        optimizer = self._registry.get(request.name)
+        optimizer.finalize()
+        return info_to_wire(optimizer.info())
+
+
+def info_to_wire(info: OptimizerInfo) -> pb.OptimizerInfo:
+    """The wire form of an OptimizerInfo."""
+    return pb.OptimizerInfo(
+        name=info.name,
+        iterations=info.iterations,
+        version=info.version,
+        config_json=json.dumps(info.config),
+        tensors=[pb.TensorSpec(name=n, dtype=pb.DATA_TYPE_FLOAT32, shape=s) for n, s in info.shapes.items()],
+        device=info.device,
+        non_finite_policy=_POLICY_TO_WIRE[info.non_finite_policy],
+        next_learning_rate=info.next_learning_rate,
+    )
+
+
+class ErrorInterceptor(grpc.ServerInterceptor):
+    """Turns domain errors into gRPC statuses for every RPC, streams included."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        if handler.unary_unary:
+            return handler._replace(unary_unary=_guard(handler.unary_unary, method))
+        if handler.stream_unary:
+            return handler._replace(stream_unary=_guard(handler.stream_unary, method))
+        if handler.unary_stream:
+            return handler._replace(unary_stream=_guard_stream(handler.unary_stream, method))
+        return handler._replace(stream_stream=_guard_stream(handler.stream_stream, method))
+
+
+def _abort(context: grpc.ServicerContext, err: Exception, method: str) -> None:
+    if not context.is_active():  # the client cancelled or its deadline passed: nobody to tell
+        log.info("%s ended early: %s", method, err)
+        return
+    if isinstance(err, OptserveError):
+        log.warning("refused %s: %s %s", method, err.code, err)
+        context.abort(getattr(grpc.StatusCode, err.code), str(err))
+    log.exception("internal error in %s", method)
+    context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; see the server log")
+
+
+def _guard(behavior: Callable, method: str) -> Callable:
+    def guarded(request, context):
+        try:
+            return behavior(request, context)
+        except Exception as err:  # every failure leaves as a status, never a stack trace
+            _abort(context, err, method)
+
+    return guarded
+
+
+def _guard_stream(behavior: Callable, method: str) -> Callable:
+    def guarded(request, context):
+        try:
+            yield from behavior(request, context)
+        except Exception as err:
+            _abort(context, err, method)
+
+    return guarded

@@ -1,0 +1,48 @@
+"""Shared fixtures: a real optserve gRPC server on 127.0.0.1 and clients of it."""
+
+import re
+from collections.abc import Iterator
+
+import pytest
+
+from optserve.client import Client
+from optserve.server.app import create_server
+from optserve.server.options import ServerOptions
+from optserve.server.registry import Registry
+
+
+class RunningServer:
+    """An in-process server bound to 127.0.0.1 on a free port."""
+
+    def __init__(self, options: ServerOptions):
+        self.server, self.port, self.registry = create_server(options)
+        self.address = f"127.0.0.1:{self.port}"
+        self.server.start()
+
+    def stop(self) -> None:
+        self.server.stop(grace=None).wait()
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[RunningServer]:
+    """One server for the whole session; tests keep apart by optimizer name."""
+    running = RunningServer(ServerOptions(host="127.0.0.1", port=0, max_request_bytes=64 << 20))
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def registry(server: RunningServer) -> Registry:
+    return server.registry
+
+
+@pytest.fixture
+def client(server: RunningServer) -> Iterator[Client]:
+    with Client(server.address, timeout=60.0) as connected:
+        yield connected
+
+
+@pytest.fixture
+def name(request: pytest.FixtureRequest) -> str:
+    """An optimizer name unique to the running test."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", request.node.name)[:128]
