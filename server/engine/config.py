@@ -1,0 +1,360 @@
+"""The tf-keras Adam configuration: parsing, validation and serialization.
+
+`parse_config` accepts what `tf_keras.optimizers.Adam(...).get_config()`
+returns (or the constructor's keyword arguments, defaults filled in) and is
+stricter than Keras, which validates almost nothing (spec/keras-adam.md §5).
+Every refusal is an `InvalidArgument` whose message starts with the field
+path, e.g. ``config.beta_1: must be in [0, 1), got 1.5``.
+"""
+
+import dataclasses
+import math
+import numbers
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+import numpy as np
+
+from optserve.server.engine.schedules import (
+    SCHEDULE_CLASSES,
+    PiecewiseConstantDecay,
+    Schedule,
+)
+from optserve.server.errors import InvalidArgument
+
+
+@dataclass(frozen=True)
+class AdamConfig:
+    """Every argument of tf-keras `Adam`, with the Keras defaults; build it with `parse_config`.
+
+    Hashable, so it can key caches and be a trace constant of the jitted step.
+    `exclude_from_weight_decay` holds regular expressions searched in tensor
+    names (tf-keras `exclude_from_weight_decay(var_names=...)`).
+    """
+
+    learning_rate: float | Schedule = 0.001
+    beta_1: float = 0.9
+    beta_2: float = 0.999
+    epsilon: float = 1e-7
+    amsgrad: bool = False
+    weight_decay: float | None = None
+    exclude_from_weight_decay: tuple[str, ...] = ()
+    clipnorm: float | None = None
+    clipvalue: float | None = None
+    global_clipnorm: float | None = None
+    use_ema: bool = False
+    ema_momentum: float = 0.99
+    ema_overwrite_frequency: int | None = None
+    jit_compile: bool = True
+    name: str = "Adam"
+
+    def to_keras_dict(self) -> dict[str, Any]:
+        """The config as tf-keras `get_config()` writes it, plus `exclude_from_weight_decay`.
+
+        JSON-serializable; a schedule becomes ``{"class_name", "config"}`` with
+        every argument present. `parse_config` of the result equals `self`.
+        """
+        lr = self.learning_rate
+        if not isinstance(lr, int | float):
+            lr = {"class_name": type(lr).__name__, "config": _schedule_to_dict(lr)}
+        return {
+            "name": self.name,
+            "weight_decay": self.weight_decay,
+            "clipnorm": self.clipnorm,
+            "global_clipnorm": self.global_clipnorm,
+            "clipvalue": self.clipvalue,
+            "use_ema": self.use_ema,
+            "ema_momentum": self.ema_momentum,
+            "ema_overwrite_frequency": self.ema_overwrite_frequency,
+            "jit_compile": self.jit_compile,
+            "is_legacy_optimizer": False,
+            "learning_rate": lr,
+            "beta_1": self.beta_1,
+            "beta_2": self.beta_2,
+            "epsilon": self.epsilon,
+            "amsgrad": self.amsgrad,
+            "exclude_from_weight_decay": list(self.exclude_from_weight_decay),
+        }
+
+
+def _schedule_to_dict(schedule: Schedule) -> dict[str, Any]:
+    return {
+        key: list(value) if isinstance(value, tuple) else value
+        for key, value in dataclasses.asdict(schedule).items()
+    }
+
+
+# --- single-value checks: (path, raw value) -> normalised value ---------------
+
+
+def _fail(path: str, message: str) -> NoReturn:
+    raise InvalidArgument(f"{path}: {message}")
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 80 else text[:77] + '...'}"
+
+
+def _number(path: str, value: Any) -> int | float:
+    """A finite real number; bools are refused, ints stay ints."""
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
+        _fail(path, f"must be a number, got {_describe(value)}")
+    if isinstance(value, numbers.Integral):
+        if abs(value) >= 2**63:
+            _fail(path, f"must be below 2**63 in magnitude, got {value}")
+        return int(value)
+    if not math.isfinite(value):
+        _fail(path, f"must be finite, got {value}")
+    return float(value)
+
+
+def _non_negative(path: str, value: Any) -> int | float:
+    number = _number(path, value)
+    if number < 0:
+        _fail(path, f"must be >= 0, got {number}")
+    return number
+
+
+def _positive(path: str, value: Any) -> int | float:
+    number = _number(path, value)
+    if number <= 0:
+        _fail(path, f"must be > 0, got {number}")
+    return number
+
+
+def _fraction(path: str, value: Any) -> float:
+    """A decay rate of a moving average: in [0, 1)."""
+    number = float(_number(path, value))
+    if not 0 <= number < 1:
+        _fail(path, f"must be in [0, 1), got {number}")
+    return number
+
+
+def _ema_momentum(path: str, value: Any) -> float:
+    number = float(_number(path, value))
+    if not 0 <= number <= 1:
+        _fail(path, f"must be in [0, 1], got {number}")
+    return number
+
+
+def _clip(path: str, value: Any) -> float | None:
+    """A clipping threshold; tf-keras silently ignores values <= 0, we refuse them."""
+    if value is None:
+        return None
+    number = float(_number(path, value))
+    if number <= 0:
+        _fail(path, f"must be > 0 or null (tf-keras would silently not clip), got {number}")
+    return number
+
+
+def _weight_decay(path: str, value: Any) -> float | None:
+    return None if value is None else float(_non_negative(path, value))
+
+
+def _overwrite_frequency(path: str, value: Any) -> int | None:
+    """None or an int >= 1; Keras reads 0 as "never", normalised here to None."""
+    if value is None:
+        return None
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Integral):
+        _fail(path, f"must be null or an integer >= 1, got {_describe(value)}")
+    if value < 0:
+        _fail(path, f"must be null or an integer >= 1, got {value}")
+    return int(value) or None
+
+
+def _t_mul(path: str, value: Any) -> int | float:
+    number = _number(path, value)
+    if number < 1:
+        _fail(path, f"must be >= 1 (below 1 the schedule turns NaN after a finite number of steps), got {number}")
+    return number
+
+
+def _bool(path: str, value: Any) -> bool:
+    if not isinstance(value, bool | np.bool_):
+        _fail(path, f"must be true or false, got {_describe(value)}")
+    return bool(value)
+
+
+def _string(path: str, value: Any) -> str:
+    if not isinstance(value, str):
+        _fail(path, f"must be a string, got {_describe(value)}")
+    return value
+
+
+def _optional(check: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
+    return lambda path, value: None if value is None else check(path, value)
+
+
+def _list_of(check: Callable[[str, Any], Any]) -> Callable[[str, Any], tuple]:
+    def check_list(path: str, value: Any) -> tuple:
+        if isinstance(value, str | bytes) or not isinstance(value, Sequence):
+            _fail(path, f"must be a list, got {_describe(value)}")
+        return tuple(check(f"{path}[{i}]", item) for i, item in enumerate(value))
+
+    return check_list
+
+
+def _regex(path: str, value: Any) -> str:
+    pattern = _string(path, value)
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        _fail(path, f"is not a valid regular expression ({err}): {pattern!r}")
+    return pattern
+
+
+def _exclusions(path: str, value: Any) -> tuple[str, ...]:
+    """Regular expressions (Keras `var_names`); None means none."""
+    return () if value is None else _list_of(_regex)(path, value)
+
+
+# --- schedules ----------------------------------------------------------------
+
+_SCHEDULE_ARGUMENTS: dict[str, Callable[[str, Any], Any]] = {
+    "initial_learning_rate": _non_negative,
+    "decay_steps": _positive,
+    "first_decay_steps": _positive,
+    "decay_rate": _non_negative,
+    "staircase": _bool,
+    "cycle": _bool,
+    "end_learning_rate": _non_negative,
+    "power": _non_negative,
+    "alpha": _non_negative,
+    "warmup_target": _optional(_non_negative),
+    "warmup_steps": _non_negative,
+    "t_mul": _t_mul,
+    "m_mul": _non_negative,
+    "boundaries": _list_of(_number),
+    "values": _list_of(_non_negative),
+    "name": _optional(_string),
+}
+"""How each schedule argument is checked, by name (shared by the six classes)."""
+
+_SCHEDULE_KEYS = ("class_name", "config", "module", "registered_name")
+
+
+def _check_keys(path: str, raw: Mapping, allowed: Sequence[str]) -> None:
+    for key in raw:
+        if not isinstance(key, str):
+            _fail(path, f"keys must be strings, got {_describe(key)}")
+        if key not in allowed:
+            _fail(f"{path}.{key}", f"unknown key; allowed keys: {', '.join(sorted(allowed))}")
+
+
+def _mapping(path: str, value: Any) -> Mapping:
+    if not isinstance(value, Mapping):
+        _fail(path, f"must be an object, got {_describe(value)}")
+    return value
+
+
+def _schedule(path: str, raw: Mapping) -> Schedule:
+    """A serialized Keras schedule: {"class_name", "config"} (+ "module", "registered_name")."""
+    _check_keys(path, raw, _SCHEDULE_KEYS)
+    for key in ("module", "registered_name"):
+        _optional(_string)(f"{path}.{key}", raw.get(key))
+    if "class_name" not in raw:
+        _fail(f"{path}.class_name", "missing")
+    class_name = _string(f"{path}.class_name", raw["class_name"])
+    if class_name not in SCHEDULE_CLASSES:
+        _fail(f"{path}.class_name", f"unknown schedule {class_name!r}; known: {', '.join(SCHEDULE_CLASSES)}")
+    cls = SCHEDULE_CLASSES[class_name]
+    if "config" not in raw:
+        _fail(f"{path}.config", "missing")
+    arguments = _mapping(f"{path}.config", raw["config"])
+    fields = dataclasses.fields(cls)
+    _check_keys(f"{path}.config", arguments, [field.name for field in fields])
+    values = {}
+    for field in fields:
+        field_path = f"{path}.config.{field.name}"
+        if field.name in arguments:
+            values[field.name] = _SCHEDULE_ARGUMENTS[field.name](field_path, arguments[field.name])
+        elif field.default is dataclasses.MISSING:
+            _fail(field_path, f"missing (required by {class_name})")
+    schedule = cls(**values)
+    if isinstance(schedule, PiecewiseConstantDecay):
+        _check_piecewise(f"{path}.config", schedule)
+    return schedule
+
+
+def _check_piecewise(path: str, schedule: PiecewiseConstantDecay) -> None:
+    boundaries = schedule.boundaries
+    if not boundaries:
+        _fail(f"{path}.boundaries", "must not be empty")
+    if any(low >= high for low, high in zip(boundaries, boundaries[1:])):
+        _fail(f"{path}.boundaries", f"must be strictly increasing, got {list(boundaries)}")
+    if len(schedule.values) != len(boundaries) + 1:
+        _fail(
+            f"{path}.values",
+            f"must have len(boundaries) + 1 = {len(boundaries) + 1} entries, got {len(schedule.values)}",
+        )
+
+
+def _learning_rate(path: str, value: Any) -> float | Schedule:
+    if isinstance(value, Mapping):
+        return _schedule(path, value)
+    return float(_positive(path, value))
+
+
+# --- the Adam config ----------------------------------------------------------
+
+_ADAM_ARGUMENTS: dict[str, Callable[[str, Any], Any]] = {
+    "learning_rate": _learning_rate,
+    "beta_1": _fraction,
+    "beta_2": _fraction,
+    "epsilon": lambda path, value: float(_non_negative(path, value)),
+    "amsgrad": _bool,
+    "weight_decay": _weight_decay,
+    "exclude_from_weight_decay": _exclusions,
+    "clipnorm": _clip,
+    "clipvalue": _clip,
+    "global_clipnorm": _clip,
+    "use_ema": _bool,
+    "ema_momentum": _ema_momentum,
+    "ema_overwrite_frequency": _overwrite_frequency,
+    "jit_compile": _bool,
+    "name": _string,
+}
+"""How each `AdamConfig` field is checked and normalised."""
+
+_HINTS = {
+    "decay": "not an argument of the Keras 2.11+ optimizers; use a learning-rate schedule "
+    "such as InverseTimeDecay instead",
+    "lr": "not accepted (tf-keras ignores it silently); use learning_rate",
+}
+
+
+def parse_config(raw: Mapping[str, Any]) -> AdamConfig:
+    """Validate a tf-keras Adam config and fill in the Keras defaults.
+
+    Args:
+      raw: `Adam.get_config()` output or a subset of the constructor's keyword
+        arguments. `learning_rate` is a positive number or a schedule
+        serialized as ``{"class_name", "config"}`` (optionally with "module"
+        and "registered_name", as newer Keras writes it).
+        `is_legacy_optimizer` may be present and must be false.
+
+    Returns:
+      The normalised config: `ema_overwrite_frequency` 0 becomes None.
+
+    Raises:
+      InvalidArgument: an unknown key, a wrong type (bools are not numbers),
+        a value out of range, or a combination tf-keras would silently
+        resolve: clipnorm with global_clipnorm, or clipvalue with either
+        (tf-keras ignores clipvalue then).
+    """
+    raw = _mapping("config", raw)
+    for key in _HINTS.keys() & raw.keys():
+        _fail(f"config.{key}", _HINTS[key])
+    _check_keys("config", raw, [*_ADAM_ARGUMENTS, "is_legacy_optimizer"])
+    if _bool("config.is_legacy_optimizer", raw.get("is_legacy_optimizer", False)):
+        _fail("config.is_legacy_optimizer", "must be false; legacy (pre-2.11) optimizer configs are not supported")
+    values = {key: check(f"config.{key}", raw[key]) for key, check in _ADAM_ARGUMENTS.items() if key in raw}
+    config = AdamConfig(**values)
+    if config.clipnorm is not None and config.global_clipnorm is not None:
+        _fail("config.clipnorm", "at most one of clipnorm and global_clipnorm can be set")
+    if config.clipvalue is not None and (config.clipnorm is not None or config.global_clipnorm is not None):
+        _fail("config.clipvalue", "cannot be combined with clipnorm or global_clipnorm (tf-keras would ignore it)")
+    return config

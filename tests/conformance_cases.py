@@ -1,0 +1,88 @@
+"""Loader for the tf-keras golden trajectories in tests/conformance (see its README.md)."""
+
+import json
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+CONFORMANCE_DIR = Path(__file__).parent / "conformance"
+
+SparseArrays = tuple[np.ndarray, np.ndarray]
+"""A sparse gradient as stored: (indices int64 (n,), values float32 (n, *shape[1:]))."""
+
+
+class Case(NamedTuple):
+    """One golden trajectory; step K of the README is index K - 1 of each list."""
+
+    name: str
+    config: dict[str, Any]  # the raw Adam constructor arguments
+    variables: list[tuple[str, tuple[int, ...]]]  # (name, shape), in apply order
+    steps: int
+    has_ema: bool
+    init: dict[str, np.ndarray]  # values before the first step
+    grads: list[dict[str, np.ndarray | SparseArrays]]  # per step: dense array or (indices, values)
+    expect: list[dict[str, np.ndarray]]  # per step: variables after the step
+    ema: list[dict[str, np.ndarray]] | None  # per step: moving averages (None without EMA)
+    lr: list[float]  # per step: the learning rate the step used
+    iterations: list[int]  # per step: iterations after the step
+    final: dict[str, np.ndarray]  # after finalize_variable_values
+    slots: dict[str, dict[str, np.ndarray]]  # per variable: "m", "v" (and "vhat" with amsgrad)
+
+
+def case_names() -> list[str]:
+    """The case names in index.json order."""
+    return json.loads((CONFORMANCE_DIR / "index.json").read_text())["cases"]
+
+
+def load_case(name: str) -> Case:
+    """Read NAME.json and NAME.npz into a `Case`."""
+    meta = json.loads((CONFORMANCE_DIR / f"{name}.json").read_text())
+    with np.load(CONFORMANCE_DIR / f"{name}.npz") as npz:
+        arrays = {key: npz[key] for key in npz.files}
+    names = [variable["name"] for variable in meta["variables"]]
+    steps = range(1, meta["steps"] + 1)
+
+    def per_step(prefix: str) -> list[dict[str, np.ndarray]]:
+        return [{n: arrays[f"{prefix}/{k}/{n}"] for n in names} for k in steps]
+
+    def grad(k: int, n: str) -> np.ndarray | SparseArrays:
+        key = f"grad/{k}/{n}"
+        return arrays[key] if key in arrays else (arrays[f"{key}/indices"], arrays[f"{key}/values"])
+
+    slot_names = ("m", "v", "vhat")
+    return Case(
+        name=meta["name"],
+        config=meta["config"],
+        variables=[(v["name"], tuple(v["shape"])) for v in meta["variables"]],
+        steps=meta["steps"],
+        has_ema=meta["has_ema"],
+        init={n: arrays[f"init/{n}"] for n in names},
+        grads=[{n: grad(k, n) for n in names} for k in steps],
+        expect=per_step("expect"),
+        ema=per_step("ema") if meta["has_ema"] else None,
+        lr=[float(arrays[f"lr/{k}"]) for k in steps],
+        iterations=[int(arrays[f"iterations/{k}"]) for k in steps],
+        final={n: arrays[f"final/{n}"] for n in names},
+        slots={n: {s: arrays[f"slots/{n}/{s}"] for s in slot_names if f"slots/{n}/{s}" in arrays} for n in names},
+    )
+
+
+def close(got: np.ndarray, want: np.ndarray) -> bool:
+    """|got - want| <= 1e-5 + 1e-5 * |want| everywhere (the README's tolerance), shapes equal."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return got.shape == want.shape and bool(np.all(np.abs(got - want) <= 1e-5 + 1e-5 * np.abs(want)))
+
+
+def assert_close(got: np.ndarray, want: np.ndarray, what: str) -> None:
+    """Assert `close`, reporting the worst element (by excess over the tolerance)."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
+    if close(got, want):
+        return
+    excess = np.abs(got - want) - (1e-5 + 1e-5 * np.abs(want))
+    worst = np.unravel_index(np.argmax(np.where(np.isnan(excess), np.inf, excess)), excess.shape)
+    raise AssertionError(
+        f"{what}: worst element {tuple(int(i) for i in worst)}: got {got[worst]!r}, want {want[worst]!r} "
+        f"(|diff| {abs(got[worst] - want[worst]):.3g})"
+    )
