@@ -7,6 +7,14 @@
     weights = opt.pull()
 """
 
-from optserve.client.client import Client, IndexedSlices, Optimizer, OptimizerInfo, OptserveError, Weights
+from optserve.client.client import (
+    Client,
+    IndexedSlices,
+    Optimizer,
+    OptimizerInfo,
+    OptserveError,
+    PushResult,
+    Weights,
+)
 
-__all__ = ["Client", "IndexedSlices", "Optimizer", "OptimizerInfo", "OptserveError", "Weights"]
+__all__ = ["Client", "IndexedSlices", "Optimizer", "OptimizerInfo", "OptserveError", "PushResult", "Weights"]

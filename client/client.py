@@ -6,6 +6,8 @@ which carries the gRPC status code and the server's message.
 """
 
 import json
+import random
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -19,6 +21,12 @@ from optserve.v1 import optserve_pb2_grpc as pb_grpc
 
 _NON_FINITE = {"refuse": pb.NON_FINITE_POLICY_REFUSE, "apply": pb.NON_FINITE_POLICY_APPLY}
 _SLOTS = {"m": pb.STATE_KIND_FIRST_MOMENT, "v": pb.STATE_KIND_SECOND_MOMENT, "vhat": pb.STATE_KIND_VHAT}
+_MODES = {"async": pb.MODE_ASYNC, "sync": pb.MODE_SYNC}
+_AGGREGATIONS = {"mean": pb.AGGREGATION_MEAN, "sum": pb.AGGREGATION_SUM}
+RETRY_ATTEMPTS = 5  # tries of a retryable call, the first included
+RETRY_BACKOFF = 0.1  # seconds before the second try; doubles after each, with jitter
+_READ_RETRY = frozenset({grpc.StatusCode.UNAVAILABLE})  # reads are safe to repeat
+_PUSH_RETRY = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})  # with (worker_id, seq)
 
 
 class OptserveError(grpc.RpcError):
@@ -46,6 +54,24 @@ class IndexedSlices(NamedTuple):
     values: Any  # float array-like, shape (n, *tensor_shape[1:])
 
 
+class PushResult(int):
+    """The version that includes a push's gradient (an int), with the rest of the server's answer.
+
+    Async: the version the push produced. Sync: the version its round will
+    produce; `applied` tells whether that round has closed.
+    """
+
+    iterations: int
+    applied: bool
+    duplicate: bool  # a retry of an already accepted (worker_id, seq), answered, not applied again
+
+    @classmethod
+    def from_wire(cls, reply: pb.PushGradientsResponse) -> "PushResult":
+        result = cls(reply.version)
+        result.iterations, result.applied, result.duplicate = reply.iterations, reply.applied, reply.duplicate
+        return result
+
+
 class Weights(dict):
     """Tensors by name, from one version of an optimizer."""
 
@@ -67,10 +93,13 @@ class OptimizerInfo:
     device: str
     non_finite_policy: str
     next_learning_rate: float
+    training_mode: dict[str, Any]  # mode, num_workers, backup_workers, aggregation, sync_timeout, max_staleness
+    pending_gradients: int  # sync: gradients in the open round
 
     @classmethod
     def from_wire(cls, info: pb.OptimizerInfo) -> "OptimizerInfo":
         policies = {v: k for k, v in _NON_FINITE.items()}
+        mode = info.training_mode
         return cls(
             name=info.name,
             iterations=info.iterations,
@@ -80,6 +109,15 @@ class OptimizerInfo:
             device=info.device,
             non_finite_policy=policies.get(info.non_finite_policy, "refuse"),
             next_learning_rate=info.next_learning_rate,
+            training_mode={
+                "mode": {v: k for k, v in _MODES.items()}.get(mode.mode, "async"),
+                "num_workers": mode.num_workers,
+                "backup_workers": mode.backup_workers,
+                "aggregation": {v: k for k, v in _AGGREGATIONS.items()}.get(mode.aggregation, "mean"),
+                "sync_timeout": mode.sync_timeout_seconds,
+                "max_staleness": mode.max_staleness if mode.HasField("max_staleness") else None,
+            },
+            pending_gradients=info.pending_gradients,
         )
 
 
@@ -103,42 +141,53 @@ class Client:
         self._stub = pb_grpc.OptimizerServiceStub(self._channel)
 
     def create_optimizer(
-        self, name: str, params: Mapping[str, Any], config: Mapping[str, Any] | None = None,
-        *, non_finite_policy: str = "refuse",
+        self, name: str, params: Mapping[str, Any], config: Mapping[str, Any] | None = None, *,
+        mode: str = "async", num_workers: int = 1, backup_workers: int = 0, aggregation: str = "mean",
+        sync_timeout: float = 60.0, max_staleness: int | None = None, non_finite_policy: str = "refuse",
     ) -> "Optimizer":
         """Creates an optimizer from initial weights and Keras Adam arguments.
 
         `params` maps tensor names to arrays (cast to float32); `config` takes
         any tf-keras `Adam` keyword argument, or an `Adam.get_config()` dict.
+        `mode` "async" applies every push as one step (`max_staleness` bounds
+        how many versions behind its `base_version` may be); "sync" applies one
+        step per round of `num_workers` gradients (of `num_workers +
+        backup_workers` workers), combined by `aggregation` ("mean" or "sum"),
+        closing a round early `sync_timeout` seconds after its first gradient.
         `non_finite_policy` is "refuse" (NaN/Inf gradients are refused) or
         "apply" (as Keras: they reach the weights).
         """
-        if non_finite_policy not in _NON_FINITE:
-            raise ValueError(f"non_finite_policy must be one of {sorted(_NON_FINITE)}, got {non_finite_policy!r}")
+        for value, allowed, what in [(non_finite_policy, _NON_FINITE, "non_finite_policy"), (mode, _MODES, "mode"),
+                                     (aggregation, _AGGREGATIONS, "aggregation")]:
+            if value not in allowed:
+                raise ValueError(f"{what} must be one of {sorted(allowed)}, got {value!r}")
         arrays = {key: _as_float32(value) for key, value in params.items()}
         header = pb.CreateOptimizerHeader(
             name=name,
             config_json=json.dumps(dict(config or {})),
             tensors=[pb.TensorSpec(name=k, dtype=pb.DATA_TYPE_FLOAT32, shape=a.shape) for k, a in arrays.items()],
             non_finite_policy=_NON_FINITE[non_finite_policy],
+            training_mode=pb.TrainingMode(
+                mode=_MODES[mode], num_workers=num_workers, backup_workers=backup_workers,
+                aggregation=_AGGREGATIONS[aggregation], sync_timeout_seconds=sync_timeout,
+                max_staleness=max_staleness),
         )
-        messages = self._stream(pb.CreateOptimizerRequest, header, arrays.values())
-        self._call(self._stub.CreateOptimizer, messages)
+        self._call(self._stub.CreateOptimizer, lambda: self._stream(pb.CreateOptimizerRequest, header, arrays.values()))
         return Optimizer(self, name)
 
     def optimizer(self, name: str) -> "Optimizer":
         """A handle to an existing optimizer; NOT_FOUND if there is none."""
-        self._call(self._stub.GetOptimizer, pb.GetOptimizerRequest(name=name))
+        self._call(self._stub.GetOptimizer, lambda: pb.GetOptimizerRequest(name=name), retry=_READ_RETRY)
         return Optimizer(self, name)
 
     def list_optimizers(self) -> list[OptimizerInfo]:
         """Every optimizer on the server, sorted by name."""
-        reply = self._call(self._stub.ListOptimizers, pb.ListOptimizersRequest())
+        reply = self._call(self._stub.ListOptimizers, pb.ListOptimizersRequest, retry=_READ_RETRY)
         return [OptimizerInfo.from_wire(info) for info in reply.optimizers]
 
     def delete_optimizer(self, name: str) -> None:
         """Deletes an optimizer and its state."""
-        self._call(self._stub.DeleteOptimizer, pb.DeleteOptimizerRequest(name=name))
+        self._call(self._stub.DeleteOptimizer, lambda: pb.DeleteOptimizerRequest(name=name))
 
     def close(self) -> None:
         """Closes the connection."""
@@ -155,11 +204,18 @@ class Client:
         for chunk in iter_chunks(arrays, self.chunk_bytes):
             yield message_type(chunk=chunk)
 
-    def _call(self, method: Callable, request: Any) -> Any:
-        try:
-            return method(request, timeout=self.timeout)
-        except grpc.RpcError as err:
-            raise OptserveError(err.code(), err.details()) from None
+    def _call(self, method: Callable, make_request: Callable[[], Any], retry: frozenset = frozenset(),
+              timeout: float | None = None) -> Any:
+        """Calls `method` with a fresh request per try, retrying the status codes in `retry` with backoff."""
+        delay = RETRY_BACKOFF
+        for attempt in range(RETRY_ATTEMPTS):
+            try:
+                return method(make_request(), timeout=timeout or self.timeout)
+            except grpc.RpcError as err:
+                if err.code() not in retry or attempt == RETRY_ATTEMPTS - 1:
+                    raise OptserveError(err.code(), err.details()) from None
+            time.sleep(delay * random.uniform(0.5, 1.5))
+            delay *= 2
 
 
 class Optimizer:
@@ -169,12 +225,17 @@ class Optimizer:
         self.client = client
         self.name = name
 
-    def push(self, grads: Mapping[str, Any]) -> int:
-        """Applies one Adam step; returns the version it produced.
+    def push(self, grads: Mapping[str, Any], *, worker_id: str = "", seq: int | None = None,
+             base_version: int | None = None) -> PushResult:
+        """Sends one gradient for every tensor; returns the version that includes it.
 
-        `grads` holds a gradient for every tensor: an array of the tensor's
-        shape, or an `IndexedSlices` (any object with `indices` and `values`).
-        Float arrays go as float32, or as float16/bfloat16 if they are already.
+        `grads` holds, per tensor, an array of the tensor's shape or an
+        `IndexedSlices` (any object with `indices` and `values`). Float arrays go
+        as float32, or as float16/bfloat16 if they are already. `worker_id` and
+        `seq` (increasing per worker) make the push exactly-once: it is then
+        retried on UNAVAILABLE or DEADLINE_EXCEEDED, and a retry the server has
+        seen is answered, not applied again. `base_version` is the version the
+        gradient was computed from (required in sync mode and with max_staleness).
         """
         specs, arrays = [], []
         for name, grad in grads.items():
@@ -192,17 +253,23 @@ class Optimizer:
                 values = _as_gradient(grad)
                 specs.append(pb.GradientSpec(name=name, dtype=data_type_of(values.dtype), shape=values.shape))
                 arrays.append(values)
-        header = pb.PushHeader(optimizer=self.name, gradients=specs)
-        messages = self.client._stream(pb.PushGradientsRequest, header, arrays)
-        return self.client._call(self.client._stub.PushGradients, messages).version
+        header = pb.PushHeader(optimizer=self.name, gradients=specs, worker_id=worker_id, seq=seq,
+                               base_version=base_version)
+        retry = _PUSH_RETRY if worker_id and seq is not None else frozenset()
+        reply = self.client._call(self.client._stub.PushGradients,
+                                  lambda: self.client._stream(pb.PushGradientsRequest, header, arrays), retry)
+        return PushResult.from_wire(reply)
 
-    def pull(self, ema: bool = False, names: Iterable[str] = ()) -> Weights:
+    def pull(self, ema: bool = False, names: Iterable[str] = (), *, min_version: int | None = None,
+             timeout: float | None = None) -> Weights:
         """The current weights (or, with `ema=True`, their moving average).
 
         `names` picks a subset of tensors; all of them when empty. Every tensor
-        comes from the same version, reported as `.version`.
+        comes from one version, reported as `.version`. With `min_version`, the
+        server first waits (up to `timeout` seconds, default the client's)
+        until the optimizer reaches that version; DEADLINE_EXCEEDED if it does not.
         """
-        return self._pull(pb.STATE_KIND_EMA if ema else pb.STATE_KIND_WEIGHTS, names)
+        return self._pull(pb.STATE_KIND_EMA if ema else pb.STATE_KIND_WEIGHTS, names, min_version, timeout)
 
     def pull_slot(self, slot: str, names: Iterable[str] = ()) -> Weights:
         """Adam's state: slot "m" (first moment), "v" (second) or "vhat" (AMSGrad max)."""
@@ -210,22 +277,21 @@ class Optimizer:
             raise ValueError(f"slot must be one of {sorted(_SLOTS)}, got {slot!r}")
         return self._pull(_SLOTS[slot], names)
 
-    def _pull(self, kind: int, names: Iterable[str]) -> Weights:
-        request = pb.PullWeightsRequest(optimizer=self.name, kind=kind, names=list(names))
-        try:
-            return _read_weights(self.client._stub.PullWeights(request, timeout=self.client.timeout))
-        except grpc.RpcError as err:
-            raise OptserveError(err.code(), err.details()) from None
+    def _pull(self, kind: int, names: Iterable[str], min_version: int | None = None,
+              timeout: float | None = None) -> Weights:
+        request = pb.PullWeightsRequest(optimizer=self.name, kind=kind, names=list(names), min_version=min_version)
+        return self.client._call(lambda req, timeout: _read_weights(self.client._stub.PullWeights(req, timeout=timeout)),
+                                 lambda: request, _READ_RETRY, timeout)
 
     def info(self) -> OptimizerInfo:
         """Iterations, version, config with defaults, tensor shapes and device."""
-        return OptimizerInfo.from_wire(self.client._call(self.client._stub.GetOptimizer,
-                                                         pb.GetOptimizerRequest(name=self.name)))
+        return OptimizerInfo.from_wire(self.client._call(
+            self.client._stub.GetOptimizer, lambda: pb.GetOptimizerRequest(name=self.name), _READ_RETRY))
 
     def finalize(self) -> OptimizerInfo:
         """Copies the EMA into the weights (Keras `finalize_variable_values`)."""
-        return OptimizerInfo.from_wire(self.client._call(self.client._stub.FinalizeOptimizer,
-                                                         pb.FinalizeOptimizerRequest(name=self.name)))
+        return OptimizerInfo.from_wire(self.client._call(
+            self.client._stub.FinalizeOptimizer, lambda: pb.FinalizeOptimizerRequest(name=self.name)))
 
     def __repr__(self) -> str:
         return f"Optimizer({self.name!r} at {self.client.address})"

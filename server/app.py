@@ -8,6 +8,7 @@ calls in flight get `grace` seconds to finish.
 import logging
 import signal
 import threading
+from collections.abc import Sequence
 from concurrent import futures
 
 import grpc
@@ -20,12 +21,17 @@ from optserve.v1 import optserve_pb2_grpc as pb_grpc
 log = logging.getLogger("optserve.server")
 
 
-def create_server(options: ServerOptions) -> tuple[grpc.Server, int, Registry]:
-    """A bound, not yet started server; returns it, its port and its registry."""
+def create_server(
+    options: ServerOptions, interceptors: Sequence[grpc.ServerInterceptor] = ()
+) -> tuple[grpc.Server, int, Registry]:
+    """A bound, not yet started server; returns it, its port and its registry.
+
+    `interceptors` run before the error mapping, outermost first.
+    """
     registry = Registry()
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=options.max_workers, thread_name_prefix="optserve-rpc"),
-        interceptors=[ErrorInterceptor()],
+        interceptors=[*interceptors, ErrorInterceptor()],
     )
     pb_grpc.add_OptimizerServiceServicer_to_server(OptimizerService(registry, options.max_request_bytes), server)
     port = server.add_insecure_port(f"{options.host}:{options.port}")

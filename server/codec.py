@@ -14,6 +14,7 @@ import numpy as np
 
 from optserve.client.wire import ITEMSIZE, ChunkBuffer, data_type_of, dtype_name, iter_chunks
 from optserve.server.errors import InvalidArgument, NotFound, ResourceExhausted
+from optserve.server.modes import DEFAULT_SYNC_TIMEOUT, TrainingMode
 from optserve.v1 import optserve_pb2 as pb
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,128}")
@@ -28,6 +29,10 @@ NON_FINITE_POLICIES = {
 Gradient = np.ndarray | tuple[np.ndarray, np.ndarray]  # dense, or (indices, rows)
 
 
+MODES = {pb.MODE_UNSPECIFIED: "async", pb.MODE_ASYNC: "async", pb.MODE_SYNC: "sync"}
+AGGREGATIONS = {pb.AGGREGATION_UNSPECIFIED: "mean", pb.AGGREGATION_MEAN: "mean", pb.AGGREGATION_SUM: "sum"}
+
+
 @dataclass(frozen=True)
 class CreateRequest:
     """A decoded CreateOptimizer stream."""
@@ -36,6 +41,7 @@ class CreateRequest:
     config: dict[str, Any]
     params: dict[str, np.ndarray]
     non_finite_policy: str  # "refuse" or "apply"
+    training_mode: TrainingMode
 
 
 def validate_name(name: str, field: str = "name") -> str:
@@ -50,6 +56,7 @@ def decode_create(requests: Iterator[pb.CreateOptimizerRequest], max_bytes: int)
     header, chunks = _split_stream(requests, "CreateOptimizer")
     name = validate_name(header.name)
     config = _decode_config(header.config_json)
+    training_mode = decode_training_mode(header.training_mode)
     if not header.tensors:
         raise InvalidArgument("tensors: an optimizer needs at least one tensor")
     layout = []
@@ -65,13 +72,47 @@ def decode_create(requests: Iterator[pb.CreateOptimizerRequest], max_bytes: int)
     params = {tensor_name: array for (tensor_name, _, _), array in zip(layout, arrays)}
     if header.non_finite_policy not in NON_FINITE_POLICIES:
         raise InvalidArgument(f"non_finite_policy: unknown value {header.non_finite_policy}")
-    return CreateRequest(name, config, params, NON_FINITE_POLICIES[header.non_finite_policy])
+    return CreateRequest(name, config, params, NON_FINITE_POLICIES[header.non_finite_policy], training_mode)
+
+
+def decode_training_mode(wire: pb.TrainingMode) -> TrainingMode:
+    """The domain form of a TrainingMode, defaults filled and ranges checked."""
+    if wire.mode not in MODES:
+        raise InvalidArgument(f"training_mode.mode: unknown value {wire.mode}")
+    if wire.aggregation not in AGGREGATIONS:
+        raise InvalidArgument(f"training_mode.aggregation: unknown value {wire.aggregation}")
+    return TrainingMode(
+        mode=MODES[wire.mode],
+        num_workers=wire.num_workers if wire.HasField("num_workers") else 1,
+        backup_workers=wire.backup_workers,
+        aggregation=AGGREGATIONS[wire.aggregation],
+        sync_timeout=wire.sync_timeout_seconds if wire.HasField("sync_timeout_seconds") else DEFAULT_SYNC_TIMEOUT,
+        max_staleness=wire.max_staleness if wire.HasField("max_staleness") else None,
+    )
+
+
+def training_mode_to_wire(mode: TrainingMode) -> pb.TrainingMode:
+    """The wire form of a TrainingMode."""
+    return pb.TrainingMode(
+        mode={v: k for k, v in MODES.items()}[mode.mode],
+        num_workers=mode.num_workers,
+        backup_workers=mode.backup_workers,
+        aggregation={v: k for k, v in AGGREGATIONS.items()}[mode.aggregation],
+        sync_timeout_seconds=mode.sync_timeout,
+        max_staleness=mode.max_staleness,
+    )
 
 
 def split_push(requests: Iterator[pb.PushGradientsRequest]) -> tuple[pb.PushHeader, Iterator]:
-    """The push header, and the rest of the stream (the chunks) unread."""
+    """The push header, checked, and the rest of the stream (the chunks) unread."""
     header, chunks = _split_stream(requests, "PushGradients")
     validate_name(header.optimizer, "optimizer")
+    if len(header.worker_id) > 128:
+        raise InvalidArgument(f"worker_id: at most 128 characters, got {len(header.worker_id)}")
+    if header.HasField("seq") and header.seq < 0:
+        raise InvalidArgument(f"seq: must be >= 0, got {header.seq}")
+    if header.HasField("base_version") and header.base_version < 0:
+        raise InvalidArgument(f"base_version: must be >= 0, got {header.base_version}")
     return header, chunks
 
 

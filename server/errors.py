@@ -40,3 +40,15 @@ class ResourceExhausted(OptserveError):
     """The request would exceed a server limit."""
 
     code = "RESOURCE_EXHAUSTED"
+
+
+class Aborted(OptserveError):
+    """The push lost a race with the optimizer's progress (stale, or its round closed); retry fresh."""
+
+    code = "ABORTED"
+
+
+class DeadlineExceeded(OptserveError):
+    """A wait (a pull's min_version) ran out of time."""
+
+    code = "DEADLINE_EXCEEDED"

@@ -19,6 +19,8 @@ from optserve.v1 import optserve_pb2_grpc as pb_grpc
 
 log = logging.getLogger("optserve.service")
 
+MAX_WAIT_SECONDS = 3600.0  # longest a pull waits for min_version when the call has no deadline
+
 _POLICY_TO_WIRE = {"refuse": pb.NON_FINITE_POLICY_REFUSE, "apply": pb.NON_FINITE_POLICY_APPLY}
 _STATE_KINDS = {
     pb.STATE_KIND_UNSPECIFIED: "weights",
@@ -39,7 +41,8 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
 
     def CreateOptimizer(self, request_iterator, context) -> pb.OptimizerInfo:
         request = codec.decode_create(request_iterator, self._max_request_bytes)
-        optimizer = self._registry.create(request.name, request.config, request.params, request.non_finite_policy)
+        optimizer = self._registry.create(
+            request.name, request.config, request.params, request.non_finite_policy, request.training_mode)
         log.info("created optimizer %r: %d tensors", request.name, len(request.params))
         return info_to_wire(optimizer.info())
 
@@ -58,14 +61,22 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
         header, chunks = codec.split_push(request_iterator)
         optimizer = self._registry.get(header.optimizer)
         grads = codec.decode_gradients(header, chunks, optimizer.shapes, self._max_request_bytes)
-        version, iterations = optimizer.push(grads)
-        return pb.PushGradientsResponse(version=version, iterations=iterations)
+        result = optimizer.push(
+            grads,
+            worker_id=header.worker_id,
+            seq=header.seq if header.HasField("seq") else None,
+            base_version=header.base_version if header.HasField("base_version") else None,
+        )
+        return pb.PushGradientsResponse(
+            version=result.version, iterations=result.iterations, applied=result.applied, duplicate=result.duplicate)
 
     def PullWeights(self, request, context) -> Iterator[pb.PullWeightsResponse]:
         if request.kind not in _STATE_KINDS:
             raise InvalidArgument(f"kind: unknown state kind {request.kind}")
         optimizer = self._registry.get(request.optimizer)
-        version, iterations, arrays = optimizer.pull(_STATE_KINDS[request.kind], request.names)
+        min_version = request.min_version if request.HasField("min_version") else None
+        timeout = min(context.time_remaining() or MAX_WAIT_SECONDS, MAX_WAIT_SECONDS)
+        version, iterations, arrays = optimizer.pull(_STATE_KINDS[request.kind], request.names, min_version, timeout)
         yield from codec.encode_pull(version, iterations, arrays)
 
     def FinalizeOptimizer(self, request, context) -> pb.OptimizerInfo:
@@ -85,6 +96,8 @@ def info_to_wire(info: OptimizerInfo) -> pb.OptimizerInfo:
         device=info.device,
         non_finite_policy=_POLICY_TO_WIRE[info.non_finite_policy],
         next_learning_rate=info.next_learning_rate,
+        training_mode=codec.training_mode_to_wire(info.training_mode),
+        pending_gradients=info.pending_gradients,
     )
 
 

@@ -8,7 +8,7 @@ from optserve.client import Client
 
 TENSORS = ["a", "b", "c"]  # identical tensors: a consistent snapshot has them all equal
 CONFIG = {"learning_rate": 0.01, "use_ema": True, "ema_momentum": 0.9}
-WORKERS, PUSHES = 4, 25
+WORKERS, PUSHES = 8, 50
 
 
 def gradient(worker: int, i: int) -> dict:

@@ -23,6 +23,18 @@ class NonFinitePolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     NON_FINITE_POLICY_REFUSE: _ClassVar[NonFinitePolicy]
     NON_FINITE_POLICY_APPLY: _ClassVar[NonFinitePolicy]
 
+class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MODE_UNSPECIFIED: _ClassVar[Mode]
+    MODE_ASYNC: _ClassVar[Mode]
+    MODE_SYNC: _ClassVar[Mode]
+
+class Aggregation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    AGGREGATION_UNSPECIFIED: _ClassVar[Aggregation]
+    AGGREGATION_MEAN: _ClassVar[Aggregation]
+    AGGREGATION_SUM: _ClassVar[Aggregation]
+
 class StateKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     STATE_KIND_UNSPECIFIED: _ClassVar[StateKind]
@@ -41,6 +53,12 @@ DATA_TYPE_INT64: DataType
 NON_FINITE_POLICY_UNSPECIFIED: NonFinitePolicy
 NON_FINITE_POLICY_REFUSE: NonFinitePolicy
 NON_FINITE_POLICY_APPLY: NonFinitePolicy
+MODE_UNSPECIFIED: Mode
+MODE_ASYNC: Mode
+MODE_SYNC: Mode
+AGGREGATION_UNSPECIFIED: Aggregation
+AGGREGATION_MEAN: Aggregation
+AGGREGATION_SUM: Aggregation
 STATE_KIND_UNSPECIFIED: StateKind
 STATE_KIND_WEIGHTS: StateKind
 STATE_KIND_EMA: StateKind
@@ -72,8 +90,24 @@ class GradientSpec(_message.Message):
     index_dtype: DataType
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., sparse: _Optional[bool] = ..., index_dtype: _Optional[_Union[DataType, str]] = ...) -> None: ...
 
+class TrainingMode(_message.Message):
+    __slots__ = ("mode", "num_workers", "backup_workers", "aggregation", "sync_timeout_seconds", "max_staleness")
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    NUM_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    BACKUP_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATION_FIELD_NUMBER: _ClassVar[int]
+    SYNC_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_STALENESS_FIELD_NUMBER: _ClassVar[int]
+    mode: Mode
+    num_workers: int
+    backup_workers: int
+    aggregation: Aggregation
+    sync_timeout_seconds: float
+    max_staleness: int
+    def __init__(self, mode: _Optional[_Union[Mode, str]] = ..., num_workers: _Optional[int] = ..., backup_workers: _Optional[int] = ..., aggregation: _Optional[_Union[Aggregation, str]] = ..., sync_timeout_seconds: _Optional[float] = ..., max_staleness: _Optional[int] = ...) -> None: ...
+
 class OptimizerInfo(_message.Message):
-    __slots__ = ("name", "iterations", "version", "config_json", "tensors", "device", "non_finite_policy", "next_learning_rate")
+    __slots__ = ("name", "iterations", "version", "config_json", "tensors", "device", "non_finite_policy", "next_learning_rate", "training_mode", "pending_gradients")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ITERATIONS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -82,6 +116,8 @@ class OptimizerInfo(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     NON_FINITE_POLICY_FIELD_NUMBER: _ClassVar[int]
     NEXT_LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_MODE_FIELD_NUMBER: _ClassVar[int]
+    PENDING_GRADIENTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     iterations: int
     version: int
@@ -90,19 +126,23 @@ class OptimizerInfo(_message.Message):
     device: str
     non_finite_policy: NonFinitePolicy
     next_learning_rate: float
-    def __init__(self, name: _Optional[str] = ..., iterations: _Optional[int] = ..., version: _Optional[int] = ..., config_json: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., device: _Optional[str] = ..., non_finite_policy: _Optional[_Union[NonFinitePolicy, str]] = ..., next_learning_rate: _Optional[float] = ...) -> None: ...
+    training_mode: TrainingMode
+    pending_gradients: int
+    def __init__(self, name: _Optional[str] = ..., iterations: _Optional[int] = ..., version: _Optional[int] = ..., config_json: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., device: _Optional[str] = ..., non_finite_policy: _Optional[_Union[NonFinitePolicy, str]] = ..., next_learning_rate: _Optional[float] = ..., training_mode: _Optional[_Union[TrainingMode, _Mapping]] = ..., pending_gradients: _Optional[int] = ...) -> None: ...
 
 class CreateOptimizerHeader(_message.Message):
-    __slots__ = ("name", "config_json", "tensors", "non_finite_policy")
+    __slots__ = ("name", "config_json", "tensors", "non_finite_policy", "training_mode")
     NAME_FIELD_NUMBER: _ClassVar[int]
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     NON_FINITE_POLICY_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_MODE_FIELD_NUMBER: _ClassVar[int]
     name: str
     config_json: str
     tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     non_finite_policy: NonFinitePolicy
-    def __init__(self, name: _Optional[str] = ..., config_json: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., non_finite_policy: _Optional[_Union[NonFinitePolicy, str]] = ...) -> None: ...
+    training_mode: TrainingMode
+    def __init__(self, name: _Optional[str] = ..., config_json: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., non_finite_policy: _Optional[_Union[NonFinitePolicy, str]] = ..., training_mode: _Optional[_Union[TrainingMode, _Mapping]] = ...) -> None: ...
 
 class CreateOptimizerRequest(_message.Message):
     __slots__ = ("header", "chunk")
@@ -139,12 +179,18 @@ class DeleteOptimizerResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class PushHeader(_message.Message):
-    __slots__ = ("optimizer", "gradients")
+    __slots__ = ("optimizer", "gradients", "worker_id", "seq", "base_version")
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     GRADIENTS_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     optimizer: str
     gradients: _containers.RepeatedCompositeFieldContainer[GradientSpec]
-    def __init__(self, optimizer: _Optional[str] = ..., gradients: _Optional[_Iterable[_Union[GradientSpec, _Mapping]]] = ...) -> None: ...
+    worker_id: str
+    seq: int
+    base_version: int
+    def __init__(self, optimizer: _Optional[str] = ..., gradients: _Optional[_Iterable[_Union[GradientSpec, _Mapping]]] = ..., worker_id: _Optional[str] = ..., seq: _Optional[int] = ..., base_version: _Optional[int] = ...) -> None: ...
 
 class PushGradientsRequest(_message.Message):
     __slots__ = ("header", "chunk")
@@ -155,22 +201,28 @@ class PushGradientsRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
 
 class PushGradientsResponse(_message.Message):
-    __slots__ = ("version", "iterations")
+    __slots__ = ("version", "iterations", "applied", "duplicate")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ITERATIONS_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     version: int
     iterations: int
-    def __init__(self, version: _Optional[int] = ..., iterations: _Optional[int] = ...) -> None: ...
+    applied: bool
+    duplicate: bool
+    def __init__(self, version: _Optional[int] = ..., iterations: _Optional[int] = ..., applied: _Optional[bool] = ..., duplicate: _Optional[bool] = ...) -> None: ...
 
 class PullWeightsRequest(_message.Message):
-    __slots__ = ("optimizer", "kind", "names")
+    __slots__ = ("optimizer", "kind", "names", "min_version")
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     NAMES_FIELD_NUMBER: _ClassVar[int]
+    MIN_VERSION_FIELD_NUMBER: _ClassVar[int]
     optimizer: str
     kind: StateKind
     names: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, optimizer: _Optional[str] = ..., kind: _Optional[_Union[StateKind, str]] = ..., names: _Optional[_Iterable[str]] = ...) -> None: ...
+    min_version: int
+    def __init__(self, optimizer: _Optional[str] = ..., kind: _Optional[_Union[StateKind, str]] = ..., names: _Optional[_Iterable[str]] = ..., min_version: _Optional[int] = ...) -> None: ...
 
 class PullHeader(_message.Message):
     __slots__ = ("version", "iterations", "tensors")

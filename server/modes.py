@@ -1,0 +1,138 @@
+"""Distributed-training modes: settings, sync-round aggregation, exactly-once bookkeeping.
+
+Pure Python and NumPy over decoded gradients: the registry decides when to use
+them, under its lock.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from optserve.server.errors import FailedPrecondition, InvalidArgument
+
+if TYPE_CHECKING:  # codec imports this module for TrainingMode
+    from optserve.server.codec import Gradient
+
+MODES = ("async", "sync")
+AGGREGATIONS = ("mean", "sum")
+DEFAULT_SYNC_TIMEOUT = 60.0  # seconds
+
+
+@dataclass(frozen=True)
+class TrainingMode:
+    """How pushes become steps; see proto `TrainingMode` for each field."""
+
+    mode: str = "async"
+    num_workers: int = 1
+    backup_workers: int = 0
+    aggregation: str = "mean"
+    sync_timeout: float = DEFAULT_SYNC_TIMEOUT
+    max_staleness: int | None = None
+
+    def __post_init__(self) -> None:
+        field = "training_mode"
+        if self.mode not in MODES:
+            raise InvalidArgument(f"{field}.mode: must be one of {MODES}, got {self.mode!r}")
+        if self.aggregation not in AGGREGATIONS:
+            raise InvalidArgument(f"{field}.aggregation: must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+        if self.num_workers < 1:
+            raise InvalidArgument(f"{field}.num_workers: must be >= 1, got {self.num_workers}")
+        if self.backup_workers < 0:
+            raise InvalidArgument(f"{field}.backup_workers: must be >= 0, got {self.backup_workers}")
+        if not (0 < self.sync_timeout < float("inf")):
+            raise InvalidArgument(f"{field}.sync_timeout_seconds: must be > 0 and finite, got {self.sync_timeout}")
+        if self.max_staleness is not None and self.max_staleness < 0:
+            raise InvalidArgument(f"{field}.max_staleness: must be >= 0, got {self.max_staleness}")
+        if self.mode == "async" and (self.num_workers != 1 or self.backup_workers):
+            raise InvalidArgument(f"{field}.num_workers: only sync mode takes num_workers and backup_workers")
+        if self.mode == "sync" and self.max_staleness is not None:
+            raise InvalidArgument(f"{field}.max_staleness: sync mode refuses every gradient for an old round already")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as plain data."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """What a push answers: see proto `PushGradientsResponse`."""
+
+    version: int
+    iterations: int
+    applied: bool
+    duplicate: bool = False
+
+
+class DedupTable:
+    """Remembers each worker's accepted pushes so a retried (worker_id, seq) is answered, not applied.
+
+    Sequence numbers must increase per worker. The results of the last
+    `window` accepted pushes of each worker are kept for answering retries.
+    """
+
+    def __init__(self, window: int = 1024):
+        self._window = window
+        self._recent: dict[str, OrderedDict[int, PushResult]] = {}
+
+    def lookup(self, worker_id: str, seq: int) -> PushResult | None:
+        """The stored result of an accepted (worker_id, seq); None for a new seq."""
+        recent = self._recent.get(worker_id)
+        if not recent:
+            return None
+        if seq in recent:
+            return recent[seq]
+        last = next(reversed(recent))
+        if seq <= last:
+            raise FailedPrecondition(
+                f"seq: {seq} is not above worker {worker_id!r}'s last accepted seq {last}; seqs must increase"
+            )
+        return None
+
+    def record(self, worker_id: str, seq: int, result: PushResult) -> None:
+        """Stores the result of an accepted push."""
+        recent = self._recent.setdefault(worker_id, OrderedDict())
+        recent[seq] = result
+        while len(recent) > self._window:
+            recent.popitem(last=False)
+
+
+def aggregate(
+    contributions: Mapping[str, Mapping[str, Gradient]], how: str, shapes: Mapping[str, tuple[int, ...]]
+) -> dict[str, Gradient]:
+    """Combines one sync round's gradients, worker by worker in sorted worker-id order.
+
+    The fixed order makes the float32 sum, and so the step, independent of
+    arrival order. Sparse gradients are concatenated (the engine sums their
+    duplicate rows, as Keras's IndexedSlices all-reduce does); a tensor that
+    some workers sent dense and others sparse is densified. "mean" divides by
+    the number of gradients in the round.
+    """
+    workers = sorted(contributions)
+    count = np.float32(len(workers))
+    combined: dict[str, Gradient] = {}
+    for name, shape in shapes.items():
+        grads = [contributions[w][name] for w in workers]
+        if all(isinstance(g, tuple) for g in grads):
+            values = np.concatenate([g[1].astype(np.float32) for g in grads])
+            indices = np.concatenate([g[0].astype(np.int64) for g in grads])
+            combined[name] = (indices, values / count if how == "mean" else values)
+            continue
+        total = _dense(grads[0], shape)
+        for grad in grads[1:]:
+            total = total + _dense(grad, shape)
+        combined[name] = total / count if how == "mean" else total
+    return combined
+
+
+def _dense(grad: Gradient, shape: tuple[int, ...]) -> np.ndarray:
+    if not isinstance(grad, tuple):
+        return np.asarray(grad, dtype=np.float32)
+    indices, values = grad
+    dense = np.zeros(shape, np.float32)
+    np.add.at(dense, indices, values.astype(np.float32))
+    return dense
