@@ -1,4 +1,4 @@
-"""The `optserve` command: `serve` runs a server, `demo` trains against one."""
+"""The `optserve` command: `serve` runs a server, `demo` trains against one with worker processes."""
 
 import argparse
 import logging
@@ -23,8 +23,13 @@ def main(argv: list[str] | None = None) -> int:
                        help="seconds calls in flight get to finish on shutdown (default %(default)s)")
     serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default %(default)s)")
 
-    demo = commands.add_parser("demo", help="start a server and train a small model against it")
-    demo.add_argument("--steps", type=int, default=300, help="Adam steps to run (default %(default)s)")
+    demo = commands.add_parser("demo", help="start a server and train a digits classifier with worker processes")
+    demo.add_argument("--workers", type=int, default=4, help="worker processes (default %(default)s)")
+    demo.add_argument("--steps", type=int, default=200, help="Adam steps per mode (default %(default)s)")
+    demo.add_argument("--mode", choices=["both", "sync", "async"], default="both",
+                      help="which modes to run, one after the other (default %(default)s)")
+    demo.add_argument("--max-staleness", type=int, default=4, help="async staleness bound (default %(default)s)")
+    demo.add_argument("--plot", default="optserve-demo.png", help="where to write the PNG plot (default %(default)s)")
     demo.add_argument("--address", help="use this running server instead of starting one")
 
     args = parser.parse_args(argv)
@@ -39,7 +44,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from optserve.server.demo import run_demo
 
-    return run_demo(steps=args.steps, address=args.address)
+    modes = ("sync", "async") if args.mode == "both" else (args.mode,)
+    return run_demo(workers=args.workers, steps=args.steps, modes=modes, max_staleness=args.max_staleness,
+                    plot=args.plot, address=args.address)
 
 
 if __name__ == "__main__":
