@@ -77,7 +77,7 @@ def iter_chunks(arrays: Iterable[np.ndarray], chunk_bytes: int = CHUNK_BYTES) ->
     pending: list[memoryview] = []
     pending_bytes = 0
     for array in arrays:
-        view = memoryview(as_little_endian(array)).cast("B")
+        view = memoryview(as_little_endian(array).reshape(-1).view(np.uint8))  # also for float16/bfloat16
         while len(view):
             take = min(len(view), chunk_bytes - pending_bytes)
             pending.append(view[:take])

@@ -1,0 +1,66 @@
+"""The chunked wire format: chunk boundaries, large tensors, and every accepted dtype."""
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from optserve.client import Client, IndexedSlices
+from optserve.client.wire import CHUNK_BYTES, ChunkBuffer, iter_chunks
+
+
+@pytest.mark.parametrize("sizes", [[0], [1], [CHUNK_BYTES], [CHUNK_BYTES + 1], [3, CHUNK_BYTES - 3, 5],
+                                   [CHUNK_BYTES // 2] * 5, [0, 7, 0]])
+def test_chunks_are_full_except_the_last_and_carry_every_byte_in_order(sizes: list[int]) -> None:
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 256, n, dtype=np.uint8) for n in sizes]
+    chunks = list(iter_chunks(arrays))
+    assert all(len(c) == CHUNK_BYTES for c in chunks[:-1])
+    assert all(0 < len(c) <= CHUNK_BYTES for c in chunks)
+    assert b"".join(chunks) == b"".join(a.tobytes() for a in arrays)
+
+
+def test_chunk_buffer_refuses_bytes_beyond_the_declared_size() -> None:
+    buffer = ChunkBuffer(8, ValueError)
+    buffer.write(b"\1" * 6)
+    with pytest.raises(ValueError, match="10 bytes received, more than the 8"):
+        buffer.write(b"\2" * 4)
+    assert buffer.filled == 6
+
+
+def test_big_endian_arrays_travel_as_little_endian() -> None:
+    big = np.arange(4, dtype=">f4")
+    assert b"".join(iter_chunks([big])) == np.arange(4, dtype="<f4").tobytes()
+
+
+def test_tensors_larger_than_a_chunk_round_trip_exactly(client: Client, name: str) -> None:
+    rng = np.random.default_rng(1)
+    params = {"big": rng.normal(size=(1024, 1500)).astype(np.float32),  # ~5.9 MiB: six chunks
+              "odd": rng.normal(size=(7, 3)).astype(np.float32),
+              "scalar": np.float32(2.5)}
+    opt = client.create_optimizer(name, params, {"learning_rate": 1e-3})
+    pulled = opt.pull()
+    for key, value in params.items():
+        np.testing.assert_array_equal(pulled[key], value)
+    assert pulled["scalar"].shape == ()
+    assert opt.pull(names=["odd", "scalar"]).keys() == {"odd", "scalar"}
+    client.delete_optimizer(name)
+
+
+def test_float16_bfloat16_and_jax_gradients_equal_their_float32_upcast(client: Client, name: str) -> None:
+    rng = np.random.default_rng(2)
+    init = {"a": rng.normal(size=(5, 4)).astype(np.float32), "emb": rng.normal(size=(6, 3)).astype(np.float32)}
+    low = {"a": rng.normal(size=(5, 4)).astype(ml_dtypes.bfloat16),
+           "emb": IndexedSlices(np.array([1, 4, 1], np.int32), rng.normal(size=(3, 3)).astype(np.float16))}
+    full = {"a": low["a"].astype(np.float32),
+            "emb": IndexedSlices(low["emb"].indices.astype(np.int64), low["emb"].values.astype(np.float32))}
+    opt_low = client.create_optimizer(name + "-low", init, {"learning_rate": 0.01})
+    opt_full = client.create_optimizer(name + "-full", init, {"learning_rate": 0.01})
+    opt_low.push(low)
+    opt_full.push(full)
+    opt_low.push({"a": jnp.ones((5, 4)), "emb": np.zeros((6, 3), np.float64)})  # JAX and float64 arrays
+    opt_full.push({"a": np.ones((5, 4), np.float32), "emb": np.zeros((6, 3), np.float32)})
+    for key in init:
+        np.testing.assert_array_equal(opt_low.pull()[key], opt_full.pull()[key])
+    client.delete_optimizer(opt_low.name)
+    client.delete_optimizer(opt_full.name)
