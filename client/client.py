@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 import grpc
 import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from optserve.client.wire import CHUNK_BYTES, ChunkBuffer, data_type_of, iter_chunks
 from optserve.v1 import optserve_pb2 as pb
@@ -23,8 +24,14 @@ _NON_FINITE = {"refuse": pb.NON_FINITE_POLICY_REFUSE, "apply": pb.NON_FINITE_POL
 _SLOTS = {"m": pb.STATE_KIND_FIRST_MOMENT, "v": pb.STATE_KIND_SECOND_MOMENT, "vhat": pb.STATE_KIND_VHAT}
 _MODES = {"async": pb.MODE_ASYNC, "sync": pb.MODE_SYNC}
 _AGGREGATIONS = {"mean": pb.AGGREGATION_MEAN, "sum": pb.AGGREGATION_SUM}
-RETRY_ATTEMPTS = 5  # tries of a retryable call, the first included
-RETRY_BACKOFF = 0.1  # seconds before the second try; doubles after each, with jitter
+RETRY_BACKOFF = 0.05  # seconds before the second try of a retryable call; doubles after each, with jitter
+RETRY_BACKOFF_MAX = 1.0  # seconds between tries at most
+RETRY_ATTEMPTS = 100  # tries at most; the client's timeout bounds them first
+SERVICE_NAME = "optserve.v1.OptimizerService"
+_CHANNEL_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 100),  # reconnect fast after a server restart
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
 _READ_RETRY = frozenset({grpc.StatusCode.UNAVAILABLE})  # reads are safe to repeat
 _PUSH_RETRY = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})  # with (worker_id, seq)
 
@@ -55,20 +62,15 @@ class IndexedSlices(NamedTuple):
 
 
 class PushResult(int):
-    """The version that includes a push's gradient (an int), with the rest of the server's answer.
+    """The version whose weights first include a push's gradient (an int), with the rest of the answer."""
 
-    Async: the version the push produced. Sync: the version its round will
-    produce; `applied` tells whether that round has closed.
-    """
-
-    iterations: int
-    applied: bool
+    iterations: int  # Adam steps applied at that version
     duplicate: bool  # a retry of an already accepted (worker_id, seq), answered, not applied again
 
     @classmethod
     def from_wire(cls, reply: pb.PushGradientsResponse) -> "PushResult":
         result = cls(reply.version)
-        result.iterations, result.applied, result.duplicate = reply.iterations, reply.applied, reply.duplicate
+        result.iterations, result.duplicate = reply.iterations, reply.duplicate
         return result
 
 
@@ -95,6 +97,7 @@ class OptimizerInfo:
     next_learning_rate: float
     training_mode: dict[str, Any]  # mode, num_workers, backup_workers, aggregation, sync_timeout, max_staleness
     pending_gradients: int  # sync: gradients in the open round
+    saved_version: int  # version of the newest checkpoint on disk; -1 without a data dir
 
     @classmethod
     def from_wire(cls, info: pb.OptimizerInfo) -> "OptimizerInfo":
@@ -118,27 +121,31 @@ class OptimizerInfo:
                 "max_staleness": mode.max_staleness if mode.HasField("max_staleness") else None,
             },
             pending_gradients=info.pending_gradients,
+            saved_version=info.saved_version,
         )
 
 
 class Client:
     """A connection to one optserve server.
 
-    The constructor waits up to `timeout` seconds for the server to accept
-    connections; every call then gets `timeout` seconds as its deadline.
+    The constructor waits up to `timeout` seconds for the server to report
+    SERVING on the gRPC health service (a server restoring its data dir reports
+    NOT_SERVING); every call then gets `timeout` seconds. Calls safe to repeat
+    (reads, and pushes with worker_id and seq) are retried with backoff on
+    UNAVAILABLE, across a server restart, within that time.
     """
 
     def __init__(self, address: str, timeout: float = 30.0, *, chunk_bytes: int = CHUNK_BYTES):
         self.address = address
         self.timeout = timeout
         self.chunk_bytes = chunk_bytes
-        self._channel = grpc.insecure_channel(address)
-        try:
-            grpc.channel_ready_future(self._channel).result(timeout=timeout)
-        except grpc.FutureTimeoutError:
-            self._channel.close()
-            raise OptserveError(grpc.StatusCode.UNAVAILABLE, f"server at {address} not reachable after {timeout} s")
+        self._channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
         self._stub = pb_grpc.OptimizerServiceStub(self._channel)
+        try:
+            self._wait_until_serving(timeout)
+        except BaseException:
+            self._channel.close()
+            raise
 
     def create_optimizer(
         self, name: str, params: Mapping[str, Any], config: Mapping[str, Any] | None = None, *,
@@ -204,18 +211,37 @@ class Client:
         for chunk in iter_chunks(arrays, self.chunk_bytes):
             yield message_type(chunk=chunk)
 
+    def _wait_until_serving(self, timeout: float) -> None:
+        """Follows the health service (a stream, not polling) until the optimizer service is SERVING."""
+        health = health_pb2_grpc.HealthStub(self._channel)
+        request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+        try:
+            for reply in health.Watch(request, timeout=timeout, wait_for_ready=True):
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise OptserveError(grpc.StatusCode.UNAVAILABLE,
+                                    f"server at {self.address} not serving after {timeout} s") from None
+            raise OptserveError(err.code(), err.details()) from None
+        raise OptserveError(grpc.StatusCode.UNAVAILABLE, f"server at {self.address} stopped serving")
+
     def _call(self, method: Callable, make_request: Callable[[], Any], retry: frozenset = frozenset(),
               timeout: float | None = None) -> Any:
-        """Calls `method` with a fresh request per try, retrying the status codes in `retry` with backoff."""
+        """Calls `method` with a fresh request per try, retrying the codes in `retry` until `timeout` runs out."""
+        deadline = time.monotonic() + (timeout or self.timeout)
         delay = RETRY_BACKOFF
-        for attempt in range(RETRY_ATTEMPTS):
+        for _ in range(RETRY_ATTEMPTS):
+            remaining = deadline - time.monotonic()
             try:
-                return method(make_request(), timeout=timeout or self.timeout)
+                return method(make_request(), timeout=max(remaining, 0.001), wait_for_ready=bool(retry))
             except grpc.RpcError as err:
-                if err.code() not in retry or attempt == RETRY_ATTEMPTS - 1:
+                pause = delay * random.uniform(0.5, 1.5)
+                if err.code() not in retry or deadline - time.monotonic() < pause:
                     raise OptserveError(err.code(), err.details()) from None
-            time.sleep(delay * random.uniform(0.5, 1.5))
-            delay *= 2
+            time.sleep(pause)
+            delay = min(delay * 2, RETRY_BACKOFF_MAX)
+        raise OptserveError(grpc.StatusCode.UNAVAILABLE, f"gave up after {RETRY_ATTEMPTS} tries")
 
 
 class Optimizer:
@@ -236,6 +262,8 @@ class Optimizer:
         retried on UNAVAILABLE or DEADLINE_EXCEEDED, and a retry the server has
         seen is answered, not applied again. `base_version` is the version the
         gradient was computed from (required in sync mode and with max_staleness).
+        The answer comes once the step is applied (sync: when the round closes)
+        and, on a server with a write-ahead log, durable.
         """
         specs, arrays = [], []
         for name, grad in grads.items():
@@ -280,13 +308,19 @@ class Optimizer:
     def _pull(self, kind: int, names: Iterable[str], min_version: int | None = None,
               timeout: float | None = None) -> Weights:
         request = pb.PullWeightsRequest(optimizer=self.name, kind=kind, names=list(names), min_version=min_version)
-        return self.client._call(lambda req, timeout: _read_weights(self.client._stub.PullWeights(req, timeout=timeout)),
-                                 lambda: request, _READ_RETRY, timeout)
+        return self.client._call(
+            lambda req, **kwargs: _read_weights(self.client._stub.PullWeights(req, **kwargs)),
+            lambda: request, _READ_RETRY, timeout)
 
     def info(self) -> OptimizerInfo:
         """Iterations, version, config with defaults, tensor shapes and device."""
         return OptimizerInfo.from_wire(self.client._call(
             self.client._stub.GetOptimizer, lambda: pb.GetOptimizerRequest(name=self.name), _READ_RETRY))
+
+    def save(self) -> int:
+        """Writes a checkpoint now (the server needs --data-dir); returns the version saved."""
+        return self.client._call(self.client._stub.SaveOptimizer, lambda: pb.SaveOptimizerRequest(name=self.name),
+                                 _READ_RETRY).version
 
     def finalize(self) -> OptimizerInfo:
         """Copies the EMA into the weights (Keras `finalize_variable_values`)."""

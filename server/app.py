@@ -1,8 +1,10 @@
 """Builds and runs an optserve gRPC server (the composition root).
 
-`create_server` binds and returns the real port without serving; `serve`
-runs until SIGTERM or SIGINT, then stops gracefully: new calls are refused and
-calls in flight get `grace` seconds to finish.
+`create_server` binds and returns the real port without serving. `serve`
+starts it, restores the data dir (health NOT_SERVING meanwhile, calls answered
+UNAVAILABLE), reports SERVING, and runs until SIGTERM or SIGINT; then it
+reports NOT_SERVING, refuses new calls, gives calls in flight `grace` seconds,
+and checkpoints every optimizer, which empties the logs.
 """
 
 import logging
@@ -10,48 +12,93 @@ import signal
 import threading
 from collections.abc import Sequence
 from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from optserve.server.options import ServerOptions
-from optserve.server.registry import Registry
+from optserve.server.registry import Persistence, Registry
 from optserve.server.service import ErrorInterceptor, OptimizerService
+from optserve.server.storage import StorageError
+from optserve.v1 import optserve_pb2 as pb
 from optserve.v1 import optserve_pb2_grpc as pb_grpc
 
 log = logging.getLogger("optserve.server")
 
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["OptimizerService"].full_name  # "optserve.v1.OptimizerService"
 
-def create_server(
-    options: ServerOptions, interceptors: Sequence[grpc.ServerInterceptor] = ()
-) -> tuple[grpc.Server, int, Registry]:
-    """A bound, not yet started server; returns it, its port and its registry.
 
-    `interceptors` run before the error mapping, outermost first.
-    """
-    registry = Registry()
+@dataclass
+class OptserveServer:
+    """A bound gRPC server, its registry and its health service."""
+
+    server: grpc.Server
+    port: int
+    registry: Registry
+    health: health.HealthServicer
+
+    def open(self) -> None:
+        """Restores the data dir, then reports SERVING and starts checkpointing."""
+        self.registry.restore()
+        self.registry.start_checkpointer()
+        for service in ("", SERVICE_NAME):
+            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+
+    def shutdown(self, grace: float | None) -> None:
+        """NOT_SERVING, refuse new calls, let calls in flight finish, checkpoint everything."""
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+        self.registry.save_all()
+
+
+def create_server(options: ServerOptions, interceptors: Sequence[grpc.ServerInterceptor] = ()) -> OptserveServer:
+    """A bound, not yet started server. `interceptors` run before the error mapping, outermost first."""
+    persistence = None
+    if options.data_dir is not None:
+        persistence = Persistence(Path(options.data_dir), options.durability, options.checkpoint_every,
+                                  options.checkpoint_interval)
+    registry = Registry(persistence, options.max_optimizers)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=options.max_workers, thread_name_prefix="optserve-rpc"),
         interceptors=[*interceptors, ErrorInterceptor()],
+        maximum_concurrent_rpcs=options.max_concurrent_rpcs,
     )
-    pb_grpc.add_OptimizerServiceServicer_to_server(OptimizerService(registry, options.max_request_bytes), server)
+    pb_grpc.add_OptimizerServiceServicer_to_server(OptimizerService(registry, options), server)
+    health_servicer = health.HealthServicer(
+        experimental_non_blocking=True, experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=2))
+    for service in ("", SERVICE_NAME):
+        health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = server.add_insecure_port(f"{options.host}:{options.port}")
     if port == 0:
         raise OSError(f"cannot bind {options.host}:{options.port}")
-    return server, port, registry
+    return OptserveServer(server, port, registry, health_servicer)
 
 
-def serve(options: ServerOptions) -> None:
-    """Serves until SIGTERM or SIGINT, then drains and stops."""
+def serve(options: ServerOptions) -> int:
+    """Serves until SIGTERM or SIGINT, then drains, checkpoints and stops; returns an exit status."""
     import jax
 
-    server, port, _ = create_server(options)
-    server.start()
-    log.info("serving on %s:%d (JAX device: %s)", options.host, port, jax.devices()[0])
+    built = create_server(options)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda signum, frame: stop.set())
+    built.server.start()
+    log.info("listening on %s:%d (JAX device: %s)", options.host, built.port, jax.devices()[0])
+    if options.data_dir is not None:
+        log.info("restoring from %s (durability %s); NOT_SERVING until done", options.data_dir, options.durability)
+    try:
+        built.open()
+    except StorageError as err:
+        log.error("cannot restore the data dir, not serving: %s", err)
+        built.server.stop(None)
+        return 1
+    log.info("serving %d optimizer(s)", len(built.registry.list()))
     while not stop.wait(1.0):  # a timed wait lets the signal handlers run
         pass
     log.info("shutting down: refusing new calls, %.0f s grace for calls in flight", options.grace)
-    server.stop(options.grace).wait()
+    built.shutdown(options.grace)
     log.info("stopped")
+    return 0

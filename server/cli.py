@@ -19,8 +19,23 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--max-workers", type=int, default=defaults.max_workers, help="RPC threads (default %(default)s)")
     serve.add_argument("--max-request-bytes", type=int, default=defaults.max_request_bytes,
                        help="tensor bytes one create or push may carry (default %(default)s)")
+    serve.add_argument("--max-tensor-bytes", type=int, default=defaults.max_tensor_bytes,
+                       help="bytes of any one parameter tensor (default %(default)s)")
+    serve.add_argument("--max-optimizers", type=int, default=defaults.max_optimizers,
+                       help="optimizers one server holds (default %(default)s)")
+    serve.add_argument("--max-concurrent-rpcs", type=int, default=defaults.max_concurrent_rpcs,
+                       help="calls in progress at once; more get RESOURCE_EXHAUSTED (default %(default)s)")
     serve.add_argument("--grace", type=float, default=defaults.grace,
                        help="seconds calls in flight get to finish on shutdown (default %(default)s)")
+    serve.add_argument("--data-dir", default=defaults.data_dir,
+                       help="keep every optimizer's state here and restore it on start (default: memory only)")
+    serve.add_argument("--durability", choices=["wal", "none"], default=defaults.durability,
+                       help="with --data-dir: 'wal' logs each change durably before acknowledging it; "
+                            "'none' keeps checkpoints only (default %(default)s)")
+    serve.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every,
+                       help="steps between checkpoints (default %(default)s)")
+    serve.add_argument("--checkpoint-interval", type=float, default=defaults.checkpoint_interval,
+                       help="seconds between checkpoints of an optimizer that changed (default %(default)s)")
     serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default %(default)s)")
 
     demo = commands.add_parser("demo", help="start a server and train a digits classifier with worker processes")
@@ -40,8 +55,12 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError as err:
             print(f"optserve serve needs the server extra: pip install 'optserve[server]' ({err})", file=sys.stderr)
             return 2
-        run_server(ServerOptions(args.host, args.port, args.max_workers, args.max_request_bytes, args.grace))
-        return 0
+        return run_server(ServerOptions(
+            host=args.host, port=args.port, max_workers=args.max_workers, max_request_bytes=args.max_request_bytes,
+            max_tensor_bytes=args.max_tensor_bytes, max_optimizers=args.max_optimizers,
+            max_concurrent_rpcs=args.max_concurrent_rpcs, grace=args.grace, data_dir=args.data_dir,
+            durability=args.durability, checkpoint_every=args.checkpoint_every,
+            checkpoint_interval=args.checkpoint_interval))
     from optserve.server.demo import run_demo
 
     modes = ("sync", "async") if args.mode == "both" else (args.mode,)

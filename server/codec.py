@@ -17,7 +17,7 @@ from optserve.server.errors import InvalidArgument, NotFound, ResourceExhausted
 from optserve.server.modes import DEFAULT_SYNC_TIMEOUT, TrainingMode
 from optserve.v1 import optserve_pb2 as pb
 
-NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,128}")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # also a safe folder name in a data dir
 GRADIENT_DTYPES = (pb.DATA_TYPE_FLOAT32, pb.DATA_TYPE_FLOAT16, pb.DATA_TYPE_BFLOAT16)
 INDEX_DTYPES = (pb.DATA_TYPE_INT32, pb.DATA_TYPE_INT64)
 NON_FINITE_POLICIES = {
@@ -47,12 +47,14 @@ class CreateRequest:
 def validate_name(name: str, field: str = "name") -> str:
     """Checks an optimizer resource name."""
     if not NAME_PATTERN.fullmatch(name):
-        raise InvalidArgument(f"{field}: must be 1-128 characters from [A-Za-z0-9._-], got {name!r}")
+        raise InvalidArgument(
+            f"{field}: must be 1-128 characters from [A-Za-z0-9._-] starting with a letter or digit, got {name!r}")
     return name
 
 
-def decode_create(requests: Iterator[pb.CreateOptimizerRequest], max_bytes: int) -> CreateRequest:
-    """Reads a CreateOptimizer stream; refuses models larger than `max_bytes`."""
+def decode_create(requests: Iterator[pb.CreateOptimizerRequest], max_bytes: int,
+                  max_tensor_bytes: int) -> CreateRequest:
+    """Reads a CreateOptimizer stream; refuses models over `max_bytes`, tensors over `max_tensor_bytes`."""
     header, chunks = _split_stream(requests, "CreateOptimizer")
     name = validate_name(header.name)
     config = _decode_config(header.config_json)
@@ -66,7 +68,11 @@ def decode_create(requests: Iterator[pb.CreateOptimizerRequest], max_bytes: int)
             raise InvalidArgument("tensors: every tensor needs a non-empty name")
         if spec.dtype != pb.DATA_TYPE_FLOAT32:
             raise InvalidArgument(f"{field}.dtype: parameters must be float32, got {dtype_name(spec.dtype)}")
-        layout.append((spec.name, pb.DATA_TYPE_FLOAT32, _shape(spec.shape, f"{field}.shape")))
+        shape = _shape(spec.shape, f"{field}.shape")
+        if _nbytes(pb.DATA_TYPE_FLOAT32, shape) > max_tensor_bytes:
+            raise ResourceExhausted(f"{field}.shape: {_nbytes(pb.DATA_TYPE_FLOAT32, shape)} bytes exceed this "
+                                    f"server's limit of {max_tensor_bytes} per tensor")
+        layout.append((spec.name, pb.DATA_TYPE_FLOAT32, shape))
     _refuse_duplicates([spec.name for spec in header.tensors], "tensors")
     arrays = _read_arrays(chunks, layout, max_bytes, "tensors")
     params = {tensor_name: array for (tensor_name, _, _), array in zip(layout, arrays)}

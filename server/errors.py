@@ -52,3 +52,9 @@ class DeadlineExceeded(OptserveError):
     """A wait (a pull's min_version) ran out of time."""
 
     code = "DEADLINE_EXCEEDED"
+
+
+class Unavailable(OptserveError):
+    """The server cannot take calls yet (it is restoring its state); retry shortly."""
+
+    code = "UNAVAILABLE"

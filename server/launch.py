@@ -11,7 +11,7 @@ from typing import TextIO
 
 
 class ServerProcess:
-    """A child `optserve serve --port 0`; `address` is known once it serves.
+    """A child `optserve serve --port 0`; `address` is known once it listens.
 
     Its log lines are copied to `log` (stderr by default) by a background
     thread, so the child never blocks on a full pipe.
@@ -50,7 +50,7 @@ class ServerProcess:
         try:
             for line in self.process.stderr:  # ends when the child exits
                 self.lines.append(line)
-                match = re.search(r"serving on \S+:(\d+)", line)
+                match = re.search(r"listening on \S+:(\d+)", line)
                 if match:
                     return int(match.group(1))
         finally:

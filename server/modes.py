@@ -62,10 +62,9 @@ class TrainingMode:
 class PushResult:
     """What a push answers: see proto `PushGradientsResponse`."""
 
-    version: int
-    iterations: int
-    applied: bool
-    duplicate: bool = False
+    version: int  # the version whose weights include the gradient
+    iterations: int  # Adam steps applied at that version
+    duplicate: bool = False  # answers a retry of an already accepted (worker_id, seq)
 
 
 class DedupTable:
@@ -99,6 +98,21 @@ class DedupTable:
         recent[seq] = result
         while len(recent) > self._window:
             recent.popitem(last=False)
+
+    def forget(self, worker_id: str, seq: int) -> None:
+        """Drops an entry whose push was refused after all (a sync round that could not be logged)."""
+        self._recent.get(worker_id, {}).pop(seq, None)
+
+    def to_json(self) -> dict[str, list[list[int]]]:
+        """The table as plain data: worker -> [[seq, version, iterations], ...], oldest first."""
+        return {worker: [[seq, r.version, r.iterations] for seq, r in recent.items()]
+                for worker, recent in self._recent.items()}
+
+    def load_json(self, data: Mapping[str, list[list[int]]]) -> None:
+        """Restores what `to_json` wrote."""
+        for worker, entries in data.items():
+            for seq, version, iterations in entries:
+                self.record(worker, seq, PushResult(version, iterations))
 
 
 def aggregate(

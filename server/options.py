@@ -11,4 +11,11 @@ class ServerOptions:
     port: int = 50051
     max_workers: int = 64  # threads serving RPCs; sync workers waiting in a pull each hold one
     max_request_bytes: int = 16 << 30  # tensor bytes one create or push may carry
+    max_tensor_bytes: int = 8 << 30  # bytes of any one parameter tensor
+    max_optimizers: int = 1000  # optimizers one server holds
+    max_concurrent_rpcs: int = 1000  # calls in progress at once; more get RESOURCE_EXHAUSTED
     grace: float = 10.0  # seconds calls in flight get to finish on shutdown
+    data_dir: str | None = None  # where state persists; None keeps it in memory only
+    durability: str = "wal"  # with a data dir: "wal" logs every change before acknowledging it; "none" does not
+    checkpoint_every: int = 1000  # steps between checkpoints
+    checkpoint_interval: float = 300.0  # seconds between checkpoints of an optimizer that changed

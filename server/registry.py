@@ -1,14 +1,19 @@
-"""The optimizers a server holds: their state, locks and versions.
+"""The optimizers a server holds: their state, locks, versions, rounds and persistence.
 
-The registry owns concurrency: each optimizer applies one push at a time under
-its own lock, and a pull copies its tensors under the same lock, so it never
-sees half of a step. Requests arrive here already decoded and checked.
+The registry owns concurrency: each optimizer applies one change at a time
+under its own lock, and a pull copies its tensors under the same lock, so it
+never sees half of a step. With a data dir, every change is logged (and
+fsynced) before it is applied, so an acknowledged push survives a crash.
+Requests arrive here already decoded and checked.
 """
 
 import logging
+import shutil
 import threading
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -24,13 +29,16 @@ from optserve.server.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    ResourceExhausted,
+    Unavailable,
 )
 from optserve.server.modes import DedupTable, PushResult, TrainingMode, aggregate
+from optserve.server.storage import Checkpoint, LogRecord, OptimizerStore, list_stores
 
 log = logging.getLogger("optserve.registry")
 
 NON_FINITE_POLICIES = ("refuse", "apply")
-STATE_KINDS = ("weights", "ema", "m", "v", "vhat")  # what a pull can read
+STATE_KINDS = {"weights": "params", "ema": "ema", "m": "m", "v": "v", "vhat": "vhat"}  # pull kind -> engine slot
 _INT32_MAX = 2**31 - 1  # the engine's iteration counter saturates here
 
 
@@ -48,37 +56,61 @@ class OptimizerInfo:
     next_learning_rate: float
     training_mode: TrainingMode
     pending_gradients: int  # sync: gradients in the open round
+    saved_version: int  # version of the newest checkpoint; -1 without a data dir
+
+
+@dataclass(frozen=True)
+class Persistence:
+    """Where and how a registry keeps its optimizers on disk."""
+
+    data_dir: Path
+    durability: str = "wal"  # "wal": log every change before applying it; "none": checkpoints only
+    checkpoint_every: int = 1000  # steps between checkpoints
+    checkpoint_interval: float = 300.0  # seconds between checkpoints of an optimizer that changed
 
 
 class Optimizer:
     """One named optimizer: Adam state on the device, and the rules that turn pushes into steps."""
 
-    def __init__(self, name: str, config: AdamConfig, params: Mapping[str, np.ndarray],
-                 non_finite_policy: str, training_mode: TrainingMode):
+    def __init__(self, name: str, config: AdamConfig, non_finite_policy: str, training_mode: TrainingMode,
+                 state: adam.AdamState, version: int = 0, store: OptimizerStore | None = None,
+                 on_step: Callable[["Optimizer"], None] = lambda optimizer: None):
         self.name = name
         self.config = config
         self.non_finite_policy = non_finite_policy
         self.training_mode = training_mode
-        self.shapes = {key: tuple(value.shape) for key, value in params.items()}
+        self.shapes = {key: tuple(value.shape) for key, value in state.params.items()}
         self.rounds_closed_by_timeout = 0
-        self._state = adam.init(params, config)
-        self._step = adam.make_step(config, list(params))
+        self.saved_version = -1 if store is None else version
+        self.saved_at = time.monotonic()
+        self._state = state
+        self._step = adam.make_step(config, list(self.shapes))
+        self._store = store
         self._lock = threading.Lock()
+        self._save_lock = threading.Lock()  # one checkpoint at a time, outside the state lock
         self._version_changed = threading.Condition(self._lock)
-        self._version = 0
-        self._iterations = 0
+        self._version = version
+        self._iterations = int(state.iterations)
         self._deleted = False
         self._dedup = DedupTable()
         self._round: dict[str, Mapping[str, Gradient]] = {}  # sync: worker_id -> gradients, for self._version
+        self._round_seqs: dict[str, int | None] = {}  # sync: worker_id -> seq of its gradient in the round
         self._round_timer: threading.Timer | None = None
+        self._dropped_round = -1  # sync: the version of the last round that could not be logged
+        self._on_step = on_step  # told after every step, under the lock (it must not block)
+
+    @property
+    def version(self) -> int:
+        return self._version
 
     def push(self, grads: Mapping[str, Gradient], worker_id: str = "", seq: int | None = None,
-             base_version: int | None = None) -> PushResult:
+             base_version: int | None = None, timeout: float | None = None) -> PushResult:
         """Accepts one gradient for every tensor; see proto `PushHeader` for the arguments.
 
         Async: applies one Adam step now. Sync: adds the gradient to the open
-        round, which applies one step on the aggregate once `num_workers`
-        workers have pushed. A refused push changes nothing.
+        round and waits (up to `timeout` s) until the round has applied one
+        step on the aggregate. Either way the answer comes after the step is
+        applied and, with a data dir, logged. A refused push changes nothing.
         """
         if seq is not None and not worker_id:
             raise InvalidArgument("worker_id: required with seq")
@@ -95,12 +127,17 @@ class Optimizer:
             if seq is not None:
                 done = self._dedup.lookup(worker_id, seq)
                 if done is not None:
-                    return replace(done, applied=self._version >= done.version, duplicate=True)
+                    self._wait_for(done.version, timeout, "the round of this push")
+                    return replace(done, duplicate=True)
             self._check_base_version(base_version)
-            result = self._add_to_round(worker_id, seq, grads) if sync else self._apply(grads)
-            if seq is not None:
-                self._dedup.record(worker_id, seq, result)
-            return result
+            if not sync:
+                result = self._apply(grads, [(worker_id, seq)] if seq is not None else [])
+                if seq is not None:
+                    self._dedup.record(worker_id, seq, result)
+                return result
+            result = self._add_to_round(worker_id, seq, grads)
+            self._wait_for(result.version, timeout, "the round of this push")
+            return replace(result, iterations=self._iterations)
 
     def pull(self, kind: str, names: Sequence[str], min_version: int | None = None,
              timeout: float | None = None) -> tuple[int, int, list[tuple[str, np.ndarray]]]:
@@ -122,15 +159,9 @@ class Optimizer:
             raise InvalidArgument("names: a tensor is named twice")
         with self._lock:
             if min_version is not None:
-                reached = self._version_changed.wait_for(
-                    lambda: self._version >= min_version or self._deleted, timeout)
-                if not reached:
-                    raise DeadlineExceeded(
-                        f"min_version: optimizer {self.name!r} is at version {self._version}, "
-                        f"not {min_version}, after {timeout:.3g} s")
+                self._wait_for(min_version, timeout, "min_version")
             self._check_alive()
-            source = {"weights": self._state.params, "ema": self._state.ema, "m": self._state.m,
-                      "v": self._state.v, "vhat": self._state.vhat}[kind]
+            source = getattr(self._state, STATE_KINDS[kind])
             arrays = [(name, np.array(source[name])) for name in names]
             return self._version, self._iterations, arrays
 
@@ -139,8 +170,33 @@ class Optimizer:
         with self._lock:
             self._check_alive()
             if self.config.use_ema:
+                self._log(LogRecord("finalize", self._version + 1))
                 self._state = adam.finalize(self._state)
                 self._bump_version()
+
+    def save(self) -> int:
+        """Writes a checkpoint of the current version; returns that version."""
+        if self._store is None:
+            raise FailedPrecondition("save: this server keeps no state on disk (start it with --data-dir)")
+        with self._save_lock:
+            with self._lock:
+                self._check_alive()
+                checkpoint = self._checkpoint()
+                self._store.start_log(checkpoint.version)  # later changes go to a new log
+            self._store.save(checkpoint)
+            self.saved_version, self.saved_at = checkpoint.version, time.monotonic()
+        return checkpoint.version
+
+    def replay(self, record: LogRecord) -> None:
+        """Re-applies a logged change through the same step, as on restore."""
+        with self._lock:
+            if record.kind == "finalize":
+                self._state = adam.finalize(self._state)
+                self._bump_version()
+            else:
+                self._step_with(record.grads)
+            for worker_id, seq in record.workers:
+                self._dedup.record(worker_id, seq, PushResult(self._version, self._iterations))
 
     def info(self) -> OptimizerInfo:
         """The optimizer's metadata as of now."""
@@ -158,14 +214,30 @@ class Optimizer:
             next_learning_rate=adam.learning_rate_at(self.config, iterations),
             training_mode=self.training_mode,
             pending_gradients=pending,
+            saved_version=self.saved_version,
         )
 
-    def close(self) -> None:
-        """Marks the optimizer deleted: calls that hold it fail, waiting pulls wake up."""
-        with self._lock:
+    def close(self, delete_files: bool = False) -> None:
+        """Marks the optimizer deleted: calls that hold it fail, waiting calls wake up."""
+        with self._save_lock, self._lock:
             self._deleted = True
             self._cancel_round_timer()
             self._version_changed.notify_all()
+            if self._store is not None:
+                self._store.delete() if delete_files else self._store.close()
+
+    def _checkpoint(self) -> Checkpoint:
+        meta = {
+            "name": self.name,
+            "config": self.config.to_keras_dict(),
+            "non_finite_policy": self.non_finite_policy,
+            "training_mode": self.training_mode.to_dict(),
+            "names": list(self.shapes),
+            "iterations": self._iterations,
+            "version": self._version,
+            "dedup": self._dedup.to_json(),
+        }
+        return Checkpoint(meta, adam.export(self._state))
 
     def _refuse_non_finite(self, grads: Mapping[str, Gradient]) -> None:
         if self.non_finite_policy != "refuse":
@@ -189,26 +261,47 @@ class Optimizer:
             raise Aborted(f"base_version: {base_version} is {self._version - base_version} versions behind the "
                           f"current version {self._version} (max_staleness {limit}): pull and recompute")
 
-    def _apply(self, grads: Mapping[str, Gradient]) -> PushResult:
-        """One Adam step, under the lock."""
+    def _wait_for(self, version: int, timeout: float | None, what: str) -> None:
+        """Waits, under the lock, until the optimizer reaches `version`."""
+        reached = self._version_changed.wait_for(
+            lambda: self._version >= version or self._deleted or self._dropped_round == version, timeout)
+        self._check_alive()
+        if self._version < version and self._dropped_round == version:
+            raise ResourceExhausted(f"{what}: the round for version {version} was dropped: the data dir is full")
+        if not reached:
+            raise DeadlineExceeded(f"{what}: optimizer {self.name!r} is at version {self._version}, "
+                                   f"not yet {version}, after {timeout:.3g} s")
+
+    def _apply(self, grads: Mapping[str, Gradient], workers: list[tuple[str, int]]) -> PushResult:
+        """Logs, then applies, one Adam step, under the lock."""
+        self._log(LogRecord("step", self._version + 1, workers, dict(grads)))
+        self._step_with(grads)
+        return PushResult(self._version, self._iterations)
+
+    def _step_with(self, grads: Mapping[str, Gradient]) -> None:
         device_grads = {name: _to_device(grads[name]) for name in self.shapes}
         self._state = self._step(self._state, device_grads)
         jax.block_until_ready(self._state)
         self._iterations = min(self._iterations + 1, _INT32_MAX)
         self._bump_version()
-        return PushResult(self._version, self._iterations, applied=True)
+        self._on_step(self)
+
+    def _log(self, record: LogRecord) -> None:
+        if self._store is not None:
+            self._store.append(record)
 
     def _add_to_round(self, worker_id: str, seq: int | None, grads: Mapping[str, Gradient]) -> PushResult:
         """Sync mode, under the lock: one worker's gradient joins the open round."""
         if worker_id in self._round:
             raise Aborted(f"worker_id: {worker_id!r} has pushed for version {self._version} already; "
                           f"wait for version {self._version + 1}")
-        result = PushResult(self._version + 1, self._iterations, applied=False)
-        self._round[worker_id] = grads
+        result = PushResult(self._version + 1, self._iterations)
+        self._round[worker_id], self._round_seqs[worker_id] = grads, seq
+        if seq is not None:
+            self._dedup.record(worker_id, seq, result)
         if len(self._round) >= self.training_mode.num_workers:
             self._close_round()
-            return replace(result, iterations=self._iterations, applied=True)
-        if self._round_timer is None:
+        elif self._round_timer is None:
             self._round_timer = threading.Timer(self.training_mode.sync_timeout, self._close_round_on_timeout,
                                                 args=(self._version,))
             self._round_timer.daemon = True
@@ -219,8 +312,17 @@ class Optimizer:
         """Applies one step on the round's aggregate, under the lock."""
         self._cancel_round_timer()
         combined = aggregate(self._round, self.training_mode.aggregation, self.shapes)
-        self._round = {}
-        self._apply(combined)
+        workers = [(w, s) for w, s in sorted(self._round_seqs.items()) if s is not None]
+        try:
+            self._apply(combined, workers)
+        except ResourceExhausted:  # the log is full: the round's pushes are refused, retries start over
+            for worker_id, seq in workers:
+                self._dedup.forget(worker_id, seq)
+            self._dropped_round = self._version + 1
+            raise
+        finally:
+            self._round, self._round_seqs = {}, {}
+            self._version_changed.notify_all()
 
     def _close_round_on_timeout(self, round_version: int) -> None:
         with self._lock:
@@ -231,7 +333,10 @@ class Optimizer:
                         len(self._round), self.training_mode.num_workers, sorted(self._round))
             self.rounds_closed_by_timeout += 1
             self._round_timer = None
-            self._close_round()
+            try:
+                self._close_round()
+            except ResourceExhausted as err:
+                log.error("optimizer %r: sync round for version %d dropped: %s", self.name, round_version + 1, err)
 
     def _cancel_round_timer(self) -> None:
         if self._round_timer is not None:
@@ -248,27 +353,45 @@ class Optimizer:
 
 
 class Registry:
-    """The named optimizers of one server."""
+    """The named optimizers of one server, and their persistence when it has a data dir."""
 
-    def __init__(self) -> None:
+    def __init__(self, persistence: Persistence | None = None, max_optimizers: int = 1000):
+        self.persistence = persistence
+        self.max_optimizers = max_optimizers
         self._lock = threading.Lock()
         self._optimizers: dict[str, Optimizer] = {}
+        self._ready = persistence is None  # with a data dir: after restore()
+        self._checkpointer: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._checkpoint_due = threading.Event()
 
     def create(self, name: str, config: Mapping[str, Any], params: Mapping[str, np.ndarray],
                non_finite_policy: str = "refuse", training_mode: TrainingMode = TrainingMode()) -> Optimizer:
-        """Creates an optimizer; ALREADY_EXISTS if the name is taken."""
+        """Creates an optimizer (and its first checkpoint); ALREADY_EXISTS if the name is taken."""
         if non_finite_policy not in NON_FINITE_POLICIES:
             raise InvalidArgument(f"non_finite_policy: must be one of {NON_FINITE_POLICIES}")
+        self._check_ready()
         adam_config = parse_config(config)
         self._refuse_taken(name)
-        optimizer = Optimizer(name, adam_config, params, non_finite_policy, training_mode)
+        store = None
+        if self.persistence is not None:
+            store = OptimizerStore(self.persistence.data_dir / name, self.persistence.durability)
+        optimizer = Optimizer(name, adam_config, non_finite_policy, training_mode, adam.init(params, adam_config),
+                              store=store, on_step=self._note_step)
         with self._lock:
             self._refuse_taken(name)
+            if store is not None:
+                try:
+                    store.create(optimizer._checkpoint())
+                except BaseException:
+                    shutil.rmtree(store.directory, ignore_errors=True)
+                    raise
             self._optimizers[name] = optimizer
         return optimizer
 
     def get(self, name: str) -> Optimizer:
         """The optimizer of that name; NOT_FOUND if there is none."""
+        self._check_ready()
         optimizer = self._optimizers.get(name)
         if optimizer is None:
             raise NotFound(f"optimizer {name!r} not found")
@@ -276,20 +399,94 @@ class Registry:
 
     def list(self) -> list[Optimizer]:
         """Every optimizer, sorted by name."""
+        self._check_ready()
         with self._lock:
             return [self._optimizers[name] for name in sorted(self._optimizers)]
 
     def delete(self, name: str) -> None:
-        """Removes an optimizer; NOT_FOUND if there is none."""
+        """Removes an optimizer and its files; NOT_FOUND if there is none."""
+        self._check_ready()
         with self._lock:
             optimizer = self._optimizers.pop(name, None)
         if optimizer is None:
             raise NotFound(f"optimizer {name!r} not found")
-        optimizer.close()
+        optimizer.close(delete_files=True)
+
+    def restore(self) -> None:
+        """Loads every optimizer of the data dir: its newest good checkpoint, then its log replayed.
+
+        Until it returns, every call is answered UNAVAILABLE.
+        """
+        if self.persistence is None:
+            return
+        for store in list_stores(self.persistence.data_dir, self.persistence.durability):
+            checkpoint, records = store.load()
+            meta = checkpoint.meta
+            config = parse_config(meta["config"])
+            state = adam.restore(meta["iterations"], checkpoint.slots)
+            optimizer = Optimizer(meta["name"], config, meta["non_finite_policy"],
+                                  TrainingMode(**meta["training_mode"]), state, meta["version"], store,
+                                  on_step=self._note_step)
+            optimizer._dedup.load_json(meta["dedup"])
+            for record in records:
+                optimizer.replay(record)
+            store.start_log(optimizer.version)
+            self._optimizers[optimizer.name] = optimizer
+            log.info("restored optimizer %r at version %d (checkpoint %d + %d logged changes)",
+                     optimizer.name, optimizer.version, checkpoint.version, len(records))
+        self._ready = True
+
+    def start_checkpointer(self) -> None:
+        """Starts the thread that checkpoints optimizers every N steps or S seconds."""
+        if self.persistence is not None and self._checkpointer is None:
+            self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="optserve-checkpointer",
+                                                  daemon=True)
+            self._checkpointer.start()
+
+    def _note_step(self, optimizer: Optimizer) -> None:
+        """Wakes the checkpointer when an optimizer is due by its step count."""
+        if self.persistence and optimizer.version - optimizer.saved_version >= self.persistence.checkpoint_every:
+            self._checkpoint_due.set()
+
+    def save_all(self) -> None:
+        """Stops the checkpointer and checkpoints every optimizer (on shutdown): the logs empty."""
+        self._stop.set()
+        self._checkpoint_due.set()
+        if self._checkpointer is not None:
+            self._checkpointer.join()
+        for optimizer in self.list() if self.persistence is not None else []:
+            try:
+                version = optimizer.save()
+                log.info("saved optimizer %r at version %d", optimizer.name, version)
+            except NotFound:
+                pass  # deleted meanwhile
+            optimizer.close()
+
+    def _checkpoint_loop(self) -> None:
+        persistence = self.persistence
+        while not self._stop.is_set():
+            self._checkpoint_due.wait(timeout=min(persistence.checkpoint_interval, 1.0))
+            self._checkpoint_due.clear()
+            now = time.monotonic()
+            for optimizer in self.list():
+                behind = optimizer.version - optimizer.saved_version
+                due = behind >= persistence.checkpoint_every or (
+                    behind > 0 and now - optimizer.saved_at >= persistence.checkpoint_interval)
+                if due and not self._stop.is_set():
+                    try:
+                        optimizer.save()
+                    except (NotFound, ResourceExhausted, OSError) as err:
+                        log.error("checkpoint of optimizer %r failed: %s", optimizer.name, err)
+
+    def _check_ready(self) -> None:
+        if not self._ready:
+            raise Unavailable(f"restoring state from {self.persistence.data_dir}; retry shortly")
 
     def _refuse_taken(self, name: str) -> None:
         if name in self._optimizers:
             raise AlreadyExists(f"name: an optimizer named {name!r} exists already")
+        if len(self._optimizers) >= self.max_optimizers:
+            raise ResourceExhausted(f"name: this server holds its limit of {self.max_optimizers} optimizers")
 
 
 def _to_device(grad: Gradient) -> jax.Array | adam.SparseGrad:

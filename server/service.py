@@ -13,13 +13,14 @@ import grpc
 
 from optserve.server import codec
 from optserve.server.errors import InvalidArgument, OptserveError
+from optserve.server.options import ServerOptions
 from optserve.server.registry import OptimizerInfo, Registry
 from optserve.v1 import optserve_pb2 as pb
 from optserve.v1 import optserve_pb2_grpc as pb_grpc
 
 log = logging.getLogger("optserve.service")
 
-MAX_WAIT_SECONDS = 3600.0  # longest a pull waits for min_version when the call has no deadline
+MAX_WAIT_SECONDS = 3600.0  # longest a call waits (a pull's min_version, a sync round) without a deadline
 
 _POLICY_TO_WIRE = {"refuse": pb.NON_FINITE_POLICY_REFUSE, "apply": pb.NON_FINITE_POLICY_APPLY}
 _STATE_KINDS = {
@@ -35,12 +36,12 @@ _STATE_KINDS = {
 class OptimizerService(pb_grpc.OptimizerServiceServicer):
     """Implements optserve.v1.OptimizerService over a Registry."""
 
-    def __init__(self, registry: Registry, max_request_bytes: int):
+    def __init__(self, registry: Registry, options: ServerOptions):
         self._registry = registry
-        self._max_request_bytes = max_request_bytes
+        self._options = options
 
     def CreateOptimizer(self, request_iterator, context) -> pb.OptimizerInfo:
-        request = codec.decode_create(request_iterator, self._max_request_bytes)
+        request = codec.decode_create(request_iterator, self._options.max_request_bytes, self._options.max_tensor_bytes)
         optimizer = self._registry.create(
             request.name, request.config, request.params, request.non_finite_policy, request.training_mode)
         log.info("created optimizer %r: %d tensors", request.name, len(request.params))
@@ -60,29 +61,38 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
     def PushGradients(self, request_iterator, context) -> pb.PushGradientsResponse:
         header, chunks = codec.split_push(request_iterator)
         optimizer = self._registry.get(header.optimizer)
-        grads = codec.decode_gradients(header, chunks, optimizer.shapes, self._max_request_bytes)
+        grads = codec.decode_gradients(header, chunks, optimizer.shapes, self._options.max_request_bytes)
         result = optimizer.push(
             grads,
             worker_id=header.worker_id,
             seq=header.seq if header.HasField("seq") else None,
             base_version=header.base_version if header.HasField("base_version") else None,
+            timeout=_wait_budget(context),
         )
-        return pb.PushGradientsResponse(
-            version=result.version, iterations=result.iterations, applied=result.applied, duplicate=result.duplicate)
+        return pb.PushGradientsResponse(version=result.version, iterations=result.iterations,
+                                        duplicate=result.duplicate)
 
     def PullWeights(self, request, context) -> Iterator[pb.PullWeightsResponse]:
         if request.kind not in _STATE_KINDS:
             raise InvalidArgument(f"kind: unknown state kind {request.kind}")
         optimizer = self._registry.get(request.optimizer)
         min_version = request.min_version if request.HasField("min_version") else None
-        timeout = min(context.time_remaining() or MAX_WAIT_SECONDS, MAX_WAIT_SECONDS)
-        version, iterations, arrays = optimizer.pull(_STATE_KINDS[request.kind], request.names, min_version, timeout)
+        version, iterations, arrays = optimizer.pull(_STATE_KINDS[request.kind], request.names, min_version,
+                                                     _wait_budget(context))
         yield from codec.encode_pull(version, iterations, arrays)
 
     def FinalizeOptimizer(self, request, context) -> pb.OptimizerInfo:
         optimizer = self._registry.get(request.name)
         optimizer.finalize()
         return info_to_wire(optimizer.info())
+
+    def SaveOptimizer(self, request, context) -> pb.SaveOptimizerResponse:
+        return pb.SaveOptimizerResponse(version=self._registry.get(request.name).save())
+
+
+def _wait_budget(context: grpc.ServicerContext) -> float:
+    """Seconds a call may wait on the server: its deadline, capped."""
+    return min(context.time_remaining() or MAX_WAIT_SECONDS, MAX_WAIT_SECONDS)
 
 
 def info_to_wire(info: OptimizerInfo) -> pb.OptimizerInfo:
@@ -98,6 +108,7 @@ def info_to_wire(info: OptimizerInfo) -> pb.OptimizerInfo:
         next_learning_rate=info.next_learning_rate,
         training_mode=codec.training_mode_to_wire(info.training_mode),
         pending_gradients=info.pending_gradients,
+        saved_version=info.saved_version,
     )
 
 

@@ -12,15 +12,17 @@ from optserve.server.registry import Registry
 
 
 class RunningServer:
-    """An in-process server bound to 127.0.0.1 on a free port."""
+    """An in-process server bound to 127.0.0.1 on a free port, serving."""
 
-    def __init__(self, options: ServerOptions):
-        self.server, self.port, self.registry = create_server(options)
-        self.address = f"127.0.0.1:{self.port}"
-        self.server.start()
+    def __init__(self, options: ServerOptions, interceptors=()):
+        self.built = create_server(options, interceptors)
+        self.registry = self.built.registry
+        self.address = f"127.0.0.1:{self.built.port}"
+        self.built.server.start()
+        self.built.open()
 
     def stop(self) -> None:
-        self.server.stop(grace=None).wait()
+        self.built.shutdown(grace=None)
 
 
 @pytest.fixture(scope="session")

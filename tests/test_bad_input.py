@@ -166,7 +166,7 @@ def test_pull_of_unknown_tensor_is_not_found(opt) -> None:
     expect_error(grpc.StatusCode.NOT_FOUND, "names['nope']", opt.pull, names=["nope"])
 
 
-@pytest.mark.parametrize("bad_name", ["", "has space", "x" * 129, "slash/name"])
+@pytest.mark.parametrize("bad_name", ["", "has space", "x" * 129, "slash/name", ".", "..", ".hidden", "-dash"])
 def test_bad_optimizer_name_is_refused(client: Client, bad_name: str) -> None:
     expect_error(INVALID, "name:", client.create_optimizer, bad_name, {"w": np.ones(2, np.float32)})
 
@@ -233,11 +233,15 @@ def test_malformed_push_stream_is_refused_and_leaves_state_unchanged(client: Cli
     assert_same_state(before, snapshot(opt))
 
 
-def test_create_larger_than_the_server_limit_is_resource_exhausted(client: Client, name: str) -> None:
+@pytest.mark.parametrize("shapes,fragment", [
+    ([[1 << 20, 1 << 20]], "tensors['w0'].shape: 4398046511104 bytes exceed this server's limit of 8589934592 per tensor"),
+    ([[10 << 20]] * 2, "tensors: 83886080 bytes exceed this server's limit of 67108864 per request"),
+], ids=["one huge tensor", "too many bytes in all"])
+def test_create_larger_than_the_server_limits_is_resource_exhausted(client: Client, name: str, shapes, fragment):
     stub = pb_grpc.OptimizerServiceStub(client._channel)
-    spec = pb.TensorSpec(name="w", dtype=pb.DATA_TYPE_FLOAT32, shape=[1 << 20, 1 << 20])
-    request = pb.CreateOptimizerRequest(header=pb.CreateOptimizerHeader(name=name, tensors=[spec]))
-    expect_raw_error(grpc.StatusCode.RESOURCE_EXHAUSTED, "tensors:", stub.CreateOptimizer, iter([request]))
+    specs = [pb.TensorSpec(name=f"w{i}", dtype=pb.DATA_TYPE_FLOAT32, shape=shape) for i, shape in enumerate(shapes)]
+    request = pb.CreateOptimizerRequest(header=pb.CreateOptimizerHeader(name=name, tensors=specs))
+    expect_raw_error(grpc.StatusCode.RESOURCE_EXHAUSTED, fragment, stub.CreateOptimizer, iter([request]))
 
 
 def test_float16_parameters_are_refused(client: Client, name: str) -> None:

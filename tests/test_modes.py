@@ -7,11 +7,27 @@ import grpc
 import numpy as np
 import pytest
 
+from concurrent.futures import Future, ThreadPoolExecutor
+
 from optserve.client import Client, IndexedSlices, OptserveError
-from optserve.server.app import create_server
 from optserve.server.engine import adam, parse_config
 from optserve.server.options import ServerOptions
+from tests.conftest import RunningServer
 from tests.test_bad_input import assert_same_state, expect_error, snapshot
+
+POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="test-worker")
+
+
+def in_background(call, *args, **kwargs) -> Future:
+    """Starts a (blocking) sync push in another thread."""
+    return POOL.submit(call, *args, **kwargs)
+
+
+def wait_until(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.02)
 
 CONFIG = {"learning_rate": 0.05, "amsgrad": True, "use_ema": True, "ema_momentum": 0.9, "global_clipnorm": 1.0}
 INIT = {"w": np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4), "emb": np.ones((6, 2), np.float32)}
@@ -79,8 +95,9 @@ def test_sync_sum_aggregation_adds_the_gradients(client: Client, name: str) -> N
     opt = client.create_optimizer(name, {"w": np.zeros(3, np.float32)}, config, mode="sync", num_workers=2,
                                   aggregation="sum")
     twin = client.create_optimizer(name + "-twin", {"w": np.zeros(3, np.float32)}, config)
-    opt.push({"w": np.array([1, 2, 3], np.float32)}, worker_id="a", base_version=0)
+    first = in_background(opt.push, {"w": np.array([1, 2, 3], np.float32)}, worker_id="a", base_version=0)
     opt.push({"w": np.array([0.5, 0, -4], np.float32)}, worker_id="b", base_version=0)
+    assert first.result(timeout=30) == 1
     twin.push({"w": np.array([1.5, 2, -1], np.float32)})
     np.testing.assert_array_equal(opt.pull()["w"], twin.pull()["w"])
     client.delete_optimizer(name)
@@ -90,10 +107,12 @@ def test_sync_sum_aggregation_adds_the_gradients(client: Client, name: str) -> N
 def test_backup_workers_close_the_round_with_the_first_k_and_late_ones_are_aborted(client: Client, name: str):
     opt = client.create_optimizer(name, {"w": np.zeros(2, np.float32)}, {"learning_rate": 0.1}, mode="sync",
                                   num_workers=2, backup_workers=1)
-    first = opt.push({"w": np.ones(2, np.float32)}, worker_id="a", base_version=0)
-    assert first == 1 and not first.applied and opt.info().pending_gradients == 1
+    first = in_background(opt.push, {"w": np.ones(2, np.float32)}, worker_id="a", base_version=0)
+    wait_until(lambda: opt.info().pending_gradients == 1)
+    assert not first.done()  # a sync push answers when its round has applied
     second = opt.push({"w": np.ones(2, np.float32)}, worker_id="b", base_version=0)
-    assert second == 1 and second.applied and second.iterations == 1
+    assert second == 1 and second.iterations == 1
+    assert first.result(timeout=30) == 1 and first.result().iterations == 1
     before = snapshot_weights(opt)
     expect_error(grpc.StatusCode.ABORTED, "the round for version 0 is closed", opt.push,
                  {"w": np.ones(2, np.float32)}, worker_id="c", base_version=0)
@@ -128,11 +147,15 @@ def test_sync_push_needs_a_worker_id_and_base_version_and_one_gradient_per_worke
     expect_error(grpc.StatusCode.INVALID_ARGUMENT, "base_version: required in sync mode", opt.push, g, worker_id="a")
     expect_error(grpc.StatusCode.INVALID_ARGUMENT, "base_version: 5 is ahead", opt.push, g, worker_id="a",
                  base_version=5)
-    opt.push(g, worker_id="a", base_version=0)
+    waiting = in_background(opt.push, g, worker_id="a", base_version=0)
+    wait_until(lambda: opt.info().pending_gradients == 1)
     expect_error(grpc.StatusCode.ABORTED, "'a' has pushed for version 0 already", opt.push, g, worker_id="a",
                  base_version=0)
     assert opt.info().pending_gradients == 1
-    client.delete_optimizer(name)
+    client.delete_optimizer(name)  # wakes the waiting push
+    with pytest.raises(OptserveError) as caught:
+        waiting.result(timeout=30)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 @pytest.mark.parametrize("settings,fragment", [
@@ -171,7 +194,7 @@ def test_retried_worker_seq_is_answered_once_and_not_applied_again(client: Clien
     assert first == 1 and not first.duplicate
     before = snapshot(opt)
     again = opt.push(worker_grads(1, 1), worker_id="w3", seq=17)  # a retry: its payload is not looked at again
-    assert again == 1 and again.duplicate and again.applied
+    assert again == 1 and again.duplicate
     assert_same_state(before, snapshot(opt))
     expect_error(grpc.StatusCode.FAILED_PRECONDITION, "seq: 16 is not above worker 'w3'", opt.push,
                  worker_grads(0, 0), worker_id="w3", seq=16)
@@ -185,13 +208,17 @@ def test_retried_worker_seq_is_answered_once_and_not_applied_again(client: Clien
 def test_duplicate_push_in_an_open_sync_round_counts_once(client: Client, name: str) -> None:
     opt = client.create_optimizer(name, {"w": np.zeros(2, np.float32)}, {}, mode="sync", num_workers=2)
     g = {"w": np.ones(2, np.float32)}
-    assert not opt.push(g, worker_id="a", seq=1, base_version=0).applied
-    again = opt.push(g, worker_id="a", seq=1, base_version=0)
-    assert again.duplicate and not again.applied and opt.info().pending_gradients == 1
+    first = in_background(opt.push, g, worker_id="a", seq=1, base_version=0)
+    wait_until(lambda: opt.info().pending_gradients == 1)
+    retry = in_background(opt.push, g, worker_id="a", seq=1, base_version=0)  # e.g. after a lost connection
+    time.sleep(0.2)
+    assert opt.info().pending_gradients == 1 and not retry.done()
     closed = opt.push(g, worker_id="b", seq=1, base_version=0)
-    assert closed.applied and opt.info().iterations == 1
-    late_retry = opt.push(g, worker_id="a", seq=1, base_version=0)  # after the round: answered, now applied
-    assert late_retry == 1 and late_retry.duplicate and late_retry.applied
+    assert closed == 1 and opt.info().iterations == 1
+    assert first.result(timeout=30) == 1 and not first.result().duplicate
+    assert retry.result(timeout=30) == 1 and retry.result().duplicate
+    late_retry = opt.push(g, worker_id="a", seq=1, base_version=0)  # after the round: answered at once
+    assert late_retry == 1 and late_retry.duplicate
     assert opt.info().iterations == 1
     client.delete_optimizer(name)
 
@@ -219,10 +246,9 @@ class LoseFirstPushReply(grpc.ServerInterceptor):
 
 def test_client_retries_a_push_whose_reply_was_lost_and_it_applies_once(name: str) -> None:
     lose = LoseFirstPushReply()
-    server, port, _ = create_server(ServerOptions(host="127.0.0.1", port=0), interceptors=[lose])
-    server.start()
+    server = RunningServer(ServerOptions(host="127.0.0.1", port=0), interceptors=[lose])
     try:
-        with Client(f"127.0.0.1:{port}", timeout=30) as flaky:
+        with Client(server.address, timeout=30) as flaky:
             opt = flaky.create_optimizer(name, {"w": np.zeros(2, np.float32)}, {"learning_rate": 0.1})
             twin = flaky.create_optimizer(name + "-twin", {"w": np.zeros(2, np.float32)}, {"learning_rate": 0.1})
             result = opt.push({"w": np.ones(2, np.float32)}, worker_id="w", seq=1)
@@ -234,7 +260,7 @@ def test_client_retries_a_push_whose_reply_was_lost_and_it_applies_once(name: st
                 lose.lost = 0
                 opt.push({"w": np.ones(2, np.float32)})
     finally:
-        server.stop(None)
+        server.stop()
 
 
 def test_pull_with_min_version_wakes_exactly_when_that_version_exists(client: Client, name: str) -> None:

@@ -107,7 +107,7 @@ class TrainingMode(_message.Message):
     def __init__(self, mode: _Optional[_Union[Mode, str]] = ..., num_workers: _Optional[int] = ..., backup_workers: _Optional[int] = ..., aggregation: _Optional[_Union[Aggregation, str]] = ..., sync_timeout_seconds: _Optional[float] = ..., max_staleness: _Optional[int] = ...) -> None: ...
 
 class OptimizerInfo(_message.Message):
-    __slots__ = ("name", "iterations", "version", "config_json", "tensors", "device", "non_finite_policy", "next_learning_rate", "training_mode", "pending_gradients")
+    __slots__ = ("name", "iterations", "version", "config_json", "tensors", "device", "non_finite_policy", "next_learning_rate", "training_mode", "pending_gradients", "saved_version")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ITERATIONS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -118,6 +118,7 @@ class OptimizerInfo(_message.Message):
     NEXT_LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     TRAINING_MODE_FIELD_NUMBER: _ClassVar[int]
     PENDING_GRADIENTS_FIELD_NUMBER: _ClassVar[int]
+    SAVED_VERSION_FIELD_NUMBER: _ClassVar[int]
     name: str
     iterations: int
     version: int
@@ -128,7 +129,8 @@ class OptimizerInfo(_message.Message):
     next_learning_rate: float
     training_mode: TrainingMode
     pending_gradients: int
-    def __init__(self, name: _Optional[str] = ..., iterations: _Optional[int] = ..., version: _Optional[int] = ..., config_json: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., device: _Optional[str] = ..., non_finite_policy: _Optional[_Union[NonFinitePolicy, str]] = ..., next_learning_rate: _Optional[float] = ..., training_mode: _Optional[_Union[TrainingMode, _Mapping]] = ..., pending_gradients: _Optional[int] = ...) -> None: ...
+    saved_version: int
+    def __init__(self, name: _Optional[str] = ..., iterations: _Optional[int] = ..., version: _Optional[int] = ..., config_json: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., device: _Optional[str] = ..., non_finite_policy: _Optional[_Union[NonFinitePolicy, str]] = ..., next_learning_rate: _Optional[float] = ..., training_mode: _Optional[_Union[TrainingMode, _Mapping]] = ..., pending_gradients: _Optional[int] = ..., saved_version: _Optional[int] = ...) -> None: ...
 
 class CreateOptimizerHeader(_message.Message):
     __slots__ = ("name", "config_json", "tensors", "non_finite_policy", "training_mode")
@@ -201,16 +203,14 @@ class PushGradientsRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
 
 class PushGradientsResponse(_message.Message):
-    __slots__ = ("version", "iterations", "applied", "duplicate")
+    __slots__ = ("version", "iterations", "duplicate")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ITERATIONS_FIELD_NUMBER: _ClassVar[int]
-    APPLIED_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     version: int
     iterations: int
-    applied: bool
     duplicate: bool
-    def __init__(self, version: _Optional[int] = ..., iterations: _Optional[int] = ..., applied: _Optional[bool] = ..., duplicate: _Optional[bool] = ...) -> None: ...
+    def __init__(self, version: _Optional[int] = ..., iterations: _Optional[int] = ..., duplicate: _Optional[bool] = ...) -> None: ...
 
 class PullWeightsRequest(_message.Message):
     __slots__ = ("optimizer", "kind", "names", "min_version")
@@ -247,3 +247,15 @@ class FinalizeOptimizerRequest(_message.Message):
     NAME_FIELD_NUMBER: _ClassVar[int]
     name: str
     def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class SaveOptimizerRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class SaveOptimizerResponse(_message.Message):
+    __slots__ = ("version",)
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    def __init__(self, version: _Optional[int] = ...) -> None: ...

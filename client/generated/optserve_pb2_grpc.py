@@ -70,6 +70,11 @@ class OptimizerServiceStub:
                 request_serializer=optserve_dot_v1_dot_optserve__pb2.FinalizeOptimizerRequest.SerializeToString,
                 response_deserializer=optserve_dot_v1_dot_optserve__pb2.OptimizerInfo.FromString,
                 _registered_method=True)
+        self.SaveOptimizer = channel.unary_unary(
+                '/optserve.v1.OptimizerService/SaveOptimizer',
+                request_serializer=optserve_dot_v1_dot_optserve__pb2.SaveOptimizerRequest.SerializeToString,
+                response_deserializer=optserve_dot_v1_dot_optserve__pb2.SaveOptimizerResponse.FromString,
+                _registered_method=True)
 
 
 class OptimizerServiceServicer:
@@ -126,6 +131,13 @@ class OptimizerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SaveOptimizer(self, request, context):
+        """Writes a checkpoint now; FAILED_PRECONDITION on a server without a data dir.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OptimizerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -163,6 +175,11 @@ def add_OptimizerServiceServicer_to_server(servicer, server):
                     servicer.FinalizeOptimizer,
                     request_deserializer=optserve_dot_v1_dot_optserve__pb2.FinalizeOptimizerRequest.FromString,
                     response_serializer=optserve_dot_v1_dot_optserve__pb2.OptimizerInfo.SerializeToString,
+            ),
+            'SaveOptimizer': grpc.unary_unary_rpc_method_handler(
+                    servicer.SaveOptimizer,
+                    request_deserializer=optserve_dot_v1_dot_optserve__pb2.SaveOptimizerRequest.FromString,
+                    response_serializer=optserve_dot_v1_dot_optserve__pb2.SaveOptimizerResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -355,6 +372,33 @@ class OptimizerService:
             '/optserve.v1.OptimizerService/FinalizeOptimizer',
             optserve_dot_v1_dot_optserve__pb2.FinalizeOptimizerRequest.SerializeToString,
             optserve_dot_v1_dot_optserve__pb2.OptimizerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SaveOptimizer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/optserve.v1.OptimizerService/SaveOptimizer',
+            optserve_dot_v1_dot_optserve__pb2.SaveOptimizerRequest.SerializeToString,
+            optserve_dot_v1_dot_optserve__pb2.SaveOptimizerResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -97,6 +97,23 @@ def init(params: Mapping[str, np.ndarray | Array], config: AdamConfig) -> AdamSt
     )
 
 
+SLOTS = ("params", "m", "v", "vhat", "ema")  # the dict fields of AdamState
+
+
+def export(state: AdamState) -> dict[str, dict[str, np.ndarray]]:
+    """Host copies of every tensor of a state, by slot then tensor name (for checkpoints)."""
+    return {slot: {name: np.array(value) for name, value in getattr(state, slot).items()} for slot in SLOTS}
+
+
+def restore(iterations: int, slots: Mapping[str, Mapping[str, np.ndarray]]) -> AdamState:
+    """The state that `export` captured, back on jax's default device."""
+    return AdamState(
+        iterations=jnp.asarray(iterations, jnp.int32),
+        **{slot: {name: jnp.array(value, dtype=jnp.float32, copy=True) for name, value in slots[slot].items()}
+           for slot in SLOTS},
+    )
+
+
 # --- stages of one step, in the order `_apply` runs them ----------------------
 
 

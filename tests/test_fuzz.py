@@ -1,0 +1,651 @@
+"""Property-based fuzzing of the live server: hostile requests never crash it or change state.
+
+Each example sends malformed or hostile requests over real gRPC, then checks that
+(1) the call fails with an expected status and a message, never INTERNAL or UNKNOWN,
+(2) the server still serves (the state check lists and reads optimizers), and
+(3) every optimizer of this module is bit for bit as it was (weights, EMA, m, v, vhat,
+iterations, version), and no optimizer appeared or vanished.
+"""
+
+import itertools
+import json
+import math
+import re
+import threading
+import time
+import tracemalloc
+from collections.abc import Callable, Iterator
+
+import grpc
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from optserve.client import Client, IndexedSlices, Optimizer
+from optserve.client.wire import data_type_of
+from optserve.v1 import optserve_pb2 as pb
+from optserve.v1 import optserve_pb2_grpc as pb_grpc
+
+Code = grpc.StatusCode
+TIMEOUT = 30  # seconds: the deadline of every call, so no example can hang
+MAX_REQUEST_BYTES = 64 << 20  # the `server` fixture's limit
+
+SHAPES = {"w": (3, 5), "emb": (10, 4), "b": (4,), "s": ()}
+PARAMS = {name: np.linspace(-1, 1, math.prod(shape), dtype=np.float32).reshape(shape) for name, shape in SHAPES.items()}
+CONFIG = {"learning_rate": 0.01, "amsgrad": True, "use_ema": True, "ema_momentum": 0.9}
+FULL_BYTES = sum(a.nbytes for a in PARAMS.values())  # a dense float32 gradient for every tensor
+FLOAT_TYPES = {pb.DATA_TYPE_FLOAT32: np.dtype(np.float32), pb.DATA_TYPE_FLOAT16: np.dtype(np.float16),
+               pb.DATA_TYPE_BFLOAT16: np.dtype(ml_dtypes.bfloat16)}
+INDEX_TYPES = {pb.DATA_TYPE_INT32: np.dtype(np.int32), pb.DATA_TYPE_INT64: np.dtype(np.int64)}
+NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,128}")  # proto: CreateOptimizerHeader.name
+_fresh = itertools.count()
+
+
+def fuzz(max_examples: int) -> settings:
+    """Settings bounded for CI: no deadline per example, nothing written to the repo."""
+    return settings(max_examples=max_examples, deadline=None, database=None, derandomize=False,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+def fresh_name() -> str:
+    return f"test_fuzz-new-{next(_fresh)}"
+
+
+# --- the module's optimizers and the state check -------------------------------
+
+
+class World:
+    """A client of the session's server and the optimizers that every example must leave alone."""
+
+    def __init__(self, client: Client):
+        self.client = client
+        self.stub = pb_grpc.OptimizerServiceStub(client._channel)
+        self.target = client.create_optimizer("test_fuzz-target", PARAMS, CONFIG)  # every slot exists
+        self.target.push({name: np.full(shape, 0.5, np.float32) for name, shape in SHAPES.items()})
+        self.target.push({name: np.full(shape, -0.25, np.float32) for name, shape in SHAPES.items()})
+        self.plain = client.create_optimizer("test_fuzz-plain", PARAMS, {})  # no EMA, no vhat
+        self.steps = client.create_optimizer("test_fuzz-steps", PARAMS, CONFIG)  # takes the valid pushes
+
+    def names(self) -> list[str]:
+        return [info.name for info in self.client.list_optimizers()]
+
+    def state(self) -> dict:
+        """Every optimizer's name; counters and state tensors (as raw bits) of target and plain."""
+        state: dict = {"optimizers": tuple(self.names())}
+        for opt, all_slots in [(self.target, True), (self.plain, False)]:
+            info = opt.info()
+            state[f"{opt.name}/iterations"], state[f"{opt.name}/version"] = info.iterations, info.version
+            pulls = {"weights": opt.pull(), "m": opt.pull_slot("m"), "v": opt.pull_slot("v")}
+            if all_slots:
+                pulls.update(ema=opt.pull(ema=True), vhat=opt.pull_slot("vhat"))
+            for kind, tensors in pulls.items():
+                for name, array in tensors.items():
+                    state[f"{opt.name}/{kind}/{name}"] = (array.dtype.str, array.shape, array.tobytes())
+        return state
+
+    def assert_unchanged(self, before: dict) -> None:
+        after = self.state()
+        changed = sorted(key for key in before.keys() | after.keys() if before.get(key) != after.get(key))
+        assert not changed, f"changed by a refused request: {changed}"
+
+
+@pytest.fixture(scope="module")
+def world(server) -> Iterator[World]:
+    with Client(server.address, timeout=TIMEOUT) as client:
+        made = World(client)
+        yield made
+        for opt in (made.target, made.plain, made.steps):
+            client.delete_optimizer(opt.name)
+
+
+def rpc_error(call: Callable[[], object]) -> grpc.RpcError | None:
+    """The error a call ends with, or None when it succeeds."""
+    try:
+        call()
+    except grpc.RpcError as err:
+        return err
+    return None
+
+
+def assert_refused(err: grpc.RpcError | None, allowed: set[Code]) -> None:
+    assert err is not None, "the server accepted the request"
+    assert err.code() in allowed, f"{err.code().name}: {err.details()}"
+    assert err.details(), f"{err.code().name} without a message"
+
+
+# --- building requests -----------------------------------------------------------
+
+
+def chunked(data: bytes, cuts: list[int]) -> list[bytes]:
+    """`data` cut at the positions `cuts`; a repeated position gives an empty chunk."""
+    bounds = [0, *sorted(cuts), len(data)]
+    return [data[start:end] for start, end in zip(bounds, bounds[1:])]
+
+
+@st.composite
+def splits(draw, data: bytes) -> list[bytes]:
+    """`data` in random chunks, empty ones included."""
+    return chunked(data, draw(st.lists(st.integers(0, len(data)), max_size=6)))
+
+
+def encode(grads: dict) -> tuple[list[pb.GradientSpec], bytes]:
+    """The specs and payload of a push of `grads` (arrays or IndexedSlices), in dict order."""
+    specs, parts = [], []
+    for name, grad in grads.items():
+        if isinstance(grad, IndexedSlices):
+            specs.append(pb.GradientSpec(name=name, dtype=data_type_of(grad.values.dtype), shape=grad.values.shape,
+                                         sparse=True, index_dtype=data_type_of(grad.indices.dtype)))
+            parts += [grad.indices, grad.values]
+        else:
+            specs.append(pb.GradientSpec(name=name, dtype=data_type_of(grad.dtype), shape=grad.shape))
+            parts.append(grad)
+    return specs, b"".join(np.ascontiguousarray(part).tobytes() for part in parts)
+
+
+def push_call(stub, header: pb.PushHeader, chunks: list[bytes]) -> Callable[[], pb.PushGradientsResponse]:
+    messages = [pb.PushGradientsRequest(header=header)] + [pb.PushGradientsRequest(chunk=c) for c in chunks]
+    return lambda: stub.PushGradients(iter(messages), timeout=TIMEOUT)
+
+
+def create_call(stub, header: pb.CreateOptimizerHeader, chunks: list[bytes]) -> Callable[[], pb.OptimizerInfo]:
+    messages = [pb.CreateOptimizerRequest(header=header)] + [pb.CreateOptimizerRequest(chunk=c) for c in chunks]
+    return lambda: stub.CreateOptimizer(iter(messages), timeout=TIMEOUT)
+
+
+def param_specs() -> list[pb.TensorSpec]:
+    return [pb.TensorSpec(name=n, dtype=pb.DATA_TYPE_FLOAT32, shape=a.shape) for n, a in PARAMS.items()]
+
+
+def zero_grads() -> dict:
+    return {name: np.zeros(shape, np.float32) for name, shape in SHAPES.items()}
+
+
+# --- strategies ------------------------------------------------------------------
+
+int32s = st.integers(-2**31, 2**31 - 1)
+int64s = st.integers(-2**63, 2**63 - 1)
+texts = st.text(st.characters(exclude_categories=["Cs"]), max_size=12)  # any unicode protobuf can carry
+dims = st.integers(0, 6) | st.integers(-4, -1) | st.sampled_from([2**31, 2**32 + 1, 2**62, 2**63 - 1]) | int64s
+shapes = st.lists(dims, max_size=5) | st.lists(st.integers(0, 2), min_size=60, max_size=70)  # deep ranks too
+tensor_names = st.sampled_from(list(SHAPES)) | texts
+
+
+def enum_values(enum) -> st.SearchStrategy[int]:
+    """Every value of a proto enum, and any other int32 (99, negatives)."""
+    return st.sampled_from(enum.values()) | int32s
+
+
+_BITS = {np.dtype(np.float32): (np.uint32, 0x7F800000), np.dtype(np.float16): (np.uint16, 0x7C00),
+         np.dtype(ml_dtypes.bfloat16): (np.uint16, 0x7F80)}  # unsigned view and exponent mask of each float type
+
+
+@st.composite
+def finite_floats(draw, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    """Random bit patterns of `dtype`: subnormals, signed zeros and extremes, but no NaN or Inf."""
+    uint, exponent = _BITS[dtype]
+    bits = draw(hnp.arrays(uint, shape))
+    return np.where(bits & exponent == exponent, bits & ~uint(exponent), bits).astype(uint).view(dtype)
+
+
+@st.composite
+def gradients(draw) -> dict:
+    """Finite gradients for every tensor: dense or sparse, float32, float16 or bfloat16, in random order."""
+    grads = {}
+    for name in draw(st.permutations(list(SHAPES))):
+        shape, dtype = SHAPES[name], draw(st.sampled_from(list(FLOAT_TYPES.values())))
+        if shape and draw(st.booleans()):
+            rows = draw(st.integers(0, 6))
+            indices = draw(hnp.arrays(draw(st.sampled_from(list(INDEX_TYPES.values()))), rows,
+                                      elements=st.integers(0, shape[0] - 1)))
+            grads[name] = IndexedSlices(indices, draw(finite_floats(dtype, (rows, *shape[1:]))))
+        else:
+            grads[name] = draw(finite_floats(dtype, shape))
+    return grads
+
+
+@st.composite
+def hostile_specs(draw) -> list[pb.GradientSpec]:
+    """The specs of a valid push with up to three hostile edits: a field replaced, a spec dropped or repeated."""
+    specs, _ = encode(draw(gradients()))
+    fields = {"name": tensor_names, "dtype": enum_values(pb.DataType), "shape": shapes, "sparse": st.booleans(),
+              "index_dtype": enum_values(pb.DataType)}
+    for _ in range(draw(st.integers(0, 3))):
+        if not specs:
+            break
+        spec = specs[draw(st.integers(0, len(specs) - 1))]
+        edit = draw(st.sampled_from([*fields, "drop", "repeat"]))
+        if edit == "drop":
+            specs.remove(spec)
+        elif edit == "repeat":
+            specs.append(pb.GradientSpec(spec))
+        elif edit == "shape":
+            spec.ClearField("shape")
+            spec.shape.extend(draw(shapes))
+        else:
+            setattr(spec, edit, draw(fields[edit]))
+    return specs
+
+
+def declared_bytes(specs: list[pb.GradientSpec]) -> int | None:
+    """The payload size the proto contract gives these specs, or None when the header itself is invalid."""
+    if sorted(spec.name for spec in specs) != sorted(SHAPES):
+        return None
+    total = 0
+    for spec in specs:
+        shape, got = SHAPES[spec.name], tuple(spec.shape)
+        if spec.dtype not in FLOAT_TYPES or any(d < 0 for d in got):
+            return None
+        itemsize = FLOAT_TYPES[spec.dtype].itemsize
+        if not spec.sparse:
+            if got != shape:
+                return None
+            total += itemsize * math.prod(shape)
+        elif shape and len(got) == len(shape) and got[1:] == shape[1:] and spec.index_dtype in INDEX_TYPES:
+            total += INDEX_TYPES[spec.index_dtype].itemsize * got[0] + itemsize * math.prod(got)
+        else:
+            return None
+    return total
+
+
+@st.composite
+def payload_sizes(draw, declared: int | None, exclude_declared: bool) -> int:
+    """Payload lengths around the declared size (truncated or overlong), or any small one."""
+    if declared is None or declared > 4096:
+        return draw(st.integers(0, 256))
+    size = draw(st.integers(0, declared + 16))
+    return size + 1 if exclude_declared and size == declared else size
+
+
+# --- the properties --------------------------------------------------------------
+
+
+@fuzz(60)
+@given(data=st.data())
+def test_random_push_headers_never_crash_or_change_state(world: World, data) -> None:
+    """Hostile gradient specs (names, dtypes, shapes, sparse flags) with payloads of the wrong size are refused."""
+    specs = data.draw(st.one_of(hostile_specs(), st.lists(st.builds(
+        pb.GradientSpec, name=tensor_names, dtype=enum_values(pb.DataType), shape=shapes, sparse=st.booleans(),
+        index_dtype=enum_values(pb.DataType)), max_size=5)), label="specs")
+    size = data.draw(payload_sizes(declared_bytes(specs), exclude_declared=True), label="payload size")
+    chunks = data.draw(splits(data.draw(st.binary(min_size=size, max_size=size))), label="chunks")
+    header = pb.PushHeader(optimizer=world.target.name, gradients=specs, worker_id=data.draw(texts),
+                           seq=data.draw(st.none() | int64s), base_version=data.draw(st.none() | int64s))
+    before = world.state()
+    assert_refused(rpc_error(push_call(world.stub, header, chunks)),
+                   {Code.INVALID_ARGUMENT, Code.NOT_FOUND, Code.RESOURCE_EXHAUSTED})
+    world.assert_unchanged(before)
+
+
+FRAMING_FAULTS = ["empty stream", "chunk first", "blank message", "header twice", "truncated", "overlong"]
+
+
+@st.composite
+def broken_framing(draw, payload: bytes) -> list[tuple[str, bytes]]:
+    """A header then `payload` in random chunks, with one framing fault: [("header" | "chunk" | "blank", bytes)]."""
+    fault = draw(st.sampled_from(FRAMING_FAULTS))
+    if fault == "empty stream":
+        return []
+    if fault == "truncated":
+        payload = payload[:draw(st.integers(0, len(payload) - 1))]
+    if fault == "overlong":
+        payload += draw(st.binary(min_size=1, max_size=64))
+    parts = [("header", b"")] + [("chunk", chunk) for chunk in draw(splits(payload))]
+    if fault == "chunk first":
+        parts.insert(0, ("chunk", draw(st.binary(max_size=16))))
+    if fault == "header twice":
+        parts.insert(draw(st.integers(1, len(parts))), ("header", b""))
+    if fault == "blank message":  # a message with neither a header nor a chunk
+        parts.insert(draw(st.integers(0, len(parts))), ("blank", b""))
+    return parts
+
+
+@fuzz(50)
+@given(rpc=st.sampled_from(["push", "create"]), data=st.data())
+def test_malformed_stream_framing_is_invalid_argument(world: World, rpc: str, data) -> None:
+    """Empty streams, chunks before the header, a second header, blank messages, truncated or overlong bytes."""
+    if rpc == "push":
+        specs, payload = encode(data.draw(gradients(), label="gradients"))
+        request, header = pb.PushGradientsRequest, pb.PushHeader(optimizer=world.target.name, gradients=specs)
+        method = world.stub.PushGradients
+    else:
+        payload = b"".join(a.tobytes() for a in PARAMS.values())
+        request, header = pb.CreateOptimizerRequest, pb.CreateOptimizerHeader(name=fresh_name(), tensors=param_specs())
+        method = world.stub.CreateOptimizer
+    parts = data.draw(broken_framing(payload), label="stream")
+    messages = [request(header=header) if kind == "header" else request(chunk=chunk) if kind == "chunk" else request()
+                for kind, chunk in parts]
+    before = world.state()
+    assert_refused(rpc_error(lambda: method(iter(messages), timeout=TIMEOUT)), {Code.INVALID_ARGUMENT})
+    world.assert_unchanged(before)
+
+
+huge_dims = st.integers(2**31, 2**62) | st.sampled_from([2**62, 2**63 - 1])
+
+
+@st.composite
+def huge_shapes(draw) -> list[int]:
+    """Shapes with at least one dimension of 2**31 or more; small and zero dimensions besides."""
+    shape = draw(st.lists(st.integers(0, 8) | huge_dims, min_size=1, max_size=4))
+    shape[draw(st.integers(0, len(shape) - 1))] = draw(huge_dims)
+    return shape
+
+
+@fuzz(40)
+@example(rpc="create", shape=[0, 2**62, 4], junk=b"")  # zero elements, yet numpy cannot hold the shape
+@given(rpc=st.sampled_from(["create", "sparse rows", "sparse width", "dense"]), shape=huge_shapes(),
+       junk=st.binary(max_size=64))
+def test_huge_declared_sizes_are_refused_without_allocating(world: World, rpc: str, shape, junk) -> None:
+    """Dimensions up to 2**63 - 1 are refused (RESOURCE_EXHAUSTED or INVALID_ARGUMENT) before any buffer is made.
+
+    A shape with a zero dimension declares no bytes and may be accepted. The
+    server runs in this process, so tracemalloc (which sees NumPy's buffers) bounds what it allocated.
+    """
+    name = fresh_name()
+    if rpc == "create":
+        call = create_call(world.stub, pb.CreateOptimizerHeader(
+            name=name, tensors=[pb.TensorSpec(name="w", dtype=pb.DATA_TYPE_FLOAT32, shape=shape)]), [junk])
+    else:
+        specs, _ = encode(zero_grads())
+        emb = next(spec for spec in specs if spec.name == "emb")
+        emb.sparse, emb.index_dtype = rpc != "dense", pb.DATA_TYPE_INT64
+        emb.ClearField("shape")
+        emb.shape.extend({"sparse rows": [shape[0], 4], "sparse width": [1, *shape], "dense": shape}[rpc])
+        call = push_call(world.stub, pb.PushHeader(optimizer=world.target.name, gradients=specs), [junk])
+    before = world.state()
+    tracemalloc.start()
+    try:
+        err = rpc_error(call)
+        allocated = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert allocated < 16 << 20, f"the server allocated {allocated} bytes for a refused request"
+    if err is None and rpc == "create" and 0 in shape:
+        world.client.delete_optimizer(name)
+    else:
+        assert_refused(err, {Code.RESOURCE_EXHAUSTED, Code.INVALID_ARGUMENT})
+    world.assert_unchanged(before)
+
+
+def valid_create(name: str, specs: list[pb.TensorSpec], payload_size: int, taken: list[str]) -> bool:
+    """Whether the proto contract allows this create (limits aside)."""
+    return bool(NAME_PATTERN.fullmatch(name) and name not in taken and specs
+                and len({spec.name for spec in specs}) == len(specs)
+                and all(spec.name and spec.dtype == pb.DATA_TYPE_FLOAT32 and min(spec.shape, default=0) >= 0
+                        for spec in specs)
+                and payload_size == sum(4 * math.prod(spec.shape) for spec in specs))
+
+
+@fuzz(50)
+@example(name_kind="fresh", specs=[pb.TensorSpec(name="w", dtype=pb.DATA_TYPE_FLOAT32, shape=[1] * 65)],
+         data=None)  # 65 dimensions: 4 bytes, but deeper than NumPy arrays go
+@given(name_kind=st.sampled_from(["fresh", "taken", "random"]),
+       specs=st.lists(st.builds(pb.TensorSpec, name=texts, dtype=enum_values(pb.DataType), shape=shapes), max_size=4)
+       | st.just([pb.TensorSpec(name="w", dtype=pb.DATA_TYPE_FLOAT32, shape=[2, 3])]),
+       data=st.data() | st.none())
+def test_random_create_requests_are_refused_or_create_exactly_that(world: World, name_kind, specs, data) -> None:
+    """Random names (unicode, taken ones), tensor specs and payloads: a create the contract forbids is refused."""
+    name = {"fresh": fresh_name(), "taken": world.target.name}.get(name_kind) or data.draw(texts, label="name")
+    declared = sum(4 * math.prod(spec.shape) for spec in specs)
+    if data is None:  # the explicit example: exactly the declared bytes
+        payload = b"\0" * declared
+    else:
+        payload = data.draw(st.binary(min_size=0, max_size=0) | st.just(b"\0" * declared)
+                            if declared > 4096 or declared < 0 else
+                            st.integers(0, declared + 16).map(lambda n: bytes(n)), label="payload")
+    chunks = [] if data is None else data.draw(splits(payload), label="chunks")
+    before = world.state()
+    err = rpc_error(create_call(world.stub, pb.CreateOptimizerHeader(name=name, tensors=specs), chunks or [payload]))
+    if err is None:
+        assert valid_create(name, specs, len(payload), list(before["optimizers"])), "accepted a forbidden create"
+        assert world.client.optimizer(name).info().tensors == {s.name: (tuple(s.shape), "float32") for s in specs}
+        world.client.delete_optimizer(name)
+    else:
+        assert_refused(err, {Code.INVALID_ARGUMENT, Code.RESOURCE_EXHAUSTED, Code.ALREADY_EXISTS})
+    world.assert_unchanged(before)
+
+
+@st.composite
+def non_finite_gradients(draw) -> dict:
+    """Valid gradients with NaN (any payload) or ±Inf written into one tensor's values."""
+    grads = draw(gradients())
+    name = draw(st.sampled_from([n for n, g in grads.items() if np.size(getattr(g, "values", g))]))
+    values = np.array(getattr(grads[name], "values", grads[name]))  # a writable copy
+    uint, exponent = _BITS[values.dtype]
+    flat = values.reshape(-1).view(uint)
+    for position in draw(st.lists(st.integers(0, flat.size - 1), min_size=1, max_size=4)):
+        flat[position] = exponent | draw(st.integers(0, int(~uint(exponent)))) | (flat[position] & ~uint(exponent))
+        flat[position] = flat[position] | exponent
+    grads[name] = grads[name]._replace(values=values) if isinstance(grads[name], IndexedSlices) else values
+    return grads
+
+
+@fuzz(40)
+@given(grads=non_finite_gradients(), data=st.data())
+def test_non_finite_gradients_are_refused_and_change_nothing(world: World, grads, data) -> None:
+    """NaN or Inf in float32, float16 or bfloat16, dense or sparse: INVALID_ARGUMENT under the default policy."""
+    specs, payload = encode(grads)
+    header = pb.PushHeader(optimizer=world.target.name, gradients=specs)
+    before = world.state()
+    assert_refused(rpc_error(push_call(world.stub, header, data.draw(splits(payload)))), {Code.INVALID_ARGUMENT})
+    world.assert_unchanged(before)
+
+
+@st.composite
+def bad_sparse_gradients(draw) -> IndexedSlices:
+    """A sparse gradient for "emb" (10 x 4) with an index outside [0, 10) or rows of the wrong shape."""
+    index_type = draw(st.sampled_from(list(INDEX_TYPES.values())))
+    info = np.iinfo(index_type)
+    if draw(st.booleans()):  # a bad index among good ones
+        indices = draw(st.lists(st.integers(0, 9) | st.integers(info.min, info.max), max_size=5))
+        bad = draw(st.integers(info.min, -1) | st.integers(10, info.max) | st.sampled_from([-1, 10]))
+        indices.insert(draw(st.integers(0, len(indices))), bad)
+        row_shape = [4]
+    else:  # good indices, rows of another width or rank
+        indices = draw(st.lists(st.integers(0, 9), max_size=5))
+        row_shape = draw(st.lists(st.integers(0, 6), max_size=3).filter(lambda shape: shape != [4]))
+    values_type = draw(st.sampled_from(list(FLOAT_TYPES.values())))
+    values = draw(finite_floats(values_type, (len(indices), *row_shape)))
+    return IndexedSlices(np.array(indices, index_type), values)
+
+
+@fuzz(50)
+@given(emb=bad_sparse_gradients(), data=st.data())
+def test_bad_sparse_gradients_are_refused_and_change_nothing(world: World, emb, data) -> None:
+    """Negative, too large or extreme int32/int64 indices, and mismatched row shapes: INVALID_ARGUMENT."""
+    grads = zero_grads()
+    grads["emb"] = emb
+    specs, payload = encode(grads)
+    header = pb.PushHeader(optimizer=world.target.name, gradients=specs)
+    before = world.state()
+    assert_refused(rpc_error(push_call(world.stub, header, data.draw(splits(payload)))), {Code.INVALID_ARGUMENT})
+    world.assert_unchanged(before)
+
+
+@fuzz(40)
+@given(name=texts | st.from_regex(NAME_PATTERN, fullmatch=True),
+       rpc=st.sampled_from(["get", "delete", "finalize", "pull", "push"]))
+def test_unknown_optimizer_names_are_not_found(world: World, name: str, rpc: str) -> None:
+    """Any name, unicode included, that names no optimizer: NOT_FOUND (a push may say INVALID_ARGUMENT first)."""
+    before = world.state()
+    if name in before["optimizers"]:
+        return
+    stub = world.stub
+    specs, payload = encode(zero_grads())
+    calls = {
+        "get": lambda: stub.GetOptimizer(pb.GetOptimizerRequest(name=name), timeout=TIMEOUT),
+        "delete": lambda: stub.DeleteOptimizer(pb.DeleteOptimizerRequest(name=name), timeout=TIMEOUT),
+        "finalize": lambda: stub.FinalizeOptimizer(pb.FinalizeOptimizerRequest(name=name), timeout=TIMEOUT),
+        "pull": lambda: list(stub.PullWeights(pb.PullWeightsRequest(optimizer=name), timeout=TIMEOUT)),
+        "push": push_call(stub, pb.PushHeader(optimizer=name, gradients=specs), [payload]),
+    }
+    allowed = {Code.NOT_FOUND, Code.INVALID_ARGUMENT} if rpc == "push" else {Code.NOT_FOUND}
+    assert_refused(rpc_error(calls[rpc]), allowed)
+    world.assert_unchanged(before)
+
+
+ADAM_KEYS = ["learning_rate", "beta_1", "beta_2", "epsilon", "amsgrad", "weight_decay", "exclude_from_weight_decay",
+             "clipnorm", "global_clipnorm", "clipvalue", "use_ema", "ema_momentum", "ema_overwrite_frequency",
+             "jit_compile", "name", "is_legacy_optimizer"]
+SCHEDULES = ["ExponentialDecay", "PiecewiseConstantDecay", "PolynomialDecay", "InverseTimeDecay", "CosineDecay",
+             "CosineDecayRestarts"]
+SCHEDULE_ARGS = ["initial_learning_rate", "decay_steps", "first_decay_steps", "decay_rate", "staircase", "cycle",
+                 "end_learning_rate", "power", "alpha", "warmup_target", "warmup_steps", "t_mul", "m_mul",
+                 "boundaries", "values", "name"]
+HOSTILE_LITERALS = ["NaN", "Infinity", "-Infinity", "1e999", "-1e999", "-0.0", "5e-324", str(2**63), str(-2**64),
+                    "1" * 5000, "[" * 50000 + "]" * 50000, '{"a": ' * 50000 + "0" + "}" * 50000]
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | texts,  # floats: NaN and ±Infinity too
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(texts, inner, max_size=3), max_leaves=8)
+numbers = st.integers(-2**70, 2**70) | st.floats() | st.floats(0, 1)
+schedules = st.fixed_dictionaries({
+    "class_name": st.sampled_from(SCHEDULES) | texts,
+    "config": st.dictionaries(st.sampled_from(SCHEDULE_ARGS) | texts,
+                              numbers | st.booleans() | st.lists(numbers, max_size=4) | json_values, max_size=6)})
+configs = st.dictionaries(st.sampled_from(ADAM_KEYS) | texts,
+                          numbers | st.booleans() | st.none() | json_values | schedules, max_size=5)
+config_texts = st.one_of(
+    texts,  # rarely JSON
+    json_values.map(json.dumps),  # JSON of any type
+    configs.map(json.dumps),  # Adam keys with values of any type and size
+    st.builds("{{{}: {}}}".format, st.sampled_from(ADAM_KEYS).map(json.dumps), st.sampled_from(HOSTILE_LITERALS)),
+)
+
+
+@fuzz(40)
+@example(config_json='{"ema_overwrite_frequency": 2147483648, "use_ema": true}')  # accepted, then every push fails
+@example(config_json='{"beta_1": ' + "1" * 5000 + "}")  # an integer literal longer than Python parses by default
+@example(config_json="[" * 50000 + "]" * 50000)  # nesting deeper than the JSON decoder's recursion limit
+@given(config_json=config_texts)
+def test_random_json_configs_are_refused_or_yield_a_working_optimizer(world: World, config_json: str) -> None:
+    """Junk, wrong types, nested junk, NaN literals and huge numbers: INVALID_ARGUMENT, or an optimizer that steps."""
+    name = fresh_name()
+    before = world.state()
+    err = rpc_error(create_call(world.stub, pb.CreateOptimizerHeader(
+        name=name, config_json=config_json, tensors=[pb.TensorSpec(name="w", dtype=pb.DATA_TYPE_FLOAT32, shape=[2])]),
+        [np.ones(2, np.float32).tobytes()]))
+    if err is None:
+        try:
+            version = world.client.optimizer(name).push({"w": np.full(2, 0.5, np.float32)})
+            assert version == 1, f"the first step of an accepted config gave version {version}"
+        finally:
+            world.client.delete_optimizer(name)
+    else:
+        assert_refused(err, {Code.INVALID_ARGUMENT})
+    world.assert_unchanged(before)
+
+
+def valid_mode(mode: pb.TrainingMode, policy: int) -> bool:
+    """Whether the proto contract allows this mode and non-finite policy."""
+    workers = mode.num_workers if mode.HasField("num_workers") else 1
+    timeout = mode.sync_timeout_seconds if mode.HasField("sync_timeout_seconds") else 60.0
+    return (mode.mode in pb.Mode.values() and mode.aggregation in pb.Aggregation.values()
+            and policy in pb.NonFinitePolicy.values() and workers >= 1 and mode.backup_workers >= 0 and timeout > 0
+            and (mode.mode == pb.MODE_SYNC or workers == 1)
+            and (not mode.HasField("max_staleness") or mode.max_staleness >= 0))
+
+
+@fuzz(40)
+@given(mode=st.builds(pb.TrainingMode, mode=enum_values(pb.Mode), num_workers=st.none() | int32s | st.integers(0, 3),
+                      backup_workers=int32s | st.integers(0, 2), aggregation=enum_values(pb.Aggregation),
+                      sync_timeout_seconds=st.none() | st.floats(), max_staleness=st.none() | int64s),
+       policy=enum_values(pb.NonFinitePolicy))
+def test_random_training_modes_are_refused_or_accepted_cleanly(world: World, mode, policy: int) -> None:
+    """Out-of-range enums, negative counts, NaN/Inf/negative timeouts: INVALID_ARGUMENT, never INTERNAL."""
+    name = fresh_name()
+    header = pb.CreateOptimizerHeader(name=name, tensors=[pb.TensorSpec(name="w", dtype=pb.DATA_TYPE_FLOAT32, shape=[2])],
+                                      training_mode=mode, non_finite_policy=policy)
+    before = world.state()
+    err = rpc_error(create_call(world.stub, header, [bytes(8)]))
+    if err is None:
+        assert valid_mode(mode, policy), "accepted a training mode the contract forbids"
+        world.client.optimizer(name)
+        world.client.delete_optimizer(name)
+    else:
+        assert_refused(err, {Code.INVALID_ARGUMENT})
+    world.assert_unchanged(before)
+
+
+def read_pull(stub, request: pb.PullWeightsRequest, timeout: float) -> None:
+    """Reads a whole pull and checks its framing: one header, then exactly the declared float32 bytes."""
+    header, *chunks = stub.PullWeights(request, timeout=timeout)
+    assert header.WhichOneof("part") == "header" and all(c.WhichOneof("part") == "chunk" for c in chunks)
+    wanted = list(request.names) or list(SHAPES)
+    assert [(t.name, tuple(t.shape), t.dtype) for t in header.header.tensors] == [
+        (n, SHAPES[n], pb.DATA_TYPE_FLOAT32) for n in wanted]
+    assert sum(len(c.chunk) for c in chunks) == 4 * sum(math.prod(SHAPES[n]) for n in wanted)
+
+
+@fuzz(50)
+@given(all_slots=st.booleans(), kind=enum_values(pb.StateKind), names=st.lists(tensor_names, max_size=5),
+       min_version=st.none() | st.integers(-3, 4) | int64s)
+def test_random_pulls_are_refused_cleanly_or_read_a_whole_snapshot(world: World, all_slots, kind, names,
+                                                                    min_version) -> None:
+    """Random kinds, names (unknown, repeated, unicode) and min_versions: the right refusal, or a whole pull."""
+    opt = world.target if all_slots else world.plain
+    before = world.state()
+    faults = set()
+    if kind not in pb.StateKind.values():
+        faults.add(Code.INVALID_ARGUMENT)
+    elif not all_slots and kind in (pb.STATE_KIND_EMA, pb.STATE_KIND_VHAT):
+        faults.add(Code.FAILED_PRECONDITION)
+    if any(name not in SHAPES for name in names):
+        faults.add(Code.NOT_FOUND)
+    if len(set(names)) != len(names):
+        faults.add(Code.INVALID_ARGUMENT)
+    if min_version is not None and min_version > before[f"{opt.name}/version"]:
+        faults.add(Code.DEADLINE_EXCEEDED)  # waits for a version that never comes: a short deadline
+    request = pb.PullWeightsRequest(optimizer=opt.name, kind=kind, names=names, min_version=min_version)
+    err = rpc_error(lambda: read_pull(world.stub, request, 0.2 if Code.DEADLINE_EXCEEDED in faults else TIMEOUT))
+    if faults:
+        assert_refused(err, faults)
+    else:
+        assert err is None, f"{err.code().name}: {err.details()}"
+    world.assert_unchanged(before)
+
+
+def hold_open(messages: list, release: threading.Event) -> Iterator:
+    """Yields the messages, then keeps the stream open (never half-closes) until `release` is set."""
+    yield from messages
+    release.wait(TIMEOUT)
+
+
+@fuzz(25)
+@given(rpc=st.sampled_from(["push", "create"]), sent=st.integers(0, FULL_BYTES), data=st.data(),
+       delay=st.floats(0, 0.05))
+def test_calls_cancelled_mid_stream_change_nothing(world: World, rpc: str, sent: int, data, delay: float) -> None:
+    """A client that sends a header and some or all bytes, then cancels before closing the stream, leaves no trace."""
+    specs, payload = encode(zero_grads())
+    chunks = data.draw(splits(payload[:sent]), label="chunks")
+    name = fresh_name()
+    if rpc == "push":
+        request, method = pb.PushGradientsRequest, world.stub.PushGradients
+        header = pb.PushHeader(optimizer=world.target.name, gradients=specs)
+    else:
+        request, method = pb.CreateOptimizerRequest, world.stub.CreateOptimizer
+        header = pb.CreateOptimizerHeader(name=name, tensors=param_specs())
+    messages = [request(header=header)] + [request(chunk=chunk) for chunk in chunks]
+    before = world.state()
+    release = threading.Event()
+    future = method.future(hold_open(messages, release), timeout=TIMEOUT)
+    time.sleep(delay)
+    cancelled = future.cancel()
+    release.set()
+    assert cancelled and future.code() == Code.CANCELLED, "the call ended before the client cancelled it"
+    world.assert_unchanged(before)
+
+
+@fuzz(25)
+@given(grads=gradients(), data=st.data())
+def test_valid_pushes_with_random_finite_gradients_bump_the_version_by_one(world: World, grads, data) -> None:
+    """Finite values of any magnitude (subnormals too), dense or sparse, any float dtype, chunked anyhow: one step."""
+    specs, payload = encode(grads)
+    before = world.steps.info()
+    reply = push_call(world.stub, pb.PushHeader(optimizer=world.steps.name, gradients=specs),
+                      data.draw(splits(payload), label="chunks"))()
+    assert (reply.version, reply.iterations, reply.applied, reply.duplicate) == (
+        before.version + 1, before.iterations + 1, True, False)
+    after = world.steps.info()
+    assert (after.version, after.iterations) == (before.version + 1, before.iterations + 1)
