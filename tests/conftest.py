@@ -12,14 +12,15 @@ from optserve.server.registry import Registry
 
 
 class RunningServer:
-    """An in-process server bound to 127.0.0.1 on a free port, serving."""
+    """An in-process server bound to 127.0.0.1 on a free port; serving unless `restore` is False."""
 
-    def __init__(self, options: ServerOptions, interceptors=()):
+    def __init__(self, options: ServerOptions, interceptors=(), restore: bool = True):
         self.built = create_server(options, interceptors)
         self.registry = self.built.registry
         self.address = f"127.0.0.1:{self.built.port}"
         self.built.server.start()
-        self.built.open()
+        if restore:
+            self.built.open()
 
     def stop(self) -> None:
         self.built.shutdown(grace=None)
