@@ -106,8 +106,24 @@ def test_sigkill_mid_stream_then_restart_equals_the_uninterrupted_run(data_dir: 
             except Exception as err:
                 errors.append(err)
 
+        pulled_versions: list[int] = []
+        pushing = threading.Event()
+        pushing.set()
+
+        def pull() -> None:  # pulls go on across the restart too
+            try:
+                with Client(server.address, timeout=90) as own:
+                    opt = own.optimizer("m")
+                    for _ in range(10_000):
+                        if not pushing.is_set():
+                            break
+                        pulled_versions.append(opt.pull(names=["w"]).version)
+            except Exception as err:
+                errors.append(err)
+
         threads = [threading.Thread(target=work, args=(w,)) for w in workers]
-        for thread in threads:
+        puller = threading.Thread(target=pull)
+        for thread in threads + [puller]:
             thread.start()
         deadline = time.monotonic() + 120
         while len(versions) < kill_after and time.monotonic() < deadline:
@@ -116,7 +132,10 @@ def test_sigkill_mid_stream_then_restart_equals_the_uninterrupted_run(data_dir: 
         server.start()
         for thread in threads:
             thread.join(timeout=180)
+        pushing.clear()
+        puller.join(timeout=120)
         assert not errors, errors
+        assert pulled_versions == sorted(pulled_versions), "a pull went back in time across the restart"
         order = sorted(versions, key=versions.get)
         assert [versions[k] for k in order] == list(range(1, len(workers) * pushes + 1))  # none lost, none twice
         with Client(server.address, timeout=60) as client:
