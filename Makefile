@@ -19,6 +19,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
+bench: $(STAMP)
+	$(VENV)/bin/optserve bench --json bench.json
+
 # Regenerates the committed stubs in client/generated from proto/ (tests check they are fresh).
 proto: $(STAMP)
 	$(PY) proto/generate.py client/generated

@@ -1,4 +1,4 @@
-"""The `optserve` command: `serve` runs a server, `demo` trains against one with worker processes."""
+"""The `optserve` command: `serve` runs a server, `demo` trains against one with worker processes, `bench` measures."""
 
 import argparse
 import logging
@@ -47,7 +47,15 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--plot", default="optserve-demo.png", help="where to write the PNG plot (default %(default)s)")
     demo.add_argument("--address", help="use this running server instead of starting one")
 
+    bench = commands.add_parser("bench", help="measure side by side in one run and print a table")
+    bench.add_argument("--quick", action="store_true", help="small sizes, well under a minute (a CI smoke test)")
+    bench.add_argument("--json", help="also write the results to this JSON file")
+
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        from optserve.server.bench import run_bench
+
+        return run_bench(quick=args.quick, json_path=args.json)
     if args.command == "serve":
         logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         try:
