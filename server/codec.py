@@ -228,9 +228,15 @@ def _check_indices(indices: np.ndarray, rows: int, field: str) -> None:
         raise InvalidArgument(f"{field}: index {int(indices[bad][0])} is out of range [0, {rows})")
 
 
+MAX_RANK = 32  # dimensions of a tensor; NumPy holds 64, XLA fewer
+MAX_DIM = 2**31 - 1  # elements along one dimension (JAX indexes with int32)
+
+
 def _shape(dims: Sequence[int], field: str) -> tuple[int, ...]:
-    if any(d < 0 for d in dims):
-        raise InvalidArgument(f"{field}: dimensions must be >= 0, got {list(dims)}")
+    if len(dims) > MAX_RANK:
+        raise InvalidArgument(f"{field}: at most {MAX_RANK} dimensions, got {len(dims)}")
+    if any(not 0 <= d <= MAX_DIM for d in dims):
+        raise InvalidArgument(f"{field}: every dimension must be in [0, 2**31), got {list(dims)}")
     return tuple(int(d) for d in dims)
 
 
@@ -251,7 +257,7 @@ def _decode_config(config_json: str) -> dict[str, Any]:
         return {}
     try:
         config = json.loads(config_json)
-    except json.JSONDecodeError as err:
+    except (ValueError, RecursionError) as err:  # ValueError: bad JSON or an integer of over 4300 digits
         raise InvalidArgument(f"config_json: not valid JSON ({err})") from None
     if not isinstance(config, dict):
         raise InvalidArgument(f"config_json: must be a JSON object, got {type(config).__name__}")

@@ -11,6 +11,7 @@ import logging
 import shutil
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -32,6 +33,7 @@ from optserve.server.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from optserve.server.metrics import Metrics
 from optserve.server.modes import DedupTable, PushResult, TrainingMode, aggregate
 from optserve.server.storage import Checkpoint, LogRecord, OptimizerStore, list_stores
 
@@ -40,6 +42,7 @@ log = logging.getLogger("optserve.registry")
 NON_FINITE_POLICIES = ("refuse", "apply")
 STATE_KINDS = {"weights": "params", "ema": "ema", "m": "m", "v": "v", "vhat": "vhat"}  # pull kind -> engine slot
 _INT32_MAX = 2**31 - 1  # the engine's iteration counter saturates here
+RATE_WINDOW = 10.0  # seconds over which pushes per second are counted
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,8 @@ class OptimizerInfo:
     training_mode: TrainingMode
     pending_gradients: int  # sync: gradients in the open round
     saved_version: int  # version of the newest checkpoint; -1 without a data dir
+    pushes_per_second: float  # accepted pushes over the last RATE_WINDOW seconds
+    last_push_age: float | None  # seconds since the last accepted push; None before the first
 
 
 @dataclass(frozen=True)
@@ -74,7 +79,7 @@ class Optimizer:
 
     def __init__(self, name: str, config: AdamConfig, non_finite_policy: str, training_mode: TrainingMode,
                  state: adam.AdamState, version: int = 0, store: OptimizerStore | None = None,
-                 on_step: Callable[["Optimizer"], None] = lambda optimizer: None):
+                 on_step: Callable[["Optimizer"], None] = lambda optimizer: None, metrics: Metrics | None = None):
         self.name = name
         self.config = config
         self.non_finite_policy = non_finite_policy
@@ -98,6 +103,8 @@ class Optimizer:
         self._round_timer: threading.Timer | None = None
         self._dropped_round = -1  # sync: the version of the last round that could not be logged
         self._on_step = on_step  # told after every step, under the lock (it must not block)
+        self._metrics = metrics or Metrics()
+        self._push_times: deque[float] = deque(maxlen=1024)  # monotonic times of recent accepted pushes
 
     @property
     def version(self) -> int:
@@ -128,14 +135,18 @@ class Optimizer:
                 done = self._dedup.lookup(worker_id, seq)
                 if done is not None:
                     self._wait_for(done.version, timeout, "the round of this push")
+                    self._metrics.pushes.labels(self.name, "duplicate").inc()
                     return replace(done, duplicate=True)
             self._check_base_version(base_version)
+            staleness = None if base_version is None else self._version - base_version
             if not sync:
                 result = self._apply(grads, [(worker_id, seq)] if seq is not None else [])
                 if seq is not None:
                     self._dedup.record(worker_id, seq, result)
+                self._count_accepted(staleness)
                 return result
             result = self._add_to_round(worker_id, seq, grads)
+            self._count_accepted(staleness)
             self._wait_for(result.version, timeout, "the round of this push")
             return replace(result, iterations=self._iterations)
 
@@ -203,6 +214,9 @@ class Optimizer:
         with self._lock:
             version, iterations, pending = self._version, self._iterations, len(self._round)
             device = next(iter(self._state.params.values())).devices().pop()
+            now = time.monotonic()
+            recent = sum(1 for t in self._push_times if now - t <= RATE_WINDOW)
+            last_push_age = now - self._push_times[-1] if self._push_times else None
         return OptimizerInfo(
             name=self.name,
             iterations=iterations,
@@ -215,6 +229,8 @@ class Optimizer:
             training_mode=self.training_mode,
             pending_gradients=pending,
             saved_version=self.saved_version,
+            pushes_per_second=recent / RATE_WINDOW,
+            last_push_age=last_push_age,
         )
 
     def close(self, delete_files: bool = False) -> None:
@@ -239,12 +255,20 @@ class Optimizer:
         }
         return Checkpoint(meta, adam.export(self._state))
 
+    def _count_accepted(self, staleness: int | None) -> None:
+        self._push_times.append(time.monotonic())
+        self._metrics.pushes.labels(self.name, "accepted").inc()
+        if staleness is not None:
+            self._metrics.staleness.labels(self.name).observe(staleness)
+
     def _refuse_non_finite(self, grads: Mapping[str, Gradient]) -> None:
         if self.non_finite_policy != "refuse":
             return
         for name, grad in grads.items():
             values = grad[1] if isinstance(grad, tuple) else grad
-            if not np.isfinite(values).all():
+            with np.errstate(invalid="ignore"):  # bfloat16 NaN warns while it is being found
+                finite = np.isfinite(values).all()
+            if not finite:
                 raise InvalidArgument(
                     f"gradients[{name!r}]: contains NaN or Inf (this optimizer's non_finite_policy is 'refuse')")
 
@@ -279,11 +303,13 @@ class Optimizer:
         return PushResult(self._version, self._iterations)
 
     def _step_with(self, grads: Mapping[str, Gradient]) -> None:
+        started = time.perf_counter()
         device_grads = {name: _to_device(grads[name]) for name in self.shapes}
         self._state = self._step(self._state, device_grads)
         jax.block_until_ready(self._state)
         self._iterations = min(self._iterations + 1, _INT32_MAX)
         self._bump_version()
+        self._metrics.observe_step(self.name, time.perf_counter() - started, self._version, grads)
         self._on_step(self)
 
     def _log(self, record: LogRecord) -> None:
@@ -332,6 +358,7 @@ class Optimizer:
                         "gradients (workers %s)", self.name, round_version + 1, self.training_mode.sync_timeout,
                         len(self._round), self.training_mode.num_workers, sorted(self._round))
             self.rounds_closed_by_timeout += 1
+            self._metrics.rounds_timed_out.labels(self.name).inc()
             self._round_timer = None
             try:
                 self._close_round()
@@ -355,9 +382,11 @@ class Optimizer:
 class Registry:
     """The named optimizers of one server, and their persistence when it has a data dir."""
 
-    def __init__(self, persistence: Persistence | None = None, max_optimizers: int = 1000):
+    def __init__(self, persistence: Persistence | None = None, max_optimizers: int = 1000,
+                 metrics: Metrics | None = None):
         self.persistence = persistence
         self.max_optimizers = max_optimizers
+        self.metrics = metrics or Metrics()
         self._lock = threading.Lock()
         self._optimizers: dict[str, Optimizer] = {}
         self._ready = persistence is None  # with a data dir: after restore()
@@ -377,7 +406,7 @@ class Registry:
         if self.persistence is not None:
             store = OptimizerStore(self.persistence.data_dir / name, self.persistence.durability)
         optimizer = Optimizer(name, adam_config, non_finite_policy, training_mode, adam.init(params, adam_config),
-                              store=store, on_step=self._note_step)
+                              store=store, on_step=self._note_step, metrics=self.metrics)
         with self._lock:
             self._refuse_taken(name)
             if store is not None:
@@ -411,6 +440,7 @@ class Registry:
         if optimizer is None:
             raise NotFound(f"optimizer {name!r} not found")
         optimizer.close(delete_files=True)
+        self.metrics.forget(name)
 
     def restore(self) -> None:
         """Loads every optimizer of the data dir: its newest good checkpoint, then its log replayed.
@@ -426,7 +456,7 @@ class Registry:
             state = adam.restore(meta["iterations"], checkpoint.slots)
             optimizer = Optimizer(meta["name"], config, meta["non_finite_policy"],
                                   TrainingMode(**meta["training_mode"]), state, meta["version"], store,
-                                  on_step=self._note_step)
+                                  on_step=self._note_step, metrics=self.metrics)
             optimizer._dedup.load_json(meta["dedup"])
             for record in records:
                 optimizer.replay(record)

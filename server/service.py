@@ -10,6 +10,9 @@ import logging
 from collections.abc import Callable, Iterator
 
 import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from optserve.server import codec
 from optserve.server.errors import InvalidArgument, OptserveError
@@ -44,6 +47,7 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
         request = codec.decode_create(request_iterator, self._options.max_request_bytes, self._options.max_tensor_bytes)
         optimizer = self._registry.create(
             request.name, request.config, request.params, request.non_finite_policy, request.training_mode)
+        self._registry.metrics.bytes_received.labels(request.name).inc(_nbytes(request.params.values()))
         log.info("created optimizer %r: %d tensors", request.name, len(request.params))
         return info_to_wire(optimizer.info())
 
@@ -61,14 +65,20 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
     def PushGradients(self, request_iterator, context) -> pb.PushGradientsResponse:
         header, chunks = codec.split_push(request_iterator)
         optimizer = self._registry.get(header.optimizer)
-        grads = codec.decode_gradients(header, chunks, optimizer.shapes, self._options.max_request_bytes)
-        result = optimizer.push(
-            grads,
-            worker_id=header.worker_id,
-            seq=header.seq if header.HasField("seq") else None,
-            base_version=header.base_version if header.HasField("base_version") else None,
-            timeout=_wait_budget(context),
-        )
+        try:
+            grads = codec.decode_gradients(header, chunks, optimizer.shapes, self._options.max_request_bytes)
+            self._registry.metrics.bytes_received.labels(optimizer.name).inc(
+                _nbytes(a for g in grads.values() for a in (g if isinstance(g, tuple) else (g,))))
+            result = optimizer.push(
+                grads,
+                worker_id=header.worker_id,
+                seq=header.seq if header.HasField("seq") else None,
+                base_version=header.base_version if header.HasField("base_version") else None,
+                timeout=_wait_budget(context),
+            )
+        except OptserveError as err:  # counted per optimizer only once the optimizer is known to exist
+            self._registry.metrics.refused.labels(optimizer.name, err.code.lower()).inc()
+            raise
         return pb.PushGradientsResponse(version=result.version, iterations=result.iterations,
                                         duplicate=result.duplicate)
 
@@ -79,6 +89,7 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
         min_version = request.min_version if request.HasField("min_version") else None
         version, iterations, arrays = optimizer.pull(_STATE_KINDS[request.kind], request.names, min_version,
                                                      _wait_budget(context))
+        self._registry.metrics.bytes_sent.labels(optimizer.name).inc(_nbytes(a for _, a in arrays))
         yield from codec.encode_pull(version, iterations, arrays)
 
     def FinalizeOptimizer(self, request, context) -> pb.OptimizerInfo:
@@ -88,6 +99,10 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
 
     def SaveOptimizer(self, request, context) -> pb.SaveOptimizerResponse:
         return pb.SaveOptimizerResponse(version=self._registry.get(request.name).save())
+
+
+def _nbytes(arrays) -> int:
+    return sum(array.nbytes for array in arrays)
 
 
 def _wait_budget(context: grpc.ServicerContext) -> float:
@@ -109,6 +124,8 @@ def info_to_wire(info: OptimizerInfo) -> pb.OptimizerInfo:
         training_mode=codec.training_mode_to_wire(info.training_mode),
         pending_gradients=info.pending_gradients,
         saved_version=info.saved_version,
+        pushes_per_second=info.pushes_per_second,
+        last_push_age_seconds=info.last_push_age,
     )
 
 
@@ -135,9 +152,22 @@ def _abort(context: grpc.ServicerContext, err: Exception, method: str) -> None:
         return
     if isinstance(err, OptserveError):
         log.warning("refused %s: %s %s", method, err.code, err)
-        context.abort(getattr(grpc.StatusCode, err.code), str(err))
+        context.abort_with_status(rpc_status.to_status(_status_of(err)))
     log.exception("internal error in %s", method)
     context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; see the server log")
+
+
+def _status_of(err: OptserveError) -> status_pb2.Status:
+    """The google.rpc.Status of a domain error; INVALID_ARGUMENT carries a BadRequest naming the field."""
+    code = getattr(grpc.StatusCode, err.code)
+    status = status_pb2.Status(code=code.value[0], message=str(err))
+    if isinstance(err, InvalidArgument):
+        field, _, description = str(err).partition(": ")
+        detail = any_pb2.Any()
+        detail.Pack(error_details_pb2.BadRequest(
+            field_violations=[error_details_pb2.BadRequest.FieldViolation(field=field, description=description)]))
+        status.details.append(detail)
+    return status
 
 
 def _guard(behavior: Callable, method: str) -> Callable:

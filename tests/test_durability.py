@@ -170,6 +170,23 @@ def test_sigterm_saves_everything_and_a_restart_restores_it(data_dir: Path) -> N
         server.process.stop()
 
 
+def test_an_optimizer_without_amsgrad_or_ema_restores_too(data_dir: Path) -> None:
+    server = Server(data_dir).start()
+    with Client(server.address, timeout=60) as client:
+        opt = client.create_optimizer("plain", {"w": np.ones(3, np.float32)}, {"learning_rate": 0.1})
+        opt.push({"w": np.ones(3, np.float32)})
+        opt.save()
+        opt.push({"w": np.ones(3, np.float32)})
+        before = opt.pull()["w"].copy()
+    server.kill()
+    server.start()
+    try:
+        with Client(server.address, timeout=60) as client:
+            np.testing.assert_array_equal(client.optimizer("plain").pull()["w"], before)
+    finally:
+        server.process.stop()
+
+
 def test_retry_after_a_crash_is_answered_not_applied_again(data_dir: Path) -> None:
     server = Server(data_dir).start()
     with Client(server.address, timeout=60) as client:

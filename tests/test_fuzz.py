@@ -20,18 +20,17 @@ import grpc
 import ml_dtypes
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from optserve.client import Client, IndexedSlices, Optimizer
+from optserve.client import Client, IndexedSlices
 from optserve.client.wire import data_type_of
 from optserve.v1 import optserve_pb2 as pb
 from optserve.v1 import optserve_pb2_grpc as pb_grpc
 
 Code = grpc.StatusCode
 TIMEOUT = 30  # seconds: the deadline of every call, so no example can hang
-MAX_REQUEST_BYTES = 64 << 20  # the `server` fixture's limit
 
 SHAPES = {"w": (3, 5), "emb": (10, 4), "b": (4,), "s": ()}
 PARAMS = {name: np.linspace(-1, 1, math.prod(shape), dtype=np.float32).reshape(shape) for name, shape in SHAPES.items()}
@@ -40,7 +39,9 @@ FULL_BYTES = sum(a.nbytes for a in PARAMS.values())  # a dense float32 gradient 
 FLOAT_TYPES = {pb.DATA_TYPE_FLOAT32: np.dtype(np.float32), pb.DATA_TYPE_FLOAT16: np.dtype(np.float16),
                pb.DATA_TYPE_BFLOAT16: np.dtype(ml_dtypes.bfloat16)}
 INDEX_TYPES = {pb.DATA_TYPE_INT32: np.dtype(np.int32), pb.DATA_TYPE_INT64: np.dtype(np.int64)}
-NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,128}")  # proto: CreateOptimizerHeader.name
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # proto: CreateOptimizerHeader.name
+TARGET = "test_fuzz-target"
+SMALL = pb.TensorSpec(name="w", dtype=pb.DATA_TYPE_FLOAT32, shape=[2])  # the one tensor of a throwaway optimizer
 _fresh = itertools.count()
 
 
@@ -63,7 +64,7 @@ class World:
     def __init__(self, client: Client):
         self.client = client
         self.stub = pb_grpc.OptimizerServiceStub(client._channel)
-        self.target = client.create_optimizer("test_fuzz-target", PARAMS, CONFIG)  # every slot exists
+        self.target = client.create_optimizer(TARGET, PARAMS, CONFIG)  # every slot exists
         self.target.push({name: np.full(shape, 0.5, np.float32) for name, shape in SHAPES.items()})
         self.target.push({name: np.full(shape, -0.25, np.float32) for name, shape in SHAPES.items()})
         self.plain = client.create_optimizer("test_fuzz-plain", PARAMS, {})  # no EMA, no vhat
@@ -94,6 +95,7 @@ class World:
 
 @pytest.fixture(scope="module")
 def world(server) -> Iterator[World]:
+    """The module's optimizers on the session's server, created once and deleted at the end."""
     with Client(server.address, timeout=TIMEOUT) as client:
         made = World(client)
         yield made
@@ -187,7 +189,7 @@ def finite_floats(draw, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
     """Random bit patterns of `dtype`: subnormals, signed zeros and extremes, but no NaN or Inf."""
     uint, exponent = _BITS[dtype]
     bits = draw(hnp.arrays(uint, shape))
-    return np.where(bits & exponent == exponent, bits & ~uint(exponent), bits).astype(uint).view(dtype)
+    return np.where((bits & exponent) == exponent, bits & ~uint(exponent), bits).astype(uint).view(dtype)
 
 
 @st.composite
@@ -220,7 +222,8 @@ def hostile_specs(draw) -> list[pb.GradientSpec]:
         if edit == "drop":
             specs.remove(spec)
         elif edit == "repeat":
-            specs.append(pb.GradientSpec(spec))
+            specs.append(copy := pb.GradientSpec())
+            copy.CopyFrom(spec)
         elif edit == "shape":
             spec.ClearField("shape")
             spec.shape.extend(draw(shapes))
@@ -251,28 +254,31 @@ def declared_bytes(specs: list[pb.GradientSpec]) -> int | None:
 
 
 @st.composite
-def payload_sizes(draw, declared: int | None, exclude_declared: bool) -> int:
-    """Payload lengths around the declared size (truncated or overlong), or any small one."""
-    if declared is None or declared > 4096:
+def payload_sizes(draw, declared: int | None, exact: bool) -> int:
+    """Payload lengths around the declared size (truncated, overlong, or exactly it when `exact`), else small."""
+    if declared is None or not 0 <= declared <= 4096:
         return draw(st.integers(0, 256))
+    if exact and draw(st.booleans()):
+        return declared
     size = draw(st.integers(0, declared + 16))
-    return size + 1 if exclude_declared and size == declared else size
+    return size + 1 if not exact and size == declared else size
 
 
 # --- the properties --------------------------------------------------------------
 
 
-@fuzz(60)
+@fuzz(80)
 @given(data=st.data())
 def test_random_push_headers_never_crash_or_change_state(world: World, data) -> None:
     """Hostile gradient specs (names, dtypes, shapes, sparse flags) with payloads of the wrong size are refused."""
     specs = data.draw(st.one_of(hostile_specs(), st.lists(st.builds(
         pb.GradientSpec, name=tensor_names, dtype=enum_values(pb.DataType), shape=shapes, sparse=st.booleans(),
         index_dtype=enum_values(pb.DataType)), max_size=5)), label="specs")
-    size = data.draw(payload_sizes(declared_bytes(specs), exclude_declared=True), label="payload size")
+    size = data.draw(payload_sizes(declared_bytes(specs), exact=False), label="payload size")
     chunks = data.draw(splits(data.draw(st.binary(min_size=size, max_size=size))), label="chunks")
-    header = pb.PushHeader(optimizer=world.target.name, gradients=specs, worker_id=data.draw(texts),
-                           seq=data.draw(st.none() | int64s), base_version=data.draw(st.none() | int64s))
+    extras = data.draw(st.just({}) | st.fixed_dictionaries(  # half the time, hostile exactly-once fields
+        {"worker_id": texts | st.text(min_size=129, max_size=200), "seq": int64s, "base_version": int64s}))
+    header = pb.PushHeader(optimizer=world.target.name, gradients=specs, **extras)
     before = world.state()
     assert_refused(rpc_error(push_call(world.stub, header, chunks)),
                    {Code.INVALID_ARGUMENT, Code.NOT_FOUND, Code.RESOURCE_EXHAUSTED})
@@ -302,7 +308,7 @@ def broken_framing(draw, payload: bytes) -> list[tuple[str, bytes]]:
     return parts
 
 
-@fuzz(50)
+@fuzz(60)
 @given(rpc=st.sampled_from(["push", "create"]), data=st.data())
 def test_malformed_stream_framing_is_invalid_argument(world: World, rpc: str, data) -> None:
     """Empty streams, chunks before the header, a second header, blank messages, truncated or overlong bytes."""
@@ -314,15 +320,14 @@ def test_malformed_stream_framing_is_invalid_argument(world: World, rpc: str, da
         payload = b"".join(a.tobytes() for a in PARAMS.values())
         request, header = pb.CreateOptimizerRequest, pb.CreateOptimizerHeader(name=fresh_name(), tensors=param_specs())
         method = world.stub.CreateOptimizer
-    parts = data.draw(broken_framing(payload), label="stream")
-    messages = [request(header=header) if kind == "header" else request(chunk=chunk) if kind == "chunk" else request()
-                for kind, chunk in parts]
+    messages = [{"header": request(header=header), "chunk": request(chunk=chunk), "blank": request()}[kind]
+                for kind, chunk in data.draw(broken_framing(payload), label="stream")]
     before = world.state()
     assert_refused(rpc_error(lambda: method(iter(messages), timeout=TIMEOUT)), {Code.INVALID_ARGUMENT})
     world.assert_unchanged(before)
 
 
-huge_dims = st.integers(2**31, 2**62) | st.sampled_from([2**62, 2**63 - 1])
+huge_dims = st.integers(2**31, 2**63 - 1) | st.sampled_from([2**31, 2**40, 2**61, 2**62, 2**63 - 1])
 
 
 @st.composite
@@ -340,8 +345,8 @@ def huge_shapes(draw) -> list[int]:
 def test_huge_declared_sizes_are_refused_without_allocating(world: World, rpc: str, shape, junk) -> None:
     """Dimensions up to 2**63 - 1 are refused (RESOURCE_EXHAUSTED or INVALID_ARGUMENT) before any buffer is made.
 
-    A shape with a zero dimension declares no bytes and may be accepted. The
-    server runs in this process, so tracemalloc (which sees NumPy's buffers) bounds what it allocated.
+    A shape with a zero dimension declares no bytes and may be accepted. The server runs in
+    this process, so tracemalloc (which sees NumPy's buffers) bounds what it allocated.
     """
     name = fresh_name()
     if rpc == "create":
@@ -378,29 +383,30 @@ def valid_create(name: str, specs: list[pb.TensorSpec], payload_size: int, taken
                 and payload_size == sum(4 * math.prod(spec.shape) for spec in specs))
 
 
-@fuzz(50)
-@example(name_kind="fresh", specs=[pb.TensorSpec(name="w", dtype=pb.DATA_TYPE_FLOAT32, shape=[1] * 65)],
-         data=None)  # 65 dimensions: 4 bytes, but deeper than NumPy arrays go
-@given(name_kind=st.sampled_from(["fresh", "taken", "random"]),
-       specs=st.lists(st.builds(pb.TensorSpec, name=texts, dtype=enum_values(pb.DataType), shape=shapes), max_size=4)
-       | st.just([pb.TensorSpec(name="w", dtype=pb.DATA_TYPE_FLOAT32, shape=[2, 3])]),
-       data=st.data() | st.none())
-def test_random_create_requests_are_refused_or_create_exactly_that(world: World, name_kind, specs, data) -> None:
+@st.composite
+def create_requests(draw) -> tuple[str, list[tuple[str, int, list[int]]], list[bytes]]:
+    """A name (fresh, taken or any unicode), tensors as (name, dtype, shape), and a payload near their size."""
+    name = draw(st.builds(fresh_name) | st.just(TARGET) | texts)
+    dtypes = st.just(pb.DATA_TYPE_FLOAT32) | enum_values(pb.DataType)
+    tensors = draw(st.lists(st.tuples(texts, dtypes, shapes), max_size=4)
+                   | st.just([("w", pb.DATA_TYPE_FLOAT32, [2, 3])]))
+    size = draw(payload_sizes(sum(4 * math.prod(shape) for _, _, shape in tensors), exact=True))
+    return name, tensors, draw(splits(draw(st.binary(min_size=size, max_size=size))))
+
+
+@fuzz(60)
+@example(request=("test_fuzz-deep", [("w", pb.DATA_TYPE_FLOAT32, [1] * 65)], [bytes(4)]))  # 4 bytes, 65 dimensions
+@given(request=create_requests())
+def test_random_create_requests_are_refused_or_create_exactly_that(world: World, request) -> None:
     """Random names (unicode, taken ones), tensor specs and payloads: a create the contract forbids is refused."""
-    name = {"fresh": fresh_name(), "taken": world.target.name}.get(name_kind) or data.draw(texts, label="name")
-    declared = sum(4 * math.prod(spec.shape) for spec in specs)
-    if data is None:  # the explicit example: exactly the declared bytes
-        payload = b"\0" * declared
-    else:
-        payload = data.draw(st.binary(min_size=0, max_size=0) | st.just(b"\0" * declared)
-                            if declared > 4096 or declared < 0 else
-                            st.integers(0, declared + 16).map(lambda n: bytes(n)), label="payload")
-    chunks = [] if data is None else data.draw(splits(payload), label="chunks")
+    name, tensors, chunks = request
+    specs = [pb.TensorSpec(name=tensor, dtype=dtype, shape=shape) for tensor, dtype, shape in tensors]
     before = world.state()
-    err = rpc_error(create_call(world.stub, pb.CreateOptimizerHeader(name=name, tensors=specs), chunks or [payload]))
+    err = rpc_error(create_call(world.stub, pb.CreateOptimizerHeader(name=name, tensors=specs), chunks))
     if err is None:
-        assert valid_create(name, specs, len(payload), list(before["optimizers"])), "accepted a forbidden create"
-        assert world.client.optimizer(name).info().tensors == {s.name: (tuple(s.shape), "float32") for s in specs}
+        size = sum(len(chunk) for chunk in chunks)
+        assert valid_create(name, specs, size, list(before["optimizers"])), "accepted a forbidden create"
+        assert world.client.optimizer(name).info().tensors == {n: (tuple(shape), "float32") for n, _, shape in tensors}
         world.client.delete_optimizer(name)
     else:
         assert_refused(err, {Code.INVALID_ARGUMENT, Code.RESOURCE_EXHAUSTED, Code.ALREADY_EXISTS})
@@ -416,8 +422,7 @@ def non_finite_gradients(draw) -> dict:
     uint, exponent = _BITS[values.dtype]
     flat = values.reshape(-1).view(uint)
     for position in draw(st.lists(st.integers(0, flat.size - 1), min_size=1, max_size=4)):
-        flat[position] = exponent | draw(st.integers(0, int(~uint(exponent)))) | (flat[position] & ~uint(exponent))
-        flat[position] = flat[position] | exponent
+        flat[position] = draw(st.integers(0, np.iinfo(uint).max)) | exponent  # all exponent bits set: NaN or Inf
     grads[name] = grads[name]._replace(values=values) if isinstance(grads[name], IndexedSlices) else values
     return grads
 
@@ -466,18 +471,18 @@ def test_bad_sparse_gradients_are_refused_and_change_nothing(world: World, emb, 
 
 @fuzz(40)
 @given(name=texts | st.from_regex(NAME_PATTERN, fullmatch=True),
-       rpc=st.sampled_from(["get", "delete", "finalize", "pull", "push"]))
+       rpc=st.sampled_from(["get", "delete", "finalize", "save", "pull", "push"]))
 def test_unknown_optimizer_names_are_not_found(world: World, name: str, rpc: str) -> None:
     """Any name, unicode included, that names no optimizer: NOT_FOUND (a push may say INVALID_ARGUMENT first)."""
     before = world.state()
-    if name in before["optimizers"]:
-        return
+    assume(name not in before["optimizers"])
     stub = world.stub
     specs, payload = encode(zero_grads())
     calls = {
         "get": lambda: stub.GetOptimizer(pb.GetOptimizerRequest(name=name), timeout=TIMEOUT),
         "delete": lambda: stub.DeleteOptimizer(pb.DeleteOptimizerRequest(name=name), timeout=TIMEOUT),
         "finalize": lambda: stub.FinalizeOptimizer(pb.FinalizeOptimizerRequest(name=name), timeout=TIMEOUT),
+        "save": lambda: stub.SaveOptimizer(pb.SaveOptimizerRequest(name=name), timeout=TIMEOUT),
         "pull": lambda: list(stub.PullWeights(pb.PullWeightsRequest(optimizer=name), timeout=TIMEOUT)),
         "push": push_call(stub, pb.PushHeader(optimizer=name, gradients=specs), [payload]),
     }
@@ -506,10 +511,18 @@ schedules = st.fixed_dictionaries({
                               numbers | st.booleans() | st.lists(numbers, max_size=4) | json_values, max_size=6)})
 configs = st.dictionaries(st.sampled_from(ADAM_KEYS) | texts,
                           numbers | st.booleans() | st.none() | json_values | schedules, max_size=5)
+sizes = st.floats(1e-30, 1e30)
+plausible_configs = st.fixed_dictionaries({}, optional={  # mostly valid, with edge values in range
+    "learning_rate": sizes | schedules, "beta_1": st.floats(0, 1), "beta_2": st.floats(0, 1), "epsilon": sizes,
+    "amsgrad": st.booleans(), "weight_decay": st.none() | sizes, "clipnorm": st.none() | sizes,
+    "global_clipnorm": st.none() | sizes, "clipvalue": st.none() | sizes, "use_ema": st.booleans(),
+    "ema_momentum": st.floats(0, 1), "ema_overwrite_frequency": st.none() | st.integers(0, 2**63 - 1),
+    "jit_compile": st.booleans(), "exclude_from_weight_decay": st.lists(st.sampled_from(["w", "^$", ".*"]))})
 config_texts = st.one_of(
     texts,  # rarely JSON
     json_values.map(json.dumps),  # JSON of any type
     configs.map(json.dumps),  # Adam keys with values of any type and size
+    plausible_configs.map(json.dumps),
     st.builds("{{{}: {}}}".format, st.sampled_from(ADAM_KEYS).map(json.dumps), st.sampled_from(HOSTILE_LITERALS)),
 )
 
@@ -523,9 +536,8 @@ def test_random_json_configs_are_refused_or_yield_a_working_optimizer(world: Wor
     """Junk, wrong types, nested junk, NaN literals and huge numbers: INVALID_ARGUMENT, or an optimizer that steps."""
     name = fresh_name()
     before = world.state()
-    err = rpc_error(create_call(world.stub, pb.CreateOptimizerHeader(
-        name=name, config_json=config_json, tensors=[pb.TensorSpec(name="w", dtype=pb.DATA_TYPE_FLOAT32, shape=[2])]),
-        [np.ones(2, np.float32).tobytes()]))
+    header = pb.CreateOptimizerHeader(name=name, config_json=config_json, tensors=[SMALL])
+    err = rpc_error(create_call(world.stub, header, [np.ones(2, np.float32).tobytes()]))
     if err is None:
         try:
             version = world.client.optimizer(name).push({"w": np.full(2, 0.5, np.float32)})
@@ -555,8 +567,7 @@ def valid_mode(mode: pb.TrainingMode, policy: int) -> bool:
 def test_random_training_modes_are_refused_or_accepted_cleanly(world: World, mode, policy: int) -> None:
     """Out-of-range enums, negative counts, NaN/Inf/negative timeouts: INVALID_ARGUMENT, never INTERNAL."""
     name = fresh_name()
-    header = pb.CreateOptimizerHeader(name=name, tensors=[pb.TensorSpec(name="w", dtype=pb.DATA_TYPE_FLOAT32, shape=[2])],
-                                      training_mode=mode, non_finite_policy=policy)
+    header = pb.CreateOptimizerHeader(name=name, tensors=[SMALL], training_mode=mode, non_finite_policy=policy)
     before = world.state()
     err = rpc_error(create_call(world.stub, header, [bytes(8)]))
     if err is None:
@@ -578,7 +589,7 @@ def read_pull(stub, request: pb.PullWeightsRequest, timeout: float) -> None:
     assert sum(len(c.chunk) for c in chunks) == 4 * sum(math.prod(SHAPES[n]) for n in wanted)
 
 
-@fuzz(50)
+@fuzz(60)
 @given(all_slots=st.booleans(), kind=enum_values(pb.StateKind), names=st.lists(tensor_names, max_size=5),
        min_version=st.none() | st.integers(-3, 4) | int64s)
 def test_random_pulls_are_refused_cleanly_or_read_a_whole_snapshot(world: World, all_slots, kind, names,
@@ -645,7 +656,6 @@ def test_valid_pushes_with_random_finite_gradients_bump_the_version_by_one(world
     before = world.steps.info()
     reply = push_call(world.stub, pb.PushHeader(optimizer=world.steps.name, gradients=specs),
                       data.draw(splits(payload), label="chunks"))()
-    assert (reply.version, reply.iterations, reply.applied, reply.duplicate) == (
-        before.version + 1, before.iterations + 1, True, False)
+    assert (reply.version, reply.iterations, reply.duplicate) == (before.version + 1, before.iterations + 1, False)
     after = world.steps.info()
     assert (after.version, after.iterations) == (before.version + 1, before.iterations + 1)

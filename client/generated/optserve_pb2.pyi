@@ -107,7 +107,7 @@ class TrainingMode(_message.Message):
     def __init__(self, mode: _Optional[_Union[Mode, str]] = ..., num_workers: _Optional[int] = ..., backup_workers: _Optional[int] = ..., aggregation: _Optional[_Union[Aggregation, str]] = ..., sync_timeout_seconds: _Optional[float] = ..., max_staleness: _Optional[int] = ...) -> None: ...
 
 class OptimizerInfo(_message.Message):
-    __slots__ = ("name", "iterations", "version", "config_json", "tensors", "device", "non_finite_policy", "next_learning_rate", "training_mode", "pending_gradients", "saved_version")
+    __slots__ = ("name", "iterations", "version", "config_json", "tensors", "device", "non_finite_policy", "next_learning_rate", "training_mode", "pending_gradients", "saved_version", "pushes_per_second", "last_push_age_seconds")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ITERATIONS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -119,6 +119,8 @@ class OptimizerInfo(_message.Message):
     TRAINING_MODE_FIELD_NUMBER: _ClassVar[int]
     PENDING_GRADIENTS_FIELD_NUMBER: _ClassVar[int]
     SAVED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PUSHES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    LAST_PUSH_AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     name: str
     iterations: int
     version: int
@@ -130,7 +132,9 @@ class OptimizerInfo(_message.Message):
     training_mode: TrainingMode
     pending_gradients: int
     saved_version: int
-    def __init__(self, name: _Optional[str] = ..., iterations: _Optional[int] = ..., version: _Optional[int] = ..., config_json: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., device: _Optional[str] = ..., non_finite_policy: _Optional[_Union[NonFinitePolicy, str]] = ..., next_learning_rate: _Optional[float] = ..., training_mode: _Optional[_Union[TrainingMode, _Mapping]] = ..., pending_gradients: _Optional[int] = ..., saved_version: _Optional[int] = ...) -> None: ...
+    pushes_per_second: float
+    last_push_age_seconds: float
+    def __init__(self, name: _Optional[str] = ..., iterations: _Optional[int] = ..., version: _Optional[int] = ..., config_json: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., device: _Optional[str] = ..., non_finite_policy: _Optional[_Union[NonFinitePolicy, str]] = ..., next_learning_rate: _Optional[float] = ..., training_mode: _Optional[_Union[TrainingMode, _Mapping]] = ..., pending_gradients: _Optional[int] = ..., saved_version: _Optional[int] = ..., pushes_per_second: _Optional[float] = ..., last_push_age_seconds: _Optional[float] = ...) -> None: ...
 
 class CreateOptimizerHeader(_message.Message):
     __slots__ = ("name", "config_json", "tensors", "non_finite_policy", "training_mode")

@@ -109,8 +109,8 @@ def restore(iterations: int, slots: Mapping[str, Mapping[str, np.ndarray]]) -> A
     """The state that `export` captured, back on jax's default device."""
     return AdamState(
         iterations=jnp.asarray(iterations, jnp.int32),
-        **{slot: {name: jnp.array(value, dtype=jnp.float32, copy=True) for name, value in slots[slot].items()}
-           for slot in SLOTS},
+        **{slot: {name: jnp.array(value, dtype=jnp.float32, copy=True) for name, value in slots.get(slot, {}).items()}
+           for slot in SLOTS},  # a checkpoint has no entry for an empty slot (vhat without amsgrad)
     )
 
 

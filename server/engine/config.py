@@ -159,9 +159,9 @@ def _overwrite_frequency(path: str, value: Any) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Integral):
-        _fail(path, f"must be null or an integer >= 1, got {_describe(value)}")
-    if value < 0:
-        _fail(path, f"must be null or an integer >= 1, got {value}")
+        _fail(path, f"must be null or an integer in [1, 2**31), got {_describe(value)}")
+    if not 0 <= value < 2**31:  # the step counter it divides is an int32
+        _fail(path, f"must be null or an integer in [1, 2**31), got {value}")
     return int(value) or None
 
 
