@@ -16,5 +16,6 @@ from optserve.client.client import (
     PushResult,
     Weights,
 )
+from optserve.client.security import TLS
 
-__all__ = ["Client", "IndexedSlices", "Optimizer", "OptimizerInfo", "OptserveError", "PushResult", "Weights"]
+__all__ = ["Client", "IndexedSlices", "Optimizer", "OptimizerInfo", "OptserveError", "PushResult", "TLS", "Weights"]

@@ -16,6 +16,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from optserve.client.security import TLS, as_tls, make_channel
 from optserve.client.wire import CHUNK_BYTES, ChunkBuffer, data_type_of, iter_chunks
 from optserve.v1 import optserve_pb2 as pb
 from optserve.v1 import optserve_pb2_grpc as pb_grpc
@@ -133,13 +134,20 @@ class Client:
     NOT_SERVING); every call then gets `timeout` seconds. Calls safe to repeat
     (reads, and pushes with worker_id and seq) are retried with backoff on
     UNAVAILABLE, across a server restart, within that time.
+
+    `tls` is None (plaintext), True (TLS checked against the system roots), the
+    path of a CA PEM file, or a `TLS` (CA, client certificate and key for mTLS,
+    server name override). `token` is sent as `authorization: Bearer <token>` on
+    every call. A TLS handshake that fails (unknown CA, no client certificate)
+    makes the constructor raise UNAVAILABLE once `timeout` runs out.
     """
 
-    def __init__(self, address: str, timeout: float = 30.0, *, chunk_bytes: int = CHUNK_BYTES):
+    def __init__(self, address: str, timeout: float = 30.0, *, chunk_bytes: int = CHUNK_BYTES,
+                 tls: bool | str | TLS | None = None, token: str | None = None):
         self.address = address
         self.timeout = timeout
         self.chunk_bytes = chunk_bytes
-        self._channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        self._channel = make_channel(address, _CHANNEL_OPTIONS, as_tls(tls), token)
         self._stub = pb_grpc.OptimizerServiceStub(self._channel)
         try:
             self._wait_until_serving(timeout)

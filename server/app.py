@@ -20,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from optserve.server.options import ServerOptions
 from optserve.server.registry import Persistence, Registry
+from optserve.server.security import ServerSecurity
 from optserve.server.service import ErrorInterceptor, OptimizerService
 from optserve.server.storage import StorageError
 from optserve.v1 import optserve_pb2 as pb
@@ -54,7 +55,12 @@ class OptserveServer:
 
 
 def create_server(options: ServerOptions, interceptors: Sequence[grpc.ServerInterceptor] = ()) -> OptserveServer:
-    """A bound, not yet started server. `interceptors` run before the error mapping, outermost first."""
+    """A bound, not yet started server. `interceptors` run before the error mapping, outermost first.
+
+    The token check (with `options.token_file`) runs after `interceptors`. Plaintext binds loopback only
+    unless `options.insecure`; a SecurityConfigError names the flag at fault.
+    """
+    security = ServerSecurity.from_options(options)  # checks flags, reads keys and tokens before anything binds
     persistence = None
     if options.data_dir is not None:
         persistence = Persistence(Path(options.data_dir), options.durability, options.checkpoint_every,
@@ -62,7 +68,7 @@ def create_server(options: ServerOptions, interceptors: Sequence[grpc.ServerInte
     registry = Registry(persistence, options.max_optimizers)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=options.max_workers, thread_name_prefix="optserve-rpc"),
-        interceptors=[*interceptors, ErrorInterceptor()],
+        interceptors=[*interceptors, *security.interceptors, ErrorInterceptor()],
         maximum_concurrent_rpcs=options.max_concurrent_rpcs,
     )
     pb_grpc.add_OptimizerServiceServicer_to_server(OptimizerService(registry, options), server)
@@ -71,9 +77,10 @@ def create_server(options: ServerOptions, interceptors: Sequence[grpc.ServerInte
     for service in ("", SERVICE_NAME):
         health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port(f"{options.host}:{options.port}")
+    port = security.bind(server, f"{options.host}:{options.port}")
     if port == 0:
         raise OSError(f"cannot bind {options.host}:{options.port}")
+    log.info("bound %s:%d: %s", options.host, port, security.description)
     return OptserveServer(server, port, registry, health_servicer)
 
 

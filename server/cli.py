@@ -37,6 +37,15 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--checkpoint-interval", type=float, default=defaults.checkpoint_interval,
                        help="seconds between checkpoints of an optimizer that changed (default %(default)s)")
     serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default %(default)s)")
+    serve.add_argument("--tls-cert", default=defaults.tls_cert, help="PEM certificate chain; with --tls-key, serve TLS")
+    serve.add_argument("--tls-key", default=defaults.tls_key, help="PEM private key of --tls-cert")
+    serve.add_argument("--tls-client-ca", default=defaults.tls_client_ca,
+                       help="PEM CA bundle: require client certificates signed by it (mTLS; needs --tls-cert)")
+    serve.add_argument("--token-file", default=defaults.token_file,
+                       help="bearer tokens, one per line (# comments); every call but health and reflection "
+                            "must send 'authorization: Bearer <token>'")
+    serve.add_argument("--insecure", action="store_true", default=defaults.insecure,
+                       help="allow plaintext on a non-loopback --host (without TLS only loopback is bound)")
 
     demo = commands.add_parser("demo", help="start a server and train a digits classifier with worker processes")
     demo.add_argument("--workers", type=int, default=4, help="worker processes (default %(default)s)")
@@ -68,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
             max_tensor_bytes=args.max_tensor_bytes, max_optimizers=args.max_optimizers,
             max_concurrent_rpcs=args.max_concurrent_rpcs, grace=args.grace, data_dir=args.data_dir,
             durability=args.durability, checkpoint_every=args.checkpoint_every,
-            checkpoint_interval=args.checkpoint_interval))
+            checkpoint_interval=args.checkpoint_interval, tls_cert=args.tls_cert, tls_key=args.tls_key,
+            tls_client_ca=args.tls_client_ca, token_file=args.token_file, insecure=args.insecure))
     from optserve.server.demo import run_demo
 
     modes = ("sync", "async") if args.mode == "both" else (args.mode,)

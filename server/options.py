@@ -19,3 +19,8 @@ class ServerOptions:
     durability: str = "wal"  # with a data dir: "wal" logs every change before acknowledging it; "none" does not
     checkpoint_every: int = 1000  # steps between checkpoints
     checkpoint_interval: float = 300.0  # seconds between checkpoints of an optimizer that changed
+    tls_cert: str | None = None  # PEM certificate chain of the server; with tls_key, serve TLS
+    tls_key: str | None = None  # PEM private key of tls_cert
+    tls_client_ca: str | None = None  # PEM CA bundle; with it, require and verify client certificates (mTLS)
+    token_file: str | None = None  # bearer tokens, one per line; every call but health and reflection needs one
+    insecure: bool = False  # allow plaintext on a non-loopback host
