@@ -99,6 +99,8 @@ class OptimizerInfo:
     training_mode: dict[str, Any]  # mode, num_workers, backup_workers, aggregation, sync_timeout, max_staleness
     pending_gradients: int  # sync: gradients in the open round
     saved_version: int  # version of the newest checkpoint on disk; -1 without a data dir
+    pushes_per_second: float  # accepted pushes per second over the last 10 seconds
+    last_push_age: float | None  # seconds since the last accepted push; None before the first
 
     @classmethod
     def from_wire(cls, info: pb.OptimizerInfo) -> "OptimizerInfo":
@@ -123,6 +125,8 @@ class OptimizerInfo:
             },
             pending_gradients=info.pending_gradients,
             saved_version=info.saved_version,
+            pushes_per_second=info.pushes_per_second,
+            last_push_age=info.last_push_age_seconds if info.HasField("last_push_age_seconds") else None,
         )
 
 

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
+from optserve.server.metrics import Metrics
 from optserve.server.options import ServerOptions
 from optserve.server.registry import Persistence, Registry
 from optserve.server.security import ServerSecurity
@@ -39,9 +41,13 @@ class OptserveServer:
     port: int
     registry: Registry
     health: health.HealthServicer
+    metrics_port: int | None = None  # where /metrics is served, once open
 
-    def open(self) -> None:
-        """Restores the data dir, then reports SERVING and starts checkpointing."""
+    def open(self, options: ServerOptions | None = None) -> None:
+        """Starts /metrics (if asked), restores the data dir, then reports SERVING and starts checkpointing."""
+        if options is not None and options.metrics_port is not None:
+            _, self.metrics_port = self.registry.metrics.start_http(options.metrics_port, options.host)
+            log.info("metrics on http://%s:%d/metrics", options.host, self.metrics_port)
         self.registry.restore()
         self.registry.start_checkpointer()
         for service in ("", SERVICE_NAME):
@@ -65,7 +71,7 @@ def create_server(options: ServerOptions, interceptors: Sequence[grpc.ServerInte
     if options.data_dir is not None:
         persistence = Persistence(Path(options.data_dir), options.durability, options.checkpoint_every,
                                   options.checkpoint_interval)
-    registry = Registry(persistence, options.max_optimizers)
+    registry = Registry(persistence, options.max_optimizers, Metrics(enabled=options.metrics_port is not None))
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=options.max_workers, thread_name_prefix="optserve-rpc"),
         interceptors=[*interceptors, *security.interceptors, ErrorInterceptor()],
@@ -77,6 +83,7 @@ def create_server(options: ServerOptions, interceptors: Sequence[grpc.ServerInte
     for service in ("", SERVICE_NAME):
         health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     port = security.bind(server, f"{options.host}:{options.port}")
     if port == 0:
         raise OSError(f"cannot bind {options.host}:{options.port}")
@@ -97,7 +104,7 @@ def serve(options: ServerOptions) -> int:
     if options.data_dir is not None:
         log.info("restoring from %s (durability %s); NOT_SERVING until done", options.data_dir, options.durability)
     try:
-        built.open()
+        built.open(options)
     except StorageError as err:
         log.error("cannot restore the data dir, not serving: %s", err)
         built.server.stop(None)

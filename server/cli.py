@@ -1,51 +1,52 @@
-"""The `optserve` command: `serve` runs a server, `demo` trains against one with worker processes, `bench` measures."""
+"""The `optserve` command: `serve` runs a server, `demo` trains against one with worker
+processes, `bench` measures, `status` shows a server's optimizers, `health` probes one."""
 
 import argparse
-import logging
+import dataclasses
+import os
 import sys
+import tomllib
+from typing import Any
 
 from optserve.server.options import ServerOptions
+
+# Every ServerOptions field is a `serve` flag: --field-name, env OPTSERVE_FIELD_NAME, TOML key field_name.
+SERVE_FLAGS: dict[str, tuple[Any, str]] = {  # field -> (type, or a tuple of choices, or bool; help)
+    "host": (str, "address to bind; without TLS only loopback unless --insecure"),
+    "port": (int, "port to bind; 0 picks a free one"),
+    "max_workers": (int, "threads serving RPCs; a waiting pull or sync push holds one"),
+    "max_request_bytes": (int, "tensor bytes one create or push may carry"),
+    "max_tensor_bytes": (int, "bytes of any one parameter tensor"),
+    "max_optimizers": (int, "optimizers one server holds"),
+    "max_concurrent_rpcs": (int, "calls in progress at once; more get RESOURCE_EXHAUSTED"),
+    "grace": (float, "seconds calls in flight get to finish on SIGTERM/SIGINT"),
+    "data_dir": (str, "keep every optimizer's state here and restore it on start (default: memory only)"),
+    "durability": (("wal", "none"), "with --data-dir: 'wal' logs each change durably before acknowledging it; "
+                                    "'none' keeps checkpoints only"),
+    "checkpoint_every": (int, "steps between checkpoints"),
+    "checkpoint_interval": (float, "seconds between checkpoints of an optimizer that changed"),
+    "metrics_port": (int, "serve Prometheus metrics over HTTP on this port (0 picks one; default: off)"),
+    "log_format": (("text", "json"), "log lines for people or for log pipelines"),
+    "log_level": (("DEBUG", "INFO", "WARNING", "ERROR"), "least severe log lines shown"),
+    "tls_cert": (str, "PEM certificate chain; with --tls-key, serve TLS"),
+    "tls_key": (str, "PEM private key of --tls-cert"),
+    "tls_client_ca": (str, "PEM CA bundle: require client certificates signed by it (mTLS; needs --tls-cert)"),
+    "token_file": (str, "bearer tokens, one per line (# comments); every call but health and reflection must "
+                        "send 'authorization: Bearer <token>'"),
+    "insecure": (bool, "allow plaintext on a non-loopback --host"),
+}
+SERVE_EPILOG = """Every flag can also be set by an environment variable OPTSERVE_<FLAG> (e.g. OPTSERVE_PORT=50051,
+OPTSERVE_INSECURE=true) or by a key in the TOML file of --config (e.g. port = 50051 or [serve] port = 50051).
+The command line wins over the environment, which wins over the file."""
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `optserve` console script."""
     parser = argparse.ArgumentParser(prog="optserve", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-
-    defaults = ServerOptions()
-    serve = commands.add_parser("serve", help="run a server until SIGTERM or SIGINT")
-    serve.add_argument("--host", default=defaults.host, help="address to bind (default %(default)s)")
-    serve.add_argument("--port", type=int, default=defaults.port, help="port to bind; 0 picks a free one (default %(default)s)")
-    serve.add_argument("--max-workers", type=int, default=defaults.max_workers, help="RPC threads (default %(default)s)")
-    serve.add_argument("--max-request-bytes", type=int, default=defaults.max_request_bytes,
-                       help="tensor bytes one create or push may carry (default %(default)s)")
-    serve.add_argument("--max-tensor-bytes", type=int, default=defaults.max_tensor_bytes,
-                       help="bytes of any one parameter tensor (default %(default)s)")
-    serve.add_argument("--max-optimizers", type=int, default=defaults.max_optimizers,
-                       help="optimizers one server holds (default %(default)s)")
-    serve.add_argument("--max-concurrent-rpcs", type=int, default=defaults.max_concurrent_rpcs,
-                       help="calls in progress at once; more get RESOURCE_EXHAUSTED (default %(default)s)")
-    serve.add_argument("--grace", type=float, default=defaults.grace,
-                       help="seconds calls in flight get to finish on shutdown (default %(default)s)")
-    serve.add_argument("--data-dir", default=defaults.data_dir,
-                       help="keep every optimizer's state here and restore it on start (default: memory only)")
-    serve.add_argument("--durability", choices=["wal", "none"], default=defaults.durability,
-                       help="with --data-dir: 'wal' logs each change durably before acknowledging it; "
-                            "'none' keeps checkpoints only (default %(default)s)")
-    serve.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every,
-                       help="steps between checkpoints (default %(default)s)")
-    serve.add_argument("--checkpoint-interval", type=float, default=defaults.checkpoint_interval,
-                       help="seconds between checkpoints of an optimizer that changed (default %(default)s)")
-    serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default %(default)s)")
-    serve.add_argument("--tls-cert", default=defaults.tls_cert, help="PEM certificate chain; with --tls-key, serve TLS")
-    serve.add_argument("--tls-key", default=defaults.tls_key, help="PEM private key of --tls-cert")
-    serve.add_argument("--tls-client-ca", default=defaults.tls_client_ca,
-                       help="PEM CA bundle: require client certificates signed by it (mTLS; needs --tls-cert)")
-    serve.add_argument("--token-file", default=defaults.token_file,
-                       help="bearer tokens, one per line (# comments); every call but health and reflection "
-                            "must send 'authorization: Bearer <token>'")
-    serve.add_argument("--insecure", action="store_true", default=defaults.insecure,
-                       help="allow plaintext on a non-loopback --host (without TLS only loopback is bound)")
+    serve = commands.add_parser("serve", help="run a server until SIGTERM or SIGINT", epilog=SERVE_EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_serve_flags(serve, argv)
 
     demo = commands.add_parser("demo", help="start a server and train a digits classifier with worker processes")
     demo.add_argument("--workers", type=int, default=4, help="worker processes (default %(default)s)")
@@ -55,35 +56,155 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--max-staleness", type=int, default=4, help="async staleness bound (default %(default)s)")
     demo.add_argument("--plot", default="optserve-demo.png", help="where to write the PNG plot (default %(default)s)")
     demo.add_argument("--address", help="use this running server instead of starting one")
+    demo.add_argument("--tag", default="", help="suffix of the optimizer names, so several demos can share a server")
 
     bench = commands.add_parser("bench", help="measure side by side in one run and print a table")
     bench.add_argument("--quick", action="store_true", help="small sizes, well under a minute (a CI smoke test)")
     bench.add_argument("--json", help="also write the results to this JSON file")
 
+    for name, text in [("status", "print a table of a server's optimizers"),
+                       ("health", "exit 0 if a server's service is SERVING (for probes), 1 otherwise")]:
+        command = commands.add_parser(name, help=text)
+        command.add_argument("address", help="HOST:PORT of the server")
+        command.add_argument("--timeout", type=float, default=10.0, help="seconds to wait (default %(default)s)")
+        command.add_argument("--tls-ca", help="PEM CA bundle to check a TLS server with")
+        if name == "status":
+            command.add_argument("--token-file", help="file whose first token is sent as the bearer token")
+        else:
+            command.add_argument("--service", default="optserve.v1.OptimizerService",
+                                 help="health service name; '' is the whole server (default %(default)s)")
+
     args = parser.parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "demo":
+        from optserve.server.demo import run_demo
+
+        modes = ("sync", "async") if args.mode == "both" else (args.mode,)
+        return run_demo(workers=args.workers, steps=args.steps, modes=modes, max_staleness=args.max_staleness,
+                        plot=args.plot, address=args.address, tag=args.tag)
     if args.command == "bench":
         from optserve.server.bench import run_bench
 
         return run_bench(quick=args.quick, json_path=args.json)
-    if args.command == "serve":
-        logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        try:
-            from optserve.server.app import serve as run_server
-        except ImportError as err:
-            print(f"optserve serve needs the server extra: pip install 'optserve[server]' ({err})", file=sys.stderr)
-            return 2
-        return run_server(ServerOptions(
-            host=args.host, port=args.port, max_workers=args.max_workers, max_request_bytes=args.max_request_bytes,
-            max_tensor_bytes=args.max_tensor_bytes, max_optimizers=args.max_optimizers,
-            max_concurrent_rpcs=args.max_concurrent_rpcs, grace=args.grace, data_dir=args.data_dir,
-            durability=args.durability, checkpoint_every=args.checkpoint_every,
-            checkpoint_interval=args.checkpoint_interval, tls_cert=args.tls_cert, tls_key=args.tls_key,
-            tls_client_ca=args.tls_client_ca, token_file=args.token_file, insecure=args.insecure))
-    from optserve.server.demo import run_demo
+    if args.command == "status":
+        return _status(args)
+    return _health(args)
 
-    modes = ("sync", "async") if args.mode == "both" else (args.mode,)
-    return run_demo(workers=args.workers, steps=args.steps, modes=modes, max_staleness=args.max_staleness,
-                    plot=args.plot, address=args.address)
+
+def _add_serve_flags(serve: argparse.ArgumentParser, argv: list[str] | None) -> None:
+    """One flag per ServerOptions field, its default from the TOML file, then the environment."""
+    serve.add_argument("--config", help="TOML file with flag values (keys as the flags, underscores or dashes)")
+    config_path = _config_path(argv)
+    file_values = _read_config_file(config_path) if config_path else {}
+    defaults = ServerOptions()
+    for field, (kind, text) in SERVE_FLAGS.items():
+        env = f"OPTSERVE_{field.upper()}"
+        default = getattr(defaults, field)
+        default = file_values.get(field, default)
+        if env in os.environ:
+            default = _parse_env(env, os.environ[env], kind)
+        flag = "--" + field.replace("_", "-")
+        help_text = f"{text} (default {default}; env {env})"
+        if kind is bool:
+            serve.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        elif isinstance(kind, tuple):
+            serve.add_argument(flag, choices=kind, default=default, help=help_text)
+        else:
+            serve.add_argument(flag, type=kind, default=default, help=help_text)
+
+
+def _config_path(argv: list[str] | None) -> str | None:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=os.environ.get("OPTSERVE_CONFIG"))
+    known, _ = pre.parse_known_args(sys.argv[1:] if argv is None else argv)
+    return known.config
+
+
+def _read_config_file(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise SystemExit(f"optserve: --config {path}: {err}") from None
+    values = {key.replace("-", "_"): value for key, value in {**data, **data.get("serve", {})}.items()
+              if key != "serve"}
+    unknown = sorted(set(values) - set(SERVE_FLAGS))
+    if unknown:
+        raise SystemExit(f"optserve: --config {path}: unknown keys {unknown}; known: {sorted(SERVE_FLAGS)}")
+    return values
+
+
+def _parse_env(name: str, value: str, kind: Any) -> Any:
+    if kind is bool:
+        if value.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            raise SystemExit(f"optserve: {name}={value!r}: expected true or false")
+        return value.lower() in ("1", "true", "yes", "on")
+    if isinstance(kind, tuple):
+        if value not in kind:
+            raise SystemExit(f"optserve: {name}={value!r}: expected one of {kind}")
+        return value
+    try:
+        return kind(value)
+    except ValueError:
+        raise SystemExit(f"optserve: {name}={value!r}: expected {kind.__name__}") from None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    options = ServerOptions(**{field.name: getattr(args, field.name) for field in dataclasses.fields(ServerOptions)})
+    try:
+        from optserve.server.app import serve
+        from optserve.server.logs import configure
+        from optserve.server.security import SecurityConfigError
+    except ImportError as err:
+        print(f"optserve serve needs the server extra: pip install 'optserve[server]' ({err})", file=sys.stderr)
+        return 2
+    configure(options.log_level, options.log_format)
+    try:
+        return serve(options)
+    except SecurityConfigError as err:
+        print(f"optserve serve: {err}", file=sys.stderr)
+        return 2
+
+
+def _client_security(args: argparse.Namespace) -> dict[str, Any]:
+    token = None
+    if getattr(args, "token_file", None):
+        from optserve.server.security import load_tokens
+
+        token = load_tokens(args.token_file)[0].decode()
+    return {"tls": args.tls_ca, "token": token}
+
+
+def _status(args: argparse.Namespace) -> int:
+    from optserve.client import Client, OptserveError
+    from optserve.server.status import format_table
+
+    try:
+        with Client(args.address, timeout=args.timeout, **_client_security(args)) as client:
+            print(format_table(client.list_optimizers()))
+    except OptserveError as err:
+        print(f"optserve status {args.address}: {err.code().name}: {err.details()}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _health(args: argparse.Namespace) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from optserve.client.security import as_tls, make_channel
+
+    with make_channel(args.address, [], as_tls(args.tls_ca), None) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+        except grpc.RpcError as err:
+            print(f"{args.address}: {err.code().name}: {err.details()}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{args.address} {args.service or '(server)'}: {status}")
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ EVAL_POINTS = 20  # held-out evaluations per phase
 
 
 def run_demo(workers: int = 4, steps: int = 200, modes: tuple[str, ...] = ("sync", "async"), max_staleness: int = 4,
-             plot: str = "optserve-demo.png", address: str | None = None) -> int:
+             plot: str = "optserve-demo.png", address: str | None = None, tag: str = "") -> int:
     """Runs the demo; returns a process exit status."""
     server = None if address else ServerProcess(log=io.StringIO())  # keeps the bars readable
     histories = {}
@@ -47,7 +47,7 @@ def run_demo(workers: int = 4, steps: int = 200, modes: tuple[str, ...] = ("sync
         address = address or server.address
         print(f"optserve at {address}; {workers} worker processes, {steps} steps per mode")
         for mode in modes:
-            histories[mode] = _train(address, mode, workers, steps, max_staleness)
+            histories[mode] = _train(address, mode, workers, steps, max_staleness, tag)
     if server is not None:
         print(f"server stopped on SIGTERM, exit status {server.process.returncode}")
     if plot:
@@ -56,10 +56,10 @@ def run_demo(workers: int = 4, steps: int = 200, modes: tuple[str, ...] = ("sync
     return 0 if server is None or server.process.returncode == 0 else 1
 
 
-def _train(address: str, mode: str, workers: int, steps: int, max_staleness: int) -> dict:
+def _train(address: str, mode: str, workers: int, steps: int, max_staleness: int, tag: str) -> dict:
     """One phase: create the optimizer, run the workers, follow the versions, report."""
     x_train, y_train, x_test, y_test = _digits()
-    name = f"digits-{mode}"
+    name = f"digits-{mode}-{tag}" if tag else f"digits-{mode}"
     settings = {"mode": "sync", "num_workers": workers} if mode == "sync" else {"max_staleness": max_staleness}
     client = Client(address, timeout=120.0)
     opt = client.create_optimizer(name, _init_params(), CONFIG, **settings)

@@ -24,3 +24,6 @@ class ServerOptions:
     tls_client_ca: str | None = None  # PEM CA bundle; with it, require and verify client certificates (mTLS)
     token_file: str | None = None  # bearer tokens, one per line; every call but health and reflection needs one
     insecure: bool = False  # allow plaintext on a non-loopback host
+    metrics_port: int | None = None  # serve Prometheus metrics over HTTP here (0 picks a port); None: off
+    log_format: str = "text"  # "text" or "json"
+    log_level: str = "INFO"

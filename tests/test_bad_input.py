@@ -218,7 +218,7 @@ BAD_STREAMS = [
     ("negative dimension", lambda n: _dense_push(n, [], w_shape=(-3, -5)), INVALID, "gradients['w'].shape"),
     ("huge sparse row count", lambda n: [pb.PushGradientsRequest(header=pb.PushHeader(optimizer=n, gradients=[
         pb.GradientSpec(name="w", dtype=pb.DATA_TYPE_FLOAT32, shape=[3, 5]),
-        pb.GradientSpec(name="emb", dtype=pb.DATA_TYPE_FLOAT32, sparse=True, shape=[2**50, 4],
+        pb.GradientSpec(name="emb", dtype=pb.DATA_TYPE_FLOAT32, sparse=True, shape=[2**30, 4],
                         index_dtype=pb.DATA_TYPE_INT64),
         pb.GradientSpec(name="b", dtype=pb.DATA_TYPE_FLOAT32, shape=[4])]))],
      grpc.StatusCode.RESOURCE_EXHAUSTED, "gradients:"),
