@@ -29,9 +29,13 @@ RETRY_BACKOFF = 0.05  # seconds before the second try of a retryable call; doubl
 RETRY_BACKOFF_MAX = 1.0  # seconds between tries at most
 RETRY_ATTEMPTS = 100  # tries at most; the client's timeout bounds them first
 SERVICE_NAME = "optserve.v1.OptimizerService"
-_CHANNEL_OPTIONS = [
+_CHANNEL_OPTIONS = [  # times in ms
     ("grpc.initial_reconnect_backoff_ms", 100),  # reconnect fast after a server restart
     ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.keepalive_time_ms", 30_000),  # ping every 30 s to notice a dead server (the server allows 10 s)
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.max_receive_message_length", 16 << 20),  # chunks are 1 MiB: a generous cap
 ]
 _READ_RETRY = frozenset({grpc.StatusCode.UNAVAILABLE})  # reads are safe to repeat
 _PUSH_RETRY = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})  # with (worker_id, seq)

@@ -32,6 +32,19 @@ log = logging.getLogger("optserve.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["OptimizerService"].full_name  # "optserve.v1.OptimizerService"
 
+# gRPC transport settings (times in ms). Messages stay small (chunks of 1 MiB plus a header), so
+# 16 MiB caps a runaway message without ever refusing a valid one. Keepalive pings find dead peers
+# (a crashed worker's half-open connection) within about a minute and a half.
+TRANSPORT_OPTIONS = [
+    ("grpc.max_receive_message_length", 16 << 20),
+    ("grpc.max_send_message_length", 16 << 20),
+    ("grpc.keepalive_time_ms", 60_000),  # ping an idle connection every 60 s
+    ("grpc.keepalive_timeout_ms", 20_000),  # and drop it when the ping is not answered within 20 s
+    ("grpc.keepalive_permit_without_calls", 1),  # also between calls (workers idle between steps)
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),  # accept client pings every 10 s or less often
+    ("grpc.http2.max_pings_without_data", 0),  # any number of pings without data
+]
+
 
 @dataclass
 class OptserveServer:
@@ -75,6 +88,7 @@ def create_server(options: ServerOptions, interceptors: Sequence[grpc.ServerInte
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=options.max_workers, thread_name_prefix="optserve-rpc"),
         interceptors=[*interceptors, *security.interceptors, ErrorInterceptor()],
+        options=TRANSPORT_OPTIONS,
         maximum_concurrent_rpcs=options.max_concurrent_rpcs,
     )
     pb_grpc.add_OptimizerServiceServicer_to_server(OptimizerService(registry, options), server)
