@@ -351,15 +351,12 @@ def _read_weights(responses: Iterator[pb.PullWeightsResponse]) -> Weights:
     header = next(responses).header
     shapes = [tuple(t.shape) for t in header.tensors]
     nbytes = [4 * int(np.prod(shape, dtype=np.int64)) for shape in shapes]
-    buffer = ChunkBuffer(sum(nbytes), _protocol_error)
+    buffer = ChunkBuffer(nbytes, _protocol_error)
     for message in responses:
         buffer.write(message.chunk)
-    if buffer.filled != len(buffer.data):
-        raise _protocol_error(f"pull ended after {buffer.filled} of {len(buffer.data)} bytes")
-    tensors, offset = {}, 0
-    for spec, shape, size in zip(header.tensors, shapes, nbytes):
-        tensors[spec.name] = buffer.view(offset, spec.dtype, shape)
-        offset += size
+    if buffer.filled != buffer.total:
+        raise _protocol_error(f"pull ended after {buffer.filled} of {buffer.total} bytes")
+    tensors = {spec.name: buffer.view(i, spec.dtype, shape) for i, (spec, shape) in enumerate(zip(header.tensors, shapes))}
     return Weights(tensors, header.version, header.iterations)
 
 

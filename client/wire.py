@@ -6,7 +6,8 @@ cut that byte string into chunks of at most CHUNK_BYTES; receivers write the
 chunks into one preallocated buffer and view the tensors out of it.
 """
 
-from collections.abc import Iterable, Iterator
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -90,32 +91,69 @@ def iter_chunks(arrays: Iterable[np.ndarray], chunk_bytes: int = CHUNK_BYTES) ->
         yield b"".join(pending)
 
 
-class ChunkBuffer:
-    """Receives a stream's chunks into one preallocated byte buffer.
+ALIGNMENT = 64  # bytes: JAX on the CPU adopts 64-byte-aligned NumPy arrays without copying them
 
-    `overrun_error` is the exception class raised when the chunks overrun the
-    declared size, so each side reports it with its own error type.
+
+def aligned_empty(nbytes: int) -> np.ndarray:
+    """An uninitialised uint8 buffer whose data starts at a multiple of ALIGNMENT."""
+    raw = np.empty(nbytes + ALIGNMENT, dtype=np.uint8)
+    start = -raw.ctypes.data % ALIGNMENT
+    return raw[start:start + nbytes]
+
+
+def padded_size(nbytes: int) -> int:
+    """`nbytes` rounded up to a multiple of ALIGNMENT."""
+    return -(-nbytes // ALIGNMENT) * ALIGNMENT
+
+
+class ChunkBuffer:
+    """Receives a stream's chunks into one buffer, each tensor at an ALIGNMENT-aligned offset.
+
+    `sizes` are the byte sizes of the tensors, in stream order. `buffer` (at
+    least `padded_bytes(sizes)` long and aligned) is written into when given,
+    so a caller can reuse it; else a fresh one is made. `overrun_error` is the
+    exception class raised when the chunks overrun the declared size, so each
+    side reports it with its own error type.
     """
 
-    def __init__(self, total_bytes: int, overrun_error: type[Exception]) -> None:
-        self.data = np.empty(total_bytes, dtype=np.uint8)
+    def __init__(self, sizes: Sequence[int], overrun_error: type[Exception], buffer: np.ndarray | None = None):
+        self.offsets = [0]
+        for size in sizes[:-1]:
+            self.offsets.append(self.offsets[-1] + padded_size(size))
+        self.total = sum(sizes)  # bytes the stream carries
+        self.data = aligned_empty(padded_bytes(sizes)) if buffer is None else buffer
         self.filled = 0
+        self._sizes = list(sizes)
+        self._ends = list(itertools.accumulate(sizes))  # stream offset just past each tensor
+        self._tensor = 0  # the tensor the next byte belongs to
         self._overrun_error = overrun_error
 
     def write(self, chunk: bytes) -> None:
-        """Appends one chunk; refuses bytes beyond the declared total."""
+        """Scatters one chunk into the tensors it covers; refuses bytes beyond the declared total."""
         end = self.filled + len(chunk)
-        if end > len(self.data):
-            raise self._overrun_error(
-                f"chunks: {end} bytes received, more than the {len(self.data)} the header declares"
-            )
-        self.data[self.filled:end] = np.frombuffer(chunk, dtype=np.uint8)
+        if end > self.total:
+            raise self._overrun_error(f"chunks: {end} bytes received, more than the {self.total} the header declares")
+        data = np.frombuffer(chunk, dtype=np.uint8)
+        position = self.filled
+        while len(data):
+            while position >= self._ends[self._tensor]:  # also skips empty tensors
+                self._tensor += 1
+            start_in_tensor = position - (self._ends[self._tensor] - self._sizes[self._tensor])
+            take = min(len(data), self._ends[self._tensor] - position)
+            destination = self.offsets[self._tensor] + start_in_tensor
+            self.data[destination:destination + take] = data[:take]
+            data, position = data[take:], position + take
         self.filled = end
 
-    def view(self, offset: int, data_type: int, shape: tuple[int, ...]) -> np.ndarray:
-        """An array viewing `shape` elements of `data_type` at `offset` of the buffer."""
+    def view(self, index: int, data_type: int, shape: tuple[int, ...]) -> np.ndarray:
+        """Tensor `index` as an array of `shape` elements of `data_type`."""
         dtype = numpy_dtype(data_type)
         count = int(np.prod(shape, dtype=np.int64))
         if count == 0:
             return np.zeros(shape, dtype=dtype)
-        return np.frombuffer(self.data, dtype=dtype, count=count, offset=offset).reshape(shape)
+        return np.frombuffer(self.data, dtype=dtype, count=count, offset=self.offsets[index]).reshape(shape)
+
+
+def padded_bytes(sizes: Sequence[int]) -> int:
+    """Buffer bytes a ChunkBuffer needs for tensors of these sizes."""
+    return sum(padded_size(size) for size in sizes)

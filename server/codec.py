@@ -6,13 +6,13 @@ any state is touched; the messages name the offending field.
 
 import json
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from optserve.client.wire import ITEMSIZE, ChunkBuffer, data_type_of, dtype_name, iter_chunks
+from optserve.client.wire import ITEMSIZE, ChunkBuffer, data_type_of, dtype_name, iter_chunks, padded_bytes
 from optserve.server.errors import InvalidArgument, NotFound, ResourceExhausted
 from optserve.server.modes import DEFAULT_SYNC_TIMEOUT, TrainingMode
 from optserve.v1 import optserve_pb2 as pb
@@ -123,9 +123,13 @@ def split_push(requests: Iterator[pb.PushGradientsRequest]) -> tuple[pb.PushHead
 
 
 def decode_gradients(
-    header: pb.PushHeader, chunks: Iterator, shapes: Mapping[str, tuple[int, ...]], max_bytes: int
+    header: pb.PushHeader, chunks: Iterator, shapes: Mapping[str, tuple[int, ...]], max_bytes: int,
+    into: Callable[[int], np.ndarray] | None = None,
 ) -> dict[str, Gradient]:
-    """Reads a push's gradients, checked against the optimizer's tensor shapes."""
+    """Reads a push's gradients, checked against the optimizer's tensor shapes.
+
+    `into(nbytes)` supplies the buffer the gradients are received into (see `_read_arrays`).
+    """
     if not header.gradients:
         raise InvalidArgument("gradients: empty push; send one gradient for every tensor")
     names = [spec.name for spec in header.gradients]
@@ -139,7 +143,7 @@ def decode_gradients(
     layout = []  # (name, dtype, shape) of each byte range, in stream order
     for spec in header.gradients:
         layout.extend(_gradient_layout(spec, shapes[spec.name]))
-    arrays_iter = iter(_read_arrays(chunks, layout, max_bytes, "gradients"))
+    arrays_iter = iter(_read_arrays(chunks, layout, max_bytes, "gradients", into))
     grads: dict[str, Gradient] = {}
     for spec in header.gradients:
         if not spec.sparse:
@@ -170,12 +174,17 @@ def _split_stream(requests: Iterator, rpc: str) -> tuple[Any, Iterator]:
     return first.header, requests
 
 
-def _read_arrays(chunks: Iterator, layout: Sequence, max_bytes: int, field: str) -> list[np.ndarray]:
-    """Receives the arrays of `layout`, (name, dtype, shape) each, from the chunks."""
-    total = sum(_nbytes(dtype, shape) for _, dtype, shape in layout)
+def _read_arrays(chunks: Iterator, layout: Sequence, max_bytes: int, field: str,
+                 into: Callable[[int], np.ndarray] | None = None) -> list[np.ndarray]:
+    """Receives the arrays of `layout`, (name, dtype, shape) each, from the chunks.
+
+    `into(nbytes)` supplies the (aligned) buffer to write into; else a fresh one is made.
+    """
+    sizes = [_nbytes(dtype, shape) for _, dtype, shape in layout]
+    total = sum(sizes)
     if total > max_bytes:
         raise ResourceExhausted(f"{field}: {total} bytes exceed this server's limit of {max_bytes} per request")
-    buffer = ChunkBuffer(total, InvalidArgument)
+    buffer = ChunkBuffer(sizes, InvalidArgument, into(padded_bytes(sizes)) if into else None)
     for message in chunks:
         if message.WhichOneof("part") != "chunk":
             raise InvalidArgument("header: sent twice; only the first message may be a header")
@@ -186,11 +195,7 @@ def _read_arrays(chunks: Iterator, layout: Sequence, max_bytes: int, field: str)
             f"chunks: the stream ended after {buffer.filled} of the {total} bytes the header declares"
             f" (tensor {short!r} is incomplete)"
         )
-    arrays, offset = [], 0
-    for _, dtype, shape in layout:
-        arrays.append(buffer.view(offset, dtype, shape))
-        offset += _nbytes(dtype, shape)
-    return arrays
+    return [buffer.view(index, dtype, shape) for index, (_, dtype, shape) in enumerate(layout)]
 
 
 def _tensor_at(offset: int, layout: Sequence) -> str:

@@ -5,6 +5,7 @@ reply. Domain errors become gRPC statuses in `ErrorInterceptor`, the one place
 that maps them; anything unexpected becomes INTERNAL with its traceback logged.
 """
 
+import contextlib
 import json
 import logging
 from collections.abc import Callable, Iterator
@@ -15,6 +16,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from optserve.server import codec
+from optserve.server.buffers import BufferPool
 from optserve.server.errors import InvalidArgument, OptserveError
 from optserve.server.options import ServerOptions
 from optserve.server.registry import OptimizerInfo, Registry
@@ -42,6 +44,7 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
     def __init__(self, registry: Registry, options: ServerOptions):
         self._registry = registry
         self._options = options
+        self._buffers = BufferPool()
 
     def CreateOptimizer(self, request_iterator, context) -> pb.OptimizerInfo:
         request = codec.decode_create(request_iterator, self._options.max_request_bytes, self._options.max_tensor_bytes)
@@ -66,16 +69,18 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
         header, chunks = codec.split_push(request_iterator)
         optimizer = self._registry.get(header.optimizer)
         try:
-            grads = codec.decode_gradients(header, chunks, optimizer.shapes, self._options.max_request_bytes)
-            self._registry.metrics.bytes_received.labels(optimizer.name).inc(
-                _nbytes(a for g in grads.values() for a in (g if isinstance(g, tuple) else (g,))))
-            result = optimizer.push(
-                grads,
-                worker_id=header.worker_id,
-                seq=header.seq if header.HasField("seq") else None,
-                base_version=header.base_version if header.HasField("base_version") else None,
-                timeout=_wait_budget(context),
-            )
+            with contextlib.ExitStack() as leases:  # the receive buffer goes back to the pool after the push
+                grads = codec.decode_gradients(header, chunks, optimizer.shapes, self._options.max_request_bytes,
+                                               into=lambda nbytes: leases.enter_context(self._buffers.lease(nbytes)))
+                self._registry.metrics.bytes_received.labels(optimizer.name).inc(
+                    _nbytes(a for g in grads.values() for a in (g if isinstance(g, tuple) else (g,))))
+                result = optimizer.push(
+                    grads,
+                    worker_id=header.worker_id,
+                    seq=header.seq if header.HasField("seq") else None,
+                    base_version=header.base_version if header.HasField("base_version") else None,
+                    timeout=_wait_budget(context),
+                )
         except OptserveError as err:  # counted per optimizer only once the optimizer is known to exist
             self._registry.metrics.refused.labels(optimizer.name, err.code.lower()).inc()
             raise

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from optserve.client import Client, IndexedSlices
-from optserve.client.wire import CHUNK_BYTES, ChunkBuffer, iter_chunks
+from optserve.client.wire import ALIGNMENT, CHUNK_BYTES, ChunkBuffer, iter_chunks
+from optserve.v1 import optserve_pb2 as pb
 
 
 @pytest.mark.parametrize("sizes", [[0], [1], [CHUNK_BYTES], [CHUNK_BYTES + 1], [3, CHUNK_BYTES - 3, 5],
@@ -20,8 +21,33 @@ def test_chunks_are_full_except_the_last_and_carry_every_byte_in_order(sizes: li
     assert b"".join(chunks) == b"".join(a.tobytes() for a in arrays)
 
 
+@pytest.mark.parametrize("chunk_size", [1, 3, 64, 1000])
+def test_chunk_buffer_places_each_tensor_aligned_whatever_the_chunk_boundaries(chunk_size: int) -> None:
+    rng = np.random.default_rng(3)
+    sizes = [5, 0, 64, 130, 0, 1, 77]
+    parts = [rng.integers(0, 256, n, dtype=np.uint8) for n in sizes]
+    stream = b"".join(p.tobytes() for p in parts)
+    buffer = ChunkBuffer(sizes, ValueError)
+    for start in range(0, len(stream), chunk_size):
+        buffer.write(stream[start:start + chunk_size])
+    assert buffer.filled == buffer.total == sum(sizes)
+    for index, part in enumerate(parts):
+        np.testing.assert_array_equal(buffer.view(index, pb.DATA_TYPE_INT32, (0,)).shape, (0,))
+        got = buffer.data[buffer.offsets[index]:buffer.offsets[index] + len(part)]
+        np.testing.assert_array_equal(got, part)
+        assert buffer.data[buffer.offsets[index]:].ctypes.data % ALIGNMENT == 0
+
+
+def test_a_reused_buffer_leaks_nothing_of_the_previous_push_into_the_next() -> None:
+    shared = np.full(256, 0xAB, np.uint8)  # what the last push left behind
+    buffer = ChunkBuffer([8, 8], ValueError, shared)
+    buffer.write(np.arange(4, dtype="<f4").tobytes())
+    np.testing.assert_array_equal(buffer.view(0, pb.DATA_TYPE_FLOAT32, (2,)), [0, 1])
+    np.testing.assert_array_equal(buffer.view(1, pb.DATA_TYPE_FLOAT32, (2,)), [2, 3])
+
+
 def test_chunk_buffer_refuses_bytes_beyond_the_declared_size() -> None:
-    buffer = ChunkBuffer(8, ValueError)
+    buffer = ChunkBuffer([8], ValueError)
     buffer.write(b"\1" * 6)
     with pytest.raises(ValueError, match="10 bytes received, more than the 8"):
         buffer.write(b"\2" * 4)
