@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from optserve.client.wire import ChunkBuffer, padded_bytes
 from optserve.server.codec import Gradient
 from optserve.server.engine import adam
 from optserve.server.engine.config import AdamConfig, parse_config
@@ -36,6 +37,7 @@ from optserve.server.errors import (
 from optserve.server.metrics import Metrics
 from optserve.server.modes import DedupTable, PushResult, TrainingMode, aggregate
 from optserve.server.storage import Checkpoint, LogRecord, OptimizerStore, list_stores
+from optserve.v1 import optserve_pb2 as pb
 
 log = logging.getLogger("optserve.registry")
 
@@ -150,13 +152,15 @@ class Optimizer:
             self._wait_for(result.version, timeout, "the round of this push")
             return replace(result, iterations=self._iterations)
 
-    def pull(self, kind: str, names: Sequence[str], min_version: int | None = None,
-             timeout: float | None = None) -> tuple[int, int, list[tuple[str, np.ndarray]]]:
+    def pull(self, kind: str, names: Sequence[str], min_version: int | None = None, timeout: float | None = None,
+             into: Callable[[int], np.ndarray] | None = None) -> tuple[int, int, list[tuple[str, np.ndarray]]]:
         """Copies one kind of state tensor out (see STATE_KINDS) as one snapshot.
 
         Waits (on a condition, not by polling) up to `timeout` seconds for
         `min_version`. Returns (version, iterations, [(name, float32 array)]);
-        `names` empty means every tensor in creation order.
+        `names` empty means every tensor in creation order. `into(nbytes)`
+        supplies an aligned buffer to copy into (a warm one from a pool); else
+        fresh arrays are made.
         """
         if kind == "ema" and not self.config.use_ema:
             raise FailedPrecondition(f"kind: optimizer {self.name!r} keeps no EMA weights (use_ema is false)")
@@ -173,7 +177,15 @@ class Optimizer:
                 self._wait_for(min_version, timeout, "min_version")
             self._check_alive()
             source = getattr(self._state, STATE_KINDS[kind])
-            arrays = [(name, np.array(source[name])) for name in names]
+            if into is None:
+                return self._version, self._iterations, [(name, np.array(source[name])) for name in names]
+            sizes = [4 * int(np.prod(self.shapes[name], dtype=np.int64)) for name in names]
+            slots = ChunkBuffer(sizes, InvalidArgument, into(padded_bytes(sizes)))
+            arrays = []
+            for index, name in enumerate(names):
+                array = slots.view(index, pb.DATA_TYPE_FLOAT32, self.shapes[name])
+                np.copyto(array, np.asarray(source[name]))  # np.asarray of a CPU array copies nothing
+                arrays.append((name, array))
             return self._version, self._iterations, arrays
 
     def finalize(self) -> None:

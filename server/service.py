@@ -92,10 +92,12 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
             raise InvalidArgument(f"kind: unknown state kind {request.kind}")
         optimizer = self._registry.get(request.optimizer)
         min_version = request.min_version if request.HasField("min_version") else None
-        version, iterations, arrays = optimizer.pull(_STATE_KINDS[request.kind], request.names, min_version,
-                                                     _wait_budget(context))
-        self._registry.metrics.bytes_sent.labels(optimizer.name).inc(_nbytes(a for _, a in arrays))
-        yield from codec.encode_pull(version, iterations, arrays)
+        with contextlib.ExitStack() as leases:  # the snapshot's buffer goes back to the pool once sent
+            version, iterations, arrays = optimizer.pull(
+                _STATE_KINDS[request.kind], request.names, min_version, _wait_budget(context),
+                into=lambda nbytes: leases.enter_context(self._buffers.lease(nbytes)))
+            self._registry.metrics.bytes_sent.labels(optimizer.name).inc(_nbytes(a for _, a in arrays))
+            yield from codec.encode_pull(version, iterations, arrays)
 
     def FinalizeOptimizer(self, request, context) -> pb.OptimizerInfo:
         optimizer = self._registry.get(request.name)
