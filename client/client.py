@@ -17,7 +17,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from optserve.client.security import TLS, as_tls, make_channel
-from optserve.client.wire import CHUNK_BYTES, ChunkBuffer, data_type_of, iter_chunks
+from optserve.client.wire import CHUNK_BYTES, ChunkBuffer, data_type_of, iter_chunks, to_bfloat16_bits
 from optserve.v1 import optserve_pb2 as pb
 from optserve.v1 import optserve_pb2_grpc as pb_grpc
 
@@ -268,35 +268,40 @@ class Optimizer:
         self.name = name
 
     def push(self, grads: Mapping[str, Any], *, worker_id: str = "", seq: int | None = None,
-             base_version: int | None = None) -> PushResult:
+             base_version: int | None = None, wire_dtype: str | None = None) -> PushResult:
         """Sends one gradient for every tensor; returns the version that includes it.
 
         `grads` holds, per tensor, an array of the tensor's shape or an
         `IndexedSlices` (any object with `indices` and `values`). Float arrays go
-        as float32, or as float16/bfloat16 if they are already. `worker_id` and
-        `seq` (increasing per worker) make the push exactly-once: it is then
-        retried on UNAVAILABLE or DEADLINE_EXCEEDED, and a retry the server has
-        seen is answered, not applied again. `base_version` is the version the
-        gradient was computed from (required in sync mode and with max_staleness).
-        The answer comes once the step is applied (sync: when the round closes)
-        and, on a server with a write-ahead log, durable.
+        as float32, or as float16/bfloat16 if they are already; `wire_dtype`
+        "float16" or "bfloat16" rounds every gradient to that type first
+        (round to nearest even), halving the bytes (the server upcasts; its
+        state stays float32). `worker_id` and `seq` (increasing per worker)
+        make the push exactly-once: it is then retried on UNAVAILABLE or
+        DEADLINE_EXCEEDED, and a retry the server has seen is answered, not
+        applied again. `base_version` is the version the gradient was computed
+        from (required in sync mode and with max_staleness). The answer comes
+        once the step is applied (sync: when the round closes) and, on a server
+        with a write-ahead log, durable.
         """
+        if wire_dtype not in (None, "float32", "float16", "bfloat16"):
+            raise ValueError(f"wire_dtype must be float32, float16 or bfloat16, got {wire_dtype!r}")
         specs, arrays = [], []
         for name, grad in grads.items():
-            if hasattr(grad, "indices") and hasattr(grad, "values"):
-                indices = np.asarray(grad.indices)
-                values = _as_gradient(grad.values)
-                if indices.ndim != 1 or values.ndim < 1 or len(indices) != len(values):
-                    rows = values.shape[0] if values.ndim else 0
-                    raise ValueError(f"gradients[{name!r}]: {indices.size} indices for {rows} rows;"
-                                     " IndexedSlices needs 1-D indices, one per row of values")
-                specs.append(pb.GradientSpec(name=name, dtype=data_type_of(values.dtype), shape=values.shape,
-                                             sparse=True, index_dtype=data_type_of(indices.dtype)))
-                arrays += [indices, values]
-            else:
-                values = _as_gradient(grad)
-                specs.append(pb.GradientSpec(name=name, dtype=data_type_of(values.dtype), shape=values.shape))
+            sparse = hasattr(grad, "indices") and hasattr(grad, "values")
+            data_type, values = _wire_values(grad.values if sparse else grad, wire_dtype)
+            if not sparse:
+                specs.append(pb.GradientSpec(name=name, dtype=data_type, shape=values.shape))
                 arrays.append(values)
+                continue
+            indices = np.asarray(grad.indices)
+            if indices.ndim != 1 or values.ndim < 1 or len(indices) != len(values):
+                rows = values.shape[0] if values.ndim else 0
+                raise ValueError(f"gradients[{name!r}]: {indices.size} indices for {rows} rows;"
+                                 " IndexedSlices needs 1-D indices, one per row of values")
+            specs.append(pb.GradientSpec(name=name, dtype=data_type, shape=values.shape, sparse=True,
+                                         index_dtype=data_type_of(indices.dtype)))
+            arrays += [indices, values]
         header = pb.PushHeader(optimizer=self.name, gradients=specs, worker_id=worker_id, seq=seq,
                                base_version=base_version)
         retry = _PUSH_RETRY if worker_id and seq is not None else frozenset()
@@ -368,9 +373,18 @@ def _as_float32(value: Any) -> np.ndarray:
     return np.asarray(value, dtype=np.float32)
 
 
-def _as_gradient(value: Any) -> np.ndarray:
-    """Float64 and Python numbers become float32; every other dtype is sent as it is."""
+def _wire_values(value: Any, wire_dtype: str | None) -> tuple[int, np.ndarray]:
+    """The DataType and array a gradient travels as.
+
+    Float64 and Python numbers become float32; with `wire_dtype`, floats are
+    rounded to it (bfloat16 as raw uint16 bits, so the client needs no
+    ml_dtypes); any other dtype is sent as it is, for the server to judge.
+    """
     array = np.asarray(value)
     if array.dtype == np.float64:
-        return array.astype(np.float32)
-    return array
+        array = array.astype(np.float32)
+    if wire_dtype == "bfloat16" and array.dtype.kind == "f" and array.dtype.name != "bfloat16":
+        return pb.DATA_TYPE_BFLOAT16, to_bfloat16_bits(array)
+    if wire_dtype == "float16" and array.dtype.kind == "f":
+        array = array.astype(np.float16)
+    return data_type_of(array.dtype), array

@@ -61,6 +61,20 @@ def data_type_of(dtype: np.dtype) -> int:
     raise TypeError(f"dtype {dtype} cannot be sent; use float32, float16, bfloat16, int32 or int64")
 
 
+def to_bfloat16_bits(array: np.ndarray) -> np.ndarray:
+    """The bfloat16 bit patterns (uint16) of float values, rounded to nearest even, NaN kept NaN.
+
+    bfloat16 is the top half of a float32, so rounding is integer arithmetic on
+    the float32 bits: no ml_dtypes needed on the client.
+    """
+    bits = np.ascontiguousarray(array, dtype=np.float32).view(np.uint32)
+    rounded = ((bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
+    nan = np.isnan(array)
+    if nan.any():
+        rounded[nan] = ((bits[nan] >> 16) | np.uint32(0x0040)).astype(np.uint16)  # quiet NaN, sign kept
+    return rounded
+
+
 def as_little_endian(array: np.ndarray) -> np.ndarray:
     """The array as C-contiguous little-endian data, copied only when needed."""
     array = np.ascontiguousarray(array)

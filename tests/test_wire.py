@@ -90,3 +90,34 @@ def test_float16_bfloat16_and_jax_gradients_equal_their_float32_upcast(client: C
         np.testing.assert_array_equal(opt_low.pull()[key], opt_full.pull()[key])
     client.delete_optimizer(opt_low.name)
     client.delete_optimizer(opt_full.name)
+
+
+def test_bfloat16_rounding_matches_ml_dtypes_bit_for_bit() -> None:
+    from optserve.client.wire import to_bfloat16_bits
+
+    rng = np.random.default_rng(4)
+    special = np.array([0.0, -0.0, 1.0, -1.0, np.inf, -np.inf, 3.4e38, -3.4e38, 1e-40, -1e-45, 1.00390625,
+                        1.01171875, 65504.0, np.finfo(np.float32).max], np.float32)
+    values = np.concatenate([special, rng.normal(size=10_000).astype(np.float32) * 10.0 ** rng.integers(-30, 30, 10_000)])
+    want = values.astype(ml_dtypes.bfloat16).view(np.uint16)
+    np.testing.assert_array_equal(to_bfloat16_bits(values), want)
+    nan = to_bfloat16_bits(np.array([np.nan, -np.nan], np.float32)).view(ml_dtypes.bfloat16)
+    assert np.isnan(nan.astype(np.float32)).all()
+
+
+@pytest.mark.parametrize("wire_dtype,cast", [("bfloat16", ml_dtypes.bfloat16), ("float16", np.float16)])
+def test_push_with_a_half_width_wire_equals_pushing_the_rounded_gradient(client: Client, name: str, wire_dtype,
+                                                                      cast) -> None:
+    rng = np.random.default_rng(5)
+    init = {"a": rng.normal(size=(6, 5)).astype(np.float32), "emb": rng.normal(size=(4, 2)).astype(np.float32)}
+    grads = {"a": rng.normal(size=(6, 5)).astype(np.float32),
+             "emb": IndexedSlices(np.array([0, 3, 0]), rng.normal(size=(3, 2)).astype(np.float32))}
+    rounded = {"a": grads["a"].astype(cast), "emb": IndexedSlices(grads["emb"].indices, grads["emb"].values.astype(cast))}
+    wired = client.create_optimizer(name + "-wire", init, {"learning_rate": 0.01})
+    manual = client.create_optimizer(name + "-manual", init, {"learning_rate": 0.01})
+    wired.push(grads, wire_dtype=wire_dtype)
+    manual.push(rounded)
+    for key in init:
+        np.testing.assert_array_equal(wired.pull()[key], manual.pull()[key])
+    client.delete_optimizer(wired.name)
+    client.delete_optimizer(manual.name)
