@@ -367,3 +367,33 @@ def test_save_without_a_data_dir_is_a_failed_precondition(client: Client, name: 
     opt = client.create_optimizer(name, {"w": np.zeros(1, np.float32)})
     expect_error(grpc.StatusCode.FAILED_PRECONDITION, "--data-dir", opt.save)
     client.delete_optimizer(name)
+
+
+def test_more_concurrent_calls_than_the_limit_get_resource_exhausted() -> None:
+    server = RunningServer(ServerOptions(host="127.0.0.1", port=0, max_concurrent_rpcs=2))
+    try:
+        with Client(server.address, timeout=30) as client:
+            opt = client.create_optimizer("m", {"w": np.zeros(1, np.float32)})
+            waiting = [threading.Thread(target=lambda: expect_error(
+                grpc.StatusCode.DEADLINE_EXCEEDED, "", opt.pull, min_version=5, timeout=3)) for _ in range(2)]
+            for thread in waiting:
+                thread.start()
+            time.sleep(0.5)  # both pulls now wait on the server, holding the two slots
+            stub = pb_grpc.OptimizerServiceStub(client._channel)
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.GetOptimizer(pb.GetOptimizerRequest(name="m"), timeout=10)
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            for thread in waiting:
+                thread.join(timeout=30)
+            deadline = time.monotonic() + 10  # the server frees a slot as its wait ends, just after the client's
+            while time.monotonic() < deadline:
+                try:
+                    assert opt.info().version == 0
+                    break
+                except OptserveError as err:
+                    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    time.sleep(0.1)
+            else:
+                raise AssertionError("the slots were never freed")
+    finally:
+        server.stop()

@@ -8,6 +8,7 @@ import time
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from optserve.client import Client, OptserveError
 from optserve.server.launch import ServerProcess
@@ -43,9 +44,13 @@ def test_signal_lets_the_push_in_flight_finish_then_exits_cleanly(signum: int) -
 
         stub = pb_grpc.OptimizerServiceStub(client._channel)
         future = stub.PushGradients.future(slow_push(), timeout=60)
+        health = health_pb2_grpc.HealthStub(client._channel).Watch(
+            health_pb2.HealthCheckRequest(service="optserve.v1.OptimizerService"), timeout=60)
+        assert next(health).status == health_pb2.HealthCheckResponse.SERVING
         time.sleep(0.5)  # the call is in flight
         server.process.send_signal(signum)
         wait_for_line(server, "shutting down")
+        assert next(health).status == health_pb2.HealthCheckResponse.NOT_SERVING  # draining
         signalled.set()
         assert future.result().version == 2
         assert server.process.wait(timeout=60) == 0
