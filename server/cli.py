@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     bench = commands.add_parser("bench", help="measure side by side in one run and print a table")
     bench.add_argument("--quick", action="store_true", help="small sizes, well under a minute (a CI smoke test)")
     bench.add_argument("--json", help="also write the results to this JSON file")
+    bench.add_argument("--plot", default="optserve-bench.png", help="where to write the PNG plot (default %(default)s)")
 
     for name, text in [("status", "print a table of a server's optimizers"),
                        ("health", "exit 0 if a server's service is SERVING (for probes), 1 otherwise")]:
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         from optserve.server.bench import run_bench
 
-        return run_bench(quick=args.quick, json_path=args.json)
+        return run_bench(quick=args.quick, json_path=args.json, plot_path=args.plot)
     if args.command == "status":
         return _status(args)
     return _health(args)

@@ -1,16 +1,77 @@
-"""`optserve bench --quick` runs end to end (a smoke test: timings are never asserted)."""
+"""`optserve bench --quick` runs end to end and reports every section (a smoke test: timings are never asserted)."""
 
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
-def test_quick_bench_reports_every_durability_mode(tmp_path: Path) -> None:
+pytest.importorskip("optax", reason="optserve bench needs the bench extra")
+pytest.importorskip("psutil", reason="optserve bench needs the bench extra")
+
+from optserve.server.bench import mixed_sizes  # noqa: E402 (after the skips)
+
+SECTIONS = ("environment", "bandwidth", "step", "transfer", "round_trip", "workers", "memory", "durability")
+
+
+def test_quick_bench_reports_every_section_and_writes_the_plot(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     run = subprocess.run([sys.executable, "-m", "optserve.server.cli", "bench", "--quick", "--json", str(out)],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)  # the plot lands in cwd
     assert run.returncode == 0, run.stdout + run.stderr
     results = json.loads(out.read_text())
+    assert results["quick"] is True
+    for section in SECTIONS:
+        assert section in results, section
+    assert results["environment"]["device"]
+    assert results["bandwidth"]["best_gb_s"] > 0
+
+    step = results["step"]["rows"]
+    assert {(r["params"], r["layout"], r["tensors"]) for r in step} == {(1_000_000, "flat", 1),
+                                                                       (1_000_000, "mixed", 100)}
+    assert all(r["server_ms"] > 0 and r["optax_ms"] > 0 and r["bound_ms"] > 0 for r in step)
+
+    transfer = results["transfer"]["rows"]
+    assert [r["mb"] for r in transfer] == [4, 16]
+    for row in transfer:
+        for who in ("optserve", "grpc", "tcp"):
+            for way in ("push", "pull"):
+                assert row[f"{who}_{way}_mb_s"] > 0
+
+    round_trip = results["round_trip"]
+    assert set(round_trip["rows"]) == {"float32", "bfloat16"}
+    for row in round_trip["rows"].values():
+        assert row["round_trip_ms"] > 0 and row["compute_ms"] > 0
+        assert set(row["serialization_ms"]) == set(row["transfer_ms"]) == {"push", "pull", "total"}
+    assert round_trip["rows"]["bfloat16"]["push_bytes"] * 2 == round_trip["rows"]["float32"]["push_bytes"]
+    assert round_trip["floor_ms"] > 0
+
+    assert [r["workers"] for r in results["workers"]["rows"]] == [1, 2, 4]
+    assert all(r["pushes"] > 0 for r in results["workers"]["rows"])
+
+    memory = results["memory"]
+    assert memory["peak"]["peak_rss"] >= memory["peak"]["idle_rss"] > 0
+    assert memory["growth"]["pushes"] == 200 and len(memory["growth"]["samples"]) >= 10
+
     assert set(results["durability"]) == {"memory", "wal", "none"}
     assert all(row["push_ms"] > 0 for row in results["durability"].values())
+
+    # Every target is reported, met or not, in the JSON and in the printed tables.
+    targets = results["targets"]
+    assert {t["section"] for t in targets} == {"step", "transfer", "round_trip", "workers", "memory"}
+    assert all(isinstance(t["met"], bool) for t in targets)
+    for section in SECTIONS[2:-1]:
+        assert results[section]["targets"], section
+    assert "targets met" in run.stdout
+    for title in ("Adam step", "push / pull throughput", "round trip", "concurrent workers", "server memory",
+                  "durability"):
+        assert title in run.stdout, title
+    assert (tmp_path / "optserve-bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_mixed_sizes_are_100_tensors_over_three_decades_summing_to_the_total() -> None:
+    for total in (1_000_000, 10_000_000, 50_000_000):
+        sizes = mixed_sizes(total)
+        assert len(sizes) == 100 and sum(sizes) == total and min(sizes) >= 1
+        assert max(sizes) / min(sizes) > 100
