@@ -17,7 +17,14 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from optserve.client.security import TLS, as_tls, make_channel
-from optserve.client.wire import CHUNK_BYTES, ChunkBuffer, data_type_of, iter_chunks, to_bfloat16_bits
+from optserve.client.wire import (
+    CHUNK_BYTES,
+    ChunkBuffer,
+    data_type_of,
+    encode_stream,
+    stream_message_parser,
+    to_bfloat16_bits,
+)
 from optserve.v1 import optserve_pb2 as pb
 from optserve.v1 import optserve_pb2_grpc as pb_grpc
 
@@ -157,6 +164,15 @@ class Client:
         self.chunk_bytes = chunk_bytes
         self._channel = make_channel(address, _CHANNEL_OPTIONS, as_tls(tls), token)
         self._stub = pb_grpc.OptimizerServiceStub(self._channel)
+        # The tensor streams use the hand-made chunk encoding of optserve.client.wire (same bytes, fewer copies).
+        path = f"/{SERVICE_NAME}/"
+        self._create = self._channel.stream_unary(path + "CreateOptimizer", request_serializer=bytes,
+                                                  response_deserializer=pb.OptimizerInfo.FromString)
+        self._push = self._channel.stream_unary(path + "PushGradients", request_serializer=bytes,
+                                                response_deserializer=pb.PushGradientsResponse.FromString)
+        self._pull = self._channel.unary_stream(path + "PullWeights",
+                                                request_serializer=pb.PullWeightsRequest.SerializeToString,
+                                                response_deserializer=stream_message_parser(pb.PullWeightsResponse))
         try:
             self._wait_until_serving(timeout)
         except BaseException:
@@ -195,7 +211,7 @@ class Client:
                 aggregation=_AGGREGATIONS[aggregation], sync_timeout_seconds=sync_timeout,
                 max_staleness=max_staleness),
         )
-        self._call(self._stub.CreateOptimizer, lambda: self._stream(pb.CreateOptimizerRequest, header, arrays.values()))
+        self._call(self._create, lambda: encode_stream(header, arrays.values(), self.chunk_bytes))
         return Optimizer(self, name)
 
     def optimizer(self, name: str) -> "Optimizer":
@@ -221,11 +237,6 @@ class Client:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
-
-    def _stream(self, message_type: type, header: Any, arrays: Iterable[np.ndarray]) -> Iterator:
-        yield message_type(header=header)
-        for chunk in iter_chunks(arrays, self.chunk_bytes):
-            yield message_type(chunk=chunk)
 
     def _wait_until_serving(self, timeout: float) -> None:
         """Follows the health service (a stream, not polling) until the optimizer service is SERVING."""
@@ -305,8 +316,8 @@ class Optimizer:
         header = pb.PushHeader(optimizer=self.name, gradients=specs, worker_id=worker_id, seq=seq,
                                base_version=base_version)
         retry = _PUSH_RETRY if worker_id and seq is not None else frozenset()
-        reply = self.client._call(self.client._stub.PushGradients,
-                                  lambda: self.client._stream(pb.PushGradientsRequest, header, arrays), retry)
+        reply = self.client._call(self.client._push,
+                                  lambda: encode_stream(header, arrays, self.client.chunk_bytes), retry)
         return PushResult.from_wire(reply)
 
     def pull(self, ema: bool = False, names: Iterable[str] = (), *, min_version: int | None = None,
@@ -330,7 +341,7 @@ class Optimizer:
               timeout: float | None = None) -> Weights:
         request = pb.PullWeightsRequest(optimizer=self.name, kind=kind, names=list(names), min_version=min_version)
         return self.client._call(
-            lambda req, **kwargs: _read_weights(self.client._stub.PullWeights(req, **kwargs)),
+            lambda req, **kwargs: _read_weights(self.client._pull(req, **kwargs)),
             lambda: request, _READ_RETRY, timeout)
 
     def info(self) -> OptimizerInfo:

@@ -23,14 +23,10 @@ from optserve.server.metrics import Metrics
 from optserve.server.options import ServerOptions
 from optserve.server.registry import Persistence, Registry
 from optserve.server.security import ServerSecurity
-from optserve.server.service import ErrorInterceptor, OptimizerService
+from optserve.server.service import SERVICE_NAME, ErrorInterceptor, OptimizerService, add_service
 from optserve.server.storage import StorageError
-from optserve.v1 import optserve_pb2 as pb
-from optserve.v1 import optserve_pb2_grpc as pb_grpc
 
 log = logging.getLogger("optserve.server")
-
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["OptimizerService"].full_name  # "optserve.v1.OptimizerService"
 
 # gRPC transport settings (times in ms). Messages stay small (chunks of 1 MiB plus a header), so
 # 16 MiB caps a runaway message without ever refusing a valid one. Keepalive pings find dead peers
@@ -91,7 +87,7 @@ def create_server(options: ServerOptions, interceptors: Sequence[grpc.ServerInte
         options=TRANSPORT_OPTIONS,
         maximum_concurrent_rpcs=options.max_concurrent_rpcs,
     )
-    pb_grpc.add_OptimizerServiceServicer_to_server(OptimizerService(registry, options), server)
+    add_service(OptimizerService(registry, options), server)
     health_servicer = health.HealthServicer(
         experimental_non_blocking=True, experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=2))
     for service in ("", SERVICE_NAME):

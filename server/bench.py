@@ -30,7 +30,6 @@ asserted (CI runs `--quick` as a smoke test only).
 """
 
 import gc
-import inspect
 import io
 import json
 import multiprocessing
@@ -544,7 +543,7 @@ def measure_round_trip(address: str, metrics: "ServerMetrics", raw_tcp: RawTcp, 
 
     compute: the server's step (its `optserve_step_seconds`, mean over the timed
     pushes); serialization: the real client and server codec on the same
-    tensors in this process (`_LoopbackStub`); transfer: the rest. A bfloat16
+    tensors in this process (`_Loopback`); transfer: the rest. A bfloat16
     push is `push(..., wire_dtype="bfloat16")`: it includes the client's rounding.
     """
     rng = np.random.default_rng(3)
@@ -609,9 +608,10 @@ def _codec_times(init: np.ndarray, grad: np.ndarray, push_options: dict, reps: i
     """Median seconds of one push's and one pull's encoding and decoding, both sides, without transport."""
     from optserve.client.client import Optimizer
 
-    stub = _LoopbackStub({"w": init})
-    client = Client.__new__(Client)  # the real client code on a stub that stands in for the channel
-    client.address, client.timeout, client.chunk_bytes, client._stub = "in-process", CLIENT_TIMEOUT, CHUNK_BYTES, stub
+    loopback = _Loopback({"w": init})
+    client = Client.__new__(Client)  # the real client code on calls that stand in for the channel
+    client.address, client.timeout, client.chunk_bytes = "in-process", CLIENT_TIMEOUT, CHUNK_BYTES
+    client._push, client._pull = loopback.push, loopback.pull
     opt = Optimizer(client, "round-trip")
     opt.push({"w": grad}, **push_options)
     opt.pull()
@@ -620,51 +620,47 @@ def _codec_times(init: np.ndarray, grad: np.ndarray, push_options: dict, reps: i
     return push, pull
 
 
-class _LoopbackStub:
-    """Stands in for the gRPC stub: each message is serialized and parsed as gRPC does, then the
-    server's codec decodes the push (and checks it for NaN/Inf, as the default policy does) or encodes
-    the pull from a host copy of device weights, as the server does."""
+class _Loopback:
+    """Stands in for the push and pull calls: each message goes through the serializers gRPC would
+    use, then the server's codec decodes the push into a reused buffer (and checks it for NaN/Inf, as
+    the default policy does) or encodes the pull from a host copy of device weights, as the server does."""
 
     def __init__(self, params: dict[str, np.ndarray]):
         import jax
 
+        from optserve.client.wire import aligned_empty, stream_message_parser
         from optserve.server import codec
+        from optserve.v1 import optserve_pb2 as pb
 
         self._codec = codec
         self._shapes = {name: tuple(value.shape) for name, value in params.items()}
         self._weights = {name: jax.device_put(value) for name, value in params.items()}
-        self._into = "into" in inspect.signature(codec.decode_gradients).parameters  # a server that reuses buffers
         self._buffers: dict[int, np.ndarray] = {}
+        self._aligned_empty = aligned_empty
+        self._parse_push = stream_message_parser(pb.PushGradientsRequest)
+        self._parse_pull = stream_message_parser(pb.PullWeightsResponse)
+        self._reply = pb.PushGradientsResponse(version=1, iterations=1)
 
     def _buffer(self, nbytes: int) -> np.ndarray:
         if nbytes not in self._buffers:
-            from optserve.client import wire
-
-            make = getattr(wire, "aligned_empty", lambda size: np.empty(size, np.uint8))
-            self._buffers[nbytes] = make(nbytes)
+            self._buffers[nbytes] = self._aligned_empty(nbytes)
             self._buffers[nbytes].fill(0)
         return self._buffers[nbytes]
 
-    def PushGradients(self, requests, timeout=None, wait_for_ready=None):  # noqa: N802 (the stub's name)
-        from optserve.v1 import optserve_pb2 as pb
-
-        received = (pb.PushGradientsRequest.FromString(message.SerializeToString()) for message in requests)
-        header, chunks = self._codec.split_push(received)
-        extra = {"into": self._buffer} if self._into else {}
-        grads = self._codec.decode_gradients(header, chunks, self._shapes, 1 << 62, **extra)
+    def push(self, requests, timeout=None, wait_for_ready=None):
+        header, chunks = self._codec.split_push(self._parse_push(bytes(message)) for message in requests)
+        grads = self._codec.decode_gradients(header, chunks, self._shapes, 1 << 62, into=self._buffer)
         for grad in grads.values():
             values = grad[1] if isinstance(grad, tuple) else grad
             with np.errstate(invalid="ignore"):
                 if not np.isfinite(values).all():
                     raise ValueError("non-finite gradient")
-        return pb.PushGradientsResponse(version=1, iterations=1)
+        return self._reply
 
-    def PullWeights(self, request, timeout=None, wait_for_ready=None):  # noqa: N802
-        from optserve.v1 import optserve_pb2 as pb
-
+    def pull(self, request, timeout=None, wait_for_ready=None):
         arrays = [(name, np.array(self._weights[name])) for name in self._shapes]
         for message in self._codec.encode_pull(1, 1, arrays):
-            yield pb.PullWeightsResponse.FromString(message.SerializeToString())
+            yield self._parse_pull(message)
 
 
 # --- concurrent workers ------------------------------------------------------

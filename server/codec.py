@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from optserve.client.wire import ITEMSIZE, ChunkBuffer, data_type_of, dtype_name, iter_chunks, padded_bytes
+from optserve.client.wire import ITEMSIZE, ChunkBuffer, data_type_of, dtype_name, encode_stream, padded_bytes
 from optserve.server.errors import InvalidArgument, NotFound, ResourceExhausted
 from optserve.server.modes import DEFAULT_SYNC_TIMEOUT, TrainingMode
 from optserve.v1 import optserve_pb2 as pb
@@ -155,14 +155,11 @@ def decode_gradients(
     return grads
 
 
-def encode_pull(
-    version: int, iterations: int, tensors: Sequence[tuple[str, np.ndarray]]
-) -> Iterator[pb.PullWeightsResponse]:
-    """A PullWeights stream: the header, then the tensors' bytes in chunks."""
+def encode_pull(version: int, iterations: int, tensors: Sequence[tuple[str, np.ndarray]]) -> Iterator[bytes]:
+    """A PullWeights stream, serialized: the header, then the tensors' bytes in chunks."""
     specs = [pb.TensorSpec(name=name, dtype=data_type_of(array.dtype), shape=array.shape) for name, array in tensors]
-    yield pb.PullWeightsResponse(header=pb.PullHeader(version=version, iterations=iterations, tensors=specs))
-    for chunk in iter_chunks(array for _, array in tensors):
-        yield pb.PullWeightsResponse(chunk=chunk)
+    header = pb.PullHeader(version=version, iterations=iterations, tensors=specs)
+    return encode_stream(header, (array for _, array in tensors))
 
 
 def _split_stream(requests: Iterator, rpc: str) -> tuple[Any, Iterator]:

@@ -15,6 +15,7 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from optserve.client.wire import stream_message_parser
 from optserve.server import codec
 from optserve.server.buffers import BufferPool
 from optserve.server.errors import InvalidArgument, OptserveError
@@ -24,6 +25,8 @@ from optserve.v1 import optserve_pb2 as pb
 from optserve.v1 import optserve_pb2_grpc as pb_grpc
 
 log = logging.getLogger("optserve.service")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["OptimizerService"].full_name  # "optserve.v1.OptimizerService"
 
 MAX_WAIT_SECONDS = 3600.0  # longest a call waits (a pull's min_version, a sync round) without a deadline
 
@@ -115,6 +118,33 @@ def _nbytes(arrays) -> int:
 def _wait_budget(context: grpc.ServicerContext) -> float:
     """Seconds a call may wait on the server: its deadline, capped."""
     return min(context.time_remaining() or MAX_WAIT_SECONDS, MAX_WAIT_SECONDS)
+
+
+def add_service(servicer: OptimizerService, server: grpc.Server) -> None:
+    """Registers the service with the hand-made chunk encoding of `optserve.client.wire`.
+
+    The generated registration is kept for every method, but the streams of
+    tensors skip protobuf's copies: received chunks are views into the
+    received bytes, and a pull's messages are serialized as they are made.
+    """
+    capture = _HandlerCapture()
+    pb_grpc.add_OptimizerServiceServicer_to_server(servicer, capture)
+    handlers = dict(capture.handlers)
+    for method, message in (("CreateOptimizer", pb.CreateOptimizerRequest), ("PushGradients", pb.PushGradientsRequest)):
+        handlers[method] = handlers[method]._replace(request_deserializer=stream_message_parser(message))
+    handlers["PullWeights"] = handlers["PullWeights"]._replace(response_serializer=bytes)  # already serialized
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
+class _HandlerCapture:
+    """Stands in for a server to collect the generated method handlers."""
+
+    def add_generic_rpc_handlers(self, generic_handlers) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service_name: str, handlers: dict) -> None:
+        self.handlers = handlers
 
 
 def info_to_wire(info: OptimizerInfo) -> pb.OptimizerInfo:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from optserve.client import Client, IndexedSlices
-from optserve.client.wire import ALIGNMENT, CHUNK_BYTES, ChunkBuffer, iter_chunks
+from optserve.client.wire import ALIGNMENT, CHUNK_BYTES, ChunkBuffer, encode_stream, iter_chunks, stream_message_parser
 from optserve.v1 import optserve_pb2 as pb
 
 
@@ -15,7 +15,7 @@ from optserve.v1 import optserve_pb2 as pb
 def test_chunks_are_full_except_the_last_and_carry_every_byte_in_order(sizes: list[int]) -> None:
     rng = np.random.default_rng(0)
     arrays = [rng.integers(0, 256, n, dtype=np.uint8) for n in sizes]
-    chunks = list(iter_chunks(arrays))
+    chunks = [b"".join(parts) for parts in iter_chunks(arrays)]
     assert all(len(c) == CHUNK_BYTES for c in chunks[:-1])
     assert all(0 < len(c) <= CHUNK_BYTES for c in chunks)
     assert b"".join(chunks) == b"".join(a.tobytes() for a in arrays)
@@ -46,6 +46,23 @@ def test_a_reused_buffer_leaks_nothing_of_the_previous_push_into_the_next() -> N
     np.testing.assert_array_equal(buffer.view(1, pb.DATA_TYPE_FLOAT32, (2,)), [2, 3])
 
 
+@pytest.mark.parametrize("sizes", [[], [0], [5], [CHUNK_BYTES + 3, 7], [127, 128, 300]])
+def test_hand_made_stream_encoding_is_byte_for_byte_protobuf(sizes: list[int]) -> None:
+    """Other clients use protobuf: the fast path must produce and accept exactly its bytes."""
+    rng = np.random.default_rng(6)
+    arrays = [rng.integers(0, 256, n, dtype=np.uint8) for n in sizes]
+    header = pb.PushHeader(optimizer="m", gradients=[pb.GradientSpec(name="w", dtype=pb.DATA_TYPE_FLOAT32)])
+    encoded = list(encode_stream(header, arrays, chunk_bytes=100))
+    protobuf = [pb.PushGradientsRequest(header=header).SerializeToString()] + [
+        pb.PushGradientsRequest(chunk=b"".join(parts)).SerializeToString() for parts in iter_chunks(arrays, 100)]
+    assert encoded == protobuf
+    parse = stream_message_parser(pb.PushGradientsRequest)
+    parsed = [parse(message) for message in protobuf]
+    assert parsed[0].WhichOneof("part") == "header" and parsed[0].header == header
+    assert all(p.WhichOneof("part") == "chunk" for p in parsed[1:])
+    assert b"".join(bytes(p.chunk) for p in parsed[1:]) == b"".join(a.tobytes() for a in arrays)
+
+
 def test_chunk_buffer_refuses_bytes_beyond_the_declared_size() -> None:
     buffer = ChunkBuffer([8], ValueError)
     buffer.write(b"\1" * 6)
@@ -56,7 +73,7 @@ def test_chunk_buffer_refuses_bytes_beyond_the_declared_size() -> None:
 
 def test_big_endian_arrays_travel_as_little_endian() -> None:
     big = np.arange(4, dtype=">f4")
-    assert b"".join(iter_chunks([big])) == np.arange(4, dtype="<f4").tobytes()
+    assert b"".join(b"".join(parts) for parts in iter_chunks([big])) == np.arange(4, dtype="<f4").tobytes()
 
 
 def test_tensors_larger_than_a_chunk_round_trip_exactly(client: Client, name: str) -> None:
