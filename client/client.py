@@ -23,7 +23,7 @@ from optserve.client.wire import (
     data_type_of,
     encode_stream,
     stream_message_parser,
-    to_bfloat16_bits,
+    to_bfloat16,
 )
 from optserve.v1 import optserve_pb2 as pb
 from optserve.v1 import optserve_pb2_grpc as pb_grpc
@@ -388,14 +388,14 @@ def _wire_values(value: Any, wire_dtype: str | None) -> tuple[int, np.ndarray]:
     """The DataType and array a gradient travels as.
 
     Float64 and Python numbers become float32; with `wire_dtype`, floats are
-    rounded to it (bfloat16 as raw uint16 bits, so the client needs no
-    ml_dtypes); any other dtype is sent as it is, for the server to judge.
+    rounded to it (bfloat16 without ml_dtypes travels as its raw uint16 bits);
+    any other dtype is sent as it is, for the server to judge.
     """
     array = np.asarray(value)
     if array.dtype == np.float64:
         array = array.astype(np.float32)
     if wire_dtype == "bfloat16" and array.dtype.kind == "f" and array.dtype.name != "bfloat16":
-        return pb.DATA_TYPE_BFLOAT16, to_bfloat16_bits(array)
+        return pb.DATA_TYPE_BFLOAT16, to_bfloat16(array)
     if wire_dtype == "float16" and array.dtype.kind == "f":
         array = array.astype(np.float16)
     return data_type_of(array.dtype), array
