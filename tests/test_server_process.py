@@ -33,12 +33,13 @@ def test_signal_lets_the_push_in_flight_finish_then_exits_cleanly(signum: int) -
         opt = client.create_optimizer("m", {"w": np.ones(1000, np.float32)}, {"learning_rate": 0.1})
         opt.push({"w": np.ones(1000, np.float32)})  # compiles the step before the timed part
 
-        signalled = threading.Event()
+        signalled, started = threading.Event(), threading.Event()
 
         def slow_push():
             spec = pb.GradientSpec(name="w", dtype=pb.DATA_TYPE_FLOAT32, shape=[1000])
             yield pb.PushGradientsRequest(header=pb.PushHeader(optimizer="m", gradients=[spec]))
             yield pb.PushGradientsRequest(chunk=np.ones(500, np.float32).tobytes())
+            started.set()  # gRPC has taken the first messages: the call is under way
             signalled.wait(timeout=60)  # the rest arrives only after the signal
             yield pb.PushGradientsRequest(chunk=np.ones(500, np.float32).tobytes())
 
@@ -47,7 +48,8 @@ def test_signal_lets_the_push_in_flight_finish_then_exits_cleanly(signum: int) -
         health = health_pb2_grpc.HealthStub(client._channel).Watch(
             health_pb2.HealthCheckRequest(service="optserve.v1.OptimizerService"), timeout=60)
         assert next(health).status == health_pb2.HealthCheckResponse.SERVING
-        time.sleep(0.5)  # the call is in flight
+        assert started.wait(timeout=30)
+        time.sleep(0.5)  # and has reached the server
         server.process.send_signal(signum)
         wait_for_line(server, "shutting down")
         assert next(health).status == health_pb2.HealthCheckResponse.NOT_SERVING  # draining
