@@ -242,8 +242,9 @@ class Client:
         """Follows the health service (a stream, not polling) until the optimizer service is SERVING."""
         health = health_pb2_grpc.HealthStub(self._channel)
         request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+        watch = health.Watch(request, timeout=timeout, wait_for_ready=True)
         try:
-            for reply in health.Watch(request, timeout=timeout, wait_for_ready=True):
+            for reply in watch:
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     return
         except grpc.RpcError as err:
@@ -251,6 +252,8 @@ class Client:
                 raise OptserveError(grpc.StatusCode.UNAVAILABLE,
                                     f"server at {self.address} not serving after {timeout} s") from None
             raise OptserveError(err.code(), err.details()) from None
+        finally:
+            watch.cancel()  # ends the stream: it would hold a call slot on the server
         raise OptserveError(grpc.StatusCode.UNAVAILABLE, f"server at {self.address} stopped serving")
 
     def _call(self, method: Callable, make_request: Callable[[], Any], retry: frozenset = frozenset(),

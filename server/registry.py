@@ -204,7 +204,7 @@ class Optimizer:
         with self._save_lock:
             with self._lock:
                 self._check_alive()
-                checkpoint = self._checkpoint()
+                checkpoint = self.checkpoint()
                 self._store.start_log(checkpoint.version)  # later changes go to a new log
             self._store.save(checkpoint)
             self.saved_version, self.saved_at = checkpoint.version, time.monotonic()
@@ -254,7 +254,19 @@ class Optimizer:
             if self._store is not None:
                 self._store.delete() if delete_files else self._store.close()
 
-    def _checkpoint(self) -> Checkpoint:
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Checkpoint, store: OptimizerStore, **hooks: Any) -> "Optimizer":
+        """The optimizer a checkpoint describes; its later log records are replayed with `replay`."""
+        meta = checkpoint.meta
+        optimizer = cls(meta["name"], parse_config(meta["config"]), meta["non_finite_policy"],
+                        TrainingMode(**meta["training_mode"]), adam.restore(meta["iterations"], checkpoint.slots),
+                        meta["version"], store, **hooks)
+        optimizer._dedup.load_json(meta["dedup"])
+        return optimizer
+
+    def checkpoint(self) -> Checkpoint:
+        """The complete state as of now, as a checkpoint holds it (under the lock, or before it is shared)."""
         meta = {
             "name": self.name,
             "config": self.config.to_keras_dict(),
@@ -420,7 +432,7 @@ class Registry:
             self._refuse_taken(name)
             if store is not None:
                 try:
-                    store.create(optimizer._checkpoint())
+                    store.create(optimizer.checkpoint())
                 except BaseException:
                     shutil.rmtree(store.directory, ignore_errors=True)
                     raise
@@ -460,13 +472,7 @@ class Registry:
             return
         for store in list_stores(self.persistence.data_dir, self.persistence.durability):
             checkpoint, records = store.load()
-            meta = checkpoint.meta
-            config = parse_config(meta["config"])
-            state = adam.restore(meta["iterations"], checkpoint.slots)
-            optimizer = Optimizer(meta["name"], config, meta["non_finite_policy"],
-                                  TrainingMode(**meta["training_mode"]), state, meta["version"], store,
-                                  on_step=self._note_step, metrics=self.metrics)
-            optimizer._dedup.load_json(meta["dedup"])
+            optimizer = Optimizer.from_checkpoint(checkpoint, store, on_step=self._note_step, metrics=self.metrics)
             for record in records:
                 optimizer.replay(record)
             store.start_log(optimizer.version)

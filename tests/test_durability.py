@@ -374,13 +374,22 @@ def test_more_concurrent_calls_than_the_limit_get_resource_exhausted() -> None:
     try:
         with Client(server.address, timeout=30) as client:
             opt = client.create_optimizer("m", {"w": np.zeros(1, np.float32)})
-            waiting = [threading.Thread(target=lambda: expect_error(
-                grpc.StatusCode.DEADLINE_EXCEEDED, "", opt.pull, min_version=5, timeout=6)) for _ in range(2)]
+            def hold_a_slot() -> None:  # a pull that waits 6 s on the server (retried while slots are full)
+                for _ in range(100):
+                    try:
+                        opt.pull(min_version=5, timeout=6)
+                    except OptserveError as err:
+                        if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                            return
+                        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err
+                        time.sleep(0.05)
+
+            waiting = [threading.Thread(target=hold_a_slot) for _ in range(2)]
             for thread in waiting:
                 thread.start()
             stub = pb_grpc.OptimizerServiceStub(client._channel)
             codes = []
-            for _ in range(40):  # until both pulls wait on the server, holding the two slots
+            for _ in range(50):  # until both pulls wait on the server, holding the two slots
                 try:
                     stub.GetOptimizer(pb.GetOptimizerRequest(name="m"), timeout=10)
                 except grpc.RpcError as err:
