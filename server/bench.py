@@ -88,6 +88,8 @@ class Plan:
     growth_pushes: int
     durability_params: int
     durability_pushes: int
+    chunk_kib: tuple[int, ...] = (256, 512, 1024, 2048, 3584)  # client chunk sizes compared
+    chunk_mb: int = 40  # push size of the chunk-size comparison
 
 
 QUICK = Plan(bandwidth_bytes=128 * MB, bandwidth_reps=3, step_params=(1_000_000,), step_reps=5,
@@ -95,7 +97,7 @@ QUICK = Plan(bandwidth_bytes=128 * MB, bandwidth_reps=3, step_params=(1_000_000,
              round_trip_params=1_000_000, round_trip_reps=5,
              worker_counts=(1, 2, 4), worker_params=1_000_000, worker_seconds=1.0,
              peak_params=1_000_000, growth_params=1_000_000, growth_pushes=200,
-             durability_params=1_000_000, durability_pushes=10)
+             durability_params=1_000_000, durability_pushes=10, chunk_kib=(256, 1024, 3584), chunk_mb=16)
 FULL = Plan(bandwidth_bytes=256 * MB, bandwidth_reps=7, step_params=(1_000_000, 10_000_000, 50_000_000), step_reps=11,
             transfer_mb=(4, 40, 200), transfer_target_mb=40, transfer_reps=9,
             round_trip_params=10_000_000, round_trip_reps=15,
@@ -142,6 +144,11 @@ def run_bench(quick: bool = False, json_path: str | None = None,
             results["workers"] = measure_workers(server.address, plan.worker_counts, plan.worker_params,
                                                  plan.worker_seconds)
             _print_workers(results["workers"])
+            results["chunk_size"] = measure_chunk_sizes(server.address, plan.chunk_mb, plan.chunk_kib,
+                                                        plan.transfer_reps)
+            _print_table(f"push {plan.chunk_mb} MB by client chunk size (medians)", ["chunk KiB", "push ms", "MB/s"],
+                         [[str(r["chunk_kib"]), f"{r['push_ms']:.1f}", f"{r['mb_s']:.0f}"]
+                          for r in results["chunk_size"]["rows"]], target=False)
     finally:
         raw_grpc.close()
         raw_tcp.close()
@@ -661,6 +668,33 @@ class _Loopback:
         arrays = [(name, np.array(self._weights[name])) for name in self._shapes]
         for message in self._codec.encode_pull(1, 1, arrays):
             yield self._parse_pull(message)
+
+
+# --- chunk size ----------------------------------------------------------------
+
+
+def measure_chunk_sizes(address: str, size_mb: int, chunk_kib: Sequence[int], reps: int) -> dict:
+    """The same push with clients that cut the stream into chunks of different sizes (interleaved)."""
+    n = size_mb * MB // 4
+    grad = {"w": np.random.default_rng(4).standard_normal(n, dtype=np.float32) * np.float32(1e-3)}
+    clients = {kib: Client(address, timeout=CLIENT_TIMEOUT, chunk_bytes=kib * 1024) for kib in chunk_kib}
+    try:
+        creator = clients[chunk_kib[0]]
+        creator.create_optimizer("chunk-size", {"w": np.zeros(n, np.float32)})
+        handles = {kib: client.optimizer("chunk-size") for kib, client in clients.items()}
+        for handle in handles.values():
+            handle.push(grad)  # warm-up
+        times: dict[int, list[float]] = {kib: [] for kib in chunk_kib}
+        for _ in range(reps):
+            for kib, handle in handles.items():
+                times[kib].append(_time_once(lambda handle=handle: handle.push(grad)))
+        creator.delete_optimizer("chunk-size")
+    finally:
+        for client in clients.values():
+            client.close()
+    rows = [{"chunk_kib": kib, "push_ms": statistics.median(t) * 1e3,
+             "mb_s": size_mb * MB / statistics.median(t) / 1e6} for kib, t in times.items()]
+    return {"size_mb": size_mb, "rows": rows, "best_chunk_kib": min(rows, key=lambda r: r["push_ms"])["chunk_kib"]}
 
 
 # --- concurrent workers ------------------------------------------------------

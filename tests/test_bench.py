@@ -12,7 +12,8 @@ pytest.importorskip("psutil", reason="optserve bench needs the bench extra")
 
 from optserve.server.bench import mixed_sizes  # noqa: E402 (after the skips)
 
-SECTIONS = ("environment", "bandwidth", "step", "transfer", "round_trip", "workers", "memory", "durability")
+SECTIONS = ("environment", "bandwidth", "step", "transfer", "round_trip", "workers", "chunk_size", "memory",
+            "durability")
 
 
 def test_quick_bench_reports_every_section_and_writes_the_plot(tmp_path: Path) -> None:
@@ -61,11 +62,13 @@ def test_quick_bench_reports_every_section_and_writes_the_plot(tmp_path: Path) -
     targets = results["targets"]
     assert {t["section"] for t in targets} == {"step", "transfer", "round_trip", "workers", "memory"}
     assert all(isinstance(t["met"], bool) for t in targets)
-    for section in SECTIONS[2:-1]:
+    for section in ("step", "transfer", "round_trip", "workers", "memory"):
         assert results[section]["targets"], section
+    chunk = results["chunk_size"]
+    assert [r["chunk_kib"] for r in chunk["rows"]] == [256, 1024, 3584] and chunk["best_chunk_kib"] in (256, 1024, 3584)
     assert "targets met" in run.stdout
-    for title in ("Adam step", "push / pull throughput", "round trip", "concurrent workers", "server memory",
-                  "durability"):
+    for title in ("Adam step", "push / pull throughput", "round trip", "concurrent workers", "chunk size",
+                  "server memory", "durability"):
         assert title in run.stdout, title
     assert (tmp_path / "optserve-bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
