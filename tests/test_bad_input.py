@@ -36,6 +36,12 @@ def snapshot(opt) -> dict:
     return state
 
 
+def snapshot_weights(opt) -> dict:
+    """The weights and counters of an optimizer (for one without EMA or amsgrad)."""
+    info = opt.info()
+    return {"version": info.version, "iterations": info.iterations, **{k: v.copy() for k, v in opt.pull().items()}}
+
+
 def assert_same_state(before: dict, after: dict) -> None:
     assert before.keys() == after.keys()
     for key in before:

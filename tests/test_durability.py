@@ -20,7 +20,7 @@ from optserve.server.options import ServerOptions
 from optserve.v1 import optserve_pb2 as pb
 from optserve.v1 import optserve_pb2_grpc as pb_grpc
 from tests.conftest import RunningServer
-from tests.test_bad_input import assert_same_state, expect_error, snapshot
+from tests.test_bad_input import assert_same_state, expect_error, snapshot, snapshot_weights
 
 CONFIG = {"learning_rate": 0.01, "amsgrad": True, "use_ema": True, "ema_momentum": 0.9, "weight_decay": 0.01}
 INIT = {"w": np.linspace(-1, 1, 24, dtype=np.float32).reshape(4, 6), "emb": np.ones((8, 3), np.float32)}
@@ -312,11 +312,6 @@ def test_a_full_disk_refuses_the_push_and_leaves_the_state_unchanged(data_dir: P
             assert opt.push(g) == version + 1
     finally:
         server.process.stop()
-
-
-def snapshot_weights(opt) -> dict:
-    info = opt.info()
-    return {"version": info.version, "iterations": info.iterations, **{k: v.copy() for k, v in opt.pull().items()}}
 
 
 def test_while_restoring_health_says_not_serving_and_calls_are_unavailable(data_dir: Path) -> None:

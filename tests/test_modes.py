@@ -13,7 +13,7 @@ from optserve.client import Client, IndexedSlices, OptserveError
 from optserve.server.engine import adam, parse_config
 from optserve.server.options import ServerOptions
 from tests.conftest import RunningServer
-from tests.test_bad_input import assert_same_state, expect_error, snapshot
+from tests.test_bad_input import assert_same_state, expect_error, snapshot, snapshot_weights
 
 POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="test-worker")
 
@@ -304,8 +304,3 @@ def test_deleting_an_optimizer_wakes_its_waiting_pulls(client: Client, name: str
     waiter.join(timeout=30)
     assert not waiter.is_alive()
     assert errors and errors[0].code() == grpc.StatusCode.NOT_FOUND
-
-
-def snapshot_weights(opt) -> dict:
-    info = opt.info()
-    return {"version": info.version, "iterations": info.iterations, **{k: v.copy() for k, v in opt.pull().items()}}
