@@ -17,6 +17,7 @@ the previous checkpoint, so the fallback loses nothing.
 
 import errno
 import hashlib
+import io
 import json
 import logging
 import os
@@ -272,17 +273,45 @@ def _start_version(path: Path) -> int:
     return int(path.stem.split("-")[1])
 
 
+class _HashingWriter:
+    """A write-only, unseekable file that hashes what passes through, so nothing is read back.
+
+    Unseekable, writers such as zipfile (np.savez) write strictly in order, so
+    the hash is that of the file's final contents.
+    """
+
+    def __init__(self, file):
+        self._file = file
+        self.sha256 = hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        return self._file.write(data)
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def seekable(self) -> bool:
+        return False
+
+    def read(self, size: int = -1) -> bytes:  # present so NumPy takes this for a file, never called
+        raise io.UnsupportedOperation("write-only")
+
+    def tell(self) -> int:  # zipfile then counts positions itself
+        raise io.UnsupportedOperation("unseekable")
+
+
 def _write_atomic(path: Path, write) -> str:
     """Writes via a temporary file, fsync and rename; returns the SHA-256 of what it wrote."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        write(f)
+        hashing = _HashingWriter(f)
+        write(hashing)
         f.flush()
         os.fsync(f.fileno())
-    digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
     os.rename(tmp, path)
     _fsync_dir(path.parent)
-    return digest
+    return hashing.sha256.hexdigest()
 
 
 def _fsync_dir(directory: Path) -> None:
