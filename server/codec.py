@@ -8,13 +8,16 @@ import json
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from optserve.client.wire import ITEMSIZE, ChunkBuffer, data_type_of, dtype_name, encode_stream, padded_bytes
 from optserve.server.errors import InvalidArgument, NotFound, ResourceExhausted
 from optserve.server.modes import DEFAULT_SYNC_TIMEOUT, TrainingMode
+
+if TYPE_CHECKING:  # the registry imports this module
+    from optserve.server.registry import OptimizerInfo
 from optserve.v1 import optserve_pb2 as pb
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # also a safe folder name in a data dir
@@ -31,6 +34,17 @@ Gradient = np.ndarray | tuple[np.ndarray, np.ndarray]  # dense, or (indices, row
 
 MODES = {pb.MODE_UNSPECIFIED: "async", pb.MODE_ASYNC: "async", pb.MODE_SYNC: "sync"}
 AGGREGATIONS = {pb.AGGREGATION_UNSPECIFIED: "mean", pb.AGGREGATION_MEAN: "mean", pb.AGGREGATION_SUM: "sum"}
+STATE_KINDS = {
+    pb.STATE_KIND_UNSPECIFIED: "weights",
+    pb.STATE_KIND_WEIGHTS: "weights",
+    pb.STATE_KIND_EMA: "ema",
+    pb.STATE_KIND_FIRST_MOMENT: "m",
+    pb.STATE_KIND_SECOND_MOMENT: "v",
+    pb.STATE_KIND_VHAT: "vhat",
+}
+# name -> wire value; the explicit value wins over UNSPECIFIED, which comes first in each table
+_MODE_TO_WIRE, _AGGREGATION_TO_WIRE, _POLICY_TO_WIRE = (
+    {name: value for value, name in table.items()} for table in (MODES, AGGREGATIONS, NON_FINITE_POLICIES))
 
 
 @dataclass(frozen=True)
@@ -100,12 +114,38 @@ def decode_training_mode(wire: pb.TrainingMode) -> TrainingMode:
 def training_mode_to_wire(mode: TrainingMode) -> pb.TrainingMode:
     """The wire form of a TrainingMode."""
     return pb.TrainingMode(
-        mode={v: k for k, v in MODES.items()}[mode.mode],
+        mode=_MODE_TO_WIRE[mode.mode],
         num_workers=mode.num_workers,
         backup_workers=mode.backup_workers,
-        aggregation={v: k for k, v in AGGREGATIONS.items()}[mode.aggregation],
+        aggregation=_AGGREGATION_TO_WIRE[mode.aggregation],
         sync_timeout_seconds=mode.sync_timeout,
         max_staleness=mode.max_staleness,
+    )
+
+
+def decode_state_kind(kind: int) -> str:
+    """The domain name of a pull's StateKind (see registry.STATE_KINDS)."""
+    if kind not in STATE_KINDS:
+        raise InvalidArgument(f"kind: unknown state kind {kind}")
+    return STATE_KINDS[kind]
+
+
+def info_to_wire(info: "OptimizerInfo") -> pb.OptimizerInfo:
+    """The wire form of an OptimizerInfo."""
+    return pb.OptimizerInfo(
+        name=info.name,
+        iterations=info.iterations,
+        version=info.version,
+        config_json=json.dumps(info.config),
+        tensors=[pb.TensorSpec(name=n, dtype=pb.DATA_TYPE_FLOAT32, shape=s) for n, s in info.shapes.items()],
+        device=info.device,
+        non_finite_policy=_POLICY_TO_WIRE[info.non_finite_policy],
+        next_learning_rate=info.next_learning_rate,
+        training_mode=training_mode_to_wire(info.training_mode),
+        pending_gradients=info.pending_gradients,
+        saved_version=info.saved_version,
+        pushes_per_second=info.pushes_per_second,
+        last_push_age_seconds=info.last_push_age,
     )
 
 

@@ -6,7 +6,6 @@ that maps them; anything unexpected becomes INTERNAL with its traceback logged.
 """
 
 import contextlib
-import json
 import logging
 from collections.abc import Callable, Iterator
 
@@ -20,7 +19,7 @@ from optserve.server import codec
 from optserve.server.buffers import BufferPool
 from optserve.server.errors import InvalidArgument, OptserveError
 from optserve.server.options import ServerOptions
-from optserve.server.registry import OptimizerInfo, Registry
+from optserve.server.registry import Registry
 from optserve.v1 import optserve_pb2 as pb
 from optserve.v1 import optserve_pb2_grpc as pb_grpc
 
@@ -30,15 +29,6 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["OptimizerService"].full_name  # "
 
 MAX_WAIT_SECONDS = 3600.0  # longest a call waits (a pull's min_version, a sync round) without a deadline
 
-_POLICY_TO_WIRE = {"refuse": pb.NON_FINITE_POLICY_REFUSE, "apply": pb.NON_FINITE_POLICY_APPLY}
-_STATE_KINDS = {
-    pb.STATE_KIND_UNSPECIFIED: "weights",
-    pb.STATE_KIND_WEIGHTS: "weights",
-    pb.STATE_KIND_EMA: "ema",
-    pb.STATE_KIND_FIRST_MOMENT: "m",
-    pb.STATE_KIND_SECOND_MOMENT: "v",
-    pb.STATE_KIND_VHAT: "vhat",
-}
 
 
 class OptimizerService(pb_grpc.OptimizerServiceServicer):
@@ -55,13 +45,13 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
             request.name, request.config, request.params, request.non_finite_policy, request.training_mode)
         self._registry.metrics.bytes_received.labels(request.name).inc(_nbytes(request.params.values()))
         log.info("created optimizer %r: %d tensors", request.name, len(request.params))
-        return info_to_wire(optimizer.info())
+        return codec.info_to_wire(optimizer.info())
 
     def GetOptimizer(self, request, context) -> pb.OptimizerInfo:
-        return info_to_wire(self._registry.get(request.name).info())
+        return codec.info_to_wire(self._registry.get(request.name).info())
 
     def ListOptimizers(self, request, context) -> pb.ListOptimizersResponse:
-        return pb.ListOptimizersResponse(optimizers=[info_to_wire(o.info()) for o in self._registry.list()])
+        return pb.ListOptimizersResponse(optimizers=[codec.info_to_wire(o.info()) for o in self._registry.list()])
 
     def DeleteOptimizer(self, request, context) -> pb.DeleteOptimizerResponse:
         self._registry.delete(request.name)
@@ -91,13 +81,12 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
                                         duplicate=result.duplicate)
 
     def PullWeights(self, request, context) -> Iterator[pb.PullWeightsResponse]:
-        if request.kind not in _STATE_KINDS:
-            raise InvalidArgument(f"kind: unknown state kind {request.kind}")
+        kind = codec.decode_state_kind(request.kind)
         optimizer = self._registry.get(request.optimizer)
         min_version = request.min_version if request.HasField("min_version") else None
         with contextlib.ExitStack() as leases:  # the snapshot's buffer goes back to the pool once sent
             version, iterations, arrays = optimizer.pull(
-                _STATE_KINDS[request.kind], request.names, min_version, _wait_budget(context),
+                kind, request.names, min_version, _wait_budget(context),
                 into=lambda nbytes: leases.enter_context(self._buffers.lease(nbytes)))
             self._registry.metrics.bytes_sent.labels(optimizer.name).inc(_nbytes(a for _, a in arrays))
             yield from codec.encode_pull(version, iterations, arrays)
@@ -105,7 +94,7 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
     def FinalizeOptimizer(self, request, context) -> pb.OptimizerInfo:
         optimizer = self._registry.get(request.name)
         optimizer.finalize()
-        return info_to_wire(optimizer.info())
+        return codec.info_to_wire(optimizer.info())
 
     def SaveOptimizer(self, request, context) -> pb.SaveOptimizerResponse:
         return pb.SaveOptimizerResponse(version=self._registry.get(request.name).save())
@@ -145,25 +134,6 @@ class _HandlerCapture:
 
     def add_registered_method_handlers(self, service_name: str, handlers: dict) -> None:
         self.handlers = handlers
-
-
-def info_to_wire(info: OptimizerInfo) -> pb.OptimizerInfo:
-    """The wire form of an OptimizerInfo."""
-    return pb.OptimizerInfo(
-        name=info.name,
-        iterations=info.iterations,
-        version=info.version,
-        config_json=json.dumps(info.config),
-        tensors=[pb.TensorSpec(name=n, dtype=pb.DATA_TYPE_FLOAT32, shape=s) for n, s in info.shapes.items()],
-        device=info.device,
-        non_finite_policy=_POLICY_TO_WIRE[info.non_finite_policy],
-        next_learning_rate=info.next_learning_rate,
-        training_mode=codec.training_mode_to_wire(info.training_mode),
-        pending_gradients=info.pending_gradients,
-        saved_version=info.saved_version,
-        pushes_per_second=info.pushes_per_second,
-        last_push_age_seconds=info.last_push_age,
-    )
 
 
 class ErrorInterceptor(grpc.ServerInterceptor):
