@@ -1,7 +1,6 @@
 """Distributed-training modes: settings, sync-round aggregation, exactly-once bookkeeping.
 
-Pure Python and NumPy over decoded gradients: the registry decides when to use
-them, under its lock.
+The registry decides when to use them, under its lock.
 """
 
 from __future__ import annotations
@@ -11,8 +10,10 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+import jax
 import numpy as np
 
+from optserve.server.engine import aggregate
 from optserve.server.errors import FailedPrecondition, InvalidArgument
 
 if TYPE_CHECKING:  # codec imports this module for TrainingMode
@@ -115,37 +116,51 @@ class DedupTable:
                 self.record(worker, seq, PushResult(version, iterations))
 
 
-def aggregate(
-    contributions: Mapping[str, Mapping[str, Gradient]], how: str, shapes: Mapping[str, tuple[int, ...]]
-) -> dict[str, Gradient]:
-    """Combines one sync round's gradients, worker by worker in sorted worker-id order.
+class RoundSum:
+    """Combines each sync round's gradients in sorted worker-id order, dense ones on the device.
 
     The fixed order makes the float32 sum, and so the step, independent of
-    arrival order. Sparse gradients are concatenated (the engine sums their
-    duplicate rows, as Keras's IndexedSlices all-reduce does); a tensor that
-    some workers sent dense and others sparse is densified. "mean" divides by
-    the number of gradients in the round.
+    arrival order. Dense gradients are summed by `engine.aggregate` into
+    device buffers that the next round reuses (donated, so XLA writes in
+    place). Sparse gradients are concatenated on the host (the engine sums
+    their duplicate rows, as Keras's IndexedSlices all-reduce does); a tensor
+    that some workers sent dense and others sparse is densified. "mean"
+    divides by the number of gradients in the round.
     """
-    workers = sorted(contributions)
-    count = np.float32(len(workers))
-    combined: dict[str, Gradient] = {}
-    for name, shape in shapes.items():
-        grads = [contributions[w][name] for w in workers]
-        if all(isinstance(g, tuple) for g in grads):
-            values = np.concatenate([g[1].astype(np.float32) for g in grads])
-            indices = np.concatenate([g[0].astype(np.int64) for g in grads])
-            combined[name] = (indices, values / count if how == "mean" else values)
-            continue
-        total = _dense(grads[0], shape)
-        for grad in grads[1:]:
-            total = total + _dense(grad, shape)
-        combined[name] = total / count if how == "mean" else total
-    return combined
+
+    def __init__(self, how: str, shapes: Mapping[str, tuple[int, ...]]):
+        self._mean = how == "mean"
+        self._shapes = dict(shapes)
+        self._buffers: dict[str, jax.Array] = {}  # the last round's dense sums, donated to the next
+
+    def combine(self, contributions: Mapping[str, Mapping[str, Gradient]]) -> dict[str, Gradient | jax.Array]:
+        """The round's gradient per tensor: a device array for dense tensors, host (indices, values) for sparse."""
+        workers = sorted(contributions)
+        combined: dict[str, Gradient | jax.Array] = {}
+        dense: list[str] = []
+        for name in self._shapes:
+            grads = [contributions[w][name] for w in workers]
+            if all(isinstance(g, tuple) for g in grads):
+                values = np.concatenate([g[1].astype(np.float32) for g in grads])
+                indices = np.concatenate([g[0].astype(np.int64) for g in grads])
+                combined[name] = (indices, values / np.float32(len(workers)) if self._mean else values)
+            else:
+                dense.append(name)
+        if dense:
+            out = {name: self._buffers.pop(name, None) for name in dense}
+            fresh = aggregate.zeros_like_shapes({name: self._shapes[name] for name, b in out.items() if b is None})
+            sums = aggregate.sum_in_order(
+                {**out, **fresh},
+                [{name: _dense(contributions[w][name], self._shapes[name]) for name in dense} for w in workers],
+                self._mean)
+            self._buffers.update(sums)
+            combined.update(sums)
+        return combined
 
 
 def _dense(grad: Gradient, shape: tuple[int, ...]) -> np.ndarray:
     if not isinstance(grad, tuple):
-        return np.asarray(grad, dtype=np.float32)
+        return grad
     indices, values = grad
     dense = np.zeros(shape, np.float32)
     np.add.at(dense, indices, values.astype(np.float32))

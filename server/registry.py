@@ -35,7 +35,7 @@ from optserve.server.errors import (
     Unavailable,
 )
 from optserve.server.metrics import Metrics
-from optserve.server.modes import DedupTable, PushResult, TrainingMode, aggregate
+from optserve.server.modes import DedupTable, PushResult, RoundSum, TrainingMode
 from optserve.server.storage import Checkpoint, LogRecord, OptimizerStore, list_stores
 from optserve.v1 import optserve_pb2 as pb
 
@@ -103,6 +103,7 @@ class Optimizer:
         self._round: dict[str, Mapping[str, Gradient]] = {}  # sync: worker_id -> gradients, for self._version
         self._round_seqs: dict[str, int | None] = {}  # sync: worker_id -> seq of its gradient in the round
         self._round_timer: threading.Timer | None = None
+        self._round_sum = RoundSum(training_mode.aggregation, self.shapes)
         self._dropped_round = -1  # sync: the version of the last round that could not be logged
         self._on_step = on_step  # told after every step, under the lock (it must not block)
         self._metrics = metrics or Metrics()
@@ -358,7 +359,7 @@ class Optimizer:
     def _close_round(self) -> None:
         """Applies one step on the round's aggregate, under the lock."""
         self._cancel_round_timer()
-        combined = aggregate(self._round, self.training_mode.aggregation, self.shapes)
+        combined = self._round_sum.combine(self._round)
         workers = [(w, s) for w, s in sorted(self._round_seqs.items()) if s is not None]
         try:
             self._apply(combined, workers)

@@ -20,6 +20,7 @@ from optserve.server.engine import (
     parse_config,
     sparse_grad,
 )
+from optserve.server.engine.aggregate import sum_in_order, zeros_like_shapes
 from optserve.server.errors import InvalidArgument
 
 INT32_MAX = 2**31 - 1
@@ -175,7 +176,8 @@ def test_state_leaves_keep_shape_and_dtype_over_steps():
 
 
 @contextlib.contextmanager
-def _count_compilations():
+def count_compilations():
+    """Collects one entry per XLA compilation in the block (of any function, in this process)."""
     compilations = []
 
     def listener(event, duration, **kwargs):
@@ -197,7 +199,7 @@ def test_later_steps_and_new_learning_rates_compile_nothing():
     step = make_step(config, ["w"])
     grads = {"w": jnp.ones(3, jnp.float32)}
     state = step(state, grads)
-    with _count_compilations() as compilations:
+    with count_compilations() as compilations:
         for _ in range(5):
             state = step(state, grads)
         state.params["w"].block_until_ready()
@@ -319,3 +321,40 @@ def test_constant_learning_rate_is_reported_as_float32():
     assert learning_rate_at(parse_config({}), 0) == float(np.float32(0.001))
     with pytest.raises(InvalidArgument, match="^iterations: "):
         learning_rate_at(parse_config({}), -1)
+
+
+# --- sync-round aggregation on the device ---------------------------------------
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3, 7])
+@pytest.mark.parametrize("mean", [True, False])
+@pytest.mark.parametrize("shapes", [{"w": (33, 7)}, {"w": (3, 4), "b": (5,)}], ids=["one", "two"])
+def test_sum_in_order_is_the_host_loop_bit_for_bit(workers: int, mean: bool, shapes: dict) -> None:
+    rng = np.random.default_rng(workers)
+    dtypes = [np.float32, np.float16, jnp.bfloat16]
+    grads = [{name: (rng.normal(size=shape) * 10.0 ** rng.integers(-4, 4)).astype(dtypes[k % 3])
+              for name, shape in shapes.items()} for k in range(workers)]
+    got = sum_in_order(zeros_like_shapes(shapes), grads, mean)
+    for name in shapes:
+        want = grads[0][name].astype(np.float32)
+        for grad in grads[1:]:
+            want = want + grad[name].astype(np.float32)  # ((g0 + g1) + g2): the documented order
+        if mean:
+            want = want / np.float32(workers)  # IEEE division, not a multiplication by 1/n
+        np.testing.assert_array_equal(np.asarray(got[name]), want)
+
+
+def test_sum_in_order_writes_into_the_donated_buffers_and_keeps_nothing_of_them():
+    shapes = {"w": (1000,)}
+    out = zeros_like_shapes(shapes)
+    first = [{"w": np.full(1000, 3.0, np.float32)}, {"w": np.full(1000, 5.0, np.float32)}]
+    out = sum_in_order(out, first, mean=True)
+    address = out["w"].unsafe_buffer_pointer()
+    second = [{"w": np.arange(1000, dtype=np.float32)}]  # a smaller round: nothing of the first may show
+    with count_compilations() as compilations:
+        again = sum_in_order(out, first, mean=True)
+    assert compilations == [] and again["w"].unsafe_buffer_pointer() == address
+    assert out["w"].is_deleted()  # donated
+    result = sum_in_order(again, second, mean=True)
+    assert result["w"].unsafe_buffer_pointer() == address
+    np.testing.assert_array_equal(np.asarray(result["w"]), np.arange(1000, dtype=np.float32))

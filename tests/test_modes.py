@@ -14,6 +14,7 @@ from optserve.server.engine import adam, parse_config
 from optserve.server.options import ServerOptions
 from tests.conftest import RunningServer
 from tests.test_bad_input import assert_same_state, expect_error, snapshot, snapshot_weights
+from tests.test_engine import count_compilations
 
 POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="test-worker")
 
@@ -88,6 +89,22 @@ def test_sync_with_three_workers_is_exactly_adam_on_the_mean_gradient(client: Cl
             np.testing.assert_array_equal(got_ema[var], np.asarray(state.ema[var]))
     assert opt.info().iterations == 6
     client.delete_optimizer(name)
+
+
+def test_pushes_and_sync_rounds_after_the_first_compile_nothing(client: Client, name: str) -> None:
+    """The step and the on-device round sum are compiled once, by the first round (or push)."""
+    sync = client.create_optimizer(name, INIT, CONFIG, mode="sync", num_workers=3)
+    run_sync_round(sync, 0, {f"w{k}": worker_grads(k, 0) for k in range(3)})
+    plain = client.create_optimizer(name + "-async", INIT, CONFIG)
+    plain.push(worker_grads(0, 0))
+    with count_compilations() as compilations:
+        for step in range(1, 4):
+            run_sync_round(sync, step, {f"w{k}": worker_grads(k, step) for k in range(3)})
+            plain.push(worker_grads(0, step))
+    assert compilations == []
+    assert sync.info().iterations == plain.info().iterations == 4
+    client.delete_optimizer(name)
+    client.delete_optimizer(plain.name)
 
 
 def test_sync_sum_aggregation_adds_the_gradients(client: Client, name: str) -> None:
