@@ -12,8 +12,8 @@ pytest.importorskip("psutil", reason="optserve bench needs the bench extra")
 
 from optserve.server.bench import mixed_sizes  # noqa: E402 (after the skips)
 
-SECTIONS = ("environment", "bandwidth", "step", "transfer", "round_trip", "workers", "chunk_size", "memory",
-            "durability")
+SECTIONS = ("environment", "bandwidth", "step", "transfer", "server_model", "round_trip", "workers", "chunk_size",
+            "memory", "durability")
 
 
 def test_quick_bench_reports_every_section_and_writes_the_plot(tmp_path: Path) -> None:
@@ -39,6 +39,11 @@ def test_quick_bench_reports_every_section_and_writes_the_plot(tmp_path: Path) -
         for who in ("optserve", "grpc", "tcp"):
             for way in ("push", "pull"):
                 assert row[f"{who}_{way}_mb_s"] > 0
+
+    server_model = results["server_model"]["rows"]
+    assert set(server_model) == {"threads", "aio"}
+    for row in server_model.values():
+        assert row["push_mb_s"] > 0 and row["pull_mb_s"] > 0
 
     round_trip = results["round_trip"]
     assert set(round_trip["rows"]) == {"float32", "bfloat16"}
@@ -67,8 +72,8 @@ def test_quick_bench_reports_every_section_and_writes_the_plot(tmp_path: Path) -
     chunk = results["chunk_size"]
     assert [r["chunk_kib"] for r in chunk["rows"]] == [256, 1024, 3584] and chunk["best_chunk_kib"] in (256, 1024, 3584)
     assert "targets met" in run.stdout
-    for title in ("Adam step", "push / pull throughput", "round trip", "concurrent workers", "chunk size",
-                  "server memory", "durability"):
+    for title in ("Adam step", "push / pull throughput", "server model", "round trip", "concurrent workers",
+                  "chunk size", "server memory", "durability"):
         assert title in run.stdout, title
     assert (tmp_path / "optserve-bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
