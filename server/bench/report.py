@@ -111,6 +111,11 @@ def print_workers(workers: dict) -> None:
                      f"{r['mb_per_s']:.0f}", f"{r['median_push_ms']:.1f}", mark])
     print_table(f"concurrent workers pushing {workers['push_bytes'] / MB:.0f} MB each (aggregate)",
                 ["workers", "pushes", "seconds", "steps/s", "MB/s", "median push ms", "target"], rows)
+    rows = [[str(r["workers"]), str(r["pushes"]), f"{r['seconds']:.1f}", f"{r['steps_per_s'] / r['workers']:.1f}",
+             f"{r['mb_per_s']:.0f}", f"{r['median_push_ms']:.1f}"] for r in workers["sync_rows"]]
+    print_table(f"sync rounds: every worker pushes {workers['push_bytes'] / MB:.0f} MB per round, "
+                f"{workers['sync_rounds']} rounds (summed on the device)",
+                ["workers", "pushes", "seconds", "rounds/s", "MB/s", "median push ms"], rows, target=False)
 
 
 def print_memory(memory: dict) -> None:

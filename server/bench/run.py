@@ -52,6 +52,7 @@ class Plan:
     worker_counts: tuple[int, ...]
     worker_params: int
     worker_seconds: float
+    sync_rounds: int  # rounds each worker pushes in the sync rows of the workers section
     peak_params: int
     growth_params: int
     growth_pushes: int
@@ -64,13 +65,13 @@ class Plan:
 QUICK = Plan(bandwidth_bytes=128 * MB, bandwidth_reps=3, step_params=(1_000_000,), step_reps=5,
              transfer_mb=(4, 16), transfer_target_mb=16, transfer_reps=5,
              round_trip_params=1_000_000, round_trip_reps=5,
-             worker_counts=(1, 2, 4), worker_params=1_000_000, worker_seconds=1.0,
+             worker_counts=(1, 2, 4), worker_params=1_000_000, worker_seconds=1.0, sync_rounds=10,
              peak_params=1_000_000, growth_params=1_000_000, growth_pushes=200,
              durability_params=1_000_000, durability_pushes=10, chunk_kib=(256, 1024, 3584), chunk_mb=16)
 FULL = Plan(bandwidth_bytes=256 * MB, bandwidth_reps=7, step_params=(1_000_000, 10_000_000, 50_000_000), step_reps=11,
             transfer_mb=(4, 40, 200), transfer_target_mb=40, transfer_reps=9,
             round_trip_params=10_000_000, round_trip_reps=15,
-            worker_counts=(1, 2, 4), worker_params=10_000_000, worker_seconds=6.0,
+            worker_counts=(1, 2, 4), worker_params=10_000_000, worker_seconds=6.0, sync_rounds=30,
             peak_params=50_000_000, growth_params=1_000_000, growth_pushes=2000,
             durability_params=10_000_000, durability_pushes=30)
 
@@ -114,7 +115,7 @@ def run_bench(quick: bool = False, json_path: str | None = None,
                                                        plan.round_trip_reps, bw["best_gb_s"])
             print_round_trip(results["round_trip"])
             results["workers"] = measure_workers(server.address, plan.worker_counts, plan.worker_params,
-                                                 plan.worker_seconds)
+                                                 plan.worker_seconds, plan.sync_rounds)
             print_workers(results["workers"])
             results["chunk_size"] = measure_chunk_sizes(server.address, plan.chunk_mb, plan.chunk_kib,
                                                         plan.transfer_reps)

@@ -258,48 +258,79 @@ def measure_chunk_sizes(address: str, size_mb: int, chunk_kib: Sequence[int], re
 # --- concurrent workers ------------------------------------------------------
 
 
-def measure_workers(address: str, counts: Sequence[int], params: int, seconds: float) -> dict:
-    """Worker processes pushing float32 gradients to one async optimizer for `seconds`, all at once."""
-    context = multiprocessing.get_context("spawn")
+def measure_workers(address: str, counts: Sequence[int], params: int, seconds: float, sync_rounds: int) -> dict:
+    """Worker processes pushing float32 gradients to one optimizer, all at once.
+
+    Async: each worker pushes for `seconds`. Sync: each of `count` workers
+    pushes `sync_rounds` rounds to an optimizer with `num_workers=count`,
+    waiting for every round, so a round's time includes the on-device sum.
+    """
     push_bytes = params * 4
-    rows = []
+    rows, sync_rows = [], []
     with Client(address, timeout=CLIENT_TIMEOUT) as client:
         opt = client.create_optimizer("workers", {"w": np.zeros(params, np.float32)})
         opt.push({"w": np.zeros(params, np.float32)})  # compiles the step
         for count in counts:
-            barrier, results = context.Barrier(count + 1), context.Queue()
-            procs = [context.Process(target=_push_worker, args=(address, "workers", params, seconds, w, barrier,
-                                                                 results), daemon=True)
-                     for w in range(count)]
-            for proc in procs:
-                proc.start()
-            barrier.wait(timeout=300)
-            reports = [results.get(timeout=300 + seconds) for _ in procs]
-            for proc in procs:
-                proc.join(60)
-            pushes = sum(r["pushes"] for r in reports)
-            wall = max(r["end"] for r in reports) - min(r["start"] for r in reports)
-            rows.append({"workers": count, "pushes": pushes, "seconds": wall, "steps_per_s": pushes / wall,
-                         "mb_per_s": pushes * push_bytes / wall / MB,
-                         "median_push_ms": statistics.median(r["median_push_ms"] for r in reports)})
+            reports = _run_workers(address, "workers", params, count, seconds, None)
+            rows.append(_workers_row(count, reports, push_bytes))
         client.delete_optimizer("workers")
+        for count in counts[1:]:
+            client.create_optimizer("sync-workers", {"w": np.zeros(params, np.float32)}, mode="sync",
+                                    num_workers=count)
+            reports = _run_workers(address, "sync-workers", params, count, seconds, sync_rounds)
+            sync_rows.append(_workers_row(count, reports, push_bytes))
+            client.delete_optimizer("sync-workers")
     one, most = rows[0], rows[-1]
     targets = [make_target("workers", f"{most['workers']} workers aggregate vs {one['workers']}",
                             most["steps_per_s"] / one["steps_per_s"], ">=", 1.0)]
-    return {"params": params, "push_bytes": push_bytes, "rows": rows, "targets": targets}
+    return {"params": params, "push_bytes": push_bytes, "rows": rows, "sync_rounds": sync_rounds,
+            "sync_rows": sync_rows, "targets": targets}
 
 
-def _push_worker(address: str, name: str, params: int, seconds: float, worker: int, barrier: Any,
-                 results: Any) -> None:
-    """Worker process: one warm-up push, then pushes for `seconds` after every worker is ready."""
+def _run_workers(address: str, name: str, params: int, count: int, seconds: float,
+                 sync_rounds: int | None) -> list[dict]:
+    """Starts `count` worker processes, releases them together and collects their reports."""
+    context = multiprocessing.get_context("spawn")
+    barrier, results = context.Barrier(count + 1), context.Queue()
+    procs = [context.Process(target=_push_worker, args=(address, name, params, seconds, sync_rounds, w, barrier,
+                                                         results), daemon=True)
+             for w in range(count)]
+    for proc in procs:
+        proc.start()
+    barrier.wait(timeout=300)
+    reports = [results.get(timeout=300 + seconds) for _ in procs]
+    for proc in procs:
+        proc.join(60)
+    return reports
+
+
+def _workers_row(count: int, reports: list[dict], push_bytes: int) -> dict:
+    """Aggregate figures of one run: steps/s counts pushes (async) or pushes per round (sync) alike."""
+    pushes = sum(r["pushes"] for r in reports)
+    wall = max(r["end"] for r in reports) - min(r["start"] for r in reports)
+    return {"workers": count, "pushes": pushes, "seconds": wall, "steps_per_s": pushes / wall,
+            "mb_per_s": pushes * push_bytes / wall / MB,
+            "median_push_ms": statistics.median(r["median_push_ms"] for r in reports)}
+
+
+def _push_worker(address: str, name: str, params: int, seconds: float, sync_rounds: int | None, worker: int,
+                 barrier: Any, results: Any) -> None:
+    """Worker process: async, a warm-up push then pushes for `seconds`; sync, `sync_rounds` rounds in a row."""
     with Client(address, timeout=CLIENT_TIMEOUT) as client:
         opt = client.optimizer(name)
         grads = {"w": np.random.default_rng(100 + worker).standard_normal(params, dtype=np.float32) * np.float32(1e-3)}
-        opt.push(grads)
+        # warm-up (a sync round compiles the sum for this many workers; every worker pushes, so it closes)
+        version = opt.push(grads) if sync_rounds is None else opt.push(grads, worker_id=f"w{worker}", base_version=0)
         barrier.wait(timeout=300)
         start = time.time()
         latencies = []
-        while time.time() - start < seconds:
-            latencies.append(time_once(lambda: opt.push(grads)))
+        if sync_rounds is None:
+            while time.time() - start < seconds:
+                latencies.append(time_once(lambda: opt.push(grads)))
+        else:
+            for _ in range(sync_rounds):
+                started = time.perf_counter()
+                version = opt.push(grads, worker_id=f"w{worker}", base_version=version)
+                latencies.append(time.perf_counter() - started)
         results.put({"pushes": len(latencies), "start": start, "end": time.time(),
                      "median_push_ms": statistics.median(latencies) * 1e3})
