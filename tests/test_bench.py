@@ -74,8 +74,8 @@ def test_quick_bench_reports_every_section_and_writes_the_plot(tmp_path: Path) -
     chunk = results["chunk_size"]
     assert [r["chunk_kib"] for r in chunk["rows"]] == [256, 1024, 3584] and chunk["best_chunk_kib"] in (256, 1024, 3584)
     assert "targets met" in run.stdout
-    for title in ("Adam step", "push / pull throughput", "server model", "round trip", "concurrent workers", "sync rounds",
-                  "chunk size", "server memory", "durability"):
+    for title in ("Adam step", "push / pull throughput", "server model", "round trip", "concurrent workers",
+                  "sync rounds", "chunk size", "server memory", "durability"):
         assert title in run.stdout, title
     assert (tmp_path / "optserve-bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -71,9 +71,12 @@ def measure_bandwidth(nbytes: int, reps: int, device_platform: str) -> dict:
         box["x"] = add_donated(box["x"], y)
         box["x"].block_until_ready()
 
+    def jax_triad() -> None:
+        triad_fresh(box["x"], y).block_until_ready()
+
     device = {
         "jax add x+=y (donated)": _best_rate(jax_add, 3 * n * 4, reps),
-        "jax triad x+s*y (new output)": _best_rate(lambda: triad_fresh(box["x"], y).block_until_ready(), 3 * n * 4, reps),
+        "jax triad x+s*y (new output)": _best_rate(jax_triad, 3 * n * 4, reps),
     }
     del box, y
     candidates = dict(device) if device_platform != "cpu" else {**host, **device}
