@@ -87,12 +87,18 @@ class PushResult(int):
 
 
 class Weights(dict):
-    """Tensors by name, from one version of an optimizer."""
+    """Tensors by name, from one version of an optimizer.
 
-    def __init__(self, tensors: Mapping[str, np.ndarray], version: int, iterations: int):
+    The tensors of a pulled `Weights` are views of one aligned buffer, which
+    `pull(into=...)` can fill again instead of allocating a new one.
+    """
+
+    def __init__(self, tensors: Mapping[str, np.ndarray], version: int, iterations: int,
+                 buffer: np.ndarray | None = None):
         super().__init__(tensors)
         self.version = version
         self.iterations = iterations
+        self._buffer = buffer  # the buffer every tensor views; None for Weights not made by a pull
 
 
 @dataclass(frozen=True)
@@ -324,15 +330,21 @@ class Optimizer:
         return PushResult.from_wire(reply)
 
     def pull(self, ema: bool = False, names: Iterable[str] = (), *, min_version: int | None = None,
-             timeout: float | None = None) -> Weights:
+             timeout: float | None = None, into: Weights | None = None) -> Weights:
         """The current weights (or, with `ema=True`, their moving average).
 
         `names` picks a subset of tensors; all of them when empty. Every tensor
         comes from one version, reported as `.version`. With `min_version`, the
         server first waits (up to `timeout` seconds, default the client's)
         until the optimizer reaches that version; DEADLINE_EXCEEDED if it does not.
+
+        `into`, an earlier pull's result with the same tensors, is overwritten
+        with the new values instead of allocating fresh memory (a large fresh
+        buffer costs a page fault per 4 KiB on first touch); its arrays and
+        the returned ones share that memory. A pull that fails part way leaves
+        `into` partly overwritten. ValueError if the tensors differ.
         """
-        return self._pull(pb.STATE_KIND_EMA if ema else pb.STATE_KIND_WEIGHTS, names, min_version, timeout)
+        return self._pull(pb.STATE_KIND_EMA if ema else pb.STATE_KIND_WEIGHTS, names, min_version, timeout, into)
 
     def pull_slot(self, slot: str, names: Iterable[str] = ()) -> Weights:
         """Adam's state: slot "m" (first moment), "v" (second) or "vhat" (AMSGrad max)."""
@@ -341,10 +353,12 @@ class Optimizer:
         return self._pull(_SLOTS[slot], names)
 
     def _pull(self, kind: int, names: Iterable[str], min_version: int | None = None,
-              timeout: float | None = None) -> Weights:
+              timeout: float | None = None, into: Weights | None = None) -> Weights:
+        if into is not None and getattr(into, "_buffer", None) is None:
+            raise ValueError("into: must be the Weights returned by an earlier pull")
         request = pb.PullWeightsRequest(optimizer=self.name, kind=kind, names=list(names), min_version=min_version)
         return self.client._call(
-            lambda req, **kwargs: _read_weights(self.client._pull(req, **kwargs)),
+            lambda req, **kwargs: _read_weights(self.client._pull(req, **kwargs), into),
             lambda: request, _READ_RETRY, timeout)
 
     def info(self) -> OptimizerInfo:
@@ -366,17 +380,23 @@ class Optimizer:
         return f"Optimizer({self.name!r} at {self.client.address})"
 
 
-def _read_weights(responses: Iterator[pb.PullWeightsResponse]) -> Weights:
+def _read_weights(responses: Iterator[pb.PullWeightsResponse], into: Weights | None = None) -> Weights:
     header = next(responses).header
     shapes = [tuple(t.shape) for t in header.tensors]
     nbytes = [4 * int(np.prod(shape, dtype=np.int64)) for shape in shapes]
-    buffer = ChunkBuffer(nbytes, _protocol_error)
+    if into is not None:
+        pulled = [(t.name, shape) for t, shape in zip(header.tensors, shapes)]
+        if pulled != [(name, array.shape) for name, array in into.items()]:
+            responses.cancel()
+            raise ValueError(f"into: holds tensors {[(n, a.shape) for n, a in into.items()]}, the pull sent {pulled}")
+    buffer = ChunkBuffer(nbytes, _protocol_error, None if into is None else into._buffer)
     for message in responses:
         buffer.write(message.chunk)
     if buffer.filled != buffer.total:
         raise _protocol_error(f"pull ended after {buffer.filled} of {buffer.total} bytes")
-    tensors = {spec.name: buffer.view(i, spec.dtype, shape) for i, (spec, shape) in enumerate(zip(header.tensors, shapes))}
-    return Weights(tensors, header.version, header.iterations)
+    tensors = {spec.name: buffer.view(i, spec.dtype, shape)
+               for i, (spec, shape) in enumerate(zip(header.tensors, shapes))}
+    return Weights(tensors, header.version, header.iterations, buffer.data)
 
 
 def _protocol_error(message: str) -> OptserveError:

@@ -138,3 +138,26 @@ def test_push_with_a_half_width_wire_equals_pushing_the_rounded_gradient(client:
         np.testing.assert_array_equal(wired.pull()[key], manual.pull()[key])
     client.delete_optimizer(wired.name)
     client.delete_optimizer(manual.name)
+
+
+def test_pull_into_an_earlier_pull_overwrites_its_buffer_with_the_new_weights(client: Client, name: str) -> None:
+    init = {"a": np.zeros((300, 1000), np.float32), "b": np.zeros(7, np.float32), "c": np.zeros(0, np.float32)}
+    opt = client.create_optimizer(name, init, {"learning_rate": 0.5})
+    reused = opt.pull()
+    opt.push({"a": np.ones((300, 1000), np.float32), "b": -np.ones(7, np.float32), "c": np.zeros(0, np.float32)})
+    fresh = opt.pull()
+    pulled = opt.pull(into=reused)
+    assert pulled.version == fresh.version == 1
+    for tensor in init:
+        np.testing.assert_array_equal(pulled[tensor], fresh[tensor])
+        np.testing.assert_array_equal(reused[tensor], fresh[tensor])  # the same memory, overwritten
+    assert np.shares_memory(pulled["a"], reused["a"]) and not np.shares_memory(pulled["a"], fresh["a"])
+    only_b = opt.pull(names=["b"])
+    before = reused["a"].copy()
+    with pytest.raises(ValueError, match="into: holds tensors"):
+        opt.pull(names=["b"], into=reused)  # other tensors: refused before a byte is written
+    np.testing.assert_array_equal(reused["a"], before)
+    with pytest.raises(ValueError, match="into: must be the Weights returned by an earlier pull"):
+        opt.pull(into={"b": np.zeros(7, np.float32)})
+    np.testing.assert_array_equal(opt.pull(names=["b"], into=only_b)["b"], fresh["b"])
+    client.delete_optimizer(name)

@@ -64,12 +64,13 @@ def print_transfer(transfer: dict) -> None:
             if r["mb"] == transfer["target_mb"]:
                 grpc_t, tcp_t = [t for t in transfer["targets"] if t["name"].startswith(way)]
                 mark = f"vs gRPC {target_text(grpc_t)}; vs TCP {target_text(tcp_t)}"
-            rows.append([f"{r['mb']} MB", way, f"{r[f'optserve_{way}_mb_s']:.0f}", f"{r[f'grpc_{way}_mb_s']:.0f}",
+            fresh = f"{r['optserve_fresh_pull_mb_s']:.0f}" if way == "pull" else ""
+            rows.append([f"{r['mb']} MB", way, f"{r[f'optserve_{way}_mb_s']:.0f}", fresh, f"{r[f'grpc_{way}_mb_s']:.0f}",
                          f"{r[f'tcp_{way}_mb_s']:.0f}", f"{r[f'{way}_vs_grpc']:.2f}x", f"{r[f'{way}_vs_tcp']:.2f}x",
                          f"{r['server_step_ms']:.1f}" if way == "push" else "", mark])
     print_table("push / pull throughput (MB/s, medians): optserve vs bare 1 MB-chunk gRPC vs raw TCP",
-                ["size", "way", "optserve", "bare gRPC", "raw TCP", "vs gRPC", "vs TCP", "step ms in push",
-                 "target"], rows)
+                ["size", "way", "optserve", "fresh pull", "bare gRPC", "raw TCP", "vs gRPC", "vs TCP",
+                 "step ms in push", "target"], rows)
 
 
 def print_server_model(server_model: dict) -> None:

@@ -31,11 +31,13 @@ def measure_transfer(address: str, metrics: ServerMetrics, raw_grpc: RawGrpc, ra
             grad = {"w": rng.standard_normal(n, dtype=np.float32) * np.float32(1e-3)}
             name = f"transfer-{size_mb}"
             opt = client.create_optimizer(name, {"w": np.zeros(n, np.float32)})
+            reused = opt.pull()  # pulls land in this buffer, as raw TCP's land in one it reuses
             methods: dict[str, Callable[[], float]] = {
                 "optserve push": lambda: time_once(lambda: opt.push(grad)),
                 "grpc push": lambda: raw_grpc.push(grad["w"]),
                 "tcp push": lambda: raw_tcp.push(grad["w"]),
-                "optserve pull": lambda: time_once(opt.pull),
+                "optserve pull": lambda: time_once(lambda: opt.pull(into=reused)),
+                "optserve fresh pull": lambda: time_once(opt.pull),
                 "grpc pull": lambda: raw_grpc.pull(nbytes),
                 "tcp pull": lambda: raw_tcp.pull(nbytes),
             }
@@ -65,7 +67,8 @@ def measure_transfer(address: str, metrics: ServerMetrics, raw_grpc: RawGrpc, ra
                                    ">=", 0.9))
         targets.append(make_target("transfer", f"{way} {target_mb} MB vs raw TCP", row[f"{way}_vs_tcp"], ">=", 0.7))
     return {"rows": rows, "targets": targets, "target_mb": target_mb, "chunk_bytes": CHUNK_BYTES,
-            "note": "optserve push is the whole call, including the server's step (server_step_ms)"}
+            "note": "optserve push is the whole call, including the server's step (server_step_ms); optserve pull "
+                    "fills the previous pull's buffer (pull(into=...)), a fresh pull allocates new memory"}
 
 
 # --- server model: the bare gRPC service on grpc's thread pool vs grpc.aio ---
@@ -124,12 +127,12 @@ def measure_round_trip(address: str, metrics: ServerMetrics, raw_tcp: RawTcp, pa
                 return opt.push({"w": grad32}, **push_options)
 
             push()  # compiles the step for this gradient dtype
-            opt.pull()
+            reused = opt.pull()
             before = metrics.step_seconds("round-trip")
             push_times, pull_times = [], []
             for _ in range(reps):  # raw TCP interleaved, so drift on a shared machine hits the floor alike
                 push_times.append(time_once(push))
-                pull_times.append(time_once(opt.pull))
+                pull_times.append(time_once(lambda: opt.pull(into=reused)))
                 tcp_push.append(raw_tcp.push(init))
                 tcp_pull.append(raw_tcp.pull(init.nbytes))
             compute_s = mean_delta(before, metrics.step_seconds("round-trip"))
@@ -179,16 +182,17 @@ def _codec_times(init: np.ndarray, grad: np.ndarray, push_options: dict, reps: i
     client._push, client._pull = loopback.push, loopback.pull
     opt = Optimizer(client, "round-trip")
     opt.push({"w": grad}, **push_options)
-    opt.pull()
+    reused = opt.pull()
     push = statistics.median(time_reps(lambda: opt.push({"w": grad}, **push_options), reps))
-    pull = statistics.median(time_reps(opt.pull, reps))
+    pull = statistics.median(time_reps(lambda: opt.pull(into=reused), reps))
     return push, pull
 
 
 class _Loopback:
     """Stands in for the push and pull calls: each message goes through the serializers gRPC would
     use, then the server's codec decodes the push into a reused buffer (and checks it for NaN/Inf, as
-    the default policy does) or encodes the pull from a host copy of device weights, as the server does."""
+    the default policy does) or encodes the pull from a copy of the device weights in a reused buffer,
+    as the server does."""
 
     def __init__(self, params: dict[str, np.ndarray]):
         import jax
@@ -223,7 +227,12 @@ class _Loopback:
         return self._reply
 
     def pull(self, request, timeout=None, wait_for_ready=None):
-        arrays = [(name, np.array(self._weights[name])) for name in self._shapes]
+        arrays = []
+        for name in self._shapes:  # into a reused host buffer, as the server snapshots into a pooled one
+            weights = np.asarray(self._weights[name])
+            host = self._buffer(weights.nbytes)[:weights.nbytes].view(weights.dtype).reshape(weights.shape)
+            np.copyto(host, weights)
+            arrays.append((name, host))
         for message in self._codec.encode_pull(1, 1, arrays):
             yield self._parse_pull(message)
 
