@@ -42,6 +42,7 @@ FORMAT = 1
 _RECORD_HEADER = struct.Struct("<4sQI")  # magic, payload bytes, CRC-32 of the payload
 _MAGIC = b"OSW1"
 _SPACE_ERRORS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+_IOV_MAX = 1024  # buffers one writev takes on Linux
 
 
 class StorageError(Exception):
@@ -99,10 +100,10 @@ class OptimizerStore:
         """Writes and fsyncs one record; on a full disk cuts it off again and refuses."""
         if self._wal_fd is None:
             return
-        data = _encode_record(record)
+        parts = _encode_record(record)
         size = os.fstat(self._wal_fd).st_size
         try:
-            os.write(self._wal_fd, data)  # O_APPEND: one write, at the end
+            _write_all(self._wal_fd, parts)  # O_APPEND: at the end
             os.fsync(self._wal_fd)
         except OSError as err:
             os.ftruncate(self._wal_fd, size)
@@ -219,17 +220,40 @@ def _read_checkpoint(path: Path, sha256: str) -> Checkpoint:
     return Checkpoint(meta, slots)
 
 
-def _encode_record(record: LogRecord) -> bytes:
-    """Header, then a JSON description of the arrays, then their raw little-endian bytes."""
+def _encode_record(record: LogRecord) -> list[memoryview]:
+    """Header, then a JSON description of the arrays, then their raw little-endian bytes.
+
+    The parts are views of the arrays, not copies: a record is written with
+    one `writev`, and the CRC is accumulated part by part.
+    """
     tensors, arrays = [], []
     for name, grad in record.grads.items():
         parts = grad if isinstance(grad, tuple) else (grad,)
+        parts = tuple(np.ascontiguousarray(p) for p in parts)  # no copy for the usual contiguous array
         tensors.append({"name": name, "parts": [[data_type_of(p.dtype), list(p.shape)] for p in parts]})
         arrays.extend(parts)
     meta = json.dumps({"kind": record.kind, "version": record.version, "workers": record.workers,
                        "tensors": tensors}).encode()
-    payload = b"".join([struct.pack("<I", len(meta)), meta, *(np.ascontiguousarray(a).tobytes() for a in arrays)])
-    return _RECORD_HEADER.pack(_MAGIC, len(payload), zlib.crc32(payload)) + payload
+    payload = [memoryview(struct.pack("<I", len(meta))), memoryview(meta)]
+    payload += [memoryview(a.reshape(-1).view(np.uint8)) for a in arrays]
+    crc = 0
+    for part in payload:
+        crc = zlib.crc32(part, crc)
+    size = sum(len(part) for part in payload)
+    return [memoryview(_RECORD_HEADER.pack(_MAGIC, size, crc)), *payload]
+
+
+def _write_all(fd: int, parts: list[memoryview]) -> None:
+    """Writes every byte of `parts`, in order, with as few `writev` calls as the kernel allows."""
+    parts = [part for part in parts if len(part)]
+    while parts:
+        written = os.writev(fd, parts[:_IOV_MAX])
+        if not written:
+            raise OSError(errno.ENOSPC, "the log took no bytes")
+        while parts and written >= len(parts[0]):
+            written -= len(parts.pop(0))
+        if parts:
+            parts[0] = parts[0][written:]
 
 
 def _decode_record(payload: bytes) -> LogRecord:

@@ -406,3 +406,32 @@ def test_more_concurrent_calls_than_the_limit_get_resource_exhausted() -> None:
                 raise AssertionError("the slots were never freed")
     finally:
         server.stop()
+
+
+def test_log_records_are_written_without_copies_and_read_back_exactly(tmp_path: Path) -> None:
+    """Records go out as views of the arrays in writev calls (more parts than one call takes), CRC'd part by part."""
+    import jax.numpy as jnp
+    import ml_dtypes
+
+    from optserve.server.storage import LogRecord, OptimizerStore, _read_log_file
+
+    rng = np.random.default_rng(0)
+    grads = {f"emb{k}": (rng.integers(0, 9, 3), rng.normal(size=(3, 2)).astype(np.float32)) for k in range(700)}
+    grads["transposed"] = rng.normal(size=(4, 5)).astype(np.float32).T  # not contiguous
+    grads["bf16"] = rng.normal(size=6).astype(ml_dtypes.bfloat16)
+    grads["empty"] = np.zeros((0, 3), np.float32)
+    grads["device"] = jnp.arange(5, dtype=jnp.float32)  # a sync round's on-device sum
+    store = OptimizerStore(tmp_path / "opt", "wal")
+    (tmp_path / "opt").mkdir()
+    store.start_log(0)
+    records = [LogRecord("step", 1, [("w", 1)], grads), LogRecord("finalize", 2)]
+    for record in records:
+        store.append(record)
+    store.close()
+    read = _read_log_file(tmp_path / "opt" / "wal-000000000000.log")
+    assert [(r.kind, r.version, r.workers) for r in read] == [("step", 1, [("w", 1)]), ("finalize", 2, [])]
+    assert read[0].grads.keys() == grads.keys()
+    for name, grad in grads.items():
+        for got, want in zip(*(g if isinstance(g, tuple) else (g,) for g in (read[0].grads[name], grad))):
+            assert got.dtype == np.asarray(want).dtype and got.shape == want.shape, name
+            np.testing.assert_array_equal(got, np.asarray(want), err_msg=name)
