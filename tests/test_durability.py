@@ -6,6 +6,7 @@ import signal
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -201,6 +202,41 @@ def test_retry_after_a_crash_is_answered_not_applied_again(data_dir: Path) -> No
             again = opt.push(grads_for("a", 1), worker_id="a", seq=1)
             assert again == 2 and again.duplicate and opt.info().iterations == 2
             assert_state_equals(opt, reference([("a", 0), ("a", 1)]))
+    finally:
+        server.process.stop()
+
+
+def test_sync_rounds_summed_on_the_device_survive_a_crash_bit_for_bit(data_dir: Path) -> None:
+    """Each round's on-device mean is logged before its step; after SIGKILL the log replays it exactly."""
+    workers, rounds = ["a", "b", "c"], 3
+    server = Server(data_dir).start()
+    with Client(server.address, timeout=60) as client:
+        client.create_optimizer("sync", INIT, CONFIG, mode="sync", num_workers=len(workers))
+
+    def work(worker: str) -> None:
+        with Client(server.address, timeout=60) as own:
+            opt = own.optimizer("sync")
+            for seq in range(rounds):
+                assert opt.push(grads_for(worker, seq), worker_id=worker, seq=seq, base_version=seq) == seq + 1
+
+    with ThreadPoolExecutor(max_workers=len(workers)) as pool:
+        for future in [pool.submit(work, w) for w in workers]:
+            future.result(timeout=120)
+    server.kill()  # no checkpoint since create: every round lives only in the log
+    config = parse_config(CONFIG)
+    state, step = adam.init(INIT, config), adam.make_step(config, list(INIT))
+    for seq in range(rounds):  # the documented aggregate: summed in worker-id order, then divided
+        grads = [grads_for(w, seq) for w in sorted(workers)]
+        dense = (grads[0]["w"] + grads[1]["w"] + grads[2]["w"]) / np.float32(3)
+        indices = np.concatenate([g["emb"].indices for g in grads])
+        rows = np.concatenate([g["emb"].values for g in grads]) / np.float32(3)
+        state = step(state, {"w": dense, "emb": adam.sparse_grad(indices, rows)})
+    server.start()
+    try:
+        with Client(server.address, timeout=60) as client:
+            opt = client.optimizer("sync")
+            assert opt.info().iterations == rounds
+            assert_state_equals(opt, state)
     finally:
         server.process.stop()
 
