@@ -223,13 +223,13 @@ def _read_checkpoint(path: Path, sha256: str) -> Checkpoint:
 def _encode_record(record: LogRecord) -> list[memoryview]:
     """Header, then a JSON description of the arrays, then their raw little-endian bytes.
 
-    The parts are views of the arrays, not copies: a record is written with
-    one `writev`, and the CRC is accumulated part by part.
+    The parts are views of the arrays, not copies, for `writev` to write
+    (`_write_all`), and the CRC is accumulated part by part.
     """
     tensors, arrays = [], []
     for name, grad in record.grads.items():
         parts = grad if isinstance(grad, tuple) else (grad,)
-        parts = tuple(np.ascontiguousarray(p) for p in parts)  # no copy for the usual contiguous array
+        parts = tuple(np.require(p, requirements="C") for p in parts)  # copies only what is not contiguous
         tensors.append({"name": name, "parts": [[data_type_of(p.dtype), list(p.shape)] for p in parts]})
         arrays.extend(parts)
     meta = json.dumps({"kind": record.kind, "version": record.version, "workers": record.workers,

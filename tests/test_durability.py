@@ -456,6 +456,7 @@ def test_log_records_are_written_without_copies_and_read_back_exactly(tmp_path: 
     grads["transposed"] = rng.normal(size=(4, 5)).astype(np.float32).T  # not contiguous
     grads["bf16"] = rng.normal(size=6).astype(ml_dtypes.bfloat16)
     grads["empty"] = np.zeros((0, 3), np.float32)
+    grads["scalar"] = np.float32(1.5)  # shape (), not (1,)
     grads["device"] = jnp.arange(5, dtype=jnp.float32)  # a sync round's on-device sum
     store = OptimizerStore(tmp_path / "opt", "wal")
     (tmp_path / "opt").mkdir()
@@ -469,5 +470,5 @@ def test_log_records_are_written_without_copies_and_read_back_exactly(tmp_path: 
     assert read[0].grads.keys() == grads.keys()
     for name, grad in grads.items():
         for got, want in zip(*(g if isinstance(g, tuple) else (g,) for g in (read[0].grads[name], grad))):
-            assert got.dtype == np.asarray(want).dtype and got.shape == want.shape, name
+            assert got.dtype == np.asarray(want).dtype and got.shape == np.shape(want), name
             np.testing.assert_array_equal(got, np.asarray(want), err_msg=name)
