@@ -147,10 +147,10 @@ class RoundSum:
             else:
                 dense.append(name)
         if dense:
-            out = {name: self._buffers.pop(name, None) for name in dense}
-            fresh = aggregate.zeros_like_shapes({name: self._shapes[name] for name, b in out.items() if b is None})
+            self._buffers.update(aggregate.zeros_like_shapes(
+                {name: self._shapes[name] for name in dense if name not in self._buffers}))
             sums = aggregate.sum_in_order(
-                {**out, **fresh},
+                {name: self._buffers[name] for name in dense},
                 [{name: _dense(contributions[w][name], self._shapes[name]) for name in dense} for w in workers],
                 self._mean)
             self._buffers.update(sums)
