@@ -623,11 +623,30 @@ def hold_open(messages: list, release: threading.Event) -> Iterator:
     release.wait(TIMEOUT)
 
 
+def settled(world: World, rpc: str, name: str, before: dict, wait: float = 0.5) -> dict:
+    """The state once a cancelled call's handler is done: its effect, if any, lands within milliseconds."""
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        if rpc == "create" and name in world.names():
+            break
+        if rpc == "push" and world.target.info().version != before[f"{TARGET}/version"]:
+            break
+        time.sleep(0.02)
+    return world.state()
+
+
 @fuzz(25)
 @given(rpc=st.sampled_from(["push", "create"]), sent=st.integers(0, FULL_BYTES), data=st.data(),
        delay=st.floats(0, 0.05))
-def test_calls_cancelled_mid_stream_change_nothing(world: World, rpc: str, sent: int, data, delay: float) -> None:
-    """A client that sends a header and some or all bytes, then cancels before closing the stream, leaves no trace."""
+def test_calls_cancelled_mid_stream_change_nothing_or_apply_whole(world: World, rpc: str, sent: int, data,
+                                                                  delay: float) -> None:
+    """A client that sends a header and some bytes, then cancels before closing the stream, leaves no trace.
+
+    Once every byte is sent, a cancel is like a lost reply: gRPC's Python server
+    can see the stream end before it learns of the cancel (its receive callback
+    marks the stream closed, the cancel arrives a moment later), so the call may
+    take effect, but only whole. This happened in about 1 of 10 such calls here.
+    """
     specs, payload = encode(zero_grads())
     chunks = data.draw(splits(payload[:sent]), label="chunks")
     name = fresh_name()
@@ -645,7 +664,23 @@ def test_calls_cancelled_mid_stream_change_nothing(world: World, rpc: str, sent:
     cancelled = future.cancel()
     release.set()
     assert cancelled and future.code() == Code.CANCELLED, "the call ended before the client cancelled it"
-    world.assert_unchanged(before)
+    if sent < FULL_BYTES:
+        world.assert_unchanged(before)
+        return
+    after = settled(world, rpc, name, before)
+    if after == before:
+        return
+    changed = {key for key in before.keys() | after.keys() if before.get(key) != after.get(key)}
+    if rpc == "create":  # the whole optimizer, with the zeros that were sent
+        assert changed == {"optimizers"} and set(after["optimizers"]) - set(before["optimizers"]) == {name}
+        created = world.client.optimizer(name).pull()
+        for tensor, shape in SHAPES.items():
+            np.testing.assert_array_equal(created[tensor], np.zeros(shape, np.float32))
+        world.client.delete_optimizer(name)
+    else:  # exactly one step on the target, nothing elsewhere
+        assert all(key.startswith(f"{TARGET}/") for key in changed), changed
+        versions = [(state[f"{TARGET}/version"], state[f"{TARGET}/iterations"]) for state in (before, after)]
+        assert versions[1] == (versions[0][0] + 1, versions[0][1] + 1)
 
 
 @fuzz(25)
