@@ -4,7 +4,8 @@
 starts it, restores the data dir (health NOT_SERVING meanwhile, calls answered
 UNAVAILABLE), reports SERVING, and runs until SIGTERM or SIGINT; then it
 reports NOT_SERVING, refuses new calls, gives calls in flight `grace` seconds,
-and checkpoints every optimizer, which empties the logs.
+and checkpoints every optimizer, which empties the logs (exit status 1 if any
+could not be saved).
 """
 
 import logging
@@ -62,11 +63,14 @@ class OptserveServer:
         for service in ("", SERVICE_NAME):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
 
-    def shutdown(self, grace: float | None) -> None:
-        """NOT_SERVING, refuse new calls, let calls in flight finish, checkpoint everything."""
+    def shutdown(self, grace: float | None) -> Sequence[str]:
+        """NOT_SERVING, refuse new calls, let calls in flight finish, checkpoint everything.
+
+        Returns the names of the optimizers that could not be saved.
+        """
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
-        self.registry.save_all()
+        return self.registry.save_all()
 
 
 def create_server(options: ServerOptions, interceptors: Sequence[grpc.ServerInterceptor] = ()) -> OptserveServer:
@@ -79,7 +83,7 @@ def create_server(options: ServerOptions, interceptors: Sequence[grpc.ServerInte
     persistence = None
     if options.data_dir is not None:
         persistence = Persistence(Path(options.data_dir), options.durability, options.checkpoint_every,
-                                  options.checkpoint_interval)
+                                  options.checkpoint_interval, accept_log_loss=options.accept_log_loss)
     registry = Registry(persistence, options.max_optimizers, Metrics(enabled=options.metrics_port is not None))
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=options.max_workers, thread_name_prefix="optserve-rpc"),
@@ -123,6 +127,9 @@ def serve(options: ServerOptions) -> int:
     while not stop.wait(1.0):  # a timed wait lets the signal handlers run
         pass
     log.info("shutting down: refusing new calls, %.0f s grace for calls in flight", options.grace)
-    built.shutdown(options.grace)
+    failed = built.shutdown(options.grace)
+    if failed:
+        log.error("stopped, but could not save %d optimizer(s): %s", len(failed), ", ".join(failed))
+        return 1
     log.info("stopped")
     return 0

@@ -25,6 +25,8 @@ SERVE_FLAGS: dict[str, tuple[Any, str]] = {  # field -> (type, or a tuple of cho
                                     "'none' keeps checkpoints only"),
     "checkpoint_every": (int, "steps between checkpoints"),
     "checkpoint_interval": (float, "seconds between checkpoints of an optimizer that changed"),
+    "accept_log_loss": (bool, "with --data-dir: start even if a log is damaged or missing, with the changes "
+                              "before the damage (the rest kept aside as wal-*.log.lost-*); off: refuse to start"),
     "metrics_port": (int, "serve Prometheus metrics over HTTP on this port (0 picks one; default: off)"),
     "log_format": (("text", "json"), "log lines for people or for log pipelines"),
     "log_level": (("DEBUG", "INFO", "WARNING", "ERROR"), "least severe log lines shown"),

@@ -19,6 +19,7 @@ class ServerOptions:
     durability: str = "wal"  # with a data dir: "wal" logs every change before acknowledging it; "none" does not
     checkpoint_every: int = 1000  # steps between checkpoints
     checkpoint_interval: float = 300.0  # seconds between checkpoints of an optimizer that changed
+    accept_log_loss: bool = False  # restore past a damaged or missing log (its rest kept aside); else refuse to start
     tls_cert: str | None = None  # PEM certificate chain of the server; with tls_key, serve TLS
     tls_key: str | None = None  # PEM private key of tls_cert
     tls_client_ca: str | None = None  # PEM CA bundle; with it, require and verify client certificates (mTLS)

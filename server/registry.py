@@ -7,12 +7,12 @@ fsynced) before it is applied, so an acknowledged push survives a crash.
 Requests arrive here already decoded and checked.
 """
 
+import contextlib
 import logging
-import shutil
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -74,6 +74,7 @@ class Persistence:
     durability: str = "wal"  # "wal": log every change before applying it; "none": checkpoints only
     checkpoint_every: int = 1000  # steps between checkpoints
     checkpoint_interval: float = 300.0  # seconds between checkpoints of an optimizer that changed
+    accept_log_loss: bool = False  # restore past a damaged or missing log, keeping its rest aside
 
 
 class Optimizer:
@@ -247,21 +248,26 @@ class Optimizer:
         )
 
     def close(self, delete_files: bool = False) -> None:
-        """Marks the optimizer deleted: calls that hold it fail, waiting calls wake up."""
+        """Marks the optimizer deleted: calls that hold it fail, waiting calls wake up.
+
+        With `delete_files`, the folder goes first: if that fails, the optimizer is left as it was.
+        """
         with self._save_lock, self._lock:
+            if self._store is not None:
+                self._store.delete() if delete_files else self._store.close()
             self._deleted = True
             self._cancel_round_timer()
             self._version_changed.notify_all()
-            if self._store is not None:
-                self._store.delete() if delete_files else self._store.close()
 
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Checkpoint, store: OptimizerStore, **hooks: Any) -> "Optimizer":
         """The optimizer a checkpoint describes; its later log records are replayed with `replay`."""
         meta = checkpoint.meta
+        slots = {slot: {name: tensors[name] for name in meta["names"] if name in tensors}  # in creation order
+                 for slot, tensors in checkpoint.slots.items()}
         optimizer = cls(meta["name"], parse_config(meta["config"]), meta["non_finite_policy"],
-                        TrainingMode(**meta["training_mode"]), adam.restore(meta["iterations"], checkpoint.slots),
+                        TrainingMode(**meta["training_mode"]), adam.restore(meta["iterations"], slots),
                         meta["version"], store, **hooks)
         optimizer._dedup.load_json(meta["dedup"])
         return optimizer
@@ -411,6 +417,8 @@ class Registry:
         self.metrics = metrics or Metrics()
         self._lock = threading.Lock()
         self._optimizers: dict[str, Optimizer] = {}
+        self._changing: dict[str, str] = {}  # name -> "create" or "delete" holding it until its folder is done
+        self._changed = threading.Condition(self._lock)  # told when a name leaves _changing
         self._ready = persistence is None  # with a data dir: after restore()
         self._checkpointer: threading.Thread | None = None
         self._stop = threading.Event()
@@ -418,26 +426,28 @@ class Registry:
 
     def create(self, name: str, config: Mapping[str, Any], params: Mapping[str, np.ndarray],
                non_finite_policy: str = "refuse", training_mode: TrainingMode = TrainingMode()) -> Optimizer:
-        """Creates an optimizer (and its first checkpoint); ALREADY_EXISTS if the name is taken."""
+        """Creates an optimizer (and its first checkpoint); ALREADY_EXISTS if the name is taken.
+
+        The name is held from the check until the optimizer is served (or the
+        create failed): a create or delete of the same name meanwhile waits.
+        """
         if non_finite_policy not in NON_FINITE_POLICIES:
             raise InvalidArgument(f"non_finite_policy: must be one of {NON_FINITE_POLICIES}")
         self._check_ready()
         adam_config = parse_config(config)
-        self._refuse_taken(name)
-        store = None
-        if self.persistence is not None:
-            store = OptimizerStore(self.persistence.data_dir / name, self.persistence.durability)
-        optimizer = Optimizer(name, adam_config, non_finite_policy, training_mode, adam.init(params, adam_config),
-                              store=store, on_step=self._note_step, metrics=self.metrics)
-        with self._lock:
-            self._refuse_taken(name)
+        with self._hold(name, "create"):
+            with self._lock:
+                self._refuse_taken(name)
+            store = None
+            if self.persistence is not None:
+                store = OptimizerStore(self.persistence.data_dir / name, self.persistence.durability)
+            optimizer = Optimizer(name, adam_config, non_finite_policy, training_mode,
+                                  adam.init(params, adam_config), store=store, on_step=self._note_step,
+                                  metrics=self.metrics)
             if store is not None:
-                try:
-                    store.create(optimizer.checkpoint())
-                except BaseException:
-                    shutil.rmtree(store.directory, ignore_errors=True)
-                    raise
-            self._optimizers[name] = optimizer
+                store.create(optimizer.checkpoint())  # on failure it removes only what it made
+            with self._lock:
+                self._optimizers[name] = optimizer
         return optimizer
 
     def get(self, name: str) -> Optimizer:
@@ -455,14 +465,37 @@ class Registry:
             return [self._optimizers[name] for name in sorted(self._optimizers)]
 
     def delete(self, name: str) -> None:
-        """Removes an optimizer and its files; NOT_FOUND if there is none."""
+        """Removes an optimizer and its files; NOT_FOUND if there is none.
+
+        The name is held until the folder is renamed away (after a running
+        checkpoint ends), so a create of the same name waits for it.
+        """
         self._check_ready()
-        with self._lock:
-            optimizer = self._optimizers.pop(name, None)
-        if optimizer is None:
-            raise NotFound(f"optimizer {name!r} not found")
-        optimizer.close(delete_files=True)
+        with self._hold(name, "delete"):
+            with self._lock:
+                optimizer = self._optimizers.pop(name, None)
+            if optimizer is None:
+                raise NotFound(f"optimizer {name!r} not found")
+            try:
+                optimizer.close(delete_files=True)
+            except BaseException:
+                with self._lock:  # its folder is still there: it is still served
+                    self._optimizers[name] = optimizer
+                raise
         self.metrics.forget(name)
+
+    @contextlib.contextmanager
+    def _hold(self, name: str, change: str) -> Iterator[None]:
+        """Holds `name` for one create or delete, waiting while another holds it."""
+        with self._changed:
+            self._changed.wait_for(lambda: name not in self._changing)
+            self._changing[name] = change
+        try:
+            yield
+        finally:
+            with self._changed:
+                del self._changing[name]
+                self._changed.notify_all()
 
     def restore(self) -> None:
         """Loads every optimizer of the data dir: its newest good checkpoint, then its log replayed.
@@ -472,11 +505,16 @@ class Registry:
         if self.persistence is None:
             return
         for store in list_stores(self.persistence.data_dir, self.persistence.durability):
-            checkpoint, records = store.load()
+            checkpoint, records, lost = store.load(self.persistence.accept_log_loss)
             optimizer = Optimizer.from_checkpoint(checkpoint, store, on_step=self._note_step, metrics=self.metrics)
             for record in records:
                 optimizer.replay(record)
             store.start_log(optimizer.version)
+            if lost:  # a checkpoint now, so the next start finds a whole data dir
+                try:
+                    optimizer.save()
+                except (ResourceExhausted, OSError) as err:
+                    log.error("optimizer %r: no checkpoint after the accepted log loss: %s", optimizer.name, err)
             self._optimizers[optimizer.name] = optimizer
             log.info("restored optimizer %r at version %d (checkpoint %d + %d logged changes)",
                      optimizer.name, optimizer.version, checkpoint.version, len(records))
@@ -494,19 +532,30 @@ class Registry:
         if self.persistence and optimizer.version - optimizer.saved_version >= self.persistence.checkpoint_every:
             self._checkpoint_due.set()
 
-    def save_all(self) -> None:
-        """Stops the checkpointer and checkpoints every optimizer (on shutdown): the logs empty."""
+    def save_all(self) -> Sequence[str]:
+        """Stops the checkpointer and checkpoints every optimizer (on shutdown): the logs empty.
+
+        A failure is logged and the others are still saved; every optimizer is
+        closed. Returns the names of those that could not be saved.
+        """
         self._stop.set()
         self._checkpoint_due.set()
         if self._checkpointer is not None:
             self._checkpointer.join()
+        failed = []
         for optimizer in self.list() if self.persistence is not None else []:
             try:
                 version = optimizer.save()
                 log.info("saved optimizer %r at version %d", optimizer.name, version)
             except NotFound:
                 pass  # deleted meanwhile
+            except Exception as err:  # the others are still saved
+                log.error("could not save optimizer %r on shutdown (its changes since version %d are %s): %s",
+                          optimizer.name, optimizer.saved_version,
+                          "in its log" if self.persistence.durability == "wal" else "lost", err)
+                failed.append(optimizer.name)
             optimizer.close()
+        return failed
 
     def _checkpoint_loop(self) -> None:
         persistence = self.persistence
@@ -529,9 +578,11 @@ class Registry:
             raise Unavailable(f"restoring state from {self.persistence.data_dir}; retry shortly")
 
     def _refuse_taken(self, name: str) -> None:
+        """Under the lock and `_hold(name)`: the name is free, and the limit leaves room (other creates count)."""
         if name in self._optimizers:
             raise AlreadyExists(f"name: an optimizer named {name!r} exists already")
-        if len(self._optimizers) >= self.max_optimizers:
+        creating = sum(1 for other, change in self._changing.items() if change == "create" and other != name)
+        if len(self._optimizers) + creating >= self.max_optimizers:
             raise ResourceExhausted(f"name: this server holds its limit of {self.max_optimizers} optimizers")
 
 

@@ -6,13 +6,19 @@ Layout of a data dir (one folder per optimizer):
     DIR/<name>/ckpt-<version>.npz  the complete state at that version (a plain NumPy archive)
     DIR/<name>/wal-<version>.log   every change after that version, one record each
 
-A checkpoint is written to a temporary file, fsynced and renamed, then the
-manifest the same way, so a crash leaves either the old or the new one. Each
-log record is fsynced before the change it describes is applied and
-acknowledged; it carries a CRC-32, so a torn tail (a crash mid-write) is
-found and cut. Recovery loads the newest good checkpoint (falling back to the
-one before, saying so) and replays every later record. Logs are kept back to
-the previous checkpoint, so the fallback loses nothing.
+A new optimizer's folder is written as DIR/.creating-<name>-<ns> (first
+checkpoint and manifest, fsynced) and renamed into place, so a crash during a
+create leaves only a dot-folder, removed on the next start. A checkpoint is
+written to a temporary file, fsynced and renamed, then the manifest the same
+way, so a crash leaves either the old or the new one. Each log record is
+fsynced before the change it describes is applied and acknowledged; it carries
+a CRC-32. A bad last record (a crash mid-write) is a torn tail, cut and kept
+aside; a bad record with a whole record after it is damage, and so is a log the
+manifest names but the folder lacks: recovery refuses it, naming the file and
+byte offset, unless the operator accepts the loss. Recovery loads the newest
+good checkpoint (falling back to the one before, saying so) and replays every
+later record. Logs are kept back to the previous checkpoint, so the fallback
+loses nothing.
 """
 
 import errno
@@ -33,16 +39,19 @@ import numpy as np
 
 from optserve.client.wire import ITEMSIZE, data_type_of, numpy_dtype
 from optserve.server.codec import Gradient
-from optserve.server.errors import ResourceExhausted
+from optserve.server.errors import FailedPrecondition, ResourceExhausted
 
 log = logging.getLogger("optserve.storage")
 
 DURABILITY_MODES = ("wal", "none")
-FORMAT = 1
+FORMAT = 2  # 2: archive keys are "<slot>/<index>" with the tensor names in "layout"; 1: "<slot>/<tensor name>"
 _RECORD_HEADER = struct.Struct("<4sQI")  # magic, payload bytes, CRC-32 of the payload
 _MAGIC = b"OSW1"
 _SPACE_ERRORS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 _IOV_MAX = 1024  # buffers one writev takes on Linux
+_CREATING = ".creating-"  # DIR/.creating-<name>-<ns>: a create's folder until its first checkpoint is whole
+_TORN = ".torn-"  # wal-<v>.log.torn-<offset>: a torn tail cut off the log, kept until the log is pruned
+_LOST = ".lost-"  # wal-<v>.log.lost-<offset>: log given up by --accept-log-loss, kept for the operator
 
 
 class StorageError(Exception):
@@ -80,12 +89,36 @@ class OptimizerStore:
         self.directory = directory
         self.durability = durability
         self._wal_fd: int | None = None
+        self._wal_name: str | None = None  # the open log's file name: the log that follows the next checkpoint
 
     def create(self, checkpoint: Checkpoint) -> None:
-        """Makes the folder and writes the first checkpoint, before the optimizer is acknowledged."""
-        self.directory.mkdir(parents=True)
-        self.start_log(checkpoint.version)
-        self.save(checkpoint)
+        """Writes the folder with its first checkpoint under a dot-name, then renames it into place.
+
+        Runs before the optimizer is acknowledged. A failure removes only the
+        dot-folder it made, and a crash leaves only that dot-folder, which
+        `list_stores` removes: never a folder without a manifest.
+        """
+        final = self.directory
+        if final.exists():
+            raise FailedPrecondition(f"name: the data dir holds a folder {final} that is no optimizer this server "
+                                     f"serves; move it away to create {final.name!r}")
+        staging = final.with_name(f"{_CREATING}{final.name}-{time.time_ns()}")
+        self.directory = staging
+        try:
+            staging.mkdir()
+            self.start_log(checkpoint.version)
+            self.save(checkpoint)
+            os.rename(staging, final)  # atomic: the folder appears whole, manifest and all
+        except BaseException as err:
+            self.close()
+            shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(err, OSError) and err.errno in _SPACE_ERRORS:
+                raise ResourceExhausted(f"data dir: no space for the folder of {final.name!r} "
+                                        f"({os.strerror(err.errno)})") from None
+            raise
+        finally:
+            self.directory = final
+        _fsync_dir(final.parent)
 
     def start_log(self, version: int) -> None:
         """Sends later records to a new log file for changes after `version`."""
@@ -94,6 +127,7 @@ class OptimizerStore:
         self.close()
         path = self.directory / f"wal-{version:012d}.log"
         self._wal_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self._wal_name = path.name
         _fsync_dir(self.directory)
 
     def append(self, record: LogRecord) -> None:
@@ -115,13 +149,12 @@ class OptimizerStore:
     def save(self, checkpoint: Checkpoint) -> None:
         """Writes a checkpoint atomically, points the manifest at it, and prunes what it replaces."""
         name = f"ckpt-{checkpoint.version:012d}.npz"
-        arrays = {f"{slot}/{tensor}": value for slot, tensors in checkpoint.slots.items()
-                  for tensor, value in tensors.items()}
-        arrays["meta"] = np.frombuffer(json.dumps(checkpoint.meta).encode(), np.uint8)
+        arrays = _archive_arrays(checkpoint)
         try:
             digest = _write_atomic(self.directory / name, lambda f: np.savez(f, **arrays))
             manifest = self._manifest()
-            entries = [{"file": name, "version": checkpoint.version, "sha256": digest}]
+            entries = [{"file": name, "version": checkpoint.version, "sha256": digest,
+                        "log": self._wal_name if self._wal_fd is not None else None}]
             entries += [e for e in manifest.get("checkpoints", [])[:1] if e["file"] != name]
             _write_atomic(self.directory / "manifest.json",
                           lambda f: f.write(json.dumps({"format": FORMAT, "checkpoints": entries}).encode()))
@@ -132,8 +165,15 @@ class OptimizerStore:
             raise
         self._prune(min(e["version"] for e in entries), {e["file"] for e in entries})
 
-    def load(self) -> tuple[Checkpoint, list[LogRecord]]:
-        """The newest good checkpoint and every log record after it, torn tails cut off."""
+    def load(self, accept_log_loss: bool = False) -> tuple[Checkpoint, list[LogRecord], bool]:
+        """The newest good checkpoint, every log record after it, and whether log was lost.
+
+        A torn tail is cut off (its bytes kept aside). Damage (a bad record with
+        a whole one after it, a version gap, a log the manifest names but the
+        folder lacks) raises StorageError and changes no file, unless
+        `accept_log_loss`: then the log is cut at the damage, the rest kept
+        aside, and the third value is True.
+        """
         manifest = self._manifest()
         entries = manifest.get("checkpoints", [])
         if not entries:
@@ -150,7 +190,9 @@ class OptimizerStore:
             if failures:
                 log.warning("restoring %r from the previous checkpoint %s and the log since version %d",
                             self.directory.name, path.name, checkpoint.version)
-            return checkpoint, self._read_log(checkpoint.version)
+            named = [e["log"] for e in entries if e.get("log") and e["version"] >= checkpoint.version]
+            records, lost = self._read_log(checkpoint.version, named, accept_log_loss)
+            return checkpoint, records, lost
         raise StorageError("no usable checkpoint, refusing to start: " + "; ".join(failures))
 
     def close(self) -> None:
@@ -160,11 +202,15 @@ class OptimizerStore:
             self._wal_fd = None
 
     def delete(self) -> None:
-        """Removes the folder: renamed away first, so a crash never leaves half of it."""
-        self.close()
+        """Removes the folder: renamed away first, so a crash never leaves half of it (nor a create's new one)."""
         graveyard = self.directory.with_name(f".deleted-{self.directory.name}-{time.time_ns()}")
-        os.rename(self.directory, graveyard)
-        _fsync_dir(self.directory.parent)
+        os.rename(self.directory, graveyard)  # if this fails, the folder and its open log stay as they were
+        self.close()
+        try:
+            _fsync_dir(self.directory.parent)
+        except OSError as err:  # the rename is done; only its durability is in doubt
+            log.warning("%s: could not fsync the data dir after deleting %r: %s", self.directory.parent,
+                        self.directory.name, err)
         shutil.rmtree(graveyard, ignore_errors=True)
 
     def _manifest(self) -> dict[str, Any]:
@@ -176,19 +222,54 @@ class OptimizerStore:
         except (ValueError, OSError) as err:
             raise StorageError(f"{path}: unreadable manifest ({err}); refusing to start over it") from None
 
-    def _read_log(self, after_version: int) -> list[LogRecord]:
-        records = []
-        for path in sorted(self.directory.glob("wal-*.log")):
-            for record in _read_log_file(path):
-                if record.version > after_version:
-                    records.append(record)
-        expected = after_version + 1
-        for record in records:
-            if record.version != expected:
-                raise StorageError(f"{self.directory}: the log jumps from version {expected - 1} to "
-                                   f"{record.version}; refusing to start with a gap")
-            expected += 1
-        return records
+    def _read_log(self, after_version: int, named: list[str], accept_loss: bool) -> tuple[list[LogRecord], bool]:
+        """The records after `after_version`, consecutive; `named`: logs the manifest says must exist.
+
+        Every file is read before any is changed, so a refusal leaves them all
+        as they were; only then are torn tails cut (or, accepting a loss, the
+        damage and everything after it set aside).
+        """
+        lost = False
+        for missing in [name for name in named if not (self.directory / name).exists()]:
+            problem = f"{self.directory / missing}: missing, but the manifest says this log follows a checkpoint"
+            if not accept_loss:
+                raise StorageError(f"{problem}; refusing to start without it (--accept-log-loss would)")
+            log.error("%s; starting without it, as --accept-log-loss allows", problem)
+            lost = True
+        logs = sorted(self.directory.glob("wal-*.log"))
+        scans = [_scan_log_file(path) for path, newer in zip(logs, [*logs[1:], None])
+                 if newer is None or _start_version(newer) > after_version]  # others end before the checkpoint
+        records, expected, damage = [], after_version + 1, None
+        for index, scan in enumerate(scans):
+            for offset, record in scan.records:
+                if record.version < expected:
+                    continue
+                if record.version != expected:
+                    damage = (index, offset, f"{scan.path}: the log jumps from version {expected - 1} to "
+                                             f"{record.version} at byte {offset}")
+                    break
+                records.append(record)
+                expected += 1
+            if damage is None and scan.damaged:
+                damage = (index, scan.end, f"{scan.path}: damaged record at byte {scan.end} of {scan.size}, with "
+                                           f"whole records after it (not a torn tail)")
+            if damage is not None:
+                break
+        if damage is None:
+            for scan in scans:
+                if scan.end < scan.size:
+                    _cut_torn_tail(scan)
+            return records, lost
+        index, offset, problem = damage
+        if not accept_loss:
+            raise StorageError(f"{problem}; the log is left as it is; refusing to start (--accept-log-loss starts "
+                               f"with the {len(records)} change(s) before it and keeps the rest aside)")
+        _set_aside(scans[index].path, offset)
+        for scan in scans[index + 1:]:
+            _set_aside(scan.path, 0)
+        log.error("%s; --accept-log-loss: restoring %r with the %d change(s) before it, the rest of the log kept "
+                  "aside as %s", problem, self.directory.name, len(records), f"wal-*.log{_LOST}<offset>")
+        return records, True
 
     def _prune(self, oldest_kept: int, kept_checkpoints: set[str]) -> None:
         """Deletes checkpoints not in the manifest, and logs that end before the oldest one kept."""
@@ -199,8 +280,29 @@ class OptimizerStore:
         for path, newer in zip(logs, logs[1:]):
             if _start_version(newer) <= oldest_kept:
                 path.unlink()
+                for torn in path.parent.glob(f"{path.name}{_TORN}*"):
+                    torn.unlink()
         for path in self.directory.glob("*.tmp"):
             path.unlink()
+
+
+def _archive_arrays(checkpoint: Checkpoint) -> dict[str, np.ndarray]:
+    """The arrays of a checkpoint archive, keyed "<slot>/<index>", the tensor names in the JSON "layout".
+
+    Keys never hold a tensor name: NumPy adds and strips ".npy", zip cuts
+    names at a NUL and caps them at 64 KiB, so names as keys could collide.
+    """
+    names = list(dict.fromkeys(tensor for tensors in checkpoint.slots.values() for tensor in tensors))
+    index = {name: position for position, name in enumerate(names)}
+    arrays = {f"{slot}/{index[tensor]}": value for slot, tensors in checkpoint.slots.items()
+              for tensor, value in tensors.items()}
+    arrays["layout"] = _json_array({"format": FORMAT, "tensors": names})
+    arrays["meta"] = _json_array(checkpoint.meta)
+    return arrays
+
+
+def _json_array(value: Any) -> np.ndarray:
+    return np.frombuffer(json.dumps(value).encode(), np.uint8)
 
 
 def _read_checkpoint(path: Path, sha256: str) -> Checkpoint:
@@ -210,13 +312,22 @@ def _read_checkpoint(path: Path, sha256: str) -> Checkpoint:
         raise StorageError(f"checkpoint {path}: unreadable ({err.strerror})") from None
     if hashlib.sha256(data).hexdigest() != sha256:
         raise StorageError(f"checkpoint {path}: corrupt (its SHA-256 does not match the manifest)")
-    with np.load(path) as archive:
+    slots: dict[str, dict[str, np.ndarray]] = {}
+    with np.load(io.BytesIO(data)) as archive:
         meta = json.loads(archive["meta"].tobytes())
-        slots: dict[str, dict[str, np.ndarray]] = {}
-        for key in archive.files:
-            if key != "meta":
-                slot, tensor = key.split("/", 1)
-                slots.setdefault(slot, {})[tensor] = archive[key]
+        if "layout" not in archive.files:  # format 1: keys "<slot>/<tensor name>"
+            for key in archive.files:
+                if key != "meta":
+                    slot, tensor = key.split("/", 1)
+                    slots.setdefault(slot, {})[tensor] = archive[key]
+            return Checkpoint(meta, slots)
+        layout = json.loads(archive["layout"].tobytes())
+        if layout["format"] != FORMAT:
+            raise StorageError(f"checkpoint {path}: format {layout['format']}, but this server reads formats 1 "
+                               f"to {FORMAT}")
+        keys = [key.split("/") for key in archive.files if key not in ("meta", "layout")]
+        for slot, position in sorted(keys, key=lambda key: int(key[1])):
+            slots.setdefault(slot, {})[layout["tensors"][int(position)]] = archive[f"{slot}/{position}"]
     return Checkpoint(meta, slots)
 
 
@@ -256,9 +367,9 @@ def _write_all(fd: int, parts: list[memoryview]) -> None:
             parts[0] = parts[0][written:]
 
 
-def _decode_record(payload: bytes) -> LogRecord:
+def _decode_record(payload: bytes | memoryview) -> LogRecord:
     (meta_size,) = struct.unpack_from("<I", payload)
-    meta = json.loads(payload[4:4 + meta_size])
+    meta = json.loads(bytes(payload[4:4 + meta_size]))
     offset = 4 + meta_size
     grads: dict[str, Gradient] = {}
     for tensor in meta["tensors"]:
@@ -271,26 +382,93 @@ def _decode_record(payload: bytes) -> LogRecord:
     return LogRecord(meta["kind"], meta["version"], [tuple(w) for w in meta["workers"]], grads)
 
 
-def _read_log_file(path: Path) -> list[LogRecord]:
-    """Every whole record of a log file; a torn or corrupt tail is cut off the file."""
+@dataclass
+class _LogScan:
+    """What one log file holds, read without changing it."""
+
+    path: Path
+    records: list[tuple[int, LogRecord]]  # the whole records from the start, each with its byte offset
+    end: int  # where those records end
+    size: int  # bytes in the file
+    damaged: bool  # a whole record lies after `end`: the bad bytes there are damage, not a torn tail
+
+
+def _scan_log_file(path: Path) -> _LogScan:
+    """The whole records of a log file from its start, and whether a whole record follows the first bad one."""
     data = path.read_bytes()
     records, offset = [], 0
     while offset < len(data):
-        end = offset + _RECORD_HEADER.size
-        if end <= len(data):
-            magic, size, crc = _RECORD_HEADER.unpack_from(data, offset)
-            payload = data[end:end + size]
-            if magic == _MAGIC and len(payload) == size and zlib.crc32(payload) == crc:
-                records.append(_decode_record(payload))
-                offset = end + size
-                continue
-        log.warning("%s: cut %d bytes of torn or corrupt log after the last whole record (at byte %d)",
-                    path, len(data) - offset, offset)
-        with open(path, "r+b") as f:
-            f.truncate(offset)
-            os.fsync(f.fileno())
-        break
-    return records
+        found = _record_at(data, offset)
+        if found is None:
+            break
+        records.append((offset, found[0]))
+        offset = found[1]
+    damaged = False
+    start = offset + 1
+    while offset < len(data) and not damaged:  # bounded: each try starts after the last magic found
+        start = data.find(_MAGIC, start)
+        if start < 0:
+            break
+        damaged = _record_at(data, start) is not None
+        start += 1
+    return _LogScan(path, records, offset, len(data), damaged)
+
+
+def _record_at(data: bytes, offset: int) -> tuple[LogRecord, int] | None:
+    """The whole, CRC-checked record that starts at `offset`, and where it ends; None if there is none."""
+    end = offset + _RECORD_HEADER.size
+    if end > len(data):
+        return None
+    magic, size, crc = _RECORD_HEADER.unpack_from(data, offset)
+    if magic != _MAGIC or end + size > len(data):
+        return None
+    payload = memoryview(data)[end:end + size]
+    if zlib.crc32(payload) != crc:
+        return None
+    try:
+        return _decode_record(payload), end + size
+    except (ValueError, KeyError, TypeError, IndexError, struct.error):  # a checksum match on bytes of no record
+        return None
+
+
+def _cut_torn_tail(scan: _LogScan) -> None:
+    """Cuts a torn tail (a crash mid-write: no whole record after it) off the log, keeping its bytes beside it."""
+    aside = scan.path.with_name(f"{scan.path.name}{_TORN}{scan.end}")
+    try:
+        _copy_tail(scan.path, scan.end, aside)
+    except OSError as err:  # a full disk must not stop a restart over bytes that were never acknowledged
+        log.warning("%s: could not keep the torn tail aside (%s)", scan.path, err)
+        aside = None
+    log.warning("%s: cut %d bytes of torn or corrupt log after the last whole record (at byte %d; no whole "
+                "record follows)%s", scan.path,
+                scan.size - scan.end, scan.end, f"; kept as {aside.name}" if aside else "")
+    with open(scan.path, "r+b") as f:
+        f.truncate(scan.end)
+        os.fsync(f.fileno())
+
+
+def _set_aside(path: Path, offset: int) -> None:
+    """Moves the bytes of a log from `offset` on to a `.lost-` file beside it (the whole file from 0)."""
+    aside = path.with_name(f"{path.name}{_LOST}{offset}")
+    try:
+        if offset == 0:
+            os.rename(path, aside)
+        else:
+            _copy_tail(path, offset, aside)
+            with open(path, "r+b") as f:
+                f.truncate(offset)
+                os.fsync(f.fileno())
+        _fsync_dir(path.parent)
+    except OSError as err:
+        raise StorageError(f"{path}: cannot keep the log from byte {offset} aside ({err}); "
+                           f"refusing to start") from None
+
+
+def _copy_tail(path: Path, offset: int, target: Path) -> None:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        tail = f.read()
+    _write_atomic(target, lambda out: out.write(tail))
 
 
 def _start_version(path: Path) -> int:
@@ -347,10 +525,26 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def list_stores(root: Path, durability: str) -> list[OptimizerStore]:
-    """The stores of every optimizer in a data dir (folders starting with '.' are not optimizers)."""
-    root.mkdir(parents=True, exist_ok=True)
-    for leftover in root.glob(".deleted-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
-    return [OptimizerStore(path, durability) for path in sorted(root.iterdir())
-            if path.is_dir() and not path.name.startswith(".")]
+    """The stores of every optimizer in a data dir (folders starting with '.' are not optimizers).
 
+    Removes what deletes and unacknowledged creates left behind, and moves
+    aside a folder without a manifest whose logs are all empty (a create that
+    crashed before its first checkpoint, as older versions wrote them).
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    for leftover in [*root.glob(".deleted-*"), *root.glob(f"{_CREATING}*")]:
+        shutil.rmtree(leftover, ignore_errors=True)
+    stores = []
+    for path in sorted(root.iterdir()):
+        if not path.is_dir() or path.name.startswith("."):
+            continue
+        if not (path / "manifest.json").exists() and all(
+                log_file.stat().st_size == 0 for log_file in path.glob("wal-*.log")):
+            aside = root / f".abandoned-{path.name}-{time.time_ns()}"
+            os.rename(path, aside)
+            _fsync_dir(root)
+            log.warning("%s: no manifest and no logged change: the leftover of a create that was never "
+                        "acknowledged; moved aside to %s", path, aside)
+            continue
+        stores.append(OptimizerStore(path, durability))
+    return stores
