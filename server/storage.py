@@ -440,8 +440,8 @@ def _cut_torn_tail(scan: _LogScan) -> None:
         log.warning("%s: could not keep the torn tail aside (%s)", scan.path, err)
         aside = None
     log.warning("%s: cut %d bytes of torn or corrupt log after the last whole record (at byte %d; no whole "
-                "record follows)%s", scan.path,
-                scan.size - scan.end, scan.end, f"; kept as {aside.name}" if aside else "")
+                "record follows)%s", scan.path, scan.size - scan.end, scan.end,
+                f"; kept as {aside.name}" if aside else "")
     with open(scan.path, "r+b") as f:
         f.truncate(scan.end)
         os.fsync(f.fileno())
