@@ -165,13 +165,19 @@ def _abort(context: grpc.ServicerContext, err: Exception, method: str) -> None:
     if not context.is_active():  # the client cancelled or its deadline passed: nobody to tell
         log.info("%s ended early: %s", method, err)
         return
-    if isinstance(err, MemoryError):  # an allocation the request caused failed: a limit, not a bug
-        err = ResourceExhausted(f"{method}: the server ran out of memory for this request; retry later")
+    if _out_of_memory(err):  # an allocation the request caused failed: a limit, not a bug
+        err = ResourceExhausted(f"{method}: the server ran out of memory for this request ({err}); retry later")
     if isinstance(err, OptserveError):
         log.warning("refused %s: %s %s", method, err.code, err)
         context.abort_with_status(rpc_status.to_status(_status_of(err)))
     log.exception("internal error in %s", method)
     context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; see the server log")
+
+
+def _out_of_memory(err: Exception) -> bool:
+    """NumPy's MemoryError, or XLA's RESOURCE_EXHAUSTED status (raised by JAX as ValueError or RuntimeError)."""
+    return isinstance(err, MemoryError) or (
+        isinstance(err, (ValueError, RuntimeError)) and str(err).startswith("RESOURCE_EXHAUSTED:"))
 
 
 def _status_of(err: OptserveError) -> status_pb2.Status:

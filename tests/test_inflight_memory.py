@@ -184,7 +184,10 @@ def test_huge_declarations_under_a_memory_cap_get_a_status_and_the_server_keeps_
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
         assert "gradients" in error.details() and len(sent) < 2048
         assert opt.info().version == 0
+        with pytest.raises(OptserveError) as caught:  # 600 MiB arrive, but the state needs three times that
+            client.create_optimizer(name + "-big", {"w": np.zeros(150 * MiB, np.float32)})
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, caught.value.details()
         assert opt.push({"emb": np.ones((8, 4), np.float32)}) == 1
-        assert name + "-huge" not in [o.name for o in client.list_optimizers()]
+        assert [o.name for o in client.list_optimizers()] == [name]
     assert capped_server.process.poll() is None
     assert not [line for line in capped_server.lines if "internal error" in line]
