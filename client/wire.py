@@ -211,17 +211,25 @@ class ChunkBuffer:
 
     `sizes` are the byte sizes of the tensors, in stream order. `buffer` (at
     least `padded_bytes(sizes)` long and aligned) is written into when given,
-    so a caller can reuse it; else a fresh one is made. `overrun_error` is the
-    exception class raised when the chunks overrun the declared size, so each
-    side reports it with its own error type.
+    so a caller can reuse it; else a fresh one is made. Or `reserve(extent,
+    total)` supplies the buffer as the bytes arrive: it returns an aligned
+    buffer of at least `extent` of the `total` bytes needed, possibly moved
+    (the old one is dropped first), and is first called with extent 0.
+    `overrun_error` is the exception class raised when the chunks overrun the
+    declared size, so each side reports it with its own error type.
     """
 
-    def __init__(self, sizes: Sequence[int], overrun_error: type[Exception], buffer: np.ndarray | None = None):
+    def __init__(self, sizes: Sequence[int], overrun_error: type[Exception], buffer: np.ndarray | None = None,
+                 reserve: Callable[[int, int], np.ndarray] | None = None):
         self.offsets = [0]
         for size in sizes[:-1]:
             self.offsets.append(self.offsets[-1] + padded_size(size))
         self.total = sum(sizes)  # bytes the stream carries
-        self.data = aligned_empty(padded_bytes(sizes)) if buffer is None else buffer
+        self._reserve = reserve
+        if reserve is not None:
+            self.data = reserve(0, padded_bytes(sizes))
+        else:
+            self.data = aligned_empty(padded_bytes(sizes)) if buffer is None else buffer
         self.filled = 0
         self._sizes = list(sizes)
         self._ends = list(itertools.accumulate(sizes))  # stream offset just past each tensor
@@ -233,6 +241,11 @@ class ChunkBuffer:
         end = self.filled + len(chunk)
         if end > self.total:
             raise self._overrun_error(f"chunks: {end} bytes received, more than the {self.total} the header declares")
+        if self._reserve is not None and end > self.filled:
+            extent = self._extent(end)
+            if extent > len(self.data):
+                self.data = None  # the buffer may move as it grows: no view of it may be left
+                self.data = self._reserve(extent, padded_bytes(self._sizes))
         data = np.frombuffer(chunk, dtype=np.uint8)
         position = self.filled
         while len(data):
@@ -244,6 +257,13 @@ class ChunkBuffer:
             self.data[destination:destination + take] = data[:take]
             data, position = data[take:], position + take
         self.filled = end
+
+    def _extent(self, end: int) -> int:
+        """Buffer bytes that hold the stream's first `end` bytes (end > 0), padding included."""
+        tensor = self._tensor
+        while end > self._ends[tensor]:
+            tensor += 1
+        return self.offsets[tensor] + end - (self._ends[tensor] - self._sizes[tensor])
 
     def view(self, index: int, data_type: int, shape: tuple[int, ...]) -> np.ndarray:
         """Tensor `index` as an array of `shape` elements of `data_type`."""

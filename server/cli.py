@@ -17,6 +17,9 @@ SERVE_FLAGS: dict[str, tuple[Any, str]] = {  # field -> (type, or a tuple of cho
     "max_workers": (int, "threads serving RPCs; a waiting pull or sync push holds one"),
     "max_request_bytes": (int, "tensor bytes one create or push may carry"),
     "max_tensor_bytes": (int, "bytes of any one parameter tensor"),
+    "max_inflight_bytes": (int, "receive-buffer bytes all creates and pushes in flight (and open sync rounds) "
+                                "may hold at once; unset: half the memory the process may use (the least of RAM, "
+                                "the cgroup limit and RLIMIT_AS)"),
     "max_optimizers": (int, "optimizers one server holds"),
     "max_concurrent_rpcs": (int, "calls in progress at once; more get RESOURCE_EXHAUSTED"),
     "grace": (float, "seconds calls in flight get to finish on SIGTERM/SIGINT"),

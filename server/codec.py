@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from optserve.client.wire import ITEMSIZE, ChunkBuffer, data_type_of, dtype_name, encode_stream, padded_bytes
+from optserve.client.wire import ITEMSIZE, ChunkBuffer, data_type_of, dtype_name, encode_stream
 from optserve.server.errors import InvalidArgument, NotFound, ResourceExhausted
 from optserve.server.modes import DEFAULT_SYNC_TIMEOUT, TrainingMode
 
@@ -67,8 +67,11 @@ def validate_name(name: str, field: str = "name") -> str:
 
 
 def decode_create(requests: Iterator[pb.CreateOptimizerRequest], max_bytes: int,
-                  max_tensor_bytes: int) -> CreateRequest:
-    """Reads a CreateOptimizer stream; refuses models over `max_bytes`, tensors over `max_tensor_bytes`."""
+                  max_tensor_bytes: int, into: Callable[[int, int], np.ndarray] | None = None) -> CreateRequest:
+    """Reads a CreateOptimizer stream; refuses models over `max_bytes`, tensors over `max_tensor_bytes`.
+
+    `into` supplies the receive buffer as the bytes arrive (see `_read_arrays`).
+    """
     header, chunks = _split_stream(requests, "CreateOptimizer")
     name = validate_name(header.name)
     config = _decode_config(header.config_json)
@@ -88,7 +91,7 @@ def decode_create(requests: Iterator[pb.CreateOptimizerRequest], max_bytes: int,
                                     f"server's limit of {max_tensor_bytes} per tensor")
         layout.append((spec.name, pb.DATA_TYPE_FLOAT32, shape))
     _refuse_duplicates([spec.name for spec in header.tensors], "tensors")
-    arrays = _read_arrays(chunks, layout, max_bytes, "tensors")
+    arrays = _read_arrays(chunks, layout, max_bytes, "tensors", into)
     params = {tensor_name: array for (tensor_name, _, _), array in zip(layout, arrays)}
     if header.non_finite_policy not in NON_FINITE_POLICIES:
         raise InvalidArgument(f"non_finite_policy: unknown value {header.non_finite_policy}")
@@ -164,11 +167,11 @@ def split_push(requests: Iterator[pb.PushGradientsRequest]) -> tuple[pb.PushHead
 
 def decode_gradients(
     header: pb.PushHeader, chunks: Iterator, shapes: Mapping[str, tuple[int, ...]], max_bytes: int,
-    into: Callable[[int], np.ndarray] | None = None,
+    into: Callable[[int, int], np.ndarray] | None = None,
 ) -> dict[str, Gradient]:
     """Reads a push's gradients, checked against the optimizer's tensor shapes.
 
-    `into(nbytes)` supplies the buffer the gradients are received into (see `_read_arrays`).
+    `into` supplies the buffer the gradients are received into (see `_read_arrays`).
     """
     if not header.gradients:
         raise InvalidArgument("gradients: empty push; send one gradient for every tensor")
@@ -212,16 +215,18 @@ def _split_stream(requests: Iterator, rpc: str) -> tuple[Any, Iterator]:
 
 
 def _read_arrays(chunks: Iterator, layout: Sequence, max_bytes: int, field: str,
-                 into: Callable[[int], np.ndarray] | None = None) -> list[np.ndarray]:
+                 into: Callable[[int, int], np.ndarray] | None = None) -> list[np.ndarray]:
     """Receives the arrays of `layout`, (name, dtype, shape) each, from the chunks.
 
-    `into(nbytes)` supplies the (aligned) buffer to write into; else a fresh one is made.
+    `into(extent, total)` supplies the (aligned) buffer to write into as the bytes
+    arrive (`ChunkBuffer`'s `reserve`), so a header alone commits no memory; else
+    a fresh buffer of the declared size is made.
     """
     sizes = [_nbytes(dtype, shape) for _, dtype, shape in layout]
     total = sum(sizes)
     if total > max_bytes:
         raise ResourceExhausted(f"{field}: {total} bytes exceed this server's limit of {max_bytes} per request")
-    buffer = ChunkBuffer(sizes, InvalidArgument, into(padded_bytes(sizes)) if into else None)
+    buffer = ChunkBuffer(sizes, InvalidArgument, reserve=into)
     for message in chunks:
         if message.WhichOneof("part") != "chunk":
             raise InvalidArgument("header: sent twice; only the first message may be a header")

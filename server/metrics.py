@@ -46,6 +46,9 @@ class Metrics:
                                              registry=self.registry)
         self.version = prom.Gauge("optserve_version", "current version of the weights", label,
                                   registry=self.registry)
+        self.inflight_bytes = prom.Gauge("optserve_inflight_bytes",
+                                         "receive-buffer bytes held by requests in flight and open sync rounds "
+                                         "(limit: max_inflight_bytes)", registry=self.registry)
 
     def observe_step(self, optimizer: str, seconds: float, version: int,
                      grads: Mapping[str, np.ndarray | tuple[np.ndarray, np.ndarray]]) -> None:

@@ -12,6 +12,7 @@ class ServerOptions:
     max_workers: int = 64  # threads serving RPCs; sync workers waiting in a pull each hold one
     max_request_bytes: int = 16 << 30  # tensor bytes one create or push may carry
     max_tensor_bytes: int = 8 << 30  # bytes of any one parameter tensor
+    max_inflight_bytes: int | None = None  # receive-buffer bytes of all requests in flight; None: half the memory
     max_optimizers: int = 1000  # optimizers one server holds
     max_concurrent_rpcs: int = 1000  # calls in progress at once; more get RESOURCE_EXHAUSTED
     grace: float = 10.0  # seconds calls in flight get to finish on shutdown

@@ -103,6 +103,7 @@ class Optimizer:
         self._dedup = DedupTable()
         self._round: dict[str, Mapping[str, Gradient]] = {}  # sync: worker_id -> gradients, for self._version
         self._round_seqs: dict[str, int | None] = {}  # sync: worker_id -> seq of its gradient in the round
+        self._round_holds: list[Callable[[], None]] = []  # sync: releases the buffers the round's gradients view
         self._round_timer: threading.Timer | None = None
         self._round_sum = RoundSum(training_mode.aggregation, self.shapes)
         self._dropped_round = -1  # sync: the version of the last round that could not be logged
@@ -115,13 +116,17 @@ class Optimizer:
         return self._version
 
     def push(self, grads: Mapping[str, Gradient], worker_id: str = "", seq: int | None = None,
-             base_version: int | None = None, timeout: float | None = None) -> PushResult:
+             base_version: int | None = None, timeout: float | None = None,
+             retain: Callable[[], Callable[[], None]] | None = None) -> PushResult:
         """Accepts one gradient for every tensor; see proto `PushHeader` for the arguments.
 
         Async: applies one Adam step now. Sync: adds the gradient to the open
         round and waits (up to `timeout` s) until the round has applied one
         step on the aggregate. Either way the answer comes after the step is
         applied and, with a data dir, logged. A refused push changes nothing.
+        `retain()` claims the memory `grads` views beyond this call (a round
+        keeps them after a caller that stopped waiting); it returns the
+        function that gives it back once the round is applied or dropped.
         """
         if seq is not None and not worker_id:
             raise InvalidArgument("worker_id: required with seq")
@@ -149,7 +154,7 @@ class Optimizer:
                     self._dedup.record(worker_id, seq, result)
                 self._count_accepted(staleness)
                 return result
-            result = self._add_to_round(worker_id, seq, grads)
+            result = self._add_to_round(worker_id, seq, grads, retain)
             self._count_accepted(staleness)
             self._wait_for(result.version, timeout, "the round of this push")
             return replace(result, iterations=self._iterations)
@@ -257,6 +262,8 @@ class Optimizer:
                 self._store.delete() if delete_files else self._store.close()
             self._deleted = True
             self._cancel_round_timer()
+            self._round, self._round_seqs = {}, {}
+            self._release_round()
             self._version_changed.notify_all()
 
 
@@ -344,12 +351,15 @@ class Optimizer:
         if self._store is not None:
             self._store.append(record)
 
-    def _add_to_round(self, worker_id: str, seq: int | None, grads: Mapping[str, Gradient]) -> PushResult:
-        """Sync mode, under the lock: one worker's gradient joins the open round."""
+    def _add_to_round(self, worker_id: str, seq: int | None, grads: Mapping[str, Gradient],
+                      retain: Callable[[], Callable[[], None]] | None = None) -> PushResult:
+        """Sync mode, under the lock: one worker's gradient joins the open round (which holds its memory)."""
         if worker_id in self._round:
             raise Aborted(f"worker_id: {worker_id!r} has pushed for version {self._version} already; "
                           f"wait for version {self._version + 1}")
         result = PushResult(self._version + 1, self._iterations)
+        if retain is not None:
+            self._round_holds.append(retain())
         self._round[worker_id], self._round_seqs[worker_id] = grads, seq
         if seq is not None:
             self._dedup.record(worker_id, seq, result)
@@ -365,9 +375,10 @@ class Optimizer:
     def _close_round(self) -> None:
         """Applies one step on the round's aggregate, under the lock."""
         self._cancel_round_timer()
-        combined = self._round_sum.combine(self._round)
         workers = [(w, s) for w, s in sorted(self._round_seqs.items()) if s is not None]
         try:
+            combined = self._round_sum.combine(self._round)
+            jax.block_until_ready(combined)  # the sums are done reading the gradients' buffers
             self._apply(combined, workers)
         except ResourceExhausted:  # the log is full: the round's pushes are refused, retries start over
             for worker_id, seq in workers:
@@ -376,7 +387,14 @@ class Optimizer:
             raise
         finally:
             self._round, self._round_seqs = {}, {}
+            self._release_round()
             self._version_changed.notify_all()
+
+    def _release_round(self) -> None:
+        """Gives back the memory of the gradients the round held (consumed, or dropped with the round)."""
+        holds, self._round_holds = self._round_holds, []
+        for release in holds:
+            release()
 
     def _close_round_on_timeout(self, round_version: int) -> None:
         with self._lock:

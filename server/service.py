@@ -5,7 +5,6 @@ reply. Domain errors become gRPC statuses in `ErrorInterceptor`, the one place
 that maps them; anything unexpected becomes INTERNAL with its traceback logged.
 """
 
-import contextlib
 import logging
 from collections.abc import Callable, Iterator
 
@@ -16,8 +15,8 @@ from grpc_status import rpc_status
 
 from optserve.client.wire import stream_message_parser
 from optserve.server import codec
-from optserve.server.buffers import BufferPool
-from optserve.server.errors import InvalidArgument, OptserveError
+from optserve.server.buffers import BufferPool, MemoryBudget, default_inflight_bytes
+from optserve.server.errors import InvalidArgument, OptserveError, ResourceExhausted
 from optserve.server.options import ServerOptions
 from optserve.server.registry import Registry
 from optserve.v1 import optserve_pb2 as pb
@@ -37,12 +36,16 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
     def __init__(self, registry: Registry, options: ServerOptions):
         self._registry = registry
         self._options = options
-        self._buffers = BufferPool()
+        limit = options.max_inflight_bytes if options.max_inflight_bytes is not None else default_inflight_bytes()
+        self._buffers = BufferPool(MemoryBudget(limit, registry.metrics.inflight_bytes.set))
+        log.info("requests in flight may hold %d bytes of tensors (max_inflight_bytes)", limit)
 
     def CreateOptimizer(self, request_iterator, context) -> pb.OptimizerInfo:
-        request = codec.decode_create(request_iterator, self._options.max_request_bytes, self._options.max_tensor_bytes)
-        optimizer = self._registry.create(
-            request.name, request.config, request.params, request.non_finite_policy, request.training_mode)
+        with self._buffers.lease("tensors", reuse=False) as lease:  # engine.adam.init copies the tensors out
+            request = codec.decode_create(request_iterator, self._options.max_request_bytes,
+                                          self._options.max_tensor_bytes, into=lease.reserve)
+            optimizer = self._registry.create(
+                request.name, request.config, request.params, request.non_finite_policy, request.training_mode)
         self._registry.metrics.bytes_received.labels(request.name).inc(_nbytes(request.params.values()))
         log.info("created optimizer %r: %d tensors", request.name, len(request.params))
         return codec.info_to_wire(optimizer.info())
@@ -62,9 +65,11 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
         header, chunks = codec.split_push(request_iterator)
         optimizer = self._registry.get(header.optimizer)
         try:
-            with contextlib.ExitStack() as leases:  # the receive buffer goes back to the pool after the push
+            # The call holds the receive buffer until the push returns; a sync round that keeps the gradients
+            # retains it until the round is applied, and the last of them returns it to the pool.
+            with self._buffers.lease("gradients") as lease:
                 grads = codec.decode_gradients(header, chunks, optimizer.shapes, self._options.max_request_bytes,
-                                               into=lambda nbytes: leases.enter_context(self._buffers.lease(nbytes)))
+                                               into=lease.reserve)
                 self._registry.metrics.bytes_received.labels(optimizer.name).inc(
                     _nbytes(a for g in grads.values() for a in (g if isinstance(g, tuple) else (g,))))
                 result = optimizer.push(
@@ -73,6 +78,7 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
                     seq=header.seq if header.HasField("seq") else None,
                     base_version=header.base_version if header.HasField("base_version") else None,
                     timeout=_wait_budget(context),
+                    retain=lease.retain,
                 )
         except OptserveError as err:  # counted per optimizer only once the optimizer is known to exist
             self._registry.metrics.refused.labels(optimizer.name, err.code.lower()).inc()
@@ -84,10 +90,12 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
         kind = codec.decode_state_kind(request.kind)
         optimizer = self._registry.get(request.optimizer)
         min_version = request.min_version if request.HasField("min_version") else None
-        with contextlib.ExitStack() as leases:  # the snapshot's buffer goes back to the pool once sent
+        # The snapshot's buffer goes back to the pool once sent: each message is a copy of its bytes.
+        # Not charged to the in-flight budget: its size is the optimizer's own, not the caller's to declare.
+        with self._buffers.lease("pull", charged=False) as lease:
             version, iterations, arrays = optimizer.pull(
                 kind, request.names, min_version, _wait_budget(context),
-                into=lambda nbytes: leases.enter_context(self._buffers.lease(nbytes)))
+                into=lambda nbytes: lease.reserve(nbytes, nbytes))
             self._registry.metrics.bytes_sent.labels(optimizer.name).inc(_nbytes(a for _, a in arrays))
             yield from codec.encode_pull(version, iterations, arrays)
 
@@ -157,11 +165,19 @@ def _abort(context: grpc.ServicerContext, err: Exception, method: str) -> None:
     if not context.is_active():  # the client cancelled or its deadline passed: nobody to tell
         log.info("%s ended early: %s", method, err)
         return
+    if _out_of_memory(err):  # an allocation the request caused failed: a limit, not a bug
+        err = ResourceExhausted(f"{method}: the server ran out of memory for this request ({err}); retry later")
     if isinstance(err, OptserveError):
         log.warning("refused %s: %s %s", method, err.code, err)
         context.abort_with_status(rpc_status.to_status(_status_of(err)))
     log.exception("internal error in %s", method)
     context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; see the server log")
+
+
+def _out_of_memory(err: Exception) -> bool:
+    """NumPy's MemoryError, or XLA's RESOURCE_EXHAUSTED status (raised by JAX as ValueError or RuntimeError)."""
+    return isinstance(err, MemoryError) or (
+        isinstance(err, (ValueError, RuntimeError)) and str(err).startswith("RESOURCE_EXHAUSTED:"))
 
 
 def _status_of(err: OptserveError) -> status_pb2.Status:

@@ -374,6 +374,43 @@ def test_huge_declared_sizes_are_refused_without_allocating(world: World, rpc: s
     world.assert_unchanged(before)
 
 
+@fuzz(30)
+@example(rpc="create", elements=(64 << 20) // 4, junk=b"\0" * 64)  # the server's whole per-request limit
+@given(rpc=st.sampled_from(["create", "sparse rows"]), elements=st.integers(1 << 16, (64 << 20) // 4),
+       junk=st.binary(max_size=4096))
+def test_large_declarations_commit_memory_only_for_the_bytes_that_arrive(world: World, rpc: str, elements: int,
+                                                                         junk: bytes) -> None:
+    """A header within the limits declaring up to 64 MiB, then a few bytes: the stream is refused as short (or
+    over a limit) and the server mapped memory for the bytes that came, not for the declaration."""
+    from optserve.server import buffers
+
+    name = fresh_name()
+    if rpc == "create":
+        call = create_call(world.stub, pb.CreateOptimizerHeader(
+            name=name, tensors=[pb.TensorSpec(name="w", dtype=pb.DATA_TYPE_FLOAT32, shape=[elements])]), [junk])
+    else:
+        specs, _ = encode(zero_grads())
+        emb = next(spec for spec in specs if spec.name == "emb")
+        emb.sparse, emb.index_dtype = True, pb.DATA_TYPE_INT32
+        emb.ClearField("shape")
+        emb.shape.extend([elements // 4, 4])
+        call = push_call(world.stub, pb.PushHeader(optimizer=world.target.name, gradients=specs), [junk])
+    mapped, fresh = [], buffers._mapped
+    buffers._mapped = lambda size: (mapped.append(size), fresh(size))[1]
+    before = world.state()
+    tracemalloc.start()
+    try:
+        err = rpc_error(call)
+        allocated = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        buffers._mapped = fresh
+    assert allocated < 1 << 20, f"the server allocated {allocated} bytes for {len(junk)} bytes received"
+    assert sum(mapped) <= 64 << 10, f"the server mapped {mapped} for {len(junk)} bytes received"
+    assert_refused(err, {Code.RESOURCE_EXHAUSTED, Code.INVALID_ARGUMENT})
+    world.assert_unchanged(before)
+
+
 def valid_create(name: str, specs: list[pb.TensorSpec], payload_size: int, taken: list[str]) -> bool:
     """Whether the proto contract allows this create (limits aside)."""
     return bool(NAME_PATTERN.fullmatch(name) and name not in taken and specs

@@ -218,7 +218,8 @@ class _Loopback:
 
     def push(self, requests, timeout=None, wait_for_ready=None):
         header, chunks = self._codec.split_push(self._parse_push(bytes(message)) for message in requests)
-        grads = self._codec.decode_gradients(header, chunks, self._shapes, 1 << 62, into=self._buffer)
+        grads = self._codec.decode_gradients(header, chunks, self._shapes, 1 << 62,
+                                             into=lambda extent, total: self._buffer(total))
         for grad in grads.values():
             values = grad[1] if isinstance(grad, tuple) else grad
             with np.errstate(invalid="ignore"):
