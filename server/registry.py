@@ -12,7 +12,7 @@ import shutil
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from optserve.client.wire import ChunkBuffer, padded_bytes
+from optserve.server import patterns
 from optserve.server.codec import Gradient
 from optserve.server.engine import adam
 from optserve.server.engine.config import AdamConfig, parse_config
@@ -31,12 +32,13 @@ from optserve.server.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    OptserveError,
     ResourceExhausted,
     Unavailable,
 )
 from optserve.server.metrics import Metrics
 from optserve.server.modes import DedupTable, PushResult, RoundSum, TrainingMode
-from optserve.server.storage import Checkpoint, LogRecord, OptimizerStore, list_stores
+from optserve.server.storage import Checkpoint, LogRecord, OptimizerStore, StorageError, list_stores
 from optserve.v1 import optserve_pb2 as pb
 
 log = logging.getLogger("optserve.registry")
@@ -81,7 +83,8 @@ class Optimizer:
 
     def __init__(self, name: str, config: AdamConfig, non_finite_policy: str, training_mode: TrainingMode,
                  state: adam.AdamState, version: int = 0, store: OptimizerStore | None = None,
-                 on_step: Callable[["Optimizer"], None] = lambda optimizer: None, metrics: Metrics | None = None):
+                 on_step: Callable[["Optimizer"], None] = lambda optimizer: None, metrics: Metrics | None = None,
+                 excluded_from_decay: Collection[str] | None = None):
         self.name = name
         self.config = config
         self.non_finite_policy = non_finite_policy
@@ -91,7 +94,12 @@ class Optimizer:
         self.saved_version = -1 if store is None else version
         self.saved_at = time.monotonic()
         self._state = state
-        self._step = adam.make_step(config, list(self.shapes))
+        # the names weight decay skips: as a checkpoint recorded them, else matched with a time bound
+        self._excluded = _excluded_from_decay(config, list(self.shapes), excluded_from_decay)
+        decayed = [name for name in self.shapes if name not in self._excluded]
+        # "refuse" steps on a copy, so that a step leaving any value non-finite can be refused whole
+        self._checked = non_finite_policy == "refuse"
+        self._step = (adam.make_checked_step if self._checked else adam.make_step)(config, list(self.shapes), decayed)
         self._store = store
         self._lock = threading.Lock()
         self._save_lock = threading.Lock()  # one checkpoint at a time, outside the state lock
@@ -104,7 +112,10 @@ class Optimizer:
         self._round_seqs: dict[str, int | None] = {}  # sync: worker_id -> seq of its gradient in the round
         self._round_timer: threading.Timer | None = None
         self._round_sum = RoundSum(training_mode.aggregation, self.shapes)
-        self._dropped_round = -1  # sync: the version of the last round that could not be logged
+        self._dropped_round = -1  # sync: the version of the last round that could not be logged or was refused
+        self._dropped_error: OptserveError = ResourceExhausted("the data dir is full")  # why it was dropped
+        self._round_generation = 0  # sync: rounds closed (applied or dropped) so far
+        self._dropped_generation = -1  # sync: the generation of the last dropped round
         self._on_step = on_step  # told after every step, under the lock (it must not block)
         self._metrics = metrics or Metrics()
         self._push_times: deque[float] = deque(maxlen=1024)  # monotonic times of recent accepted pushes
@@ -148,9 +159,10 @@ class Optimizer:
                     self._dedup.record(worker_id, seq, result)
                 self._count_accepted(staleness)
                 return result
+            generation = self._round_generation  # of the round this gradient joins
             result = self._add_to_round(worker_id, seq, grads)
             self._count_accepted(staleness)
-            self._wait_for(result.version, timeout, "the round of this push")
+            self._wait_for(result.version, timeout, "the round of this push", generation)
             return replace(result, iterations=self._iterations)
 
     def pull(self, kind: str, names: Sequence[str], min_version: int | None = None, timeout: float | None = None,
@@ -260,9 +272,13 @@ class Optimizer:
     def from_checkpoint(cls, checkpoint: Checkpoint, store: OptimizerStore, **hooks: Any) -> "Optimizer":
         """The optimizer a checkpoint describes; its later log records are replayed with `replay`."""
         meta = checkpoint.meta
-        optimizer = cls(meta["name"], parse_config(meta["config"]), meta["non_finite_policy"],
-                        TrainingMode(**meta["training_mode"]), adam.restore(meta["iterations"], checkpoint.slots),
-                        meta["version"], store, **hooks)
+        try:
+            optimizer = cls(meta["name"], parse_config(meta["config"]), meta["non_finite_policy"],
+                            TrainingMode(**meta["training_mode"]), adam.restore(meta["iterations"], checkpoint.slots),
+                            meta["version"], store, excluded_from_decay=meta.get("excluded_from_weight_decay"),
+                            **hooks)
+        except InvalidArgument as err:  # a checkpoint without the matched names, whose pattern now runs out of time
+            raise StorageError(f"{store.directory}: cannot restore optimizer {meta['name']!r}: {err}") from None
         optimizer._dedup.load_json(meta["dedup"])
         return optimizer
 
@@ -277,6 +293,7 @@ class Optimizer:
             "iterations": self._iterations,
             "version": self._version,
             "dedup": self._dedup.to_json(),
+            "excluded_from_weight_decay": sorted(self._excluded),  # matched once, at create
         }
         return Checkpoint(meta, adam.export(self._state))
 
@@ -307,27 +324,67 @@ class Optimizer:
             raise Aborted(f"base_version: {base_version} is {self._version - base_version} versions behind the "
                           f"current version {self._version} (max_staleness {limit}): pull and recompute")
 
-    def _wait_for(self, version: int, timeout: float | None, what: str) -> None:
-        """Waits, under the lock, until the optimizer reaches `version`."""
-        reached = self._version_changed.wait_for(
-            lambda: self._version >= version or self._deleted or self._dropped_round == version, timeout)
+    def _wait_for(self, version: int, timeout: float | None, what: str, generation: int | None = None) -> None:
+        """Waits, under the lock, until the optimizer reaches `version`, or the round for it is dropped.
+
+        `generation`: the round a sync push joined; a later round for the same version (its
+        retries) does not count as dropped for it.
+        """
+        def dropped() -> bool:
+            return self._dropped_round == version and generation in (None, self._dropped_generation)
+
+        reached = self._version_changed.wait_for(lambda: self._version >= version or self._deleted or dropped(),
+                                                 timeout)
         self._check_alive()
-        if self._version < version and self._dropped_round == version:
-            raise ResourceExhausted(f"{what}: the round for version {version} was dropped: the data dir is full")
+        if self._version < version and dropped():
+            raise type(self._dropped_error)(f"{what}: the round for version {version} was dropped: "
+                                            f"{self._dropped_error}")
         if not reached:
             raise DeadlineExceeded(f"{what}: optimizer {self.name!r} is at version {self._version}, "
                                    f"not yet {version}, after {timeout:.3g} s")
 
     def _apply(self, grads: Mapping[str, Gradient], workers: list[tuple[str, int]]) -> PushResult:
-        """Logs, then applies, one Adam step, under the lock."""
-        self._log(LogRecord("step", self._version + 1, workers, dict(grads)))
-        self._step_with(grads)
+        """Logs, then applies, one Adam step, under the lock.
+
+        Under "refuse" the step is computed first, on a copy of the state, and
+        refused if it leaves any value non-finite; then logged, then kept. So a
+        refused step, or a log write that fails, changes nothing.
+        """
+        started = time.perf_counter()
+        record = LogRecord("step", self._version + 1, workers, dict(grads))
+        if self._checked:
+            state = self._checked_state(grads)
+            self._log(record)
+        else:
+            self._log(record)
+            state = self._step(self._state, self._device_grads(grads))
+        self._commit(state, grads, started)
         return PushResult(self._version, self._iterations)
 
+    def _checked_state(self, grads: Mapping[str, Gradient]) -> adam.AdamState:
+        """The state after a step, computed beside the current one; INVALID_ARGUMENT if any value is non-finite."""
+        state, finite = self._step(self._state, self._device_grads(grads))
+        finite = np.asarray(finite)
+        if not finite.all():
+            bad = [name for name, ok in zip(self.shapes, finite) if not ok]
+            raise InvalidArgument(
+                f"gradients[{bad[0]!r}]: this step would make the optimizer's state non-finite (NaN or Inf in the "
+                f"weights or moments of {len(bad)} of {len(finite)} tensors); non_finite_policy 'refuse' keeps "
+                f"the state as it was")
+        return state
+
+    def _device_grads(self, grads: Mapping[str, Gradient]) -> dict[str, jax.Array | adam.SparseGrad]:
+        return {name: _to_device(grads[name]) for name in self.shapes}
+
     def _step_with(self, grads: Mapping[str, Gradient]) -> None:
+        """Re-applies a logged (so acknowledged) step as it was applied then."""
         started = time.perf_counter()
-        device_grads = {name: _to_device(grads[name]) for name in self.shapes}
-        self._state = self._step(self._state, device_grads)
+        state = self._step(self._state, self._device_grads(grads))
+        self._commit(state[0] if self._checked else state, grads, started)
+
+    def _commit(self, state: adam.AdamState, grads: Mapping[str, Gradient], started: float) -> None:
+        """Makes `state` the optimizer's state: one more step and version."""
+        self._state = state
         jax.block_until_ready(self._state)
         self._iterations = min(self._iterations + 1, _INT32_MAX)
         self._bump_version()
@@ -363,13 +420,17 @@ class Optimizer:
         workers = [(w, s) for w, s in sorted(self._round_seqs.items()) if s is not None]
         try:
             self._apply(combined, workers)
-        except ResourceExhausted:  # the log is full: the round's pushes are refused, retries start over
+        except (ResourceExhausted, InvalidArgument) as err:
+            # the log is full, or the aggregate step would make the state non-finite: every push of the
+            # round is refused with that error, and retries start over
             for worker_id, seq in workers:
                 self._dedup.forget(worker_id, seq)
-            self._dropped_round = self._version + 1
+            self._dropped_round, self._dropped_error = self._version + 1, err
+            self._dropped_generation = self._round_generation
             raise
         finally:
             self._round, self._round_seqs = {}, {}
+            self._round_generation += 1
             self._version_changed.notify_all()
 
     def _close_round_on_timeout(self, round_version: int) -> None:
@@ -384,7 +445,7 @@ class Optimizer:
             self._round_timer = None
             try:
                 self._close_round()
-            except ResourceExhausted as err:
+            except (ResourceExhausted, InvalidArgument) as err:
                 log.error("optimizer %r: sync round for version %d dropped: %s", self.name, round_version + 1, err)
 
     def _cancel_round_timer(self) -> None:
@@ -423,6 +484,11 @@ class Registry:
             raise InvalidArgument(f"non_finite_policy: must be one of {NON_FINITE_POLICIES}")
         self._check_ready()
         adam_config = parse_config(config)
+        if non_finite_policy == "refuse":
+            for tensor, values in params.items():
+                if not _all_finite(np.asarray(values)):
+                    raise InvalidArgument(f"tensors[{tensor!r}]: contains NaN or Inf (non_finite_policy 'refuse' "
+                                          f"keeps every state value finite)")
         self._refuse_taken(name)
         store = None
         if self.persistence is not None:
@@ -544,6 +610,15 @@ def _all_finite(values: np.ndarray) -> bool:
     if mask is None:
         return bool(np.isfinite(values).all())
     return not ((values.view(np.uint16) & mask) == mask).any()
+
+
+def _excluded_from_decay(config: AdamConfig, names: list[str], known: Collection[str] | None) -> frozenset[str]:
+    """The tensors weight decay skips: `known` (from a checkpoint), else matched by `patterns` with a time bound."""
+    if config.weight_decay is None or not config.exclude_from_weight_decay:
+        return frozenset()
+    if known is not None:
+        return frozenset(known) & frozenset(names)
+    return patterns.excluded_names(config.exclude_from_weight_decay, names)
 
 
 def _to_device(grad: Gradient) -> jax.Array | adam.SparseGrad:
