@@ -40,7 +40,8 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
         self._buffers = BufferPool()
 
     def CreateOptimizer(self, request_iterator, context) -> pb.OptimizerInfo:
-        request = codec.decode_create(request_iterator, self._options.max_request_bytes, self._options.max_tensor_bytes)
+        request = codec.decode_create(request_iterator, self._options.max_request_bytes, self._options.max_tensor_bytes,
+                                      self._options.max_tensors)
         optimizer = self._registry.create(
             request.name, request.config, request.params, request.non_finite_policy, request.training_mode)
         self._registry.metrics.bytes_received.labels(request.name).inc(_nbytes(request.params.values()))
