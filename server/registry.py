@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from optserve.client.wire import ChunkBuffer, padded_bytes
-from optserve.server import patterns
+from optserve.server import overflow, patterns
 from optserve.server.codec import Gradient
 from optserve.server.engine import adam
 from optserve.server.engine.config import AdamConfig, parse_config
@@ -97,9 +97,11 @@ class Optimizer:
         # the names weight decay skips: as a checkpoint recorded them, else matched with a time bound
         self._excluded = _excluded_from_decay(config, list(self.shapes), excluded_from_decay)
         decayed = [name for name in self.shapes if name not in self._excluded]
-        # "refuse" steps on a copy, so that a step leaving any value non-finite can be refused whole
+        self._step = adam.make_step(config, list(self.shapes), decayed)  # in place: Keras's numbers
+        # "refuse": a step that might overflow (see `overflow`) runs on a copy and is refused whole if it does
         self._checked = non_finite_policy == "refuse"
-        self._step = (adam.make_checked_step if self._checked else adam.make_step)(config, list(self.shapes), decayed)
+        self._checked_step = adam.make_checked_step(config, list(self.shapes), decayed) if self._checked else None
+        self._bounds: overflow.Bounds | None = None  # of the state's magnitudes; None: to be measured
         self._store = store
         self._lock = threading.Lock()
         self._save_lock = threading.Lock()  # one checkpoint at a time, outside the state lock
@@ -110,6 +112,7 @@ class Optimizer:
         self._dedup = DedupTable()
         self._round: dict[str, Mapping[str, Gradient]] = {}  # sync: worker_id -> gradients, for self._version
         self._round_seqs: dict[str, int | None] = {}  # sync: worker_id -> seq of its gradient in the round
+        self._round_magnitudes: dict[str, list[overflow.Magnitude]] = {}  # sync: worker_id -> its gradients' sizes
         self._round_timer: threading.Timer | None = None
         self._round_sum = RoundSum(training_mode.aggregation, self.shapes)
         self._dropped_round = -1  # sync: the version of the last round that could not be logged or was refused
@@ -142,7 +145,7 @@ class Optimizer:
             raise InvalidArgument("base_version: required in sync mode (the version of the round)")
         if self.training_mode.max_staleness is not None and base_version is None:
             raise InvalidArgument("base_version: required when max_staleness is set")
-        self._refuse_non_finite(grads)
+        magnitudes = self._refuse_non_finite(grads)
         with self._lock:
             self._check_alive()
             if seq is not None:
@@ -154,13 +157,13 @@ class Optimizer:
             self._check_base_version(base_version)
             staleness = None if base_version is None else self._version - base_version
             if not sync:
-                result = self._apply(grads, [(worker_id, seq)] if seq is not None else [])
+                result = self._apply(grads, [(worker_id, seq)] if seq is not None else [], magnitudes)
                 if seq is not None:
                     self._dedup.record(worker_id, seq, result)
                 self._count_accepted(staleness)
                 return result
             generation = self._round_generation  # of the round this gradient joins
-            result = self._add_to_round(worker_id, seq, grads)
+            result = self._add_to_round(worker_id, seq, grads, magnitudes)
             self._count_accepted(staleness)
             self._wait_for(result.version, timeout, "the round of this push", generation)
             return replace(result, iterations=self._iterations)
@@ -208,6 +211,7 @@ class Optimizer:
             if self.config.use_ema:
                 self._log(LogRecord("finalize", self._version + 1))
                 self._state = adam.finalize(self._state)
+                self._bounds = None
                 self._bump_version()
 
     def save(self) -> int:
@@ -228,6 +232,7 @@ class Optimizer:
         with self._lock:
             if record.kind == "finalize":
                 self._state = adam.finalize(self._state)
+                self._bounds = None
                 self._bump_version()
             else:
                 self._step_with(record.grads)
@@ -303,13 +308,17 @@ class Optimizer:
         if staleness is not None:
             self._metrics.staleness.labels(self.name).observe(staleness)
 
-    def _refuse_non_finite(self, grads: Mapping[str, Gradient]) -> None:
+    def _refuse_non_finite(self, grads: Mapping[str, Gradient]) -> list[overflow.Magnitude] | None:
+        """Under "refuse": the gradients' magnitudes, after refusing NaN or Inf; None under "apply"."""
         if self.non_finite_policy != "refuse":
-            return
+            return None
+        magnitudes = []
         for name, grad in grads.items():
-            if not _all_finite(grad[1] if isinstance(grad, tuple) else grad):
+            magnitudes.append(overflow.magnitude(grad))
+            if not np.isfinite(magnitudes[-1].largest):
                 raise InvalidArgument(
                     f"gradients[{name!r}]: contains NaN or Inf (this optimizer's non_finite_policy is 'refuse')")
+        return magnitudes
 
     def _check_base_version(self, base_version: int | None) -> None:
         if base_version is None:
@@ -343,27 +352,36 @@ class Optimizer:
             raise DeadlineExceeded(f"{what}: optimizer {self.name!r} is at version {self._version}, "
                                    f"not yet {version}, after {timeout:.3g} s")
 
-    def _apply(self, grads: Mapping[str, Gradient], workers: list[tuple[str, int]]) -> PushResult:
+    def _apply(self, grads: Mapping[str, Gradient], workers: list[tuple[str, int]],
+               magnitudes: list[overflow.Magnitude] | None = None) -> PushResult:
         """Logs, then applies, one Adam step, under the lock.
 
-        Under "refuse" the step is computed first, on a copy of the state, and
+        Under "refuse", a step that `overflow` cannot prove finite from the
+        gradients' `magnitudes` is computed first, on a copy of the state, and
         refused if it leaves any value non-finite; then logged, then kept. So a
         refused step, or a log write that fails, changes nothing.
         """
         started = time.perf_counter()
         record = LogRecord("step", self._version + 1, workers, dict(grads))
+        bounds = None
         if self._checked:
+            if self._bounds is None:
+                self._bounds = overflow.bounds_of(self._state)
+            bounds = overflow.next_bounds(self.config, self._iterations, self._bounds, magnitudes or [])
+        if self._checked and bounds is None:
             state = self._checked_state(grads)
             self._log(record)
+            bounds = overflow.bounds_of(state)
         else:
             self._log(record)
             state = self._step(self._state, self._device_grads(grads))
         self._commit(state, grads, started)
+        self._bounds = bounds
         return PushResult(self._version, self._iterations)
 
     def _checked_state(self, grads: Mapping[str, Gradient]) -> adam.AdamState:
         """The state after a step, computed beside the current one; INVALID_ARGUMENT if any value is non-finite."""
-        state, finite = self._step(self._state, self._device_grads(grads))
+        state, finite = self._checked_step(self._state, self._device_grads(grads))
         finite = np.asarray(finite)
         if not finite.all():
             bad = [name for name, ok in zip(self.shapes, finite) if not ok]
@@ -379,8 +397,8 @@ class Optimizer:
     def _step_with(self, grads: Mapping[str, Gradient]) -> None:
         """Re-applies a logged (so acknowledged) step as it was applied then."""
         started = time.perf_counter()
-        state = self._step(self._state, self._device_grads(grads))
-        self._commit(state[0] if self._checked else state, grads, started)
+        self._bounds = None
+        self._commit(self._step(self._state, self._device_grads(grads)), grads, started)
 
     def _commit(self, state: adam.AdamState, grads: Mapping[str, Gradient], started: float) -> None:
         """Makes `state` the optimizer's state: one more step and version."""
@@ -395,13 +413,15 @@ class Optimizer:
         if self._store is not None:
             self._store.append(record)
 
-    def _add_to_round(self, worker_id: str, seq: int | None, grads: Mapping[str, Gradient]) -> PushResult:
+    def _add_to_round(self, worker_id: str, seq: int | None, grads: Mapping[str, Gradient],
+                      magnitudes: list[overflow.Magnitude] | None = None) -> PushResult:
         """Sync mode, under the lock: one worker's gradient joins the open round."""
         if worker_id in self._round:
             raise Aborted(f"worker_id: {worker_id!r} has pushed for version {self._version} already; "
                           f"wait for version {self._version + 1}")
         result = PushResult(self._version + 1, self._iterations)
         self._round[worker_id], self._round_seqs[worker_id] = grads, seq
+        self._round_magnitudes[worker_id] = magnitudes or []
         if seq is not None:
             self._dedup.record(worker_id, seq, result)
         if len(self._round) >= self.training_mode.num_workers:
@@ -419,7 +439,7 @@ class Optimizer:
         combined = self._round_sum.combine(self._round)
         workers = [(w, s) for w, s in sorted(self._round_seqs.items()) if s is not None]
         try:
-            self._apply(combined, workers)
+            self._apply(combined, workers, overflow.combined(list(self._round_magnitudes.values())))
         except (ResourceExhausted, InvalidArgument) as err:
             # the log is full, or the aggregate step would make the state non-finite: every push of the
             # round is refused with that error, and retries start over
@@ -429,7 +449,7 @@ class Optimizer:
             self._dropped_generation = self._round_generation
             raise
         finally:
-            self._round, self._round_seqs = {}, {}
+            self._round, self._round_seqs, self._round_magnitudes = {}, {}, {}
             self._round_generation += 1
             self._version_changed.notify_all()
 
