@@ -10,6 +10,7 @@
 from optserve.client.client import (
     Client,
     IndexedSlices,
+    InvalidArgumentError,
     Optimizer,
     OptimizerInfo,
     OptserveError,
@@ -18,4 +19,4 @@ from optserve.client.client import (
 )
 from optserve.client.security import TLS
 
-__all__ = ["Client", "IndexedSlices", "Optimizer", "OptimizerInfo", "OptserveError", "PushResult", "TLS", "Weights"]
+__all__ = ["Client", "IndexedSlices", "InvalidArgumentError", "Optimizer", "OptimizerInfo", "OptserveError", "PushResult", "TLS", "Weights"]

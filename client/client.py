@@ -63,6 +63,16 @@ class OptserveError(grpc.RpcError):
         return self._details
 
 
+class InvalidArgumentError(OptserveError, ValueError):
+    """A request the client refuses before sending it: code INVALID_ARGUMENT, the message names the field.
+
+    Also a ValueError, as these refusals were before.
+    """
+
+    def __init__(self, details: str):
+        super().__init__(grpc.StatusCode.INVALID_ARGUMENT, details)
+
+
 class IndexedSlices(NamedTuple):
     """A sparse gradient, as Keras's IndexedSlices: rows of a tensor's first axis.
 
@@ -205,8 +215,8 @@ class Client:
         for value, allowed, what in [(non_finite_policy, _NON_FINITE, "non_finite_policy"), (mode, _MODES, "mode"),
                                      (aggregation, _AGGREGATIONS, "aggregation")]:
             if value not in allowed:
-                raise ValueError(f"{what} must be one of {sorted(allowed)}, got {value!r}")
-        arrays = {key: _as_float32(value) for key, value in params.items()}
+                raise InvalidArgumentError(f"{what}: must be one of {sorted(allowed)}, got {value!r}")
+        arrays = {key: _as_float32(value, f"params[{key!r}]") for key, value in params.items()}
         header = pb.CreateOptimizerHeader(
             name=name,
             config_json=json.dumps(dict(config or {})),
@@ -291,8 +301,9 @@ class Optimizer:
              base_version: int | None = None, wire_dtype: str | None = None) -> PushResult:
         """Sends one gradient for every tensor; returns the version that includes it.
 
-        `grads` holds, per tensor, an array of the tensor's shape or an
-        `IndexedSlices` (any object with `indices` and `values`). Float arrays go
+        `grads` holds, per tensor, an array of the tensor's shape or a sparse
+        gradient: an `IndexedSlices` of this module or TensorFlow's `tf.IndexedSlices`
+        (recognised by type; anything else, a torch tensor included, is dense). Float arrays go
         as float32, or as float16/bfloat16 if they are already; `wire_dtype`
         "float16" or "bfloat16" rounds every gradient to that type first
         (round to nearest even), halving the bytes (the server upcasts; its
@@ -305,11 +316,11 @@ class Optimizer:
         with a write-ahead log, durable.
         """
         if wire_dtype not in (None, "float32", "float16", "bfloat16"):
-            raise ValueError(f"wire_dtype must be float32, float16 or bfloat16, got {wire_dtype!r}")
+            raise InvalidArgumentError(f"wire_dtype: must be float32, float16 or bfloat16, got {wire_dtype!r}")
         specs, arrays = [], []
         for name, grad in grads.items():
-            sparse = hasattr(grad, "indices") and hasattr(grad, "values")
-            data_type, values = _wire_values(grad.values if sparse else grad, wire_dtype)
+            sparse = _is_sparse(grad)
+            data_type, values = _wire_values(grad.values if sparse else grad, wire_dtype, f"gradients[{name!r}]")
             if not sparse:
                 specs.append(pb.GradientSpec(name=name, dtype=data_type, shape=values.shape))
                 arrays.append(values)
@@ -317,10 +328,10 @@ class Optimizer:
             indices = np.asarray(grad.indices)
             if indices.ndim != 1 or values.ndim < 1 or len(indices) != len(values):
                 rows = values.shape[0] if values.ndim else 0
-                raise ValueError(f"gradients[{name!r}]: {indices.size} indices for {rows} rows;"
-                                 " IndexedSlices needs 1-D indices, one per row of values")
+                raise InvalidArgumentError(f"gradients[{name!r}]: {indices.size} indices for {rows} rows;"
+                                           " IndexedSlices needs 1-D indices, one per row of values")
             specs.append(pb.GradientSpec(name=name, dtype=data_type, shape=values.shape, sparse=True,
-                                         index_dtype=data_type_of(indices.dtype)))
+                                         index_dtype=_data_type(indices.dtype, f"gradients[{name!r}].indices")))
             arrays += [indices, values]
         header = pb.PushHeader(optimizer=self.name, gradients=specs, worker_id=worker_id, seq=seq,
                                base_version=base_version)
@@ -342,20 +353,20 @@ class Optimizer:
         with the new values instead of allocating fresh memory (a large fresh
         buffer costs a page fault per 4 KiB on first touch); its arrays and
         the returned ones share that memory. A pull that fails part way leaves
-        `into` partly overwritten. ValueError if the tensors differ.
+        `into` partly overwritten. InvalidArgumentError (a ValueError) if the tensors differ.
         """
         return self._pull(pb.STATE_KIND_EMA if ema else pb.STATE_KIND_WEIGHTS, names, min_version, timeout, into)
 
     def pull_slot(self, slot: str, names: Iterable[str] = ()) -> Weights:
         """Adam's state: slot "m" (first moment), "v" (second) or "vhat" (AMSGrad max)."""
         if slot not in _SLOTS:
-            raise ValueError(f"slot must be one of {sorted(_SLOTS)}, got {slot!r}")
+            raise InvalidArgumentError(f"slot: must be one of {sorted(_SLOTS)}, got {slot!r}")
         return self._pull(_SLOTS[slot], names)
 
     def _pull(self, kind: int, names: Iterable[str], min_version: int | None = None,
               timeout: float | None = None, into: Weights | None = None) -> Weights:
         if into is not None and getattr(into, "_buffer", None) is None:
-            raise ValueError("into: must be the Weights returned by an earlier pull")
+            raise InvalidArgumentError("into: must be the Weights returned by an earlier pull")
         request = pb.PullWeightsRequest(optimizer=self.name, kind=kind, names=list(names), min_version=min_version)
         return self.client._call(
             lambda req, **kwargs: _read_weights(self.client._pull(req, **kwargs), into),
@@ -388,7 +399,7 @@ def _read_weights(responses: Iterator[pb.PullWeightsResponse], into: Weights | N
         pulled = [(t.name, shape) for t, shape in zip(header.tensors, shapes)]
         if pulled != [(name, array.shape) for name, array in into.items()]:
             responses.cancel()
-            raise ValueError(f"into: holds tensors {[(n, a.shape) for n, a in into.items()]}, the pull sent {pulled}")
+            raise InvalidArgumentError(f"into: holds tensors {[(n, a.shape) for n, a in into.items()]}, the pull sent {pulled}")
     buffer = ChunkBuffer(nbytes, _protocol_error, None if into is None else into._buffer)
     for message in responses:
         buffer.write(message.chunk)
@@ -403,11 +414,30 @@ def _protocol_error(message: str) -> OptserveError:
     return OptserveError(grpc.StatusCode.DATA_LOSS, message)
 
 
-def _as_float32(value: Any) -> np.ndarray:
-    return np.asarray(value, dtype=np.float32)
+def _is_sparse(grad: Any) -> bool:
+    """A sparse gradient: this module's IndexedSlices, or TensorFlow's (matched by class, TF is not imported).
+
+    Never by duck typing: every torch.Tensor has `indices` and `values` methods.
+    """
+    return isinstance(grad, IndexedSlices) or any(
+        cls.__name__ == "IndexedSlices" and cls.__module__.split(".")[0] == "tensorflow" for cls in type(grad).__mro__)
 
 
-def _wire_values(value: Any, wire_dtype: str | None) -> tuple[int, np.ndarray]:
+def _as_float32(value: Any, field: str) -> np.ndarray:
+    try:
+        return np.asarray(value, dtype=np.float32)
+    except (TypeError, ValueError) as err:
+        raise InvalidArgumentError(f"{field}: cannot be read as a float32 array ({err})") from None
+
+
+def _data_type(dtype: np.dtype, field: str) -> int:
+    try:
+        return data_type_of(dtype)
+    except TypeError as err:
+        raise InvalidArgumentError(f"{field}.dtype: {err}") from None
+
+
+def _wire_values(value: Any, wire_dtype: str | None, field: str) -> tuple[int, np.ndarray]:
     """The DataType and array a gradient travels as.
 
     Float64 and Python numbers become float32; with `wire_dtype`, floats are
@@ -421,4 +451,4 @@ def _wire_values(value: Any, wire_dtype: str | None) -> tuple[int, np.ndarray]:
         return pb.DATA_TYPE_BFLOAT16, to_bfloat16(array)
     if wire_dtype == "float16" and array.dtype.kind == "f":
         array = array.astype(np.float16)
-    return data_type_of(array.dtype), array
+    return _data_type(array.dtype, field), array

@@ -21,6 +21,8 @@ SERVE_FLAGS: dict[str, tuple[Any, str]] = {  # field -> (type, or a tuple of cho
                                 "may hold at once; unset: half the memory the process may use (the least of RAM, "
                                 "the cgroup limit and RLIMIT_AS)"),
     "max_optimizers": (int, "optimizers one server holds"),
+    "max_tensors": (int, "tensors one optimizer may have (its first step compiles in time and memory that "
+                         "grow with the count)"),
     "max_concurrent_rpcs": (int, "calls in progress at once; more get RESOURCE_EXHAUSTED"),
     "grace": (float, "seconds calls in flight get to finish on SIGTERM/SIGINT"),
     "data_dir": (str, "keep every optimizer's state here and restore it on start (default: memory only)"),

@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # the registry imports this module
 from optserve.v1 import optserve_pb2 as pb
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # also a safe folder name in a data dir
+MAX_TENSOR_NAME_BYTES = 1024  # UTF-8 bytes of a tensor name
 GRADIENT_DTYPES = (pb.DATA_TYPE_FLOAT32, pb.DATA_TYPE_FLOAT16, pb.DATA_TYPE_BFLOAT16)
 INDEX_DTYPES = (pb.DATA_TYPE_INT32, pb.DATA_TYPE_INT64)
 NON_FINITE_POLICIES = {
@@ -67,8 +68,10 @@ def validate_name(name: str, field: str = "name") -> str:
 
 
 def decode_create(requests: Iterator[pb.CreateOptimizerRequest], max_bytes: int,
-                  max_tensor_bytes: int, into: Callable[[int, int], np.ndarray] | None = None) -> CreateRequest:
-    """Reads a CreateOptimizer stream; refuses models over `max_bytes`, tensors over `max_tensor_bytes`.
+                  max_tensor_bytes: int, max_tensors: int,
+                  into: Callable[[int, int], np.ndarray] | None = None) -> CreateRequest:
+    """Reads a CreateOptimizer stream; refuses models over `max_bytes` or `max_tensors` tensors, and
+    tensors over `max_tensor_bytes`.
 
     `into` supplies the receive buffer as the bytes arrive (see `_read_arrays`).
     """
@@ -78,11 +81,17 @@ def decode_create(requests: Iterator[pb.CreateOptimizerRequest], max_bytes: int,
     training_mode = decode_training_mode(header.training_mode)
     if not header.tensors:
         raise InvalidArgument("tensors: an optimizer needs at least one tensor")
+    if len(header.tensors) > max_tensors:
+        raise ResourceExhausted(f"tensors: {len(header.tensors)} tensors exceed this server's limit of {max_tensors} "
+                                f"per optimizer")
     layout = []
-    for spec in header.tensors:
-        field = f"tensors[{spec.name!r}]"
+    for index, spec in enumerate(header.tensors):
         if not spec.name:
             raise InvalidArgument("tensors: every tensor needs a non-empty name")
+        if len(spec.name.encode()) > MAX_TENSOR_NAME_BYTES:
+            raise InvalidArgument(f"tensors[{index}].name: at most {MAX_TENSOR_NAME_BYTES} bytes of UTF-8, got "
+                                  f"{len(spec.name.encode())} ({spec.name[:40]!r}...)")
+        field = f"tensors[{spec.name!r}]"
         if spec.dtype != pb.DATA_TYPE_FLOAT32:
             raise InvalidArgument(f"{field}.dtype: parameters must be float32, got {dtype_name(spec.dtype)}")
         shape = _shape(spec.shape, f"{field}.shape")
@@ -175,6 +184,10 @@ def decode_gradients(
     """
     if not header.gradients:
         raise InvalidArgument("gradients: empty push; send one gradient for every tensor")
+    for index, spec in enumerate(header.gradients):
+        if len(spec.name.encode()) > MAX_TENSOR_NAME_BYTES:  # no tensor has it; and never echo 70 KB in a status
+            raise InvalidArgument(f"gradients[{index}].name: at most {MAX_TENSOR_NAME_BYTES} bytes of UTF-8, got "
+                                  f"{len(spec.name.encode())} ({spec.name[:40]!r}...)")
     names = [spec.name for spec in header.gradients]
     _refuse_duplicates(names, "gradients")
     for name in names:

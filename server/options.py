@@ -14,6 +14,7 @@ class ServerOptions:
     max_tensor_bytes: int = 8 << 30  # bytes of any one parameter tensor
     max_inflight_bytes: int | None = None  # receive-buffer bytes of all requests in flight; None: half the memory
     max_optimizers: int = 1000  # optimizers one server holds
+    max_tensors: int = 1024  # tensors of one optimizer; the first step's compile time and memory grow with it
     max_concurrent_rpcs: int = 1000  # calls in progress at once; more get RESOURCE_EXHAUSTED
     grace: float = 10.0  # seconds calls in flight get to finish on shutdown
     data_dir: str | None = None  # where state persists; None keeps it in memory only

@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from optserve.client.wire import ChunkBuffer, padded_bytes
+from optserve.server import overflow, patterns
 from optserve.server.codec import Gradient
 from optserve.server.engine import adam
 from optserve.server.engine.config import AdamConfig, parse_config
@@ -31,12 +32,13 @@ from optserve.server.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    OptserveError,
     ResourceExhausted,
     Unavailable,
 )
 from optserve.server.metrics import Metrics
 from optserve.server.modes import DedupTable, PushResult, RoundSum, TrainingMode
-from optserve.server.storage import Checkpoint, LogRecord, OptimizerStore, list_stores
+from optserve.server.storage import Checkpoint, LogRecord, OptimizerStore, StorageError, list_stores
 from optserve.v1 import optserve_pb2 as pb
 
 log = logging.getLogger("optserve.registry")
@@ -82,7 +84,8 @@ class Optimizer:
 
     def __init__(self, name: str, config: AdamConfig, non_finite_policy: str, training_mode: TrainingMode,
                  state: adam.AdamState, version: int = 0, store: OptimizerStore | None = None,
-                 on_step: Callable[["Optimizer"], None] = lambda optimizer: None, metrics: Metrics | None = None):
+                 on_step: Callable[["Optimizer"], None] = lambda optimizer: None, metrics: Metrics | None = None,
+                 excluded_from_decay: Collection[str] | None = None):
         self.name = name
         self.config = config
         self.non_finite_policy = non_finite_policy
@@ -92,7 +95,14 @@ class Optimizer:
         self.saved_version = -1 if store is None else version
         self.saved_at = time.monotonic()
         self._state = state
-        self._step = adam.make_step(config, list(self.shapes))
+        # the names weight decay skips: as a checkpoint recorded them, else matched with a time bound
+        self._excluded = _excluded_from_decay(config, list(self.shapes), excluded_from_decay)
+        decayed = [name for name in self.shapes if name not in self._excluded]
+        self._step = adam.make_step(config, list(self.shapes), decayed)  # in place: Keras's numbers
+        # "refuse": a step that might overflow (see `overflow`) runs on a copy and is refused whole if it does
+        self._checked = non_finite_policy == "refuse"
+        self._checked_step = adam.make_checked_step(config, list(self.shapes), decayed) if self._checked else None
+        self._bounds: overflow.Bounds | None = None  # of the state's magnitudes; None: to be measured
         self._store = store
         self._lock = threading.Lock()
         self._save_lock = threading.Lock()  # one checkpoint at a time, outside the state lock
@@ -104,9 +114,13 @@ class Optimizer:
         self._round: dict[str, Mapping[str, Gradient]] = {}  # sync: worker_id -> gradients, for self._version
         self._round_seqs: dict[str, int | None] = {}  # sync: worker_id -> seq of its gradient in the round
         self._round_holds: list[Callable[[], None]] = []  # sync: releases the buffers the round's gradients view
+        self._round_magnitudes: dict[str, list[overflow.Magnitude]] = {}  # sync: worker_id -> its gradients' sizes
         self._round_timer: threading.Timer | None = None
         self._round_sum = RoundSum(training_mode.aggregation, self.shapes)
-        self._dropped_round = -1  # sync: the version of the last round that could not be logged
+        self._dropped_round = -1  # sync: the version of the last round that could not be logged or was refused
+        self._dropped_error: OptserveError = ResourceExhausted("the data dir is full")  # why it was dropped
+        self._round_generation = 0  # sync: rounds closed (applied or dropped) so far
+        self._dropped_generation = -1  # sync: the generation of the last dropped round
         self._on_step = on_step  # told after every step, under the lock (it must not block)
         self._metrics = metrics or Metrics()
         self._push_times: deque[float] = deque(maxlen=1024)  # monotonic times of recent accepted pushes
@@ -137,7 +151,7 @@ class Optimizer:
             raise InvalidArgument("base_version: required in sync mode (the version of the round)")
         if self.training_mode.max_staleness is not None and base_version is None:
             raise InvalidArgument("base_version: required when max_staleness is set")
-        self._refuse_non_finite(grads)
+        magnitudes = self._refuse_non_finite(grads)
         with self._lock:
             self._check_alive()
             if seq is not None:
@@ -149,14 +163,15 @@ class Optimizer:
             self._check_base_version(base_version)
             staleness = None if base_version is None else self._version - base_version
             if not sync:
-                result = self._apply(grads, [(worker_id, seq)] if seq is not None else [])
+                result = self._apply(grads, [(worker_id, seq)] if seq is not None else [], magnitudes)
                 if seq is not None:
                     self._dedup.record(worker_id, seq, result)
                 self._count_accepted(staleness)
                 return result
-            result = self._add_to_round(worker_id, seq, grads, retain)
+            generation = self._round_generation  # of the round this gradient joins
+            result = self._add_to_round(worker_id, seq, grads, retain, magnitudes)
             self._count_accepted(staleness)
-            self._wait_for(result.version, timeout, "the round of this push")
+            self._wait_for(result.version, timeout, "the round of this push", generation)
             return replace(result, iterations=self._iterations)
 
     def pull(self, kind: str, names: Sequence[str], min_version: int | None = None, timeout: float | None = None,
@@ -202,6 +217,7 @@ class Optimizer:
             if self.config.use_ema:
                 self._log(LogRecord("finalize", self._version + 1))
                 self._state = adam.finalize(self._state)
+                self._bounds = None
                 self._bump_version()
 
     def save(self) -> int:
@@ -222,6 +238,7 @@ class Optimizer:
         with self._lock:
             if record.kind == "finalize":
                 self._state = adam.finalize(self._state)
+                self._bounds = None
                 self._bump_version()
             else:
                 self._step_with(record.grads)
@@ -273,9 +290,13 @@ class Optimizer:
         meta = checkpoint.meta
         slots = {slot: {name: tensors[name] for name in meta["names"] if name in tensors}  # in creation order
                  for slot, tensors in checkpoint.slots.items()}
-        optimizer = cls(meta["name"], parse_config(meta["config"]), meta["non_finite_policy"],
-                        TrainingMode(**meta["training_mode"]), adam.restore(meta["iterations"], slots),
-                        meta["version"], store, **hooks)
+        try:
+            optimizer = cls(meta["name"], parse_config(meta["config"]), meta["non_finite_policy"],
+                            TrainingMode(**meta["training_mode"]), adam.restore(meta["iterations"], slots),
+                            meta["version"], store, excluded_from_decay=meta.get("excluded_from_weight_decay"),
+                            **hooks)
+        except InvalidArgument as err:  # a checkpoint without the matched names, whose pattern now runs out of time
+            raise StorageError(f"{store.directory}: cannot restore optimizer {meta['name']!r}: {err}") from None
         optimizer._dedup.load_json(meta["dedup"])
         return optimizer
 
@@ -290,6 +311,7 @@ class Optimizer:
             "iterations": self._iterations,
             "version": self._version,
             "dedup": self._dedup.to_json(),
+            "excluded_from_weight_decay": sorted(self._excluded),  # matched once, at create
         }
         return Checkpoint(meta, adam.export(self._state))
 
@@ -299,13 +321,17 @@ class Optimizer:
         if staleness is not None:
             self._metrics.staleness.labels(self.name).observe(staleness)
 
-    def _refuse_non_finite(self, grads: Mapping[str, Gradient]) -> None:
+    def _refuse_non_finite(self, grads: Mapping[str, Gradient]) -> list[overflow.Magnitude] | None:
+        """Under "refuse": the gradients' magnitudes, after refusing NaN or Inf; None under "apply"."""
         if self.non_finite_policy != "refuse":
-            return
+            return None
+        magnitudes = []
         for name, grad in grads.items():
-            if not _all_finite(grad[1] if isinstance(grad, tuple) else grad):
+            magnitudes.append(overflow.magnitude(grad))
+            if not np.isfinite(magnitudes[-1].largest):
                 raise InvalidArgument(
                     f"gradients[{name!r}]: contains NaN or Inf (this optimizer's non_finite_policy is 'refuse')")
+        return magnitudes
 
     def _check_base_version(self, base_version: int | None) -> None:
         if base_version is None:
@@ -320,27 +346,76 @@ class Optimizer:
             raise Aborted(f"base_version: {base_version} is {self._version - base_version} versions behind the "
                           f"current version {self._version} (max_staleness {limit}): pull and recompute")
 
-    def _wait_for(self, version: int, timeout: float | None, what: str) -> None:
-        """Waits, under the lock, until the optimizer reaches `version`."""
-        reached = self._version_changed.wait_for(
-            lambda: self._version >= version or self._deleted or self._dropped_round == version, timeout)
+    def _wait_for(self, version: int, timeout: float | None, what: str, generation: int | None = None) -> None:
+        """Waits, under the lock, until the optimizer reaches `version`, or the round for it is dropped.
+
+        `generation`: the round a sync push joined; a later round for the same version (its
+        retries) does not count as dropped for it.
+        """
+        def dropped() -> bool:
+            return self._dropped_round == version and generation in (None, self._dropped_generation)
+
+        reached = self._version_changed.wait_for(lambda: self._version >= version or self._deleted or dropped(),
+                                                 timeout)
         self._check_alive()
-        if self._version < version and self._dropped_round == version:
-            raise ResourceExhausted(f"{what}: the round for version {version} was dropped: the data dir is full")
+        if self._version < version and dropped():
+            raise type(self._dropped_error)(f"{what}: the round for version {version} was dropped: "
+                                            f"{self._dropped_error}")
         if not reached:
             raise DeadlineExceeded(f"{what}: optimizer {self.name!r} is at version {self._version}, "
                                    f"not yet {version}, after {timeout:.3g} s")
 
-    def _apply(self, grads: Mapping[str, Gradient], workers: list[tuple[str, int]]) -> PushResult:
-        """Logs, then applies, one Adam step, under the lock."""
-        self._log(LogRecord("step", self._version + 1, workers, dict(grads)))
-        self._step_with(grads)
+    def _apply(self, grads: Mapping[str, Gradient], workers: list[tuple[str, int]],
+               magnitudes: list[overflow.Magnitude] | None = None) -> PushResult:
+        """Logs, then applies, one Adam step, under the lock.
+
+        Under "refuse", a step that `overflow` cannot prove finite from the
+        gradients' `magnitudes` is computed first, on a copy of the state, and
+        refused if it leaves any value non-finite; then logged, then kept. So a
+        refused step, or a log write that fails, changes nothing.
+        """
+        started = time.perf_counter()
+        record = LogRecord("step", self._version + 1, workers, dict(grads))
+        bounds = None
+        if self._checked:
+            if self._bounds is None:
+                self._bounds = overflow.bounds_of(self._state)
+            bounds = overflow.next_bounds(self.config, self._iterations, self._bounds, magnitudes or [])
+        if self._checked and bounds is None:
+            state = self._checked_state(grads)
+            self._log(record)
+            bounds = overflow.bounds_of(state)
+        else:
+            self._log(record)
+            state = self._step(self._state, self._device_grads(grads))
+        self._commit(state, grads, started)
+        self._bounds = bounds
         return PushResult(self._version, self._iterations)
 
+    def _checked_state(self, grads: Mapping[str, Gradient]) -> adam.AdamState:
+        """The state after a step, computed beside the current one; INVALID_ARGUMENT if any value is non-finite."""
+        state, finite = self._checked_step(self._state, self._device_grads(grads))
+        finite = np.asarray(finite)
+        if not finite.all():
+            bad = [name for name, ok in zip(self.shapes, finite) if not ok]
+            raise InvalidArgument(
+                f"gradients[{bad[0]!r}]: this step would make the optimizer's state non-finite (NaN or Inf in the "
+                f"weights or moments of {len(bad)} of {len(finite)} tensors); non_finite_policy 'refuse' keeps "
+                f"the state as it was")
+        return state
+
+    def _device_grads(self, grads: Mapping[str, Gradient]) -> dict[str, jax.Array | adam.SparseGrad]:
+        return {name: _to_device(grads[name]) for name in self.shapes}
+
     def _step_with(self, grads: Mapping[str, Gradient]) -> None:
+        """Re-applies a logged (so acknowledged) step as it was applied then."""
         started = time.perf_counter()
-        device_grads = {name: _to_device(grads[name]) for name in self.shapes}
-        self._state = self._step(self._state, device_grads)
+        self._bounds = None
+        self._commit(self._step(self._state, self._device_grads(grads)), grads, started)
+
+    def _commit(self, state: adam.AdamState, grads: Mapping[str, Gradient], started: float) -> None:
+        """Makes `state` the optimizer's state: one more step and version."""
+        self._state = state
         jax.block_until_ready(self._state)
         self._iterations = min(self._iterations + 1, _INT32_MAX)
         self._bump_version()
@@ -352,7 +427,8 @@ class Optimizer:
             self._store.append(record)
 
     def _add_to_round(self, worker_id: str, seq: int | None, grads: Mapping[str, Gradient],
-                      retain: Callable[[], Callable[[], None]] | None = None) -> PushResult:
+                      retain: Callable[[], Callable[[], None]] | None = None,
+                      magnitudes: list[overflow.Magnitude] | None = None) -> PushResult:
         """Sync mode, under the lock: one worker's gradient joins the open round (which holds its memory)."""
         if worker_id in self._round:
             raise Aborted(f"worker_id: {worker_id!r} has pushed for version {self._version} already; "
@@ -361,6 +437,7 @@ class Optimizer:
         if retain is not None:
             self._round_holds.append(retain())
         self._round[worker_id], self._round_seqs[worker_id] = grads, seq
+        self._round_magnitudes[worker_id] = magnitudes or []
         if seq is not None:
             self._dedup.record(worker_id, seq, result)
         if len(self._round) >= self.training_mode.num_workers:
@@ -379,14 +456,18 @@ class Optimizer:
         try:
             combined = self._round_sum.combine(self._round)
             jax.block_until_ready(combined)  # the sums are done reading the gradients' buffers
-            self._apply(combined, workers)
-        except ResourceExhausted:  # the log is full: the round's pushes are refused, retries start over
+            self._apply(combined, workers, overflow.combined(list(self._round_magnitudes.values())))
+        except (ResourceExhausted, InvalidArgument) as err:
+            # the log is full, or the aggregate step would make the state non-finite: every push of the
+            # round is refused with that error, and retries start over
             for worker_id, seq in workers:
                 self._dedup.forget(worker_id, seq)
-            self._dropped_round = self._version + 1
+            self._dropped_round, self._dropped_error = self._version + 1, err
+            self._dropped_generation = self._round_generation
             raise
         finally:
-            self._round, self._round_seqs = {}, {}
+            self._round, self._round_seqs, self._round_magnitudes = {}, {}, {}
+            self._round_generation += 1
             self._release_round()
             self._version_changed.notify_all()
 
@@ -408,7 +489,7 @@ class Optimizer:
             self._round_timer = None
             try:
                 self._close_round()
-            except ResourceExhausted as err:
+            except (ResourceExhausted, InvalidArgument) as err:
                 log.error("optimizer %r: sync round for version %d dropped: %s", self.name, round_version + 1, err)
 
     def _cancel_round_timer(self) -> None:
@@ -453,6 +534,11 @@ class Registry:
             raise InvalidArgument(f"non_finite_policy: must be one of {NON_FINITE_POLICIES}")
         self._check_ready()
         adam_config = parse_config(config)
+        if non_finite_policy == "refuse":
+            for tensor, values in params.items():
+                if not _all_finite(np.asarray(values)):
+                    raise InvalidArgument(f"tensors[{tensor!r}]: contains NaN or Inf (non_finite_policy 'refuse' "
+                                          f"keeps every state value finite)")
         with self._hold(name, "create"):
             with self._lock:
                 self._refuse_taken(name)
@@ -613,6 +699,15 @@ def _all_finite(values: np.ndarray) -> bool:
     if mask is None:
         return bool(np.isfinite(values).all())
     return not ((values.view(np.uint16) & mask) == mask).any()
+
+
+def _excluded_from_decay(config: AdamConfig, names: list[str], known: Collection[str] | None) -> frozenset[str]:
+    """The tensors weight decay skips: `known` (from a checkpoint), else matched by `patterns` with a time bound."""
+    if config.weight_decay is None or not config.exclude_from_weight_decay:
+        return frozenset()
+    if known is not None:
+        return frozenset(known) & frozenset(names)
+    return patterns.excluded_names(config.exclude_from_weight_decay, names)
 
 
 def _to_device(grad: Gradient) -> jax.Array | adam.SparseGrad:

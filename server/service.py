@@ -43,7 +43,8 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
     def CreateOptimizer(self, request_iterator, context) -> pb.OptimizerInfo:
         with self._buffers.lease("tensors", reuse=False) as lease:  # engine.adam.init copies the tensors out
             request = codec.decode_create(request_iterator, self._options.max_request_bytes,
-                                          self._options.max_tensor_bytes, into=lease.reserve)
+                                          self._options.max_tensor_bytes, self._options.max_tensors,
+                                          into=lease.reserve)
             optimizer = self._registry.create(
                 request.name, request.config, request.params, request.non_finite_policy, request.training_mode)
         self._registry.metrics.bytes_received.labels(request.name).inc(_nbytes(request.params.values()))

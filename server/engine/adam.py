@@ -10,7 +10,7 @@ epsilon to the square root of the *uncorrected* second moment (the paper's
 """
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import NamedTuple
 
 import jax
@@ -266,7 +266,8 @@ def _apply(config: AdamConfig, decayed: frozenset[str], state: AdamState, grads:
     return AdamState(iterations, params, m, v, vhat, ema)
 
 
-def make_step(config: AdamConfig, names: Sequence[str]) -> Callable[[AdamState, dict[str, Grad]], AdamState]:
+def make_step(config: AdamConfig, names: Sequence[str], decayed: Collection[str] | None = None,
+              ) -> Callable[[AdamState, dict[str, Grad]], AdamState]:
     """The function applying one set of gradients: `step(state, grads) -> new state`.
 
     `config` is a constant of the trace; the lr, the bias corrections and the
@@ -283,8 +284,11 @@ def make_step(config: AdamConfig, names: Sequence[str]) -> Callable[[AdamState, 
 
     Args:
       config: the optimizer's settings.
-      names: the tensor names of the state; `exclude_from_weight_decay` is
-        matched against them (`re.search`) once, here.
+      names: the tensor names of the state.
+      decayed: the names that weight decay applies to. None matches
+        `exclude_from_weight_decay` here with `re.search`, in-process and
+        unbounded: for trusted configs only (the server passes the set that
+        `optserve.server.patterns` computed with a time bound).
 
     Returns:
       `step(state, grads)`, where `grads` maps some or all of `names` to a
@@ -292,19 +296,53 @@ def make_step(config: AdamConfig, names: Sequence[str]) -> Callable[[AdamState, 
       It raises `InvalidArgument` for an unknown name, a wrong shape or a
       non-float dtype, before touching the state.
     """
-    known = frozenset(names)
-    decayed = frozenset(
-        name
-        for name in names
-        if config.weight_decay is not None
-        and not any(re.search(pattern, name) for pattern in config.exclude_from_weight_decay)
-    )
+    known, decayed = frozenset(names), _decayed(config, names, decayed)
 
     def step(state: AdamState, grads: dict[str, Grad]) -> AdamState:
         _check_grads(known, state, grads)
         return _apply(config, decayed, state, grads)
 
     return jax.jit(step, donate_argnums=0) if config.jit_compile else step
+
+
+def make_checked_step(config: AdamConfig, names: Sequence[str], decayed: Collection[str] | None = None,
+                      ) -> Callable[[AdamState, dict[str, Grad]], tuple[AdamState, Array]]:
+    """Like `make_step`, but keeps the input state and reports which tensors the step left finite.
+
+    `step(state, grads) -> (new_state, finite)`: `finite[i]` is true when every
+    new value of tensor `names[i]` (params, m, v, vhat, ema) is finite. The
+    state is not donated, so a caller can refuse a non-finite result and keep
+    `state` exactly as it was; the price is a second copy of the state during
+    the step and no in-place update.
+    """
+    names = list(names)
+    known, decayed = frozenset(names), _decayed(config, names, decayed)
+
+    def step(state: AdamState, grads: dict[str, Grad]) -> tuple[AdamState, Array]:
+        _check_grads(known, state, grads)
+        new = _apply(config, decayed, state, grads)
+        slots = [getattr(new, slot) for slot in SLOTS if getattr(new, slot)]
+        return new, jnp.stack([_all_finite([slot[name] for slot in slots]) for name in names])
+
+    return jax.jit(step) if config.jit_compile else step
+
+
+def _all_finite(arrays: list[Array]) -> Array:
+    """True when every element of `arrays` (of one shape) is finite; one reduction, not one per array."""
+    finite = jnp.isfinite(arrays[0])
+    for array in arrays[1:]:
+        finite = finite & jnp.isfinite(array)
+    return jnp.all(finite)
+
+
+def _decayed(config: AdamConfig, names: Sequence[str], decayed: Collection[str] | None) -> frozenset[str]:
+    """The tensors weight decay applies to: `decayed`, else those no exclusion pattern `re.search`es."""
+    if config.weight_decay is None:
+        return frozenset()
+    if decayed is not None:
+        return frozenset(decayed)
+    return frozenset(name for name in names
+                     if not any(re.search(pattern, name) for pattern in config.exclude_from_weight_decay))
 
 
 def finalize(state: AdamState) -> AdamState:

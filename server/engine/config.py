@@ -197,18 +197,29 @@ def _list_of(check: Callable[[str, Any], Any]) -> Callable[[str, Any], tuple]:
     return check_list
 
 
+MAX_PATTERNS = 256  # exclude_from_weight_decay entries; each compiles in-process, so both are bounded
+MAX_PATTERN_CHARS = 1024
+
+
 def _regex(path: str, value: Any) -> str:
     pattern = _string(path, value)
+    if len(pattern) > MAX_PATTERN_CHARS:
+        _fail(path, f"at most {MAX_PATTERN_CHARS} characters, got {len(pattern)}")
     try:
         re.compile(pattern)
-    except re.error as err:
-        _fail(path, f"is not a valid regular expression ({err}): {pattern!r}")
+    except (re.error, RecursionError, OverflowError) as err:  # RecursionError: nested too deeply
+        _fail(path, f"is not a valid regular expression ({err}): {pattern[:80]!r}")
     return pattern
 
 
 def _exclusions(path: str, value: Any) -> tuple[str, ...]:
     """Regular expressions (Keras `var_names`); None means none."""
-    return () if value is None else _list_of(_regex)(path, value)
+    if value is None:
+        return ()
+    patterns = _list_of(_regex)(path, value[:MAX_PATTERNS + 1] if isinstance(value, list) else value)
+    if len(patterns) > MAX_PATTERNS:
+        _fail(path, f"at most {MAX_PATTERNS} patterns, got {len(value)}")
+    return patterns
 
 
 # --- schedules ----------------------------------------------------------------
