@@ -27,6 +27,7 @@ from optserve.server.engine.config import AdamConfig, parse_config
 from optserve.server.errors import (
     Aborted,
     AlreadyExists,
+    Cancelled,
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
@@ -114,13 +115,16 @@ class Optimizer:
         return self._version
 
     def push(self, grads: Mapping[str, Gradient], worker_id: str = "", seq: int | None = None,
-             base_version: int | None = None, timeout: float | None = None) -> PushResult:
+             base_version: int | None = None, timeout: float | None = None,
+             cancelled: threading.Event | None = None) -> PushResult:
         """Accepts one gradient for every tensor; see proto `PushHeader` for the arguments.
 
         Async: applies one Adam step now. Sync: adds the gradient to the open
         round and waits (up to `timeout` s) until the round has applied one
         step on the aggregate. Either way the answer comes after the step is
         applied and, with a data dir, logged. A refused push changes nothing.
+        A wait ends early with CANCELLED once `cancelled` is set (its gradient
+        stays in the round).
         """
         if seq is not None and not worker_id:
             raise InvalidArgument("worker_id: required with seq")
@@ -137,7 +141,7 @@ class Optimizer:
             if seq is not None:
                 done = self._dedup.lookup(worker_id, seq)
                 if done is not None:
-                    self._wait_for(done.version, timeout, "the round of this push")
+                    self._wait_for(done.version, timeout, "the round of this push", cancelled)
                     self._metrics.pushes.labels(self.name, "duplicate").inc()
                     return replace(done, duplicate=True)
             self._check_base_version(base_version)
@@ -150,15 +154,17 @@ class Optimizer:
                 return result
             result = self._add_to_round(worker_id, seq, grads)
             self._count_accepted(staleness)
-            self._wait_for(result.version, timeout, "the round of this push")
+            self._wait_for(result.version, timeout, "the round of this push", cancelled)
             return replace(result, iterations=self._iterations)
 
     def pull(self, kind: str, names: Sequence[str], min_version: int | None = None, timeout: float | None = None,
-             into: Callable[[int], np.ndarray] | None = None) -> tuple[int, int, list[tuple[str, np.ndarray]]]:
+             into: Callable[[int], np.ndarray] | None = None,
+             cancelled: threading.Event | None = None) -> tuple[int, int, list[tuple[str, np.ndarray]]]:
         """Copies one kind of state tensor out (see STATE_KINDS) as one snapshot.
 
         Waits (on a condition, not by polling) up to `timeout` seconds for
-        `min_version`. Returns (version, iterations, [(name, float32 array)]);
+        `min_version`, or until `cancelled` is set (CANCELLED). Returns
+        (version, iterations, [(name, float32 array)]);
         `names` empty means every tensor in creation order. `into(nbytes)`
         supplies an aligned buffer to copy into (a warm one from a pool); else
         fresh arrays are made.
@@ -175,7 +181,7 @@ class Optimizer:
             raise InvalidArgument("names: a tensor is named twice")
         with self._lock:
             if min_version is not None:
-                self._wait_for(min_version, timeout, "min_version")
+                self._wait_for(min_version, timeout, "min_version", cancelled)
             self._check_alive()
             source = getattr(self._state, STATE_KINDS[kind])
             if into is None:
@@ -307,11 +313,21 @@ class Optimizer:
             raise Aborted(f"base_version: {base_version} is {self._version - base_version} versions behind the "
                           f"current version {self._version} (max_staleness {limit}): pull and recompute")
 
-    def _wait_for(self, version: int, timeout: float | None, what: str) -> None:
-        """Waits, under the lock, until the optimizer reaches `version`."""
+    def wake_waiters(self) -> None:
+        """Wakes every waiting call, so that one whose `cancelled` event is set stops waiting."""
+        with self._lock:
+            self._version_changed.notify_all()
+
+    def _wait_for(self, version: int, timeout: float | None, what: str,
+                  cancelled: threading.Event | None = None) -> None:
+        """Waits, under the lock, until the optimizer reaches `version` (or `cancelled` is set)."""
         reached = self._version_changed.wait_for(
-            lambda: self._version >= version or self._deleted or self._dropped_round == version, timeout)
+            lambda: self._version >= version or self._deleted or self._dropped_round == version
+            or (cancelled is not None and cancelled.is_set()), timeout)
         self._check_alive()
+        if self._version < version and cancelled is not None and cancelled.is_set():
+            raise Cancelled(f"{what}: the call ended (cancelled, or its client went away) while waiting for "
+                            f"version {version}")
         if self._version < version and self._dropped_round == version:
             raise ResourceExhausted(f"{what}: the round for version {version} was dropped: the data dir is full")
         if not reached:

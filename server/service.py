@@ -7,7 +7,9 @@ that maps them; anything unexpected becomes INTERNAL with its traceback logged.
 
 import contextlib
 import logging
+import threading
 from collections.abc import Callable, Iterator
+from concurrent import futures
 
 import grpc
 from google.protobuf import any_pb2
@@ -16,10 +18,11 @@ from grpc_status import rpc_status
 
 from optserve.client.wire import stream_message_parser
 from optserve.server import codec
+from optserve.server.admission import Admission, Limits
 from optserve.server.buffers import BufferPool
 from optserve.server.errors import InvalidArgument, OptserveError
 from optserve.server.options import ServerOptions
-from optserve.server.registry import Registry
+from optserve.server.registry import Optimizer, Registry
 from optserve.v1 import optserve_pb2 as pb
 from optserve.v1 import optserve_pb2_grpc as pb_grpc
 
@@ -34,10 +37,12 @@ MAX_WAIT_SECONDS = 3600.0  # longest a call waits (a pull's min_version, a sync 
 class OptimizerService(pb_grpc.OptimizerServiceServicer):
     """Implements optserve.v1.OptimizerService over a Registry."""
 
-    def __init__(self, registry: Registry, options: ServerOptions):
+    def __init__(self, registry: Registry, options: ServerOptions, admission: Admission | None = None):
         self._registry = registry
         self._options = options
         self._buffers = BufferPool()
+        self._admission = admission or Admission(Limits.from_options(options), registry.metrics)
+        self._waker = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="optserve-waker")
 
     def CreateOptimizer(self, request_iterator, context) -> pb.OptimizerInfo:
         request = codec.decode_create(request_iterator, self._options.max_request_bytes, self._options.max_tensor_bytes)
@@ -63,6 +68,9 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
         optimizer = self._registry.get(header.optimizer)
         try:
             with contextlib.ExitStack() as leases:  # the receive buffer goes back to the pool after the push
+                waits = optimizer.training_mode.mode == "sync"  # for its round
+                if waits:
+                    leases.enter_context(self._admission.admit("waiting", context.peer()))
                 grads = codec.decode_gradients(header, chunks, optimizer.shapes, self._options.max_request_bytes,
                                                into=lambda nbytes: leases.enter_context(self._buffers.lease(nbytes)))
                 self._registry.metrics.bytes_received.labels(optimizer.name).inc(
@@ -73,6 +81,7 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
                     seq=header.seq if header.HasField("seq") else None,
                     base_version=header.base_version if header.HasField("base_version") else None,
                     timeout=_wait_budget(context),
+                    cancelled=self._cancellation(context, optimizer) if waits else None,
                 )
         except OptserveError as err:  # counted per optimizer only once the optimizer is known to exist
             self._registry.metrics.refused.labels(optimizer.name, err.code.lower()).inc()
@@ -85,9 +94,12 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
         optimizer = self._registry.get(request.optimizer)
         min_version = request.min_version if request.HasField("min_version") else None
         with contextlib.ExitStack() as leases:  # the snapshot's buffer goes back to the pool once sent
+            if min_version is not None:
+                leases.enter_context(self._admission.admit("waiting", context.peer()))
             version, iterations, arrays = optimizer.pull(
                 kind, request.names, min_version, _wait_budget(context),
-                into=lambda nbytes: leases.enter_context(self._buffers.lease(nbytes)))
+                into=lambda nbytes: leases.enter_context(self._buffers.lease(nbytes)),
+                cancelled=None if min_version is None else self._cancellation(context, optimizer))
             self._registry.metrics.bytes_sent.labels(optimizer.name).inc(_nbytes(a for _, a in arrays))
             yield from codec.encode_pull(version, iterations, arrays)
 
@@ -98,6 +110,22 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
 
     def SaveOptimizer(self, request, context) -> pb.SaveOptimizerResponse:
         return pb.SaveOptimizerResponse(version=self._registry.get(request.name).save())
+
+    def _cancellation(self, context: grpc.ServicerContext, optimizer: Optimizer) -> threading.Event:
+        """An event set when the call ends (cancelled, its client gone), which also wakes the call's wait.
+
+        gRPC runs the callback on its polling thread, which must not block on the
+        optimizer's lock (a step may hold it): one waker thread takes it instead.
+        """
+        cancelled = threading.Event()
+
+        def on_end() -> None:
+            cancelled.set()
+            self._waker.submit(optimizer.wake_waiters)
+
+        if not context.add_callback(on_end):  # ended already
+            cancelled.set()
+        return cancelled
 
 
 def _nbytes(arrays) -> int:
@@ -137,20 +165,67 @@ class _HandlerCapture:
 
 
 class ErrorInterceptor(grpc.ServerInterceptor):
-    """Turns domain errors into gRPC statuses for every RPC, streams included."""
+    """Turns domain errors into gRPC statuses for every RPC, streams included.
+
+    It also makes every request deserializer total: a message protobuf cannot
+    parse becomes an `Undecodable`, refused here with INVALID_ARGUMENT, where
+    gRPC would answer INTERNAL and log a traceback.
+    """
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
         method = handler_call_details.method
+        handler = handler._replace(request_deserializer=_total(handler.request_deserializer))
+        streaming = handler.request_streaming
         if handler.unary_unary:
-            return handler._replace(unary_unary=_guard(handler.unary_unary, method))
+            return handler._replace(unary_unary=_guard(handler.unary_unary, method, streaming))
         if handler.stream_unary:
-            return handler._replace(stream_unary=_guard(handler.stream_unary, method))
+            return handler._replace(stream_unary=_guard(handler.stream_unary, method, streaming))
         if handler.unary_stream:
-            return handler._replace(unary_stream=_guard_stream(handler.unary_stream, method))
-        return handler._replace(stream_stream=_guard_stream(handler.stream_stream, method))
+            if getattr(handler.unary_stream, "experimental_non_blocking", False):
+                return handler._replace(unary_stream=_guard(handler.unary_stream, method, streaming))
+            return handler._replace(unary_stream=_guard_stream(handler.unary_stream, method, streaming))
+        return handler._replace(stream_stream=_guard_stream(handler.stream_stream, method, streaming))
+
+
+class Undecodable:
+    """A request message protobuf could not parse, with the parser's complaint."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _total(deserializer: Callable | None) -> Callable | None:
+    """`deserializer`, returning an `Undecodable` where it would raise."""
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as err:  # protobuf's DecodeError, or anything a hand-made parser raises
+            return Undecodable(err)
+
+    return deserialize
+
+
+def _decoded(request, field: str):
+    if isinstance(request, Undecodable):
+        raise InvalidArgument(f"{field}: undecodable protobuf message ({request.error})")
+    return request
+
+
+def _decoded_stream(requests: Iterator) -> Iterator:
+    for index, request in enumerate(requests):
+        yield _decoded(request, f"requests[{index}]")
+
+
+def _request_of(request, streaming: bool):
+    return _decoded_stream(request) if streaming else _decoded(request, "request")
 
 
 def _abort(context: grpc.ServicerContext, err: Exception, method: str) -> None:
@@ -177,21 +252,29 @@ def _status_of(err: OptserveError) -> status_pb2.Status:
     return status
 
 
-def _guard(behavior: Callable, method: str) -> Callable:
-    def guarded(request, context):
+def _guard(behavior: Callable, method: str, streaming: bool) -> Callable:
+    def guarded(request, context, *send_response_callback):  # a non-blocking behavior also gets a callback
         try:
-            return behavior(request, context)
+            return behavior(_request_of(request, streaming), context, *send_response_callback)
         except Exception as err:  # every failure leaves as a status, never a stack trace
             _abort(context, err, method)
 
-    return guarded
+    return _like(guarded, behavior)
 
 
-def _guard_stream(behavior: Callable, method: str) -> Callable:
+def _guard_stream(behavior: Callable, method: str, streaming: bool) -> Callable:
     def guarded(request, context):
         try:
-            yield from behavior(request, context)
+            yield from behavior(_request_of(request, streaming), context)
         except Exception as err:
             _abort(context, err, method)
 
-    return guarded
+    return _like(guarded, behavior)
+
+
+def _like(wrapper: Callable, behavior: Callable) -> Callable:
+    """`wrapper` with the attributes gRPC reads from a behavior (non-blocking, its thread pool)."""
+    for attribute in ("experimental_non_blocking", "experimental_thread_pool"):
+        if hasattr(behavior, attribute):
+            setattr(wrapper, attribute, getattr(behavior, attribute))
+    return wrapper
