@@ -8,21 +8,23 @@ server-wide and per connection (the peer's address), and a call over budget is
 refused at once with RESOURCE_EXHAUSTED naming the limit. The pool is larger
 than every budget together, so health checks and short calls always find a
 thread. A stream that waits for its peer longer than `--stream-idle-timeout`
-is cancelled. The health service's Watch streams hold no thread (they are
-served non-blocking) and have a budget of their own.
+is cancelled; so is a unary call whose request message does not come (its
+request is read as a stream of one, with a budget per connection). The health
+service's Watch streams hold no thread (they are served non-blocking) and have
+a budget of their own.
 """
 
 import logging
+import queue
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent import futures
 from dataclasses import dataclass
 
 import grpc
 
-from optserve.server.errors import ResourceExhausted
+from optserve.server.errors import InvalidArgument, ResourceExhausted
 from optserve.server.metrics import Metrics
 from optserve.server.options import ServerOptions
 
@@ -33,8 +35,8 @@ REFLECTION_PREFIXES = ("/grpc.reflection.v1alpha.ServerReflection/", "/grpc.refl
 MAX_REFLECTION_STREAMS = 8  # reflection streams open at once, server-wide (each holds a thread)
 MAX_WATCH_STREAMS = 1000  # health Watch streams open at once, server-wide (they hold no thread)
 MAX_WATCH_STREAMS_PER_CONNECTION = 16
-RESERVE_THREADS = 32  # threads beyond every budget: unary calls, refusals, the start of each call
-HEALTH_THREADS = 2  # a pool of its own serves health Check and Watch, whatever the main pool does
+MAX_READING_PER_CONNECTION = 8  # unary calls of one connection whose request message has not come yet
+RESERVE_THREADS = 32  # threads beyond every budget: unary calls, health checks, refusals
 
 
 class LimitsConfigError(ValueError):
@@ -106,7 +108,6 @@ class Admission:
 
     def __init__(self, limits: Limits, metrics: Metrics | None = None):
         self.limits = limits
-        self.health_pool = futures.ThreadPoolExecutor(max_workers=HEALTH_THREADS, thread_name_prefix="optserve-health")
         self._metrics = metrics or Metrics()
         self._lock = threading.Lock()
         self._total: Counter[str] = Counter()  # budget -> calls held
@@ -114,6 +115,8 @@ class Admission:
         self._watched: dict[int, "_Activity"] = {}
         self._stop = threading.Event()
         self._watchdog: threading.Thread | None = None
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()  # (send, response) of health Watch streams
+        self._sender: threading.Thread | None = None
         self._caps = {  # budget -> (server-wide, per connection, the flag or constant that sets it)
             "stream": (limits.max_streams, limits.max_streams_per_connection,
                        "--max-streams", "--max-streams-per-connection"),
@@ -121,13 +124,14 @@ class Admission:
             "reflection": (MAX_REFLECTION_STREAMS, None, "reflection streams", None),
             "watch": (MAX_WATCH_STREAMS, MAX_WATCH_STREAMS_PER_CONNECTION, "health Watch streams",
                       "health Watch streams per connection"),
+            "reading": (None, MAX_READING_PER_CONNECTION, None, "unary calls waiting for their request"),
         }
 
     def admit(self, budget: str, peer: str) -> Slot:
         """A slot of `budget` for a call from `peer`, or RESOURCE_EXHAUSTED naming the limit it would exceed."""
         total_cap, peer_cap, total_name, peer_name = self._caps[budget]
         with self._lock:
-            if self._total[budget] >= total_cap:
+            if total_cap is not None and self._total[budget] >= total_cap:
                 raise ResourceExhausted(f"{budget}: the server has {total_cap} {_plural(budget)} in progress, "
                                         f"its limit ({total_name}); retry later")
             if peer_cap is not None and self._per_peer[budget, peer] >= peer_cap:
@@ -157,10 +161,31 @@ class Admission:
         with self._lock:
             self._watched.pop(id(activity), None)
 
+    def deferred(self, send: Callable[[object], None]) -> Callable[[object], None]:
+        """`send`, called later on one sender thread: a health Watch's answers must not block their caller.
+
+        The health servicer sends to every watcher under its lock, and gRPC's
+        send waits for its polling thread, which may be running a Watch's
+        end-of-call callback, which takes that lock: sent inline, they deadlock.
+        """
+        with self._lock:
+            if self._sender is None:
+                self._sender = threading.Thread(target=self._send_loop, name="optserve-watch-sender", daemon=True)
+                self._sender.start()
+        return lambda response: self._outbox.put((send, response))
+
     def close(self) -> None:
-        """Stops the watchdog and the health pool (on shutdown)."""
+        """Stops the watchdog and the sender (on shutdown)."""
         self._stop.set()
-        self.health_pool.shutdown(wait=False)
+        self._outbox.put(None)
+
+    def _send_loop(self) -> None:
+        while (item := self._outbox.get()) is not None:
+            send, response = item
+            try:
+                send(response)
+            except Exception as err:  # a call that ended meanwhile
+                log.debug("health Watch answer not sent: %s", err)
 
     def _give_back(self, budget: str, peer: str) -> None:
         with self._lock:
@@ -216,7 +241,7 @@ class _Activity:
 
 def _plural(budget: str) -> str:
     return {"stream": "streams", "waiting": "waiting calls", "reflection": "reflection streams",
-            "watch": "health Watch streams"}[budget]
+            "watch": "health Watch streams", "reading": "unary calls waiting for their request"}[budget]
 
 
 class AdmissionInterceptor(grpc.ServerInterceptor):
@@ -237,13 +262,49 @@ class AdmissionInterceptor(grpc.ServerInterceptor):
         method = handler_call_details.method
         if method.startswith(HEALTH_PREFIX):
             if handler.unary_stream is not None and getattr(handler.unary_stream, "experimental_non_blocking", False):
-                return handler._replace(unary_stream=self._watch_stream(handler.unary_stream))
-            return _on_pool(handler, self._admission.health_pool)
-        if method.startswith(REFLECTION_PREFIXES):
-            return self._streamed(handler, "reflection")
-        if method.startswith(self._service_prefix) and (handler.request_streaming or handler.response_streaming):
-            return self._streamed(handler, "stream")
-        return handler
+                handler = handler._replace(unary_stream=self._watch_stream(handler.unary_stream))
+        elif method.startswith(REFLECTION_PREFIXES):
+            handler = self._streamed(handler, "reflection")
+        elif method.startswith(self._service_prefix) and (handler.request_streaming or handler.response_streaming):
+            handler = self._streamed(handler, "stream")
+        return handler if handler.request_streaming else self._request_as_stream(handler)
+
+    def _request_as_stream(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """A unary-request handler as a request-streaming one that reads its one message under the watchdog.
+
+        gRPC reads a unary request on the call's thread before the method runs,
+        with no timeout: a client that never sends it would hold the thread.
+        """
+        admission = self._admission
+
+        def first_request(requests, context):
+            with admission.admit("reading", context.peer()):
+                activity = admission.watch_idle(context)
+                try:
+                    for request in activity.requests(requests):
+                        return request
+                finally:
+                    admission.unwatch(activity)
+            raise InvalidArgument("request: the call ended without its request message")
+
+        if handler.unary_unary is not None:
+            behavior = handler.unary_unary
+
+            def unary(requests, context):
+                return behavior(first_request(requests, context), context)
+
+            unary.optserve_single_request = True
+            return handler._replace(request_streaming=True, unary_unary=None, stream_unary=unary)
+        behavior = handler.unary_stream
+
+        def streaming(requests, context, *send_response_callback):  # a non-blocking one also gets a callback
+            return behavior(first_request(requests, context), context, *send_response_callback)
+
+        for attribute in ("experimental_non_blocking", "experimental_thread_pool"):
+            if hasattr(behavior, attribute):
+                setattr(streaming, attribute, getattr(behavior, attribute))
+        streaming.optserve_single_request = True
+        return handler._replace(request_streaming=True, unary_stream=None, stream_stream=streaming)
 
     def _streamed(self, handler: grpc.RpcMethodHandler, budget: str) -> grpc.RpcMethodHandler:
         admission = self._admission
@@ -254,6 +315,7 @@ class AdmissionInterceptor(grpc.ServerInterceptor):
             if not context.add_callback(slot.release):  # released when the call ends, however it ends
                 slot.release()
             activity = admission.watch_idle(context)
+            context.add_callback(lambda: admission.unwatch(activity))
             try:
                 return activity, (activity.requests(request) if request_streaming else request)
             except BaseException:
@@ -288,31 +350,14 @@ class AdmissionInterceptor(grpc.ServerInterceptor):
         return handler._replace(**{field: unary})
 
     def _watch_stream(self, behavior: Callable) -> Callable:
-        """Health Watch, served non-blocking on the health pool, within the Watch budget."""
+        """Health Watch, served non-blocking (it holds no thread), within the Watch budget."""
         admission = self._admission
 
         def watch(request, context, send_response_callback=None):
             slot = admission.admit("watch", context.peer())
             if not context.add_callback(slot.release):  # the call ended already
                 slot.release()
-            return behavior(request, context, send_response_callback)
+            return behavior(request, context, admission.deferred(send_response_callback))
 
         watch.experimental_non_blocking = True
-        watch.experimental_thread_pool = admission.health_pool
         return watch
-
-
-def _on_pool(handler: grpc.RpcMethodHandler, pool: futures.ThreadPoolExecutor) -> grpc.RpcMethodHandler:
-    """`handler` with its behavior run on `pool` (gRPC reads a behavior's `experimental_thread_pool`)."""
-    for field in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
-        behavior = getattr(handler, field)
-        if behavior is not None:
-            def on_pool(*args, _behavior=behavior):
-                return _behavior(*args)
-
-            on_pool.experimental_thread_pool = pool
-            for attribute in ("experimental_non_blocking",):
-                if hasattr(behavior, attribute):
-                    setattr(on_pool, attribute, getattr(behavior, attribute))
-            return handler._replace(**{field: on_pool})
-    return handler

@@ -101,7 +101,7 @@ def create_server(options: ServerOptions, interceptors: Sequence[grpc.ServerInte
     )
     add_service(OptimizerService(registry, options, admission), server)
     health_servicer = health.HealthServicer(  # Watch holds no thread: it answers from set()
-        experimental_non_blocking=True, experimental_thread_pool=admission.health_pool)
+        experimental_non_blocking=True, experimental_thread_pool=None)
     for service in ("", SERVICE_NAME):
         health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

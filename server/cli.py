@@ -14,7 +14,8 @@ from optserve.server.options import ServerOptions
 SERVE_FLAGS: dict[str, tuple[Any, str]] = {  # field -> (type, or a tuple of choices, or bool; help)
     "host": (str, "address to bind; without TLS only loopback unless --insecure"),
     "port": (int, "port to bind; 0 picks a free one"),
-    "max_workers": (int, "threads serving RPCs (default None: --max-streams + 40); each stream holds one"),
+    "max_workers": (int, "threads serving RPCs, at least --max-streams + 40 (None: exactly that); each stream "
+                         "holds one"),
     "max_request_bytes": (int, "tensor bytes one create or push may carry"),
     "max_tensor_bytes": (int, "bytes of any one parameter tensor"),
     "max_optimizers": (int, "optimizers one server holds"),

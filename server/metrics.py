@@ -48,7 +48,7 @@ class Metrics:
         self.version = prom.Gauge("optserve_version", "current version of the weights", label,
                                   registry=self.registry)
         self.calls_held = prom.Gauge("optserve_calls_in_progress",
-                                     "calls in progress per budget (stream, waiting, reflection, watch)", ["budget"],
+                                     "calls in progress per budget (stream, waiting, reflection, watch, reading)", ["budget"],
                                      registry=self.registry)
 
     def observe_step(self, optimizer: str, seconds: float, version: int,

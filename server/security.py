@@ -180,18 +180,17 @@ class TokenInterceptor(grpc.ServerInterceptor):
 
 
 def _refusal(handler: grpc.RpcMethodHandler | None, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as `handler` that aborts with UNAUTHENTICATED before reading the request."""
+    """A handler answering for `handler` that aborts with UNAUTHENTICATED before reading the request."""
 
     def abort(request_or_iterator, context):
         context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-    if handler is None:  # an unknown method: say UNAUTHENTICATED rather than reveal which methods exist
-        return grpc.unary_unary_rpc_method_handler(abort)
-    make: Callable = (
-        grpc.unary_unary_rpc_method_handler if handler.unary_unary else
-        grpc.stream_unary_rpc_method_handler if handler.stream_unary else
-        grpc.unary_stream_rpc_method_handler if handler.unary_stream else
-        grpc.stream_stream_rpc_method_handler
-    )
+    # Request-streaming whatever the method: gRPC would read a unary request before calling `abort`, and hold
+    # the thread for as long as a client withholds it. An unknown method is UNAUTHENTICATED too, rather than
+    # revealing which methods exist.
+    if handler is None:
+        return grpc.stream_unary_rpc_method_handler(abort)
+    make: Callable = grpc.stream_stream_rpc_method_handler if handler.response_streaming else \
+        grpc.stream_unary_rpc_method_handler
     return make(abort, request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)

@@ -178,16 +178,17 @@ class ErrorInterceptor(grpc.ServerInterceptor):
             return None
         method = handler_call_details.method
         handler = handler._replace(request_deserializer=_total(handler.request_deserializer))
-        streaming = handler.request_streaming
+        behavior = handler.unary_unary or handler.stream_unary or handler.unary_stream or handler.stream_stream
+        streaming = handler.request_streaming  # a unary request read as a stream (admission) is "request"
+        streaming = "single" if getattr(behavior, "optserve_single_request", False) else streaming
         if handler.unary_unary:
             return handler._replace(unary_unary=_guard(handler.unary_unary, method, streaming))
         if handler.stream_unary:
             return handler._replace(stream_unary=_guard(handler.stream_unary, method, streaming))
-        if handler.unary_stream:
-            if getattr(handler.unary_stream, "experimental_non_blocking", False):
-                return handler._replace(unary_stream=_guard(handler.unary_stream, method, streaming))
-            return handler._replace(unary_stream=_guard_stream(handler.unary_stream, method, streaming))
-        return handler._replace(stream_stream=_guard_stream(handler.stream_stream, method, streaming))
+        field = "unary_stream" if handler.unary_stream else "stream_stream"
+        if getattr(behavior, "experimental_non_blocking", False):  # answers through a callback, not a generator
+            return handler._replace(**{field: _guard(behavior, method, streaming)})
+        return handler._replace(**{field: _guard_stream(behavior, method, streaming)})
 
 
 class Undecodable:
@@ -219,13 +220,14 @@ def _decoded(request, field: str):
     return request
 
 
-def _decoded_stream(requests: Iterator) -> Iterator:
+def _decoded_stream(requests: Iterator, single: bool) -> Iterator:
     for index, request in enumerate(requests):
-        yield _decoded(request, f"requests[{index}]")
+        yield _decoded(request, "request" if single else f"requests[{index}]")
 
 
-def _request_of(request, streaming: bool):
-    return _decoded_stream(request) if streaming else _decoded(request, "request")
+def _request_of(request, streaming: bool | str):
+    """The request, or an iterator of them, refusing undecodable ones; streaming "single": a stream of one."""
+    return _decoded_stream(request, streaming == "single") if streaming else _decoded(request, "request")
 
 
 def _abort(context: grpc.ServicerContext, err: Exception, method: str) -> None:
@@ -252,7 +254,7 @@ def _status_of(err: OptserveError) -> status_pb2.Status:
     return status
 
 
-def _guard(behavior: Callable, method: str, streaming: bool) -> Callable:
+def _guard(behavior: Callable, method: str, streaming: bool | str) -> Callable:
     def guarded(request, context, *send_response_callback):  # a non-blocking behavior also gets a callback
         try:
             return behavior(_request_of(request, streaming), context, *send_response_callback)
@@ -262,7 +264,7 @@ def _guard(behavior: Callable, method: str, streaming: bool) -> Callable:
     return _like(guarded, behavior)
 
 
-def _guard_stream(behavior: Callable, method: str, streaming: bool) -> Callable:
+def _guard_stream(behavior: Callable, method: str, streaming: bool | str) -> Callable:
     def guarded(request, context):
         try:
             yield from behavior(_request_of(request, streaming), context)

@@ -180,9 +180,12 @@ def test_unauthenticated_reflection_and_health_watch_streams_leave_the_server_wo
             wait_until(lambda: held(port, "reflection") >= 8 and held(port, "watch") >= 16)
             assert serving(address)
             push_and_pull(address, "target")
-            refused = [call for call in idle.calls if wait_until(call.done, 0.2)]
-            assert len(refused) == 64 - 8
-            assert all(call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for call in refused)
+            assert wait_until(lambda: sum(call.done() for call in idle.calls) >= 64 - 8
+                              and sum(call.done() for call in watches) >= 1000 - 16)
+            for calls, admitted in ((idle.calls, 8), (watches, 16)):  # the reflection and Watch budgets
+                refused = [call for call in calls if call.done()]
+                assert len(refused) == len(calls) - admitted
+                assert all(call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for call in refused)
         finally:
             idle.close()
             for call in watches:
@@ -211,6 +214,36 @@ def test_a_stream_that_stops_sending_is_cancelled_after_the_idle_timeout(token_f
         finally:
             idle.close()
             reflection.close()
+
+
+def test_unary_calls_whose_request_never_comes_are_bounded_and_timed_out(token_file: Path):
+    """A unary method called as a stream that sends nothing: gRPC would wait for the request on a pool thread."""
+    args = ["--token-file", str(token_file), "--metrics-port", "0", "--stream-idle-timeout", "10"]
+    with ServerProcess(args, log=open(os.devnull, "w")) as server:
+        with Client(server.address, timeout=60, token=TOKEN) as client:
+            client.create_optimizer("target", {"w": np.zeros(4, np.float32)})
+        port = metrics_port(server)
+        with own_channel(server.address) as a, own_channel(server.address) as b, own_channel(server.address) as c:
+            gets = IdleStreams(a.stream_unary(SERVICE + "GetOptimizer"), [], 64, AUTH)
+            checks = IdleStreams(b.stream_unary("/grpc.health.v1.Health/Check"), [], 64)
+            strangers = IdleStreams(c.stream_unary(SERVICE + "GetOptimizer"), [], 64)
+            try:
+                wait_until(lambda: sum(call.done() for call in gets.calls + checks.calls) >= 2 * (64 - 8))
+                assert serving(server.address)
+                push_and_pull(server.address, "target")
+                for calls in (gets.calls, checks.calls):  # 8 per connection may wait for their request
+                    refused = [call for call in calls if call.done()]
+                    assert len(refused) == 64 - 8
+                    assert all(call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for call in refused)
+                for call in strangers.calls:  # refused for their token before anything is read
+                    assert call.exception(timeout=POLL_SECONDS).code() == grpc.StatusCode.UNAUTHENTICATED
+                for call in gets.calls + checks.calls:  # the idle timeout ends the ones that wait
+                    assert call.exception(timeout=POLL_SECONDS).code() in (
+                        grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED)
+                assert wait_until(lambda: held(port, "reading") == 0)
+            finally:
+                for idle in (gets, checks, strangers):
+                    idle.close()
 
 
 DEAD_CLIENT = """
@@ -255,3 +288,15 @@ def test_a_killed_clients_waiting_calls_are_released(guarded: ServerProcess, tmp
         if child.poll() is None:
             child.kill()
             child.wait()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-workers", "64"], "--max-workers 64: must be at least --max-streams (256)"),
+    (["--max-waiting-calls", "300"], "--max-waiting-calls 300: waiting calls are streams"),
+    (["--stream-idle-timeout", "0"], "--stream-idle-timeout 0.0: must be > 0"),
+    (["--max-streams-per-connection", "0"], "--max-streams-per-connection 0: must be at least 1"),
+])
+def test_limits_that_contradict_each_other_stop_the_server_from_starting(flags: list[str], message: str):
+    run = subprocess.run([sys.executable, "-m", "optserve.server.cli", "serve", "--port", "0", *flags],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and message in run.stderr, run.stderr
