@@ -10,8 +10,8 @@ than every budget together, so health checks and short calls always find a
 thread. A stream that waits for its peer longer than `--stream-idle-timeout`
 is cancelled; so is a unary call whose request message does not come (its
 request is read as a stream of one, with a budget per connection). The health
-service's Watch streams hold no thread (they are served non-blocking) and have
-a budget of their own.
+service's Watch streams hold no thread (they are served non-blocking, their
+answers sent by one sender thread) and have a budget of their own.
 """
 
 import logging
