@@ -126,6 +126,8 @@ class Admission:
                       "health Watch streams per connection"),
             "reading": (None, MAX_READING_PER_CONNECTION, None, "unary calls waiting for their request"),
         }
+        for budget in self._caps:  # read at scrape time: nothing to update per call
+            self._metrics.calls_held.labels(budget).set_function(lambda budget=budget: self._total[budget])
 
     def admit(self, budget: str, peer: str) -> Slot:
         """A slot of `budget` for a call from `peer`, or RESOURCE_EXHAUSTED naming the limit it would exceed."""
@@ -139,7 +141,6 @@ class Admission:
                                         f"its limit ({peer_name}); retry later or use another connection")
             self._total[budget] += 1
             self._per_peer[budget, peer] += 1
-            self._metrics.calls_held.labels(budget).set(self._total[budget])
         return Slot(lambda: self._give_back(budget, peer))
 
     def held(self, budget: str) -> int:
@@ -193,7 +194,6 @@ class Admission:
             self._per_peer[budget, peer] -= 1
             if not self._per_peer[budget, peer]:
                 del self._per_peer[budget, peer]
-            self._metrics.calls_held.labels(budget).set(self._total[budget])
 
     def _watch_loop(self) -> None:
         timeout = self.limits.stream_idle_timeout
