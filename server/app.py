@@ -20,6 +20,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from optserve.server.admission import Admission, AdmissionInterceptor, Limits
 from optserve.server.metrics import Metrics
 from optserve.server.options import ServerOptions
 from optserve.server.registry import Persistence, Registry
@@ -51,13 +52,19 @@ class OptserveServer:
     port: int
     registry: Registry
     health: health.HealthServicer
+    admission: Admission | None = None
+    security: ServerSecurity | None = None
     metrics_port: int | None = None  # where /metrics is served, once open
 
     def open(self, options: ServerOptions | None = None) -> None:
         """Starts /metrics (if asked), restores the data dir, then reports SERVING and starts checkpointing."""
         if options is not None and options.metrics_port is not None:
-            _, self.metrics_port = self.registry.metrics.start_http(options.metrics_port, options.host)
-            log.info("metrics on http://%s:%d/metrics", options.host, self.metrics_port)
+            security = self.security or ServerSecurity.from_options(options)
+            _, self.metrics_port = self.registry.metrics.start_http(
+                options.metrics_port, options.metrics_host, security.metrics_ssl_context(options),
+                security.check_token)
+            log.info("metrics on %s://%s:%d/metrics (%s)", "https" if options.tls_cert else "http",
+                     options.metrics_host, self.metrics_port, security.metrics_description)
         self.registry.restore()
         self.registry.start_checkpointer()
         for service in ("", SERVICE_NAME):
@@ -70,6 +77,8 @@ class OptserveServer:
         """
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
+        if self.admission is not None:
+            self.admission.close()
         return self.registry.save_all()
 
 
@@ -80,20 +89,23 @@ def create_server(options: ServerOptions, interceptors: Sequence[grpc.ServerInte
     unless `options.insecure`; a SecurityConfigError names the flag at fault.
     """
     security = ServerSecurity.from_options(options)  # checks flags, reads keys and tokens before anything binds
+    limits = Limits.from_options(options)
     persistence = None
     if options.data_dir is not None:
         persistence = Persistence(Path(options.data_dir), options.durability, options.checkpoint_every,
                                   options.checkpoint_interval, accept_log_loss=options.accept_log_loss)
     registry = Registry(persistence, options.max_optimizers, Metrics(enabled=options.metrics_port is not None))
+    admission = Admission(limits, registry.metrics)
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=options.max_workers, thread_name_prefix="optserve-rpc"),
-        interceptors=[*interceptors, *security.interceptors, ErrorInterceptor()],
+        futures.ThreadPoolExecutor(max_workers=limits.max_workers, thread_name_prefix="optserve-rpc"),
+        interceptors=[*interceptors, *security.interceptors, ErrorInterceptor(),
+                      AdmissionInterceptor(admission, f"/{SERVICE_NAME}/")],
         options=TRANSPORT_OPTIONS,
         maximum_concurrent_rpcs=options.max_concurrent_rpcs,
     )
-    add_service(OptimizerService(registry, options), server)
-    health_servicer = health.HealthServicer(
-        experimental_non_blocking=True, experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=2))
+    add_service(OptimizerService(registry, options, admission), server)
+    health_servicer = health.HealthServicer(  # Watch holds no thread: it answers from set()
+        experimental_non_blocking=True, experimental_thread_pool=None)
     for service in ("", SERVICE_NAME):
         health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -102,7 +114,7 @@ def create_server(options: ServerOptions, interceptors: Sequence[grpc.ServerInte
     if port == 0:
         raise OSError(f"cannot bind {options.host}:{options.port}")
     log.info("bound %s:%d: %s", options.host, port, security.description)
-    return OptserveServer(server, port, registry, health_servicer)
+    return OptserveServer(server, port, registry, health_servicer, admission, security)
 
 
 def serve(options: ServerOptions) -> int:

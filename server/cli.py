@@ -14,7 +14,8 @@ from optserve.server.options import ServerOptions
 SERVE_FLAGS: dict[str, tuple[Any, str]] = {  # field -> (type, or a tuple of choices, or bool; help)
     "host": (str, "address to bind; without TLS only loopback unless --insecure"),
     "port": (int, "port to bind; 0 picks a free one"),
-    "max_workers": (int, "threads serving RPCs; a waiting pull or sync push holds one"),
+    "max_workers": (int, "threads serving RPCs, at least --max-streams + 40 (None: exactly that); each stream "
+                         "holds one"),
     "max_request_bytes": (int, "tensor bytes one create or push may carry"),
     "max_tensor_bytes": (int, "bytes of any one parameter tensor"),
     "max_inflight_bytes": (int, "receive-buffer bytes all creates and pushes in flight (and open sync rounds) "
@@ -24,6 +25,12 @@ SERVE_FLAGS: dict[str, tuple[Any, str]] = {  # field -> (type, or a tuple of cho
     "max_tensors": (int, "tensors one optimizer may have (its first step compiles in time and memory that "
                          "grow with the count)"),
     "max_concurrent_rpcs": (int, "calls in progress at once; more get RESOURCE_EXHAUSTED"),
+    "max_streams": (int, "create, push and pull streams in progress at once; more get RESOURCE_EXHAUSTED"),
+    "max_streams_per_connection": (int, "of --max-streams, those from one connection"),
+    "max_waiting_calls": (int, "of --max-streams, pulls waiting for min_version and sync pushes waiting for "
+                               "their round"),
+    "stream_idle_timeout": (float, "seconds a stream may wait for its peer to send (or read) the next message; "
+                                   "then it is cancelled"),
     "grace": (float, "seconds calls in flight get to finish on SIGTERM/SIGINT"),
     "data_dir": (str, "keep every optimizer's state here and restore it on start (default: memory only)"),
     "durability": (("wal", "none"), "with --data-dir: 'wal' logs each change durably before acknowledging it; "
@@ -32,7 +39,9 @@ SERVE_FLAGS: dict[str, tuple[Any, str]] = {  # field -> (type, or a tuple of cho
     "checkpoint_interval": (float, "seconds between checkpoints of an optimizer that changed"),
     "accept_log_loss": (bool, "with --data-dir: start even if a log is damaged or missing, with the changes "
                               "before the damage (the rest kept aside as wal-*.log.lost-*); off: refuse to start"),
-    "metrics_port": (int, "serve Prometheus metrics over HTTP on this port (0 picks one; default: off)"),
+    "metrics_port": (int, "serve Prometheus metrics on this port (0 picks one; default: off); HTTPS with the "
+                          "TLS flags, bearer token with --token-file"),
+    "metrics_host": (str, "address /metrics binds; off loopback it needs TLS or --insecure"),
     "log_format": (("text", "json"), "log lines for people or for log pipelines"),
     "log_level": (("DEBUG", "INFO", "WARNING", "ERROR"), "least severe log lines shown"),
     "tls_cert": (str, "PEM certificate chain; with --tls-key, serve TLS"),
@@ -161,6 +170,7 @@ def _parse_env(name: str, value: str, kind: Any) -> Any:
 def _serve(args: argparse.Namespace) -> int:
     options = ServerOptions(**{field.name: getattr(args, field.name) for field in dataclasses.fields(ServerOptions)})
     try:
+        from optserve.server.admission import LimitsConfigError
         from optserve.server.app import serve
         from optserve.server.logs import configure
         from optserve.server.security import SecurityConfigError
@@ -170,7 +180,7 @@ def _serve(args: argparse.Namespace) -> int:
     configure(options.log_level, options.log_format)
     try:
         return serve(options)
-    except SecurityConfigError as err:
+    except (SecurityConfigError, LimitsConfigError) as err:
         print(f"optserve serve: {err}", file=sys.stderr)
         return 2
 

@@ -54,6 +54,12 @@ class DeadlineExceeded(OptserveError):
     code = "DEADLINE_EXCEEDED"
 
 
+class Cancelled(OptserveError):
+    """The call ended (its client cancelled or went away) while it waited; nobody hears the answer."""
+
+    code = "CANCELLED"
+
+
 class Unavailable(OptserveError):
     """The server cannot take calls yet (it is restoring its state); retry shortly."""
 

@@ -5,7 +5,8 @@ keep apart) served over HTTP by `start_http`. A disabled `Metrics` still
 counts, but skips the work only a scrape would read (the gradient norm).
 """
 
-from collections.abc import Iterable, Mapping
+import ssl
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 import prometheus_client as prom
@@ -14,7 +15,7 @@ STALENESS_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128)
 STEP_SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 OUTCOMES = ("accepted", "duplicate")
 REASONS = ("invalid_argument", "not_found", "failed_precondition", "aborted", "resource_exhausted",
-           "deadline_exceeded", "unavailable", "internal")  # status codes a push can be refused with
+           "deadline_exceeded", "unavailable", "cancelled", "internal")  # status codes a push can be refused with
 
 
 class Metrics:
@@ -49,6 +50,9 @@ class Metrics:
         self.inflight_bytes = prom.Gauge("optserve_inflight_bytes",
                                          "receive-buffer bytes held by requests in flight and open sync rounds "
                                          "(limit: max_inflight_bytes)", registry=self.registry)
+        self.calls_held = prom.Gauge("optserve_calls_in_progress",
+                                     "calls in progress per budget (stream, waiting, reflection, watch, reading)", ["budget"],
+                                     registry=self.registry)
 
     def observe_step(self, optimizer: str, seconds: float, version: int,
                      grads: Mapping[str, np.ndarray | tuple[np.ndarray, np.ndarray]]) -> None:
@@ -72,10 +76,12 @@ class Metrics:
             except KeyError:  # never observed
                 pass
 
-    def start_http(self, port: int, host: str = "0.0.0.0") -> tuple[object, int]:
-        """Serves /metrics over HTTP on a daemon thread; returns the server and its bound port."""
-        server, thread = prom.start_http_server(port, addr=host, registry=self.registry)
-        return server, server.server_port
+    def start_http(self, port: int, host: str = "127.0.0.1", ssl_context: ssl.SSLContext | None = None,
+                   check_token: Callable[[str | None], str | None] | None = None) -> tuple[object, int]:
+        """Serves /metrics (HTTPS with `ssl_context`, tokens checked by `check_token`); returns the server and port."""
+        from optserve.server.metrics_http import serve_metrics
+
+        return serve_metrics(self.registry, port, host, ssl_context, check_token)
 
 
 def global_norm(grads: Iterable[np.ndarray | tuple[np.ndarray, np.ndarray]]) -> float:

@@ -28,6 +28,7 @@ from optserve.server.engine.config import AdamConfig, parse_config
 from optserve.server.errors import (
     Aborted,
     AlreadyExists,
+    Cancelled,
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
@@ -131,7 +132,8 @@ class Optimizer:
 
     def push(self, grads: Mapping[str, Gradient], worker_id: str = "", seq: int | None = None,
              base_version: int | None = None, timeout: float | None = None,
-             retain: Callable[[], Callable[[], None]] | None = None) -> PushResult:
+             retain: Callable[[], Callable[[], None]] | None = None,
+             cancelled: threading.Event | None = None) -> PushResult:
         """Accepts one gradient for every tensor; see proto `PushHeader` for the arguments.
 
         Async: applies one Adam step now. Sync: adds the gradient to the open
@@ -141,6 +143,8 @@ class Optimizer:
         `retain()` claims the memory `grads` views beyond this call (a round
         keeps them after a caller that stopped waiting); it returns the
         function that gives it back once the round is applied or dropped.
+        A wait ends early with CANCELLED once `cancelled` is set (its gradient
+        stays in the round).
         """
         if seq is not None and not worker_id:
             raise InvalidArgument("worker_id: required with seq")
@@ -157,7 +161,7 @@ class Optimizer:
             if seq is not None:
                 done = self._dedup.lookup(worker_id, seq)
                 if done is not None:
-                    self._wait_for(done.version, timeout, "the round of this push")
+                    self._wait_for(done.version, timeout, "the round of this push", cancelled=cancelled)
                     self._metrics.pushes.labels(self.name, "duplicate").inc()
                     return replace(done, duplicate=True)
             self._check_base_version(base_version)
@@ -171,15 +175,18 @@ class Optimizer:
             generation = self._round_generation  # of the round this gradient joins
             result = self._add_to_round(worker_id, seq, grads, retain, magnitudes)
             self._count_accepted(staleness)
-            self._wait_for(result.version, timeout, "the round of this push", generation)
+            self._wait_for(result.version, timeout, "the round of this push", generation=generation,
+                           cancelled=cancelled)
             return replace(result, iterations=self._iterations)
 
     def pull(self, kind: str, names: Sequence[str], min_version: int | None = None, timeout: float | None = None,
-             into: Callable[[int], np.ndarray] | None = None) -> tuple[int, int, list[tuple[str, np.ndarray]]]:
+             into: Callable[[int], np.ndarray] | None = None,
+             cancelled: threading.Event | None = None) -> tuple[int, int, list[tuple[str, np.ndarray]]]:
         """Copies one kind of state tensor out (see STATE_KINDS) as one snapshot.
 
         Waits (on a condition, not by polling) up to `timeout` seconds for
-        `min_version`. Returns (version, iterations, [(name, float32 array)]);
+        `min_version`, or until `cancelled` is set (CANCELLED). Returns
+        (version, iterations, [(name, float32 array)]);
         `names` empty means every tensor in creation order. `into(nbytes)`
         supplies an aligned buffer to copy into (a warm one from a pool); else
         fresh arrays are made.
@@ -196,7 +203,7 @@ class Optimizer:
             raise InvalidArgument("names: a tensor is named twice")
         with self._lock:
             if min_version is not None:
-                self._wait_for(min_version, timeout, "min_version")
+                self._wait_for(min_version, timeout, "min_version", cancelled=cancelled)
             self._check_alive()
             source = getattr(self._state, STATE_KINDS[kind])
             if into is None:
@@ -346,8 +353,15 @@ class Optimizer:
             raise Aborted(f"base_version: {base_version} is {self._version - base_version} versions behind the "
                           f"current version {self._version} (max_staleness {limit}): pull and recompute")
 
-    def _wait_for(self, version: int, timeout: float | None, what: str, generation: int | None = None) -> None:
-        """Waits, under the lock, until the optimizer reaches `version`, or the round for it is dropped.
+    def wake_waiters(self) -> None:
+        """Wakes every waiting call, so that one whose `cancelled` event is set stops waiting."""
+        with self._lock:
+            self._version_changed.notify_all()
+
+    def _wait_for(self, version: int, timeout: float | None, what: str, *, generation: int | None = None,
+                  cancelled: threading.Event | None = None) -> None:
+        """Waits, under the lock, until the optimizer reaches `version`, the round for it is dropped, or
+        `cancelled` is set.
 
         `generation`: the round a sync push joined; a later round for the same version (its
         retries) does not count as dropped for it.
@@ -355,9 +369,15 @@ class Optimizer:
         def dropped() -> bool:
             return self._dropped_round == version and generation in (None, self._dropped_generation)
 
-        reached = self._version_changed.wait_for(lambda: self._version >= version or self._deleted or dropped(),
-                                                 timeout)
+        def ended() -> bool:
+            return cancelled is not None and cancelled.is_set()
+
+        reached = self._version_changed.wait_for(
+            lambda: self._version >= version or self._deleted or dropped() or ended(), timeout)
         self._check_alive()
+        if self._version < version and ended():
+            raise Cancelled(f"{what}: the call ended (cancelled, or its client went away) while waiting for "
+                            f"version {version}")
         if self._version < version and dropped():
             raise type(self._dropped_error)(f"{what}: the round for version {version} was dropped: "
                                             f"{self._dropped_error}")

@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,10 +55,40 @@ class ServerSecurity:
             if tokens:
                 log.warning("bearer tokens travel in plaintext on %s (--insecure); anyone on the network "
                             "can read them", options.host)
+        if (options.metrics_port is not None and credentials is None and not is_loopback(options.metrics_host)
+                and not options.insecure):
+            raise SecurityConfigError(
+                f"refusing to serve /metrics in plaintext on {options.metrics_host}, which is not a loopback "
+                "address: give --tls-cert and --tls-key to serve it over HTTPS, or --insecure")
         interceptors = (TokenInterceptor(tokens),) if tokens else ()
         if tokens:
             description += f", bearer token required ({len(tokens)} accepted)"
         return cls(credentials, interceptors, description)
+
+    @property
+    def metrics_description(self) -> str:
+        """How /metrics is protected: the same TLS as gRPC, and the same tokens."""
+        transport = self.description.split(",")[0]
+        return transport + (", bearer token required" if self.interceptors else "")
+
+    def metrics_ssl_context(self, options: ServerOptions) -> ssl.SSLContext | None:
+        """The HTTPS settings of /metrics: gRPC's certificate, and its client CA under mTLS; None for plaintext."""
+        if self.credentials is None:
+            return None
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(options.tls_cert, options.tls_key)
+        if options.tls_client_ca is not None:
+            context.load_verify_locations(cafile=options.tls_client_ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
+
+    def check_token(self, authorization: str | None) -> str | None:
+        """None when an `Authorization` header value carries an accepted token (or none is required), else why not."""
+        for interceptor in self.interceptors:
+            if isinstance(interceptor, TokenInterceptor):
+                return interceptor._check([] if authorization is None else [("authorization", authorization)])
+        return None
 
     def bind(self, server: grpc.Server, address: str) -> int:
         """Adds the listening port; returns the port bound, 0 if binding failed."""
@@ -149,18 +180,17 @@ class TokenInterceptor(grpc.ServerInterceptor):
 
 
 def _refusal(handler: grpc.RpcMethodHandler | None, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as `handler` that aborts with UNAUTHENTICATED before reading the request."""
+    """A handler answering for `handler` that aborts with UNAUTHENTICATED before reading the request."""
 
     def abort(request_or_iterator, context):
         context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-    if handler is None:  # an unknown method: say UNAUTHENTICATED rather than reveal which methods exist
-        return grpc.unary_unary_rpc_method_handler(abort)
-    make: Callable = (
-        grpc.unary_unary_rpc_method_handler if handler.unary_unary else
-        grpc.stream_unary_rpc_method_handler if handler.stream_unary else
-        grpc.unary_stream_rpc_method_handler if handler.unary_stream else
-        grpc.stream_stream_rpc_method_handler
-    )
+    # Request-streaming whatever the method: gRPC would read a unary request before calling `abort`, and hold
+    # the thread for as long as a client withholds it. An unknown method is UNAUTHENTICATED too, rather than
+    # revealing which methods exist.
+    if handler is None:
+        return grpc.stream_unary_rpc_method_handler(abort)
+    make: Callable = grpc.stream_stream_rpc_method_handler if handler.response_streaming else \
+        grpc.stream_unary_rpc_method_handler
     return make(abort, request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)

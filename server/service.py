@@ -5,8 +5,11 @@ reply. Domain errors become gRPC statuses in `ErrorInterceptor`, the one place
 that maps them; anything unexpected becomes INTERNAL with its traceback logged.
 """
 
+import contextlib
 import logging
+import threading
 from collections.abc import Callable, Iterator
+from concurrent import futures
 
 import grpc
 from google.protobuf import any_pb2
@@ -15,10 +18,11 @@ from grpc_status import rpc_status
 
 from optserve.client.wire import stream_message_parser
 from optserve.server import codec
+from optserve.server.admission import Admission, Limits
 from optserve.server.buffers import BufferPool, MemoryBudget, default_inflight_bytes
 from optserve.server.errors import InvalidArgument, OptserveError, ResourceExhausted
 from optserve.server.options import ServerOptions
-from optserve.server.registry import Registry
+from optserve.server.registry import Optimizer, Registry
 from optserve.v1 import optserve_pb2 as pb
 from optserve.v1 import optserve_pb2_grpc as pb_grpc
 
@@ -33,12 +37,14 @@ MAX_WAIT_SECONDS = 3600.0  # longest a call waits (a pull's min_version, a sync 
 class OptimizerService(pb_grpc.OptimizerServiceServicer):
     """Implements optserve.v1.OptimizerService over a Registry."""
 
-    def __init__(self, registry: Registry, options: ServerOptions):
+    def __init__(self, registry: Registry, options: ServerOptions, admission: Admission | None = None):
         self._registry = registry
         self._options = options
         limit = options.max_inflight_bytes if options.max_inflight_bytes is not None else default_inflight_bytes()
         self._buffers = BufferPool(MemoryBudget(limit, registry.metrics.inflight_bytes.set))
         log.info("requests in flight may hold %d bytes of tensors (max_inflight_bytes)", limit)
+        self._admission = admission or Admission(Limits.from_options(options), registry.metrics)
+        self._waker = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="optserve-waker")
 
     def CreateOptimizer(self, request_iterator, context) -> pb.OptimizerInfo:
         with self._buffers.lease("tensors", reuse=False) as lease:  # engine.adam.init copies the tensors out
@@ -68,7 +74,11 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
         try:
             # The call holds the receive buffer until the push returns; a sync round that keeps the gradients
             # retains it until the round is applied, and the last of them returns it to the pool.
-            with self._buffers.lease("gradients") as lease:
+            with contextlib.ExitStack() as holds:
+                waits = optimizer.training_mode.mode == "sync"  # for its round
+                if waits:
+                    holds.enter_context(self._admission.admit("waiting", context.peer()))
+                lease = holds.enter_context(self._buffers.lease("gradients"))
                 grads = codec.decode_gradients(header, chunks, optimizer.shapes, self._options.max_request_bytes,
                                                into=lease.reserve)
                 self._registry.metrics.bytes_received.labels(optimizer.name).inc(
@@ -80,6 +90,7 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
                     base_version=header.base_version if header.HasField("base_version") else None,
                     timeout=_wait_budget(context),
                     retain=lease.retain,
+                    cancelled=self._cancellation(context, optimizer) if waits else None,
                 )
         except OptserveError as err:  # counted per optimizer only once the optimizer is known to exist
             self._registry.metrics.refused.labels(optimizer.name, err.code.lower()).inc()
@@ -93,10 +104,14 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
         min_version = request.min_version if request.HasField("min_version") else None
         # The snapshot's buffer goes back to the pool once sent: each message is a copy of its bytes.
         # Not charged to the in-flight budget: its size is the optimizer's own, not the caller's to declare.
-        with self._buffers.lease("pull", charged=False) as lease:
+        with contextlib.ExitStack() as holds:
+            if min_version is not None:
+                holds.enter_context(self._admission.admit("waiting", context.peer()))
+            lease = holds.enter_context(self._buffers.lease("pull", charged=False))
             version, iterations, arrays = optimizer.pull(
                 kind, request.names, min_version, _wait_budget(context),
-                into=lambda nbytes: lease.reserve(nbytes, nbytes))
+                into=lambda nbytes: lease.reserve(nbytes, nbytes),
+                cancelled=None if min_version is None else self._cancellation(context, optimizer))
             self._registry.metrics.bytes_sent.labels(optimizer.name).inc(_nbytes(a for _, a in arrays))
             yield from codec.encode_pull(version, iterations, arrays)
 
@@ -107,6 +122,22 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
 
     def SaveOptimizer(self, request, context) -> pb.SaveOptimizerResponse:
         return pb.SaveOptimizerResponse(version=self._registry.get(request.name).save())
+
+    def _cancellation(self, context: grpc.ServicerContext, optimizer: Optimizer) -> threading.Event:
+        """An event set when the call ends (cancelled, its client gone), which also wakes the call's wait.
+
+        gRPC runs the callback on its polling thread, which must not block on the
+        optimizer's lock (a step may hold it): one waker thread takes it instead.
+        """
+        cancelled = threading.Event()
+
+        def on_end() -> None:
+            cancelled.set()
+            self._waker.submit(optimizer.wake_waiters)
+
+        if not context.add_callback(on_end):  # ended already
+            cancelled.set()
+        return cancelled
 
 
 def _nbytes(arrays) -> int:
@@ -146,20 +177,69 @@ class _HandlerCapture:
 
 
 class ErrorInterceptor(grpc.ServerInterceptor):
-    """Turns domain errors into gRPC statuses for every RPC, streams included."""
+    """Turns domain errors into gRPC statuses for every RPC, streams included.
+
+    It also makes every request deserializer total: a message protobuf cannot
+    parse becomes an `Undecodable`, refused here with INVALID_ARGUMENT, where
+    gRPC would answer INTERNAL and log a traceback.
+    """
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
         method = handler_call_details.method
+        handler = handler._replace(request_deserializer=_total(handler.request_deserializer))
+        behavior = handler.unary_unary or handler.stream_unary or handler.unary_stream or handler.stream_stream
+        streaming = handler.request_streaming  # a unary request read as a stream (admission) is "request"
+        streaming = "single" if getattr(behavior, "optserve_single_request", False) else streaming
         if handler.unary_unary:
-            return handler._replace(unary_unary=_guard(handler.unary_unary, method))
+            return handler._replace(unary_unary=_guard(handler.unary_unary, method, streaming))
         if handler.stream_unary:
-            return handler._replace(stream_unary=_guard(handler.stream_unary, method))
-        if handler.unary_stream:
-            return handler._replace(unary_stream=_guard_stream(handler.unary_stream, method))
-        return handler._replace(stream_stream=_guard_stream(handler.stream_stream, method))
+            return handler._replace(stream_unary=_guard(handler.stream_unary, method, streaming))
+        field = "unary_stream" if handler.unary_stream else "stream_stream"
+        if getattr(behavior, "experimental_non_blocking", False):  # answers through a callback, not a generator
+            return handler._replace(**{field: _guard(behavior, method, streaming)})
+        return handler._replace(**{field: _guard_stream(behavior, method, streaming)})
+
+
+class Undecodable:
+    """A request message protobuf could not parse, with the parser's complaint."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _total(deserializer: Callable | None) -> Callable | None:
+    """`deserializer`, returning an `Undecodable` where it would raise."""
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as err:  # protobuf's DecodeError, or anything a hand-made parser raises
+            return Undecodable(err)
+
+    return deserialize
+
+
+def _decoded(request, field: str):
+    if isinstance(request, Undecodable):
+        raise InvalidArgument(f"{field}: undecodable protobuf message ({request.error})")
+    return request
+
+
+def _decoded_stream(requests: Iterator, single: bool) -> Iterator:
+    for index, request in enumerate(requests):
+        yield _decoded(request, "request" if single else f"requests[{index}]")
+
+
+def _request_of(request, streaming: bool | str):
+    """The request, or an iterator of them, refusing undecodable ones; streaming "single": a stream of one."""
+    return _decoded_stream(request, streaming == "single") if streaming else _decoded(request, "request")
 
 
 def _abort(context: grpc.ServicerContext, err: Exception, method: str) -> None:
@@ -194,21 +274,29 @@ def _status_of(err: OptserveError) -> status_pb2.Status:
     return status
 
 
-def _guard(behavior: Callable, method: str) -> Callable:
-    def guarded(request, context):
+def _guard(behavior: Callable, method: str, streaming: bool | str) -> Callable:
+    def guarded(request, context, *send_response_callback):  # a non-blocking behavior also gets a callback
         try:
-            return behavior(request, context)
+            return behavior(_request_of(request, streaming), context, *send_response_callback)
         except Exception as err:  # every failure leaves as a status, never a stack trace
             _abort(context, err, method)
 
-    return guarded
+    return _like(guarded, behavior)
 
 
-def _guard_stream(behavior: Callable, method: str) -> Callable:
+def _guard_stream(behavior: Callable, method: str, streaming: bool | str) -> Callable:
     def guarded(request, context):
         try:
-            yield from behavior(request, context)
+            yield from behavior(_request_of(request, streaming), context)
         except Exception as err:
             _abort(context, err, method)
 
-    return guarded
+    return _like(guarded, behavior)
+
+
+def _like(wrapper: Callable, behavior: Callable) -> Callable:
+    """`wrapper` with the attributes gRPC reads from a behavior (non-blocking, its thread pool)."""
+    for attribute in ("experimental_non_blocking", "experimental_thread_pool"):
+        if hasattr(behavior, attribute):
+            setattr(wrapper, attribute, getattr(behavior, attribute))
+    return wrapper

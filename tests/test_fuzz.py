@@ -10,6 +10,7 @@ iterations, version), and no optimizer appeared or vanished.
 import itertools
 import json
 import math
+import os
 import re
 import threading
 import time
@@ -20,12 +21,17 @@ import grpc
 import ml_dtypes
 import numpy as np
 import pytest
+from google.protobuf import message_factory
+from google.protobuf.message import DecodeError
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from optserve.client import Client, IndexedSlices
-from optserve.client.wire import data_type_of
+from optserve.client.wire import data_type_of, stream_message_parser
+from optserve.server.launch import ServerProcess
 from optserve.v1 import optserve_pb2 as pb
 from optserve.v1 import optserve_pb2_grpc as pb_grpc
 
@@ -731,3 +737,99 @@ def test_valid_pushes_with_random_finite_gradients_bump_the_version_by_one(world
     assert (reply.version, reply.iterations, reply.duplicate) == (before.version + 1, before.iterations + 1, False)
     after = world.steps.info()
     assert (after.version, after.iterations) == (before.version + 1, before.iterations + 1)
+
+
+# --- undecodable protobuf ------------------------------------------------------------
+
+def _methods() -> dict[str, tuple[type, bool, bool]]:
+    """Every method the server serves: path -> (request class, request streaming, response streaming)."""
+    methods = {}
+    for file, service in [(pb.DESCRIPTOR, "OptimizerService"), (health_pb2.DESCRIPTOR, "Health"),
+                          (reflection_pb2.DESCRIPTOR, "ServerReflection")]:
+        descriptor = file.services_by_name[service]
+        for method in descriptor.methods:
+            methods[f"/{descriptor.full_name}/{method.name}"] = (
+                message_factory.GetMessageClass(method.input_type), method.client_streaming, method.server_streaming)
+    return methods
+
+
+METHODS = _methods()
+
+
+def undecodable(request_class: type, data: bytes) -> bool:
+    """Whether the server's parser for `request_class` refuses `data` (tensor streams parse chunks by hand)."""
+    parse = request_class.FromString
+    if request_class in (pb.CreateOptimizerRequest, pb.PushGradientsRequest):
+        parse = stream_message_parser(request_class)
+    try:
+        parse(data)
+    except DecodeError:
+        return True
+    return False
+
+
+# Bytes protobuf refuses: a truncated length or varint, field number 0, wire types 6 and 7, a stray end-group.
+garbage = st.one_of(
+    st.tuples(st.sampled_from([b"\x0a", b"\x12", b"\x1a"]), st.integers(2, 2**20), st.binary(max_size=8)).map(
+        lambda t: t[0] + bytes(encode_varint(t[1])) + t[2]),
+    st.tuples(st.sampled_from([b"\x00", b"\x06", b"\x07", b"\x0e", b"\x0f", b"\x0c", b"\x08\xff"]),
+              st.binary(max_size=16)).map(b"".join),
+    st.binary(min_size=1, max_size=64),
+)
+
+
+def encode_varint(value: int) -> bytearray:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return out
+
+
+def send_raw(channel: grpc.Channel, method: str, messages: list[bytes]) -> grpc.RpcError | None:
+    """Sends `messages` (one for a unary request) as they are, with identity serializers."""
+    _, request_streaming, response_streaming = METHODS[method]
+    kind = {(False, False): channel.unary_unary, (True, False): channel.stream_unary,
+            (False, True): channel.unary_stream, (True, True): channel.stream_stream}[request_streaming,
+                                                                                     response_streaming]
+    call = kind(method)
+    request = iter(messages) if request_streaming else messages[0]
+    if response_streaming:
+        return rpc_error(lambda: list(call(request, timeout=TIMEOUT)))
+    return rpc_error(lambda: call(request, timeout=TIMEOUT))
+
+
+@fuzz(120)
+@given(method=st.sampled_from(sorted(METHODS)), junk=garbage, valid_first=st.booleans())
+def test_undecodable_protobuf_is_invalid_argument_for_every_method(world: World, caplog, method: str, junk: bytes,
+                                                                   valid_first: bool) -> None:
+    request_class, request_streaming, _ = METHODS[method]
+    assume(undecodable(request_class, junk))
+    messages = [junk]
+    if request_streaming and valid_first:  # a stream whose second message is the bad one
+        first = {"/optserve.v1.OptimizerService/PushGradients": pb.PushGradientsRequest(
+            header=pb.PushHeader(optimizer=TARGET, gradients=encode(dict(PARAMS))[0])),
+                 "/optserve.v1.OptimizerService/CreateOptimizer": pb.CreateOptimizerRequest(
+            header=pb.CreateOptimizerHeader(name=fresh_name(), tensors=[SMALL]))}.get(method, request_class())
+        messages = [first.SerializeToString(), junk]
+    before = world.state()
+    caplog.clear()
+    err = send_raw(world.client._channel, method, messages)
+    assert err is not None and err.code() == Code.INVALID_ARGUMENT, (err and err.code(), err and err.details())
+    assert (f"requests[{len(messages) - 1}]: " if request_streaming else "request: ") in err.details()
+    assert "undecodable protobuf message" in err.details()
+    assert "Exception deserializing" not in caplog.text and "Traceback" not in caplog.text
+    world.assert_unchanged(before)
+
+
+def test_undecodable_protobuf_leaves_no_traceback_in_a_server_process_log() -> None:
+    with ServerProcess([], log=open(os.devnull, "w")) as process, grpc.insecure_channel(process.address) as channel:
+        for method in sorted(METHODS):
+            for junk in (b"\x0a\xff\xff", b"\x12\x05ab", b"\x07", b"\x08\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff"):
+                err = send_raw(channel, method, [junk])
+                assert err is not None and err.code() == Code.INVALID_ARGUMENT, (method, junk, err and err.details())
+                assert "undecodable protobuf message" in err.details(), (method, junk, err.details())
+        Client(process.address, timeout=TIMEOUT).close()  # still serving
+    log = "".join(process.lines)
+    assert "Exception deserializing" not in log and "Traceback" not in log, log

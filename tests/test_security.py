@@ -7,6 +7,14 @@ The certificates are made here: a CA, a server certificate for localhost and
 import datetime
 import ipaddress
 import logging
+import re
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -382,3 +390,84 @@ def test_serve_command_passes_the_security_flags(pki: Pki, token_file: Path, nam
                 client.list_optimizers()
             assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert any("mTLS" in line for line in process.lines), "".join(process.lines)
+
+
+# --- the metrics endpoint -------------------------------------------------------------------------------------
+
+
+def _metrics_port(process: ServerProcess) -> int:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for line in process.lines:
+            found = re.search(r"metrics on (https?)://([^:]+):(\d+)/metrics", line)
+            if found:
+                return int(found.group(3))
+        time.sleep(0.1)
+    raise AssertionError("no metrics line in the log:\n" + "".join(process.lines))
+
+
+def _scrape(url: str, context=None, token: str | None = None) -> tuple[int, bytes]:
+    headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context))
+    try:
+        with opener.open(urllib.request.Request(url, headers=headers), timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def _client_context(pki: Pki, cert: bool):
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    if cert:
+        context.load_cert_chain(str(pki.client_cert), str(pki.client_key))
+    return context
+
+
+def test_metrics_are_served_over_the_grpc_tls_and_need_a_token(pki: Pki, token_file: Path):
+    args = ["--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key), "--token-file", str(token_file),
+            "--metrics-port", "0"]
+    with ServerProcess(args) as process:
+        url = f"https://127.0.0.1:{_metrics_port(process)}/metrics"
+        status, body = _scrape(url, _client_context(pki, cert=False), TOKENS[1])
+        assert status == 200 and b"# TYPE optserve_steps_total counter" in body
+        for token in (None, "wrong-token"):
+            status, body = _scrape(url, _client_context(pki, cert=False), token)
+            assert status == 401 and b"token" in body and b"optserve_" not in body
+        with pytest.raises((urllib.error.URLError, ConnectionError, ssl.SSLError)):  # plaintext gets no metrics
+            _scrape(url.replace("https://", "http://"))
+
+
+def test_metrics_under_mtls_need_a_client_certificate(pki: Pki):
+    args = ["--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key), "--tls-client-ca", str(pki.ca),
+            "--metrics-port", "0"]
+    with ServerProcess(args) as process:
+        url = f"https://127.0.0.1:{_metrics_port(process)}/metrics"
+        assert _scrape(url, _client_context(pki, cert=True))[0] == 200
+        with pytest.raises((urllib.error.URLError, ConnectionError, ssl.SSLError)):
+            _scrape(url, _client_context(pki, cert=False))
+
+
+def _listening_address(port: int) -> str:
+    """The local address a TCP socket listens on at `port` (from /proc/net/tcp and tcp6)."""
+    for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
+        for row in Path(table).read_text().splitlines()[1:]:
+            local, state = row.split()[1], row.split()[3]
+            address, _, hex_port = local.partition(":")
+            if state == "0A" and int(hex_port, 16) == port:  # LISTEN
+                raw = bytes.fromhex(address)
+                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))  # each 32-bit word is host order
+                return socket.inet_ntop(family, raw)
+    raise AssertionError(f"nothing listens on port {port}")
+
+
+def test_metrics_stay_on_loopback_unless_a_flag_says_otherwise(token_file: Path):
+    with ServerProcess(["--host", "0.0.0.0", "--insecure", "--metrics-port", "0"]) as process:
+        port = _metrics_port(process)
+        assert _listening_address(port) == "127.0.0.1"
+        assert _scrape(f"http://127.0.0.1:{port}/metrics")[0] == 200
+    with ServerProcess(["--metrics-port", "0", "--metrics-host", "0.0.0.0", "--insecure"]) as process:
+        assert _listening_address(_metrics_port(process)) == "0.0.0.0"
+    refused = subprocess.run([sys.executable, "-m", "optserve.server.cli", "serve", "--port", "0", "--metrics-port",
+                              "0", "--metrics-host", "0.0.0.0"], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2
+    assert "/metrics" in refused.stderr and "--insecure" in refused.stderr and "--tls-cert" in refused.stderr
