@@ -281,6 +281,8 @@ class Client:
             remaining = deadline - time.monotonic()
             try:
                 return method(make_request(), timeout=max(remaining, 0.001), wait_for_ready=bool(retry))
+            except OptserveError:  # the client's own refusal (or one already translated): as it is
+                raise
             except grpc.RpcError as err:
                 pause = delay * random.uniform(0.5, 1.5)
                 if err.code() not in retry or deadline - time.monotonic() < pause:
