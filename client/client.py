@@ -281,6 +281,8 @@ class Client:
             remaining = deadline - time.monotonic()
             try:
                 return method(make_request(), timeout=max(remaining, 0.001), wait_for_ready=bool(retry))
+            except OptserveError:  # the client's own refusal (or one already translated): as it is
+                raise
             except grpc.RpcError as err:
                 pause = delay * random.uniform(0.5, 1.5)
                 if err.code() not in retry or deadline - time.monotonic() < pause:
@@ -399,7 +401,8 @@ def _read_weights(responses: Iterator[pb.PullWeightsResponse], into: Weights | N
         pulled = [(t.name, shape) for t, shape in zip(header.tensors, shapes)]
         if pulled != [(name, array.shape) for name, array in into.items()]:
             responses.cancel()
-            raise InvalidArgumentError(f"into: holds tensors {[(n, a.shape) for n, a in into.items()]}, the pull sent {pulled}")
+            raise InvalidArgumentError(
+                f"into: holds tensors {[(n, a.shape) for n, a in into.items()]}, the pull sent {pulled}")
     buffer = ChunkBuffer(nbytes, _protocol_error, None if into is None else into._buffer)
     for message in responses:
         buffer.write(message.chunk)

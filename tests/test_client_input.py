@@ -75,9 +75,11 @@ def test_tensorflow_indexed_slices_is_sparse_by_class(client: Client, name: str)
     (lambda opt: opt.push(DENSE, wire_dtype="float8"), "wire_dtype: must be"),
     (lambda opt: opt.pull_slot("mu"), "slot: must be one of"),
     (lambda opt: opt.pull(into={"w": np.zeros((2, 3), np.float32)}), "into: must be the Weights"),
+    (lambda opt: opt.pull(names=["w"], into=opt.pull()), "into: holds tensors"),
     (lambda opt: opt.client.create_optimizer(opt.name + "x", PARAMS, mode="lockstep"), "mode: must be one of"),
     (lambda opt: opt.client.create_optimizer(opt.name + "x", {"w": "abc"}), "params['w']: cannot be read"),
-], ids=["sparse rows and indices disagree", "object dtype", "wire_dtype", "slot", "into", "mode", "params"])
+], ids=["sparse rows and indices disagree", "object dtype", "wire_dtype", "slot", "into", "into other tensors", "mode",
+     "params"])
 def test_client_side_refusals_are_invalid_argument(client: Client, name: str, call, fragment) -> None:
     opt = client.create_optimizer(name, PARAMS)
     try:

@@ -31,6 +31,7 @@ from hypothesis.extra import numpy as hnp
 
 from optserve.client import Client, IndexedSlices
 from optserve.client.wire import data_type_of, stream_message_parser
+from optserve.server.engine import adam, parse_config
 from optserve.server.launch import ServerProcess
 from optserve.v1 import optserve_pb2 as pb
 from optserve.v1 import optserve_pb2_grpc as pb_grpc
@@ -726,17 +727,39 @@ def test_calls_cancelled_mid_stream_change_nothing_or_apply_whole(world: World, 
         assert versions[1] == (versions[0][0] + 1, versions[0][1] + 1)
 
 
+def keras_step_stays_finite(opt, grads: dict) -> bool:
+    """Whether the engine's step (the server's checked one) from the optimizer's current state keeps it finite."""
+    slots = {"params": opt.pull(), "m": opt.pull_slot("m"), "v": opt.pull_slot("v"), "vhat": opt.pull_slot("vhat"),
+             "ema": opt.pull(ema=True)}
+    state = adam.restore(opt.info().iterations, slots)
+    device = {name: adam.sparse_grad(np.asarray(g.indices), np.asarray(g.values)) if isinstance(g, IndexedSlices)
+              else np.asarray(g) for name, g in grads.items()}
+    _, finite = adam.make_checked_step(parse_config(CONFIG), list(SHAPES))(state, device)
+    return bool(np.asarray(finite).all())
+
+
 @fuzz(25)
 @given(grads=gradients(), data=st.data())
 def test_valid_pushes_with_random_finite_gradients_bump_the_version_by_one(world: World, grads, data) -> None:
-    """Finite values of any magnitude (subnormals too), dense or sparse, any float dtype, chunked anyhow: one step."""
+    """Finite values of any magnitude (subnormals too), dense or sparse, any float dtype, chunked anyhow: one step,
+    unless that step would make the state non-finite: then INVALID_ARGUMENT and no change (policy "refuse")."""
     specs, payload = encode(grads)
     before = world.steps.info()
-    reply = push_call(world.stub, pb.PushHeader(optimizer=world.steps.name, gradients=specs),
-                      data.draw(splits(payload), label="chunks"))()
+    stays_finite = keras_step_stays_finite(world.steps, grads)
+    call = push_call(world.stub, pb.PushHeader(optimizer=world.steps.name, gradients=specs),
+                     data.draw(splits(payload), label="chunks"))
+    if not stays_finite:
+        with pytest.raises(grpc.RpcError) as caught:
+            call()
+        assert caught.value.code() == Code.INVALID_ARGUMENT and "non-finite" in caught.value.details()
+        after = world.steps.info()
+        assert (after.version, after.iterations) == (before.version, before.iterations)
+        return
+    reply = call()
     assert (reply.version, reply.iterations, reply.duplicate) == (before.version + 1, before.iterations + 1, False)
     after = world.steps.info()
     assert (after.version, after.iterations) == (before.version + 1, before.iterations + 1)
+    assert all(np.isfinite(array).all() for array in world.steps.pull().values())
 
 
 # --- undecodable protobuf ------------------------------------------------------------

@@ -56,8 +56,9 @@ def persistent(tmp_path) -> RunningServer:
 
 def test_tensor_name_over_1024_bytes_is_refused_naming_the_field(persistent: RunningServer) -> None:
     with Client(persistent.address, timeout=60) as client:
-        error = expect_error(INVALID, "tensors[1].name: at most 1024 bytes of UTF-8, got 71680", client.create_optimizer,
-                             "long", {"w": np.ones(2, np.float32), "n" * 70 * 1024: np.ones(2, np.float32)})
+        error = expect_error(INVALID, "tensors[1].name: at most 1024 bytes of UTF-8, got 71680",
+                             client.create_optimizer, "long",
+                             {"w": np.ones(2, np.float32), "n" * 70 * 1024: np.ones(2, np.float32)})
         assert len(error.details()) < 300  # the name is not echoed whole
         expect_error(INVALID, "tensors[0].name: at most 1024 bytes of UTF-8, got 1026", client.create_optimizer,
                      "long", {"é" * 513: np.ones(2, np.float32)})

@@ -99,7 +99,8 @@ def test_sync_round_whose_aggregate_would_be_non_finite_refuses_every_push(clien
         except OptserveError as err:
             errors[worker] = err
 
-    workers = [threading.Thread(target=push, args=("good", good())), threading.Thread(target=push, args=("bad", huge()))]
+    workers = [threading.Thread(target=push, args=("good", good())),
+               threading.Thread(target=push, args=("bad", huge()))]
     for worker in workers:
         worker.start()
     for worker in workers:
