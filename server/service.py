@@ -245,7 +245,7 @@ def _request_of(request, streaming: bool | str):
 def _abort(context: grpc.ServicerContext, err: Exception, method: str) -> None:
     if not context.is_active():  # the client cancelled or its deadline passed: nobody to tell
         log.info("%s ended early: %s", method, err)
-        return
+        context.abort(grpc.StatusCode.CANCELLED, "the call ended")  # a status, not a reply to serialize
     if _out_of_memory(err):  # an allocation the request caused failed: a limit, not a bug
         err = ResourceExhausted(f"{method}: the server ran out of memory for this request ({err}); retry later")
     if isinstance(err, OptserveError):
