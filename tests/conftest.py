@@ -1,6 +1,7 @@
 """Shared fixtures: a real optserve gRPC server on 127.0.0.1 and clients of it."""
 
 import re
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -24,6 +25,16 @@ class RunningServer:
 
     def stop(self) -> None:
         self.built.shutdown(grace=None)
+
+
+
+def wait_until(condition, what: str, timeout: float = 60.0) -> None:
+    """Polls `condition` (bounded in time) until it holds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ import json
 import resource
 import struct
 import threading
-import time
 from pathlib import Path
 
 import grpc
@@ -17,7 +16,7 @@ from optserve.client import Client, OptserveError
 from optserve.server import storage
 from optserve.server.engine import adam, parse_config
 from optserve.server.options import ServerOptions
-from tests.conftest import RunningServer
+from tests.conftest import RunningServer, wait_until
 from tests.test_durability import CONFIG, INIT, Server, assert_state_equals, grads_for, reference
 
 
@@ -25,14 +24,6 @@ from tests.test_durability import CONFIG, INIT, Server, assert_state_equals, gra
 def data_dir(tmp_path: Path) -> Path:
     return tmp_path / "data"
 
-
-def wait_until(condition, what: str, timeout: float = 60.0) -> None:
-    """Polls `condition` (bounded in time) until it holds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def record_offsets(path: Path) -> list[int]:

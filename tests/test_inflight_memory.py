@@ -5,7 +5,6 @@ cap answers a huge declaration with a status, never INTERNAL."""
 
 import resource
 import threading
-import time
 
 import grpc
 import numpy as np
@@ -16,19 +15,11 @@ from optserve.server.launch import ServerProcess
 from optserve.server.options import ServerOptions
 from optserve.v1 import optserve_pb2 as pb
 from optserve.v1 import optserve_pb2_grpc as pb_grpc
-from tests.conftest import RunningServer
+from tests.conftest import RunningServer, wait_until
 
 MiB = 1 << 20
 CHUNK = pb.PushGradientsRequest(chunk=bytes(MiB))
 
-
-def wait_until(condition, what: str, timeout: float = 60.0) -> None:
-    """Polls `condition` (bounded in time) until it holds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def inflight(server: RunningServer) -> float | None:
@@ -114,7 +105,7 @@ def test_a_sync_round_holds_its_gradients_against_the_budget_until_it_is_applied
 def test_deleting_an_optimizer_releases_the_gradients_of_its_open_round(budget_server, name):
     params = {"w": np.zeros(MiB, np.float32)}
     with Client(budget_server.address, timeout=60) as client:
-        sync = client.create_optimizer(name, params, mode="sync", num_workers=2, sync_timeout=600)
+        client.create_optimizer(name, params, mode="sync", num_workers=2, sync_timeout=600)
         with Client(budget_server.address, timeout=60) as patient, pytest.raises(OptserveError) as caught:
             patient.timeout = 3.0
             patient.optimizer(name).push({"w": np.ones(MiB, np.float32)}, worker_id="a", base_version=0)
@@ -147,7 +138,8 @@ HUGE = 1 << 30  # elements: a 4 GiB tensor
 def capped_server(monkeypatch):
     monkeypatch.setenv("MALLOC_ARENA_MAX", "2")  # each glibc arena reserves 64 MiB of address space
     monkeypatch.setenv("OPTSERVE_MAX_INFLIGHT_BYTES", str(64 << 30))  # only the cap limits: the lazy path
-    with ServerProcess(["--max-workers", "8"]) as process:
+    # few threads: each reserves its stack in the capped address space (the pool is --max-streams + 40)
+    with ServerProcess(["--max-streams", "8", "--max-waiting-calls", "8"]) as process:
         resource.prlimit(process.process.pid, resource.RLIMIT_AS, (CAP, CAP))  # for every mapping from now on
         yield process
 
