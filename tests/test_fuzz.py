@@ -856,3 +856,69 @@ def test_undecodable_protobuf_leaves_no_traceback_in_a_server_process_log() -> N
         Client(process.address, timeout=TIMEOUT).close()  # still serving
     log = "".join(process.lines)
     assert "Exception deserializing" not in log and "Traceback" not in log, log
+
+
+# --- names of every character class, and weight-decay patterns as Keras matches them ---
+
+tensor_name_texts = st.text(st.characters(exclude_categories=["Cs"]), min_size=1, max_size=40) | st.sampled_from(
+    ["x", "x.npy", "x.npy.npy", "a\0b", "a", "\0", "meta", "params/x", "../x", "m/0", " ", "\n", "名前", "🙂"])
+
+
+@fuzz(40)
+@example(names=["x", "x.npy"])
+@example(names=["a\0b", "a"])
+@given(names=st.lists(tensor_name_texts, min_size=1, max_size=4, unique=True))
+def test_any_tensor_names_are_kept_exactly(world: World, names: list[str]) -> None:
+    """Tensor names of every character class are distinct tensors: created, pushed and pulled by exactly that name."""
+    params = {tensor: np.full((2,), index, np.float32) for index, tensor in enumerate(names)}
+    opt = world.client.create_optimizer(fresh_name(), params, {"learning_rate": 0.5})
+    try:
+        assert list(opt.info().tensors) == names
+        opt.push({tensor: np.full((2,), index + 1, np.float32) for index, tensor in enumerate(names)})
+        pulled = opt.pull()
+        assert list(pulled) == names
+        for index, tensor in enumerate(names):  # Adam's first step moves each weight by -lr, whatever its gradient
+            np.testing.assert_allclose(pulled[tensor], np.full((2,), index - 0.5, np.float32), rtol=0, atol=1e-5)
+    finally:
+        world.client.delete_optimizer(opt.name)
+
+
+decay_pattern_parts = st.sampled_from(["a", "b", "k", ".", "*", "+", "?", "|", "(", ")", "[ab]", "^", "$", "\\d",
+                                       "{2}", "kernel", "bias", "/", "\\", "[", "0"])
+decay_patterns = st.lists(decay_pattern_parts, min_size=1, max_size=7).map("".join)
+decayed_names = st.text(alphabet="ab/0kernelbias_.", min_size=1, max_size=12)
+
+
+@fuzz(40)
+@example(patterns=["bias"], names=["dense/bias", "dense/kernel"])
+@example(patterns=["("], names=["a"])
+@example(patterns=["a.b", "^k"], names=["a.b", "axb", "kernel", "bk"])
+@given(patterns=st.lists(decay_patterns, min_size=1, max_size=3), names=st.lists(decayed_names, min_size=1, max_size=4,
+                                                                                 unique=True))
+def test_weight_decay_patterns_exclude_exactly_what_re_search_finds(world: World, patterns: list[str],
+                                                                   names: list[str]) -> None:
+    """`exclude_from_weight_decay` means Keras's `re.search`; a pattern `re` cannot compile is INVALID_ARGUMENT.
+
+    With zero gradients Adam moves nothing, so after one step a weight is decayed
+    (1 - lr * wd) exactly when no pattern is found in its name.
+    """
+    config = {"learning_rate": 0.1, "weight_decay": 0.5, "exclude_from_weight_decay": patterns}
+    params = {tensor: np.ones((2,), np.float32) for tensor in names}
+    try:
+        compiled = [re.compile(pattern) for pattern in patterns]
+    except re.error:
+        before = world.state()
+        assert_refused(rpc_error(lambda: world.client.create_optimizer(fresh_name(), params, config)),
+                       {Code.INVALID_ARGUMENT})
+        world.assert_unchanged(before)
+        return
+    opt = world.client.create_optimizer(fresh_name(), params, config)
+    try:
+        opt.push({tensor: np.zeros((2,), np.float32) for tensor in names})
+        pulled = opt.pull()
+        for tensor in names:
+            excluded = any(pattern.search(tensor) for pattern in compiled)
+            expected = np.float32(1) if excluded else np.float32(1) - np.float32(1) * np.float32(0.5) * np.float32(0.1)
+            assert pulled[tensor][0] == expected, (tensor, patterns, excluded, pulled[tensor])
+    finally:
+        world.client.delete_optimizer(opt.name)
