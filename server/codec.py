@@ -16,8 +16,8 @@ from optserve.client.wire import ITEMSIZE, ChunkBuffer, data_type_of, dtype_name
 from optserve.server.errors import InvalidArgument, NotFound, ResourceExhausted
 from optserve.server.modes import DEFAULT_SYNC_TIMEOUT, TrainingMode
 
-if TYPE_CHECKING:  # the registry imports this module
-    from optserve.server.registry import OptimizerInfo
+if TYPE_CHECKING:  # the optimizer module imports this one
+    from optserve.server.optimizer import OptimizerInfo
 from optserve.v1 import optserve_pb2 as pb
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # also a safe folder name in a data dir
@@ -136,7 +136,7 @@ def training_mode_to_wire(mode: TrainingMode) -> pb.TrainingMode:
 
 
 def decode_state_kind(kind: int) -> str:
-    """The domain name of a pull's StateKind (see registry.STATE_KINDS)."""
+    """The domain name of a pull's StateKind (see optimizer.STATE_KINDS)."""
     if kind not in STATE_KINDS:
         raise InvalidArgument(f"kind: unknown state kind {kind}")
     return STATE_KINDS[kind]

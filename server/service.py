@@ -22,7 +22,8 @@ from optserve.server.admission import Admission, Limits
 from optserve.server.buffers import BufferPool, MemoryBudget, default_inflight_bytes
 from optserve.server.errors import InvalidArgument, OptserveError, ResourceExhausted
 from optserve.server.options import ServerOptions
-from optserve.server.registry import Optimizer, Registry
+from optserve.server.optimizer import Optimizer
+from optserve.server.registry import Registry
 from optserve.v1 import optserve_pb2 as pb
 from optserve.v1 import optserve_pb2_grpc as pb_grpc
 

@@ -1,0 +1,538 @@
+"""One optimizer: its Adam state on the device, and the rules that turn pushes into steps.
+
+Each optimizer applies one change at a time under its own lock, and a pull
+copies its tensors under the same lock, so it never sees half of a step.
+With a store, every change is logged (and fsynced) before it is applied, so
+an acknowledged push survives a crash. Requests arrive here already decoded
+and checked.
+"""
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import jax
+import numpy as np
+
+from optserve.client.wire import ChunkBuffer, padded_bytes
+from optserve.server import overflow, patterns
+from optserve.server.codec import Gradient
+from optserve.server.engine import adam
+from optserve.server.engine.config import AdamConfig, parse_config
+from optserve.server.errors import (
+    Aborted,
+    Cancelled,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    OptserveError,
+    ResourceExhausted,
+)
+from optserve.server.metrics import Metrics
+from optserve.server.modes import DedupTable, PushResult, RoundSum, TrainingMode
+from optserve.server.storage import Checkpoint, LogRecord, OptimizerStore, StorageError
+from optserve.v1 import optserve_pb2 as pb
+
+
+log = logging.getLogger("optserve.optimizer")
+
+NON_FINITE_POLICIES = ("refuse", "apply")
+STATE_KINDS = {"weights": "params", "ema": "ema", "m": "m", "v": "v", "vhat": "vhat"}  # pull kind -> engine slot
+_INT32_MAX = 2**31 - 1  # the engine's iteration counter saturates here
+RATE_WINDOW = 10.0  # seconds over which pushes per second are counted
+
+@dataclass(frozen=True)
+class OptimizerInfo:
+    """A snapshot of one optimizer's metadata."""
+
+    name: str
+    iterations: int
+    version: int
+    config: dict[str, Any]
+    shapes: dict[str, tuple[int, ...]]
+    device: str
+    non_finite_policy: str
+    next_learning_rate: float
+    training_mode: TrainingMode
+    pending_gradients: int  # sync: gradients in the open round
+    saved_version: int  # version of the newest checkpoint; -1 without a data dir
+    pushes_per_second: float  # accepted pushes over the last RATE_WINDOW seconds
+    last_push_age: float | None  # seconds since the last accepted push; None before the first
+
+
+class Optimizer:
+    """One named optimizer: Adam state on the device, and the rules that turn pushes into steps."""
+
+    def __init__(self, name: str, config: AdamConfig, non_finite_policy: str, training_mode: TrainingMode,
+                 state: adam.AdamState, version: int = 0, store: OptimizerStore | None = None,
+                 on_step: Callable[["Optimizer"], None] = lambda optimizer: None, metrics: Metrics | None = None,
+                 excluded_from_decay: Collection[str] | None = None):
+        self.name = name
+        self.config = config
+        self.non_finite_policy = non_finite_policy
+        self.training_mode = training_mode
+        self.shapes = {key: tuple(value.shape) for key, value in state.params.items()}
+        self.rounds_closed_by_timeout = 0
+        self.saved_version = -1 if store is None else version
+        self.saved_at = time.monotonic()
+        self._state = state
+        # the names weight decay skips: as a checkpoint recorded them, else matched with a time bound
+        self._excluded = _excluded_from_decay(config, list(self.shapes), excluded_from_decay)
+        decayed = [name for name in self.shapes if name not in self._excluded]
+        self._step = adam.make_step(config, list(self.shapes), decayed)  # in place: Keras's numbers
+        # "refuse": a step that might overflow (see `overflow`) runs on a copy and is refused whole if it does
+        self._checked = non_finite_policy == "refuse"
+        self._checked_step = adam.make_checked_step(config, list(self.shapes), decayed) if self._checked else None
+        self._bounds: overflow.Bounds | None = None  # of the state's magnitudes; None: to be measured
+        self._store = store
+        self._lock = threading.Lock()
+        self._save_lock = threading.Lock()  # one checkpoint at a time, outside the state lock
+        self._version_changed = threading.Condition(self._lock)
+        self._version = version
+        self._iterations = int(state.iterations)
+        self._deleted = False
+        self._dedup = DedupTable()
+        self._round: dict[str, Mapping[str, Gradient]] = {}  # sync: worker_id -> gradients, for self._version
+        self._round_seqs: dict[str, int | None] = {}  # sync: worker_id -> seq of its gradient in the round
+        self._round_holds: list[Callable[[], None]] = []  # sync: releases the buffers the round's gradients view
+        self._round_magnitudes: dict[str, list[overflow.Magnitude]] = {}  # sync: worker_id -> its gradients' sizes
+        self._round_timer: threading.Timer | None = None
+        self._round_sum = RoundSum(training_mode.aggregation, self.shapes)
+        self._dropped_round = -1  # sync: the version of the last round that could not be logged or was refused
+        self._dropped_error: OptserveError = ResourceExhausted("the data dir is full")  # why it was dropped
+        self._round_generation = 0  # sync: rounds closed (applied or dropped) so far
+        self._dropped_generation = -1  # sync: the generation of the last dropped round
+        self._on_step = on_step  # told after every step, under the lock (it must not block)
+        self._metrics = metrics or Metrics()
+        self._push_times: deque[float] = deque(maxlen=1024)  # monotonic times of recent accepted pushes
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    def push(self, grads: Mapping[str, Gradient], worker_id: str = "", seq: int | None = None,
+             base_version: int | None = None, timeout: float | None = None,
+             retain: Callable[[], Callable[[], None]] | None = None,
+             cancelled: threading.Event | None = None) -> PushResult:
+        """Accepts one gradient for every tensor; see proto `PushHeader` for the arguments.
+
+        Async: applies one Adam step now. Sync: adds the gradient to the open
+        round and waits (up to `timeout` s) until the round has applied one
+        step on the aggregate. Either way the answer comes after the step is
+        applied and, with a data dir, logged. A refused push changes nothing.
+        `retain()` claims the memory `grads` views beyond this call (a round
+        keeps them after a caller that stopped waiting); it returns the
+        function that gives it back once the round is applied or dropped.
+        A wait ends early with CANCELLED once `cancelled` is set (its gradient
+        stays in the round).
+        """
+        if seq is not None and not worker_id:
+            raise InvalidArgument("worker_id: required with seq")
+        sync = self.training_mode.mode == "sync"
+        if sync and not worker_id:
+            raise InvalidArgument("worker_id: required in sync mode (a round counts distinct workers)")
+        if sync and base_version is None:
+            raise InvalidArgument("base_version: required in sync mode (the version of the round)")
+        if self.training_mode.max_staleness is not None and base_version is None:
+            raise InvalidArgument("base_version: required when max_staleness is set")
+        magnitudes = self._refuse_non_finite(grads)
+        with self._lock:
+            self._check_alive()
+            if seq is not None:
+                done = self._dedup.lookup(worker_id, seq)
+                if done is not None:
+                    self._wait_for(done.version, timeout, "the round of this push", cancelled=cancelled)
+                    self._metrics.pushes.labels(self.name, "duplicate").inc()
+                    return replace(done, duplicate=True)
+            self._check_base_version(base_version)
+            staleness = None if base_version is None else self._version - base_version
+            if not sync:
+                result = self._apply(grads, [(worker_id, seq)] if seq is not None else [], magnitudes)
+                if seq is not None:
+                    self._dedup.record(worker_id, seq, result)
+                self._count_accepted(staleness)
+                return result
+            generation = self._round_generation  # of the round this gradient joins
+            result = self._add_to_round(worker_id, seq, grads, retain, magnitudes)
+            self._count_accepted(staleness)
+            self._wait_for(result.version, timeout, "the round of this push", generation=generation,
+                           cancelled=cancelled)
+            return replace(result, iterations=self._iterations)
+
+    def pull(self, kind: str, names: Sequence[str], min_version: int | None = None, timeout: float | None = None,
+             into: Callable[[int], np.ndarray] | None = None,
+             cancelled: threading.Event | None = None) -> tuple[int, int, list[tuple[str, np.ndarray]]]:
+        """Copies one kind of state tensor out (see STATE_KINDS) as one snapshot.
+
+        Waits (on a condition, not by polling) up to `timeout` seconds for
+        `min_version`, or until `cancelled` is set (CANCELLED). Returns
+        (version, iterations, [(name, float32 array)]);
+        `names` empty means every tensor in creation order. `into(nbytes)`
+        supplies an aligned buffer to copy into (a warm one from a pool); else
+        fresh arrays are made.
+        """
+        if kind == "ema" and not self.config.use_ema:
+            raise FailedPrecondition(f"kind: optimizer {self.name!r} keeps no EMA weights (use_ema is false)")
+        if kind == "vhat" and not self.config.amsgrad:
+            raise FailedPrecondition(f"kind: optimizer {self.name!r} keeps no vhat (amsgrad is false)")
+        names = list(names) or list(self.shapes)
+        for name in names:
+            if name not in self.shapes:
+                raise NotFound(f"names[{name!r}]: optimizer {self.name!r} has no tensor {name!r}")
+        if len(set(names)) != len(names):
+            raise InvalidArgument("names: a tensor is named twice")
+        with self._lock:
+            if min_version is not None:
+                self._wait_for(min_version, timeout, "min_version", cancelled=cancelled)
+            self._check_alive()
+            source = getattr(self._state, STATE_KINDS[kind])
+            if into is None:
+                return self._version, self._iterations, [(name, np.array(source[name])) for name in names]
+            sizes = [4 * int(np.prod(self.shapes[name], dtype=np.int64)) for name in names]
+            slots = ChunkBuffer(sizes, InvalidArgument, into(padded_bytes(sizes)))
+            arrays = []
+            for index, name in enumerate(names):
+                array = slots.view(index, pb.DATA_TYPE_FLOAT32, self.shapes[name])
+                np.copyto(array, np.asarray(source[name]))  # np.asarray of a CPU array copies nothing
+                arrays.append((name, array))
+            return self._version, self._iterations, arrays
+
+    def finalize(self) -> None:
+        """Copies the EMA into the weights (Keras `finalize_variable_values`)."""
+        with self._lock:
+            self._check_alive()
+            if self.config.use_ema:
+                self._log(LogRecord("finalize", self._version + 1))
+                self._state = adam.finalize(self._state)
+                self._bounds = None
+                self._bump_version()
+
+    def save(self) -> int:
+        """Writes a checkpoint of the current version; returns that version."""
+        if self._store is None:
+            raise FailedPrecondition("save: this server keeps no state on disk (start it with --data-dir)")
+        with self._save_lock:
+            with self._lock:
+                self._check_alive()
+                checkpoint = self.checkpoint()
+                self._store.start_log(checkpoint.version)  # later changes go to a new log
+            self._store.save(checkpoint)
+            self.saved_version, self.saved_at = checkpoint.version, time.monotonic()
+        return checkpoint.version
+
+    def replay(self, record: LogRecord) -> None:
+        """Re-applies a logged change through the same step, as on restore."""
+        with self._lock:
+            if record.kind == "finalize":
+                self._state = adam.finalize(self._state)
+                self._bounds = None
+                self._bump_version()
+            else:
+                self._step_with(record.grads)
+            for worker_id, seq in record.workers:
+                self._dedup.record(worker_id, seq, PushResult(self._version, self._iterations))
+
+    def info(self) -> OptimizerInfo:
+        """The optimizer's metadata as of now."""
+        with self._lock:
+            version, iterations, pending = self._version, self._iterations, len(self._round)
+            device = next(iter(self._state.params.values())).devices().pop()
+            now = time.monotonic()
+            recent = sum(1 for t in self._push_times if now - t <= RATE_WINDOW)
+            last_push_age = now - self._push_times[-1] if self._push_times else None
+        return OptimizerInfo(
+            name=self.name,
+            iterations=iterations,
+            version=version,
+            config=self.config.to_keras_dict(),
+            shapes=dict(self.shapes),
+            device=f"{device.platform}:{device.id}",
+            non_finite_policy=self.non_finite_policy,
+            next_learning_rate=adam.learning_rate_at(self.config, iterations),
+            training_mode=self.training_mode,
+            pending_gradients=pending,
+            saved_version=self.saved_version,
+            pushes_per_second=recent / RATE_WINDOW,
+            last_push_age=last_push_age,
+        )
+
+    def close(self, delete_files: bool = False) -> None:
+        """Marks the optimizer deleted: calls that hold it fail, waiting calls wake up.
+
+        With `delete_files`, the folder goes first: if that fails, the optimizer is left as it was.
+        """
+        with self._save_lock, self._lock:
+            if self._store is not None:
+                self._store.delete() if delete_files else self._store.close()
+            self._deleted = True
+            self._cancel_round_timer()
+            self._round, self._round_seqs = {}, {}
+            self._release_round()
+            self._version_changed.notify_all()
+
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Checkpoint, store: OptimizerStore, **hooks: Any) -> "Optimizer":
+        """The optimizer a checkpoint describes; its later log records are replayed with `replay`."""
+        meta = checkpoint.meta
+        slots = {slot: {name: tensors[name] for name in meta["names"] if name in tensors}  # in creation order
+                 for slot, tensors in checkpoint.slots.items()}
+        try:
+            optimizer = cls(meta["name"], parse_config(meta["config"]), meta["non_finite_policy"],
+                            TrainingMode(**meta["training_mode"]), adam.restore(meta["iterations"], slots),
+                            meta["version"], store, excluded_from_decay=meta.get("excluded_from_weight_decay"),
+                            **hooks)
+        except InvalidArgument as err:  # a checkpoint without the matched names, whose pattern now runs out of time
+            raise StorageError(f"{store.directory}: cannot restore optimizer {meta['name']!r}: {err}") from None
+        optimizer._dedup.load_json(meta["dedup"])
+        return optimizer
+
+    def checkpoint(self) -> Checkpoint:
+        """The complete state as of now, as a checkpoint holds it (under the lock, or before it is shared)."""
+        meta = {
+            "name": self.name,
+            "config": self.config.to_keras_dict(),
+            "non_finite_policy": self.non_finite_policy,
+            "training_mode": self.training_mode.to_dict(),
+            "names": list(self.shapes),
+            "iterations": self._iterations,
+            "version": self._version,
+            "dedup": self._dedup.to_json(),
+            "excluded_from_weight_decay": sorted(self._excluded),  # matched once, at create
+        }
+        return Checkpoint(meta, adam.export(self._state))
+
+    def _count_accepted(self, staleness: int | None) -> None:
+        self._push_times.append(time.monotonic())
+        self._metrics.pushes.labels(self.name, "accepted").inc()
+        if staleness is not None:
+            self._metrics.staleness.labels(self.name).observe(staleness)
+
+    def _refuse_non_finite(self, grads: Mapping[str, Gradient]) -> list[overflow.Magnitude] | None:
+        """Under "refuse": the gradients' magnitudes, after refusing NaN or Inf; None under "apply"."""
+        if self.non_finite_policy != "refuse":
+            return None
+        magnitudes = []
+        for name, grad in grads.items():
+            magnitudes.append(overflow.magnitude(grad))
+            if not np.isfinite(magnitudes[-1].largest):
+                raise InvalidArgument(
+                    f"gradients[{name!r}]: contains NaN or Inf (this optimizer's non_finite_policy is 'refuse')")
+        return magnitudes
+
+    def _check_base_version(self, base_version: int | None) -> None:
+        if base_version is None:
+            return
+        if base_version > self._version:
+            raise InvalidArgument(f"base_version: {base_version} is ahead of the current version {self._version}")
+        if self.training_mode.mode == "sync" and base_version < self._version:
+            raise Aborted(f"base_version: the round for version {base_version} is closed; the optimizer is at "
+                          f"version {self._version}: pull and push for that round")
+        limit = self.training_mode.max_staleness
+        if limit is not None and self._version - base_version > limit:
+            raise Aborted(f"base_version: {base_version} is {self._version - base_version} versions behind the "
+                          f"current version {self._version} (max_staleness {limit}): pull and recompute")
+
+    def wake_waiters(self) -> None:
+        """Wakes every waiting call, so that one whose `cancelled` event is set stops waiting."""
+        with self._lock:
+            self._version_changed.notify_all()
+
+    def _wait_for(self, version: int, timeout: float | None, what: str, *, generation: int | None = None,
+                  cancelled: threading.Event | None = None) -> None:
+        """Waits, under the lock, until the optimizer reaches `version`, the round for it is dropped, or
+        `cancelled` is set.
+
+        `generation`: the round a sync push joined; a later round for the same version (its
+        retries) does not count as dropped for it.
+        """
+        def dropped() -> bool:
+            return self._dropped_round == version and generation in (None, self._dropped_generation)
+
+        def ended() -> bool:
+            return cancelled is not None and cancelled.is_set()
+
+        reached = self._version_changed.wait_for(
+            lambda: self._version >= version or self._deleted or dropped() or ended(), timeout)
+        self._check_alive()
+        if self._version < version and ended():
+            raise Cancelled(f"{what}: the call ended (cancelled, or its client went away) while waiting for "
+                            f"version {version}")
+        if self._version < version and dropped():
+            raise type(self._dropped_error)(f"{what}: the round for version {version} was dropped: "
+                                            f"{self._dropped_error}")
+        if not reached:
+            raise DeadlineExceeded(f"{what}: optimizer {self.name!r} is at version {self._version}, "
+                                   f"not yet {version}, after {timeout:.3g} s")
+
+    def _apply(self, grads: Mapping[str, Gradient], workers: list[tuple[str, int]],
+               magnitudes: list[overflow.Magnitude] | None = None) -> PushResult:
+        """Logs, then applies, one Adam step, under the lock.
+
+        Under "refuse", a step that `overflow` cannot prove finite from the
+        gradients' `magnitudes` is computed first, on a copy of the state, and
+        refused if it leaves any value non-finite; then logged, then kept. So a
+        refused step, or a log write that fails, changes nothing.
+        """
+        started = time.perf_counter()
+        record = LogRecord("step", self._version + 1, workers, dict(grads))
+        bounds = None
+        if self._checked:
+            if self._bounds is None:
+                self._bounds = overflow.bounds_of(self._state)
+            bounds = overflow.next_bounds(self.config, self._iterations, self._bounds, magnitudes or [])
+        if self._checked and bounds is None:
+            state = self._checked_state(grads)
+            self._log(record)
+            bounds = overflow.bounds_of(state)
+        else:
+            self._log(record)
+            state = self._step(self._state, self._device_grads(grads))
+        self._commit(state, grads, started)
+        self._bounds = bounds
+        return PushResult(self._version, self._iterations)
+
+    def _checked_state(self, grads: Mapping[str, Gradient]) -> adam.AdamState:
+        """The state after a step, computed beside the current one; INVALID_ARGUMENT if any value is non-finite."""
+        state, finite = self._checked_step(self._state, self._device_grads(grads))
+        finite = np.asarray(finite)
+        if not finite.all():
+            bad = [name for name, ok in zip(self.shapes, finite) if not ok]
+            raise InvalidArgument(
+                f"gradients[{bad[0]!r}]: this step would make the optimizer's state non-finite (NaN or Inf in the "
+                f"weights or moments of {len(bad)} of {len(finite)} tensors); non_finite_policy 'refuse' keeps "
+                f"the state as it was")
+        return state
+
+    def _device_grads(self, grads: Mapping[str, Gradient]) -> dict[str, jax.Array | adam.SparseGrad]:
+        return {name: _to_device(grads[name]) for name in self.shapes}
+
+    def _step_with(self, grads: Mapping[str, Gradient]) -> None:
+        """Re-applies a logged (so acknowledged) step as it was applied then."""
+        started = time.perf_counter()
+        self._bounds = None
+        self._commit(self._step(self._state, self._device_grads(grads)), grads, started)
+
+    def _commit(self, state: adam.AdamState, grads: Mapping[str, Gradient], started: float) -> None:
+        """Makes `state` the optimizer's state: one more step and version."""
+        self._state = state
+        jax.block_until_ready(self._state)
+        self._iterations = min(self._iterations + 1, _INT32_MAX)
+        self._bump_version()
+        self._metrics.observe_step(self.name, time.perf_counter() - started, self._version, grads)
+        self._on_step(self)
+
+    def _log(self, record: LogRecord) -> None:
+        if self._store is not None:
+            self._store.append(record)
+
+    def _add_to_round(self, worker_id: str, seq: int | None, grads: Mapping[str, Gradient],
+                      retain: Callable[[], Callable[[], None]] | None = None,
+                      magnitudes: list[overflow.Magnitude] | None = None) -> PushResult:
+        """Sync mode, under the lock: one worker's gradient joins the open round (which holds its memory)."""
+        if worker_id in self._round:
+            raise Aborted(f"worker_id: {worker_id!r} has pushed for version {self._version} already; "
+                          f"wait for version {self._version + 1}")
+        result = PushResult(self._version + 1, self._iterations)
+        if retain is not None:
+            self._round_holds.append(retain())
+        self._round[worker_id], self._round_seqs[worker_id] = grads, seq
+        self._round_magnitudes[worker_id] = magnitudes or []
+        if seq is not None:
+            self._dedup.record(worker_id, seq, result)
+        if len(self._round) >= self.training_mode.num_workers:
+            self._close_round()
+        elif self._round_timer is None:
+            self._round_timer = threading.Timer(self.training_mode.sync_timeout, self._close_round_on_timeout,
+                                                args=(self._version,))
+            self._round_timer.daemon = True
+            self._round_timer.start()
+        return result
+
+    def _close_round(self) -> None:
+        """Applies one step on the round's aggregate, under the lock."""
+        self._cancel_round_timer()
+        workers = [(w, s) for w, s in sorted(self._round_seqs.items()) if s is not None]
+        try:
+            combined = self._round_sum.combine(self._round)
+            jax.block_until_ready(combined)  # the sums are done reading the gradients' buffers
+            self._apply(combined, workers, overflow.combined(list(self._round_magnitudes.values())))
+        except (ResourceExhausted, InvalidArgument) as err:
+            # the log is full, or the aggregate step would make the state non-finite: every push of the
+            # round is refused with that error, and retries start over
+            for worker_id, seq in workers:
+                self._dedup.forget(worker_id, seq)
+            self._dropped_round, self._dropped_error = self._version + 1, err
+            self._dropped_generation = self._round_generation
+            raise
+        finally:
+            self._round, self._round_seqs, self._round_magnitudes = {}, {}, {}
+            self._round_generation += 1
+            self._release_round()
+            self._version_changed.notify_all()
+
+    def _release_round(self) -> None:
+        """Gives back the memory of the gradients the round held (consumed, or dropped with the round)."""
+        holds, self._round_holds = self._round_holds, []
+        for release in holds:
+            release()
+
+    def _close_round_on_timeout(self, round_version: int) -> None:
+        with self._lock:
+            if self._deleted or self._version != round_version or not self._round:
+                return
+            log.warning("optimizer %r: sync round for version %d closed by timeout after %.3g s with %d of %d "
+                        "gradients (workers %s)", self.name, round_version + 1, self.training_mode.sync_timeout,
+                        len(self._round), self.training_mode.num_workers, sorted(self._round))
+            self.rounds_closed_by_timeout += 1
+            self._metrics.rounds_timed_out.labels(self.name).inc()
+            self._round_timer = None
+            try:
+                self._close_round()
+            except (ResourceExhausted, InvalidArgument) as err:
+                log.error("optimizer %r: sync round for version %d dropped: %s", self.name, round_version + 1, err)
+
+    def _cancel_round_timer(self) -> None:
+        if self._round_timer is not None:
+            self._round_timer.cancel()
+            self._round_timer = None
+
+    def _bump_version(self) -> None:
+        self._version += 1
+        self._version_changed.notify_all()
+
+    def _check_alive(self) -> None:
+        if self._deleted:
+            raise NotFound(f"optimizer {self.name!r} was deleted")
+
+
+_EXPONENT_MASKS = {"float16": np.uint16(0x7C00), "bfloat16": np.uint16(0x7F80)}  # all ones: Inf or NaN
+
+
+def all_finite(values: np.ndarray) -> bool:
+    """No NaN or Inf; half-width floats are judged on their bits (NumPy's bfloat16 isfinite is slow)."""
+    mask = _EXPONENT_MASKS.get(values.dtype.name)
+    if mask is None:
+        return bool(np.isfinite(values).all())
+    return not ((values.view(np.uint16) & mask) == mask).any()
+
+
+def _excluded_from_decay(config: AdamConfig, names: list[str], known: Collection[str] | None) -> frozenset[str]:
+    """The tensors weight decay skips: `known` (from a checkpoint), else matched by `patterns` with a time bound."""
+    if config.weight_decay is None or not config.exclude_from_weight_decay:
+        return frozenset()
+    if known is not None:
+        return frozenset(known) & frozenset(names)
+    return patterns.excluded_names(config.exclude_from_weight_decay, names)
+
+
+def _to_device(grad: Gradient) -> jax.Array | adam.SparseGrad:
+    if isinstance(grad, tuple):
+        return adam.sparse_grad(*grad)
+    return jax.device_put(grad)
+
