@@ -88,9 +88,7 @@ def decode_create(requests: Iterator[pb.CreateOptimizerRequest], max_bytes: int,
     for index, spec in enumerate(header.tensors):
         if not spec.name:
             raise InvalidArgument("tensors: every tensor needs a non-empty name")
-        if len(spec.name.encode()) > MAX_TENSOR_NAME_BYTES:
-            raise InvalidArgument(f"tensors[{index}].name: at most {MAX_TENSOR_NAME_BYTES} bytes of UTF-8, got "
-                                  f"{len(spec.name.encode())} ({spec.name[:40]!r}...)")
+        _refuse_long_name(spec.name, f"tensors[{index}].name")
         field = f"tensors[{spec.name!r}]"
         if spec.dtype != pb.DATA_TYPE_FLOAT32:
             raise InvalidArgument(f"{field}.dtype: parameters must be float32, got {dtype_name(spec.dtype)}")
@@ -184,10 +182,8 @@ def decode_gradients(
     """
     if not header.gradients:
         raise InvalidArgument("gradients: empty push; send one gradient for every tensor")
-    for index, spec in enumerate(header.gradients):
-        if len(spec.name.encode()) > MAX_TENSOR_NAME_BYTES:  # no tensor has it; and never echo 70 KB in a status
-            raise InvalidArgument(f"gradients[{index}].name: at most {MAX_TENSOR_NAME_BYTES} bytes of UTF-8, got "
-                                  f"{len(spec.name.encode())} ({spec.name[:40]!r}...)")
+    for index, spec in enumerate(header.gradients):  # no tensor has such a name
+        _refuse_long_name(spec.name, f"gradients[{index}].name")
     names = [spec.name for spec in header.gradients]
     _refuse_duplicates(names, "gradients")
     for name in names:
@@ -302,6 +298,13 @@ def _shape(dims: Sequence[int], field: str) -> tuple[int, ...]:
 
 def _nbytes(dtype: int, shape: tuple[int, ...]) -> int:
     return ITEMSIZE[dtype] * int(np.prod(shape, dtype=object))
+
+
+def _refuse_long_name(name: str, field: str) -> None:
+    """Refuses a tensor name over MAX_TENSOR_NAME_BYTES, echoing only its start (never 70 KB in a status)."""
+    size = len(name.encode())
+    if size > MAX_TENSOR_NAME_BYTES:
+        raise InvalidArgument(f"{field}: at most {MAX_TENSOR_NAME_BYTES} bytes of UTF-8, got {size} ({name[:40]!r}...)")
 
 
 def _refuse_duplicates(names: Sequence[str], field: str) -> None:
