@@ -511,17 +511,6 @@ class Optimizer:
             raise NotFound(f"optimizer {self.name!r} was deleted")
 
 
-_EXPONENT_MASKS = {"float16": np.uint16(0x7C00), "bfloat16": np.uint16(0x7F80)}  # all ones: Inf or NaN
-
-
-def all_finite(values: np.ndarray) -> bool:
-    """No NaN or Inf; half-width floats are judged on their bits (NumPy's bfloat16 isfinite is slow)."""
-    mask = _EXPONENT_MASKS.get(values.dtype.name)
-    if mask is None:
-        return bool(np.isfinite(values).all())
-    return not ((values.view(np.uint16) & mask) == mask).any()
-
-
 def _excluded_from_decay(config: AdamConfig, names: list[str], known: Collection[str] | None) -> frozenset[str]:
     """The tensors weight decay skips: `known` (from a checkpoint), else matched by `patterns` with a time bound."""
     if config.weight_decay is None or not config.exclude_from_weight_decay:

@@ -70,6 +70,11 @@ def magnitude(grad: np.ndarray | tuple[np.ndarray, np.ndarray]) -> Magnitude:
     return Magnitude(largest, int(values.size), duplicates)
 
 
+def all_finite(values: np.ndarray) -> bool:
+    """No NaN or Inf, judged by the same one pass as `magnitude`."""
+    return math.isfinite(magnitude(values).largest)
+
+
 @jax.jit
 def _slot_maxima(state: adam.AdamState) -> jax.Array:
     def largest(tensors: dict) -> jax.Array:

@@ -15,12 +15,13 @@ from typing import Any
 
 import numpy as np
 
+from optserve.server import overflow
 from optserve.server.engine import adam
 from optserve.server.engine.config import parse_config
 from optserve.server.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from optserve.server.metrics import Metrics
 from optserve.server.modes import TrainingMode
-from optserve.server.optimizer import NON_FINITE_POLICIES, Optimizer, all_finite
+from optserve.server.optimizer import NON_FINITE_POLICIES, Optimizer
 from optserve.server.storage import OptimizerStore, list_stores
 
 log = logging.getLogger("optserve.registry")
@@ -67,7 +68,7 @@ class Registry:
         adam_config = parse_config(config)
         if non_finite_policy == "refuse":
             for tensor, values in params.items():
-                if not all_finite(np.asarray(values)):
+                if not overflow.all_finite(np.asarray(values)):
                     raise InvalidArgument(f"tensors[{tensor!r}]: contains NaN or Inf (non_finite_policy 'refuse' "
                                           f"keeps every state value finite)")
         with self._hold(name, "create"):
