@@ -337,6 +337,17 @@ def test_malformed_stream_framing_is_invalid_argument(world: World, rpc: str, da
 huge_dims = st.integers(2**31, 2**63 - 1) | st.sampled_from([2**31, 2**40, 2**61, 2**62, 2**63 - 1])
 
 
+def emb_push_call(world: World, shape: list[int], sparse: bool, index_dtype: int,
+                  junk: bytes) -> Callable[[], pb.PushGradientsResponse]:
+    """A push to the target whose "emb" gradient declares `shape` (sparse or dense), followed by `junk`."""
+    specs, _ = encode(zero_grads())
+    emb = next(spec for spec in specs if spec.name == "emb")
+    emb.sparse, emb.index_dtype = sparse, index_dtype
+    emb.ClearField("shape")
+    emb.shape.extend(shape)
+    return push_call(world.stub, pb.PushHeader(optimizer=world.target.name, gradients=specs), [junk])
+
+
 @st.composite
 def huge_shapes(draw) -> list[int]:
     """Shapes with at least one dimension of 2**31 or more; small and zero dimensions besides."""
@@ -360,12 +371,8 @@ def test_huge_declared_sizes_are_refused_without_allocating(world: World, rpc: s
         call = create_call(world.stub, pb.CreateOptimizerHeader(
             name=name, tensors=[pb.TensorSpec(name="w", dtype=pb.DATA_TYPE_FLOAT32, shape=shape)]), [junk])
     else:
-        specs, _ = encode(zero_grads())
-        emb = next(spec for spec in specs if spec.name == "emb")
-        emb.sparse, emb.index_dtype = rpc != "dense", pb.DATA_TYPE_INT64
-        emb.ClearField("shape")
-        emb.shape.extend({"sparse rows": [shape[0], 4], "sparse width": [1, *shape], "dense": shape}[rpc])
-        call = push_call(world.stub, pb.PushHeader(optimizer=world.target.name, gradients=specs), [junk])
+        declared = {"sparse rows": [shape[0], 4], "sparse width": [1, *shape], "dense": shape}[rpc]
+        call = emb_push_call(world, declared, rpc != "dense", pb.DATA_TYPE_INT64, junk)
     before = world.state()
     tracemalloc.start()
     try:
@@ -396,12 +403,7 @@ def test_large_declarations_commit_memory_only_for_the_bytes_that_arrive(world: 
         call = create_call(world.stub, pb.CreateOptimizerHeader(
             name=name, tensors=[pb.TensorSpec(name="w", dtype=pb.DATA_TYPE_FLOAT32, shape=[elements])]), [junk])
     else:
-        specs, _ = encode(zero_grads())
-        emb = next(spec for spec in specs if spec.name == "emb")
-        emb.sparse, emb.index_dtype = True, pb.DATA_TYPE_INT32
-        emb.ClearField("shape")
-        emb.shape.extend([elements // 4, 4])
-        call = push_call(world.stub, pb.PushHeader(optimizer=world.target.name, gradients=specs), [junk])
+        call = emb_push_call(world, [elements // 4, 4], True, pb.DATA_TYPE_INT32, junk)
     mapped, fresh = [], buffers._mapped
     buffers._mapped = lambda size: (mapped.append(size), fresh(size))[1]
     before = world.state()
