@@ -18,7 +18,7 @@ from grpc_status import rpc_status
 
 from optserve.client.wire import stream_message_parser
 from optserve.server import codec
-from optserve.server.admission import Admission, Limits
+from optserve.server.admission import Admission
 from optserve.server.buffers import BufferPool, MemoryBudget, default_inflight_bytes
 from optserve.server.errors import InvalidArgument, OptserveError, ResourceExhausted
 from optserve.server.options import ServerOptions
@@ -38,13 +38,13 @@ MAX_WAIT_SECONDS = 3600.0  # longest a call waits (a pull's min_version, a sync 
 class OptimizerService(pb_grpc.OptimizerServiceServicer):
     """Implements optserve.v1.OptimizerService over a Registry."""
 
-    def __init__(self, registry: Registry, options: ServerOptions, admission: Admission | None = None):
+    def __init__(self, registry: Registry, options: ServerOptions, admission: Admission):
         self._registry = registry
         self._options = options
         limit = options.max_inflight_bytes if options.max_inflight_bytes is not None else default_inflight_bytes()
         self._buffers = BufferPool(MemoryBudget(limit, registry.metrics.inflight_bytes.set))
         log.info("requests in flight may hold %d bytes of tensors (max_inflight_bytes)", limit)
-        self._admission = admission or Admission(Limits.from_options(options), registry.metrics)
+        self._admission = admission  # the budgets of calls that wait
         self._waker = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="optserve-waker")
 
     def CreateOptimizer(self, request_iterator, context) -> pb.OptimizerInfo:
