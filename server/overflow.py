@@ -1,8 +1,8 @@
 """A cheap, conservative test that one Adam step cannot make the state non-finite.
 
 Under non_finite_policy "refuse" a step that might overflow is computed beside the state
-and checked (exact, but twice the memory and about 2.7x the time of the in-place step on
-the CPU). This module tells when that is unnecessary: from the largest gradient magnitude,
+and checked (exact, but twice the memory and several times the time of the in-place step:
+README, Errors). This module tells when that is unnecessary: from the largest gradient magnitude,
 the config and upper bounds on the state's magnitudes, every intermediate of the step
 stays below `LIMIT`, eight orders of magnitude under float32's largest value, so rounding
 cannot bridge the gap. It may say "might overflow" for a safe step, never the reverse.

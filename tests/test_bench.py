@@ -85,3 +85,16 @@ def test_mixed_sizes_are_100_tensors_over_three_decades_summing_to_the_total() -
         sizes = mixed_sizes(total)
         assert len(sizes) == 100 and sum(sizes) == total and min(sizes) >= 1
         assert max(sizes) / min(sizes) > 100
+
+
+def test_the_readme_probes_run_and_report_what_they_measured() -> None:
+    """The two one-off measurements behind README limits run on small sizes (their figures are not asserted)."""
+    from optserve.server.bench import probes
+
+    ratio = probes.checked_step_ratio(size=1000, reps=2)
+    assert ratio["in_place"] > 0 and ratio["checked"] > 0 and ratio["ratio"] == ratio["checked"] / ratio["in_place"]
+    cost = probes.first_step_cost(3)
+    assert cost["tensors"] == 3 and cost["seconds"] > 0 and cost["peak_rss_mb"] > 0
+    run = subprocess.run([sys.executable, "-m", "optserve.server.bench.probes"], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode != 0 and "checked-step" in run.stderr  # no command: the usage, and a failure status
