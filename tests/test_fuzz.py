@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from optserve.client import Client, IndexedSlices
+from optserve.client import Client, IndexedSlices, InvalidArgumentError
 from optserve.client.wire import data_type_of, stream_message_parser
 from optserve.server.engine import adam, parse_config
 from optserve.server.launch import ServerProcess
@@ -577,17 +577,23 @@ config_texts = st.one_of(
 @example(config_json='{"ema_overwrite_frequency": 2147483648, "use_ema": true}')  # accepted, then every push fails
 @example(config_json='{"beta_1": ' + "1" * 5000 + "}")  # an integer literal longer than Python parses by default
 @example(config_json="[" * 50000 + "]" * 50000)  # nesting deeper than the JSON decoder's recursion limit
+@example(config_json='{"learning_rate": 3.06e16, "weight_decay": 1.11e22}')  # a valid config whose first step overflows
 @given(config_json=config_texts)
 def test_random_json_configs_are_refused_or_yield_a_working_optimizer(world: World, config_json: str) -> None:
-    """Junk, wrong types, nested junk, NaN literals and huge numbers: INVALID_ARGUMENT, or an optimizer that steps."""
+    """Junk, wrong types, nested junk, NaN literals and huge numbers: INVALID_ARGUMENT, or an optimizer that steps
+    (or, where the step would overflow, refuses it and keeps its state)."""
     name = fresh_name()
     before = world.state()
     header = pb.CreateOptimizerHeader(name=name, config_json=config_json, tensors=[SMALL])
     err = rpc_error(create_call(world.stub, header, [np.ones(2, np.float32).tobytes()]))
     if err is None:
+        optimizer = world.client.optimizer(name)
         try:
-            version = world.client.optimizer(name).push({"w": np.full(2, 0.5, np.float32)})
+            version = optimizer.push({"w": np.full(2, 0.5, np.float32)})
             assert version == 1, f"the first step of an accepted config gave version {version}"
+        except InvalidArgumentError as refused:  # a huge learning rate may overflow: refused, state kept
+            assert "non-finite" in refused.details(), refused
+            assert optimizer.info().version == 0, "a refused step changed the version"
         finally:
             world.client.delete_optimizer(name)
     else:
