@@ -17,14 +17,9 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from optserve.client.security import TLS, as_tls, make_channel
-from optserve.client.wire import (
-    CHUNK_BYTES,
-    ChunkBuffer,
-    data_type_of,
-    encode_stream,
-    stream_message_parser,
-    to_bfloat16,
-)
+from optserve.wire.chunks import CHUNK_BYTES, encode_stream, stream_message_parser
+from optserve.wire.dtypes import data_type_of, to_bfloat16
+from optserve.wire.layout import ChunkBuffer
 from optserve.v1 import optserve_pb2 as pb
 from optserve.v1 import optserve_pb2_grpc as pb_grpc
 
@@ -180,7 +175,7 @@ class Client:
         self.chunk_bytes = chunk_bytes
         self._channel = make_channel(address, _CHANNEL_OPTIONS, as_tls(tls), token)
         self._stub = pb_grpc.OptimizerServiceStub(self._channel)
-        # The tensor streams use the hand-made chunk encoding of optserve.client.wire (same bytes, fewer copies).
+        # The tensor streams use the hand-made chunk encoding of optserve.wire (same bytes, fewer copies).
         path = f"/{SERVICE_NAME}/"
         self._create = self._channel.stream_unary(path + "CreateOptimizer", request_serializer=bytes,
                                                   response_deserializer=pb.OptimizerInfo.FromString)

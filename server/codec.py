@@ -12,9 +12,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from optserve.client.wire import ITEMSIZE, ChunkBuffer, data_type_of, dtype_name, encode_stream
+from optserve.wire.chunks import encode_stream
+from optserve.wire.dtypes import ITEMSIZE, data_type_of, dtype_name
+from optserve.wire.layout import ChunkBuffer
 from optserve.server.errors import InvalidArgument, NotFound, ResourceExhausted
-from optserve.server.modes import DEFAULT_SYNC_TIMEOUT, TrainingMode
+from optserve.server.modes import DEFAULT_SYNC_TIMEOUT, Gradient, TrainingMode
 
 if TYPE_CHECKING:  # the optimizer module imports this one
     from optserve.server.optimizer import OptimizerInfo
@@ -29,9 +31,6 @@ NON_FINITE_POLICIES = {
     pb.NON_FINITE_POLICY_REFUSE: "refuse",
     pb.NON_FINITE_POLICY_APPLY: "apply",
 }
-
-Gradient = np.ndarray | tuple[np.ndarray, np.ndarray]  # dense, or (indices, rows)
-
 
 MODES = {pb.MODE_UNSPECIFIED: "async", pb.MODE_ASYNC: "async", pb.MODE_SYNC: "sync"}
 AGGREGATIONS = {pb.AGGREGATION_UNSPECIFIED: "mean", pb.AGGREGATION_MEAN: "mean", pb.AGGREGATION_SUM: "sum"}

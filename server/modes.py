@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import numpy as np
@@ -16,8 +16,7 @@ import numpy as np
 from optserve.server.engine import aggregate
 from optserve.server.errors import FailedPrecondition, InvalidArgument
 
-if TYPE_CHECKING:  # codec imports this module for TrainingMode
-    from optserve.server.codec import Gradient
+Gradient = np.ndarray | tuple[np.ndarray, np.ndarray]  # dense, or sparse (indices, rows)
 
 MODES = ("async", "sync")
 AGGREGATIONS = ("mean", "sum")

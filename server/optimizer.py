@@ -18,9 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from optserve.client.wire import ChunkBuffer, padded_bytes
 from optserve.server import overflow, patterns
-from optserve.server.codec import Gradient
 from optserve.server.engine import adam
 from optserve.server.engine.config import AdamConfig, parse_config
 from optserve.server.errors import (
@@ -34,9 +32,10 @@ from optserve.server.errors import (
     ResourceExhausted,
 )
 from optserve.server.metrics import Metrics
-from optserve.server.modes import DedupTable, PushResult, RoundSum, TrainingMode
+from optserve.server.modes import DedupTable, Gradient, PushResult, RoundSum, TrainingMode
 from optserve.server.storage import Checkpoint, LogRecord, OptimizerStore, StorageError
-from optserve.v1 import optserve_pb2 as pb
+from optserve.wire.dtypes import FLOAT32
+from optserve.wire.layout import ChunkBuffer, padded_bytes
 
 
 log = logging.getLogger("optserve.optimizer")
@@ -197,7 +196,7 @@ class Optimizer:
             slots = ChunkBuffer(sizes, InvalidArgument, into(padded_bytes(sizes)))
             arrays = []
             for index, name in enumerate(names):
-                array = slots.view(index, pb.DATA_TYPE_FLOAT32, self.shapes[name])
+                array = slots.view(index, FLOAT32, self.shapes[name])
                 np.copyto(array, np.asarray(source[name]))  # np.asarray of a CPU array copies nothing
                 arrays.append((name, array))
             return self._version, self._iterations, arrays

@@ -16,7 +16,7 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from optserve.client.wire import stream_message_parser
+from optserve.wire.chunks import stream_message_parser
 from optserve.server import codec
 from optserve.server.admission import Admission
 from optserve.server.buffers import BufferPool, MemoryBudget, default_inflight_bytes
@@ -151,7 +151,7 @@ def _wait_budget(context: grpc.ServicerContext) -> float:
 
 
 def add_service(servicer: OptimizerService, server: grpc.Server) -> None:
-    """Registers the service with the hand-made chunk encoding of `optserve.client.wire`.
+    """Registers the service with the hand-made chunk encoding of `optserve.wire`.
 
     The generated registration is kept for every method, but the streams of
     tensors skip protobuf's copies: received chunks are views into the

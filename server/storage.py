@@ -37,9 +37,9 @@ from typing import Any
 
 import numpy as np
 
-from optserve.client.wire import ITEMSIZE, data_type_of, numpy_dtype
-from optserve.server.codec import Gradient
+from optserve.wire.dtypes import ITEMSIZE, data_type_of, numpy_dtype
 from optserve.server.errors import FailedPrecondition, ResourceExhausted
+from optserve.server.modes import Gradient
 
 log = logging.getLogger("optserve.storage")
 

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from optserve.client import Client, OptserveError
-from optserve.client.wire import ALIGNMENT, ChunkBuffer, padded_bytes
+from optserve.wire.layout import ALIGNMENT, ChunkBuffer, padded_bytes
 from optserve.server.buffers import GRANULE, BufferPool, MemoryBudget
 from optserve.server.errors import InvalidArgument
 from optserve.server.options import ServerOptions

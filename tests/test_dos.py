@@ -22,7 +22,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from optserve.client import Client
-from optserve.client.wire import encode_stream
+from optserve.wire.chunks import encode_stream
 from optserve.server.launch import ServerProcess
 from optserve.v1 import optserve_pb2 as pb
 
@@ -249,7 +249,7 @@ def test_unary_calls_whose_request_never_comes_are_bounded_and_timed_out(token_f
 DEAD_CLIENT = """
 import sys, time, grpc
 from optserve.v1 import optserve_pb2 as pb
-from optserve.client.wire import encode_stream
+from optserve.wire.chunks import encode_stream
 address, token = sys.argv[1], sys.argv[2]
 auth = [("authorization", "Bearer " + token)]
 channel = grpc.insecure_channel(address)

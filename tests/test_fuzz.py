@@ -30,7 +30,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from optserve.client import Client, IndexedSlices, InvalidArgumentError
-from optserve.client.wire import data_type_of, stream_message_parser
+from optserve.wire.chunks import stream_message_parser
+from optserve.wire.dtypes import data_type_of
 from optserve.server.engine import adam, parse_config
 from optserve.server.launch import ServerProcess
 from optserve.v1 import optserve_pb2 as pb

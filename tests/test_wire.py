@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from optserve.client import Client, IndexedSlices
-from optserve.client.wire import ALIGNMENT, CHUNK_BYTES, ChunkBuffer, encode_stream, iter_chunks, stream_message_parser
+from optserve.wire.chunks import CHUNK_BYTES, encode_stream, iter_chunks, stream_message_parser
+from optserve.wire.layout import ALIGNMENT, ChunkBuffer
 from optserve.v1 import optserve_pb2 as pb
 
 
@@ -110,7 +111,7 @@ def test_float16_bfloat16_and_jax_gradients_equal_their_float32_upcast(client: C
 
 
 def test_bfloat16_rounding_matches_ml_dtypes_bit_for_bit() -> None:
-    from optserve.client.wire import to_bfloat16_bits
+    from optserve.wire.dtypes import to_bfloat16_bits
 
     rng = np.random.default_rng(4)
     special = np.array([0.0, -0.0, 1.0, -1.0, np.inf, -np.inf, 3.4e38, -3.4e38, 1e-40, -1e-45, 1.00390625,
@@ -161,3 +162,33 @@ def test_pull_into_an_earlier_pull_overwrites_its_buffer_with_the_new_weights(cl
         opt.pull(into={"b": np.zeros(7, np.float32)})
     np.testing.assert_array_equal(opt.pull(names=["b"], into=only_b)["b"], fresh["b"])
     client.delete_optimizer(name)
+
+
+def test_the_shared_dtype_codes_are_the_protos() -> None:
+    """optserve.wire spells the DataType numbers out (no protobuf import); they must be the proto's."""
+    from optserve.wire import dtypes
+
+    for name in ("float32", "float16", "bfloat16", "float64", "int32", "int64"):
+        assert getattr(dtypes, name.upper()) == getattr(pb, f"DATA_TYPE_{name.upper()}")
+        assert dtypes.dtype_name(getattr(pb, f"DATA_TYPE_{name.upper()}")) == name
+    assert dtypes.dtype_name(pb.DATA_TYPE_UNSPECIFIED) == "unspecified"
+
+
+DOMAIN_MODULES = ["registry", "optimizer", "modes", "storage", "overflow", "patterns", "buffers", "engine"]
+
+
+def test_domain_code_imports_neither_the_generated_protos_nor_the_client() -> None:
+    """Layering: the server's domain modules (and the shared wire package) see no transport code."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    files = [root / "wire"] + [root / "server" / f"{m}.py" for m in DOMAIN_MODULES if m != "engine"]
+    files = [f for path in files + [root / "server" / "engine"] for f in ([path] if path.is_file() else path.glob("*.py"))]
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                assert not name.startswith(("optserve.v1", "optserve.client", "grpc", "google.protobuf")) or (
+                    path.parent.name == "wire" and name == "google.protobuf.message"), f"{path.name} imports {name}"

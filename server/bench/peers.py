@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from optserve.client.wire import CHUNK_BYTES
+from optserve.wire.chunks import CHUNK_BYTES
 from optserve.server.bench.common import CLIENT_TIMEOUT
 
 RAW_SERVICE = "optserve.bench.Raw"  # the bare gRPC service: /optserve.bench.Raw/Push and /Pull

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from optserve.client import Client
-from optserve.client.wire import CHUNK_BYTES
+from optserve.wire.chunks import CHUNK_BYTES
 from optserve.server.bench.common import BYTES_PER_PARAM, CLIENT_TIMEOUT, MB, make_target, time_once, time_reps
 from optserve.server.bench.peers import RawGrpc, RawTcp
 from optserve.server.bench.server_stats import ServerMetrics, mean_delta
@@ -197,9 +197,10 @@ class _Loopback:
     def __init__(self, params: dict[str, np.ndarray]):
         import jax
 
-        from optserve.client.wire import aligned_empty, stream_message_parser
         from optserve.server import codec
         from optserve.v1 import optserve_pb2 as pb
+        from optserve.wire.chunks import stream_message_parser
+        from optserve.wire.layout import aligned_empty
 
         self._codec = codec
         self._shapes = {name: tuple(value.shape) for name, value in params.items()}
