@@ -31,6 +31,10 @@ RETRY_BACKOFF = 0.05  # seconds before the second try of a retryable call; doubl
 RETRY_BACKOFF_MAX = 1.0  # seconds between tries at most
 RETRY_ATTEMPTS = 100  # tries at most; the client's timeout bounds them first
 SERVICE_NAME = "optserve.v1.OptimizerService"
+# How tensor bytes travel: "local" through shared memory (same host only), "network" through a bulk
+# channel beside gRPC, "grpc" in the gRPC stream's chunks (the portable protocol of proto/), "auto"
+# the fastest that works.
+TRANSPORTS = ("auto", "local", "network", "grpc")
 _CHANNEL_OPTIONS = [  # times in ms
     ("grpc.initial_reconnect_backoff_ms", 100),  # reconnect fast after a server restart
     ("grpc.max_reconnect_backoff_ms", 1000),
@@ -166,10 +170,16 @@ class Client:
     server name override). `token` is sent as `authorization: Bearer <token>` on
     every call. A TLS handshake that fails (unknown CA, no client certificate)
     makes the constructor raise UNAVAILABLE once `timeout` runs out.
+
+    `transport` (see TRANSPORTS) chooses how tensor bytes travel; "auto" takes
+    shared memory when the server shares this host, else the bulk channel.
     """
 
     def __init__(self, address: str, timeout: float = 30.0, *, chunk_bytes: int = CHUNK_BYTES,
-                 tls: bool | str | TLS | None = None, token: str | None = None):
+                 tls: bool | str | TLS | None = None, token: str | None = None, transport: str = "auto"):
+        if transport not in TRANSPORTS:
+            raise InvalidArgumentError(f"transport: must be one of {list(TRANSPORTS)}, got {transport!r}")
+        self.transport = transport
         self.address = address
         self.timeout = timeout
         self.chunk_bytes = chunk_bytes
@@ -248,6 +258,15 @@ class Client:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+    def _send_push(self, header: pb.PushHeader, arrays: list[np.ndarray], retry: frozenset) -> pb.PushGradientsResponse:
+        """Sends one push by the client's transport; the answer, or OptserveError."""
+        return self._call(self._push, lambda: encode_stream(header, arrays, self.chunk_bytes), retry)
+
+    def _fetch_pull(self, request: pb.PullWeightsRequest, into: "Weights | None", timeout: float | None) -> "Weights":
+        """Runs one pull by the client's transport (retried on UNAVAILABLE: reads are safe to repeat)."""
+        return self._call(lambda req, **kwargs: _read_weights(self._pull(req, **kwargs), into),
+                          lambda: request, _READ_RETRY, timeout)
 
     def _wait_until_serving(self, timeout: float) -> None:
         """Follows the health service (a stream, not polling) until the optimizer service is SERVING."""
@@ -333,9 +352,7 @@ class Optimizer:
         header = pb.PushHeader(optimizer=self.name, gradients=specs, worker_id=worker_id, seq=seq,
                                base_version=base_version)
         retry = _PUSH_RETRY if worker_id and seq is not None else frozenset()
-        reply = self.client._call(self.client._push,
-                                  lambda: encode_stream(header, arrays, self.client.chunk_bytes), retry)
-        return PushResult.from_wire(reply)
+        return PushResult.from_wire(self.client._send_push(header, arrays, retry))
 
     def pull(self, ema: bool = False, names: Iterable[str] = (), *, min_version: int | None = None,
              timeout: float | None = None, into: Weights | None = None) -> Weights:
@@ -365,9 +382,7 @@ class Optimizer:
         if into is not None and getattr(into, "_buffer", None) is None:
             raise InvalidArgumentError("into: must be the Weights returned by an earlier pull")
         request = pb.PullWeightsRequest(optimizer=self.name, kind=kind, names=list(names), min_version=min_version)
-        return self.client._call(
-            lambda req, **kwargs: _read_weights(self.client._pull(req, **kwargs), into),
-            lambda: request, _READ_RETRY, timeout)
+        return self.client._fetch_pull(request, into, timeout)
 
     def info(self) -> OptimizerInfo:
         """Iterations, version, config with defaults, tensor shapes and device."""

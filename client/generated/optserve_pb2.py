@@ -24,23 +24,23 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aoptserve/v1/optserve.proto\x12\x0boptserve.v1\"O\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x05\x64type\x18\x02 \x01(\x0e\x32\x15.optserve.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\"\x8d\x01\n\x0cGradientSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x05\x64type\x18\x02 \x01(\x0e\x32\x15.optserve.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06sparse\x18\x04 \x01(\x08\x12*\n\x0bindex_dtype\x18\x05 \x01(\x0e\x32\x15.optserve.v1.DataType\"\x8a\x02\n\x0cTrainingMode\x12\x1f\n\x04mode\x18\x01 \x01(\x0e\x32\x11.optserve.v1.Mode\x12\x18\n\x0bnum_workers\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x16\n\x0e\x62\x61\x63kup_workers\x18\x03 \x01(\x05\x12-\n\x0b\x61ggregation\x18\x04 \x01(\x0e\x32\x18.optserve.v1.Aggregation\x12!\n\x14sync_timeout_seconds\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x1a\n\rmax_staleness\x18\x06 \x01(\x03H\x02\x88\x01\x01\x42\x0e\n\x0c_num_workersB\x17\n\x15_sync_timeout_secondsB\x10\n\x0e_max_staleness\"\xa3\x03\n\rOptimizerInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\niterations\x18\x02 \x01(\x03\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x13\n\x0b\x63onfig_json\x18\x04 \x01(\t\x12(\n\x07tensors\x18\x05 \x03(\x0b\x32\x17.optserve.v1.TensorSpec\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x37\n\x11non_finite_policy\x18\x07 \x01(\x0e\x32\x1c.optserve.v1.NonFinitePolicy\x12\x1a\n\x12next_learning_rate\x18\x08 \x01(\x01\x12\x30\n\rtraining_mode\x18\t \x01(\x0b\x32\x19.optserve.v1.TrainingMode\x12\x19\n\x11pending_gradients\x18\n \x01(\x05\x12\x15\n\rsaved_version\x18\x0b \x01(\x03\x12\x19\n\x11pushes_per_second\x18\x0c \x01(\x01\x12\"\n\x15last_push_age_seconds\x18\r \x01(\x01H\x00\x88\x01\x01\x42\x18\n\x16_last_push_age_seconds\"\xcf\x01\n\x15\x43reateOptimizerHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x02 \x01(\t\x12(\n\x07tensors\x18\x03 \x03(\x0b\x32\x17.optserve.v1.TensorSpec\x12\x37\n\x11non_finite_policy\x18\x04 \x01(\x0e\x32\x1c.optserve.v1.NonFinitePolicy\x12\x30\n\rtraining_mode\x18\x05 \x01(\x0b\x32\x19.optserve.v1.TrainingMode\"g\n\x16\x43reateOptimizerRequest\x12\x34\n\x06header\x18\x01 \x01(\x0b\x32\".optserve.v1.CreateOptimizerHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"#\n\x13GetOptimizerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x17\n\x15ListOptimizersRequest\"H\n\x16ListOptimizersResponse\x12.\n\noptimizers\x18\x01 \x03(\x0b\x32\x1a.optserve.v1.OptimizerInfo\"&\n\x16\x44\x65leteOptimizerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x19\n\x17\x44\x65leteOptimizerResponse\"\xa6\x01\n\nPushHeader\x12\x11\n\toptimizer\x18\x01 \x01(\t\x12,\n\tgradients\x18\x02 \x03(\x0b\x32\x19.optserve.v1.GradientSpec\x12\x11\n\tworker_id\x18\x03 \x01(\t\x12\x10\n\x03seq\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x19\n\x0c\x62\x61se_version\x18\x05 \x01(\x03H\x01\x88\x01\x01\x42\x06\n\x04_seqB\x0f\n\r_base_version\"Z\n\x14PushGradientsRequest\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.optserve.v1.PushHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"^\n\x15PushGradientsResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x12\n\niterations\x18\x02 \x01(\x03\x12\x11\n\tduplicate\x18\x04 \x01(\x08J\x04\x08\x03\x10\x04R\x07\x61pplied\"\x86\x01\n\x12PullWeightsRequest\x12\x11\n\toptimizer\x18\x01 \x01(\t\x12$\n\x04kind\x18\x02 \x01(\x0e\x32\x16.optserve.v1.StateKind\x12\r\n\x05names\x18\x03 \x03(\t\x12\x18\n\x0bmin_version\x18\x04 \x01(\x03H\x00\x88\x01\x01\x42\x0e\n\x0c_min_version\"[\n\nPullHeader\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x12\n\niterations\x18\x02 \x01(\x03\x12(\n\x07tensors\x18\x03 \x03(\x0b\x32\x17.optserve.v1.TensorSpec\"Y\n\x13PullWeightsResponse\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.optserve.v1.PullHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"(\n\x18\x46inalizeOptimizerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"$\n\x14SaveOptimizerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"(\n\x15SaveOptimizerResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03*\xac\x01\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT32\x10\x01\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT16\x10\x02\x12\x16\n\x12\x44\x41TA_TYPE_BFLOAT16\x10\x03\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT64\x10\x04\x12\x13\n\x0f\x44\x41TA_TYPE_INT32\x10\x05\x12\x13\n\x0f\x44\x41TA_TYPE_INT64\x10\x06*o\n\x0fNonFinitePolicy\x12!\n\x1dNON_FINITE_POLICY_UNSPECIFIED\x10\x00\x12\x1c\n\x18NON_FINITE_POLICY_REFUSE\x10\x01\x12\x1b\n\x17NON_FINITE_POLICY_APPLY\x10\x02*;\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x0e\n\nMODE_ASYNC\x10\x01\x12\r\n\tMODE_SYNC\x10\x02*U\n\x0b\x41ggregation\x12\x1b\n\x17\x41GGREGATION_UNSPECIFIED\x10\x00\x12\x14\n\x10\x41GGREGATION_MEAN\x10\x01\x12\x13\n\x0f\x41GGREGATION_SUM\x10\x02*\xa3\x01\n\tStateKind\x12\x1a\n\x16STATE_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12STATE_KIND_WEIGHTS\x10\x01\x12\x12\n\x0eSTATE_KIND_EMA\x10\x02\x12\x1b\n\x17STATE_KIND_FIRST_MOMENT\x10\x03\x12\x1c\n\x18STATE_KIND_SECOND_MOMENT\x10\x04\x12\x13\n\x0fSTATE_KIND_VHAT\x10\x05\x32\xcd\x05\n\x10OptimizerService\x12T\n\x0f\x43reateOptimizer\x12#.optserve.v1.CreateOptimizerRequest\x1a\x1a.optserve.v1.OptimizerInfo(\x01\x12L\n\x0cGetOptimizer\x12 .optserve.v1.GetOptimizerRequest\x1a\x1a.optserve.v1.OptimizerInfo\x12Y\n\x0eListOptimizers\x12\".optserve.v1.ListOptimizersRequest\x1a#.optserve.v1.ListOptimizersResponse\x12\\\n\x0f\x44\x65leteOptimizer\x12#.optserve.v1.DeleteOptimizerRequest\x1a$.optserve.v1.DeleteOptimizerResponse\x12X\n\rPushGradients\x12!.optserve.v1.PushGradientsRequest\x1a\".optserve.v1.PushGradientsResponse(\x01\x12R\n\x0bPullWeights\x12\x1f.optserve.v1.PullWeightsRequest\x1a .optserve.v1.PullWeightsResponse0\x01\x12V\n\x11\x46inalizeOptimizer\x12%.optserve.v1.FinalizeOptimizerRequest\x1a\x1a.optserve.v1.OptimizerInfo\x12V\n\rSaveOptimizer\x12!.optserve.v1.SaveOptimizerRequest\x1a\".optserve.v1.SaveOptimizerResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aoptserve/v1/optserve.proto\x12\x0boptserve.v1\"O\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x05\x64type\x18\x02 \x01(\x0e\x32\x15.optserve.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\"\x8d\x01\n\x0cGradientSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x05\x64type\x18\x02 \x01(\x0e\x32\x15.optserve.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06sparse\x18\x04 \x01(\x08\x12*\n\x0bindex_dtype\x18\x05 \x01(\x0e\x32\x15.optserve.v1.DataType\"\x8a\x02\n\x0cTrainingMode\x12\x1f\n\x04mode\x18\x01 \x01(\x0e\x32\x11.optserve.v1.Mode\x12\x18\n\x0bnum_workers\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x16\n\x0e\x62\x61\x63kup_workers\x18\x03 \x01(\x05\x12-\n\x0b\x61ggregation\x18\x04 \x01(\x0e\x32\x18.optserve.v1.Aggregation\x12!\n\x14sync_timeout_seconds\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x1a\n\rmax_staleness\x18\x06 \x01(\x03H\x02\x88\x01\x01\x42\x0e\n\x0c_num_workersB\x17\n\x15_sync_timeout_secondsB\x10\n\x0e_max_staleness\"\xa3\x03\n\rOptimizerInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\niterations\x18\x02 \x01(\x03\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x13\n\x0b\x63onfig_json\x18\x04 \x01(\t\x12(\n\x07tensors\x18\x05 \x03(\x0b\x32\x17.optserve.v1.TensorSpec\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x37\n\x11non_finite_policy\x18\x07 \x01(\x0e\x32\x1c.optserve.v1.NonFinitePolicy\x12\x1a\n\x12next_learning_rate\x18\x08 \x01(\x01\x12\x30\n\rtraining_mode\x18\t \x01(\x0b\x32\x19.optserve.v1.TrainingMode\x12\x19\n\x11pending_gradients\x18\n \x01(\x05\x12\x15\n\rsaved_version\x18\x0b \x01(\x03\x12\x19\n\x11pushes_per_second\x18\x0c \x01(\x01\x12\"\n\x15last_push_age_seconds\x18\r \x01(\x01H\x00\x88\x01\x01\x42\x18\n\x16_last_push_age_seconds\"\xcf\x01\n\x15\x43reateOptimizerHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x02 \x01(\t\x12(\n\x07tensors\x18\x03 \x03(\x0b\x32\x17.optserve.v1.TensorSpec\x12\x37\n\x11non_finite_policy\x18\x04 \x01(\x0e\x32\x1c.optserve.v1.NonFinitePolicy\x12\x30\n\rtraining_mode\x18\x05 \x01(\x0b\x32\x19.optserve.v1.TrainingMode\"g\n\x16\x43reateOptimizerRequest\x12\x34\n\x06header\x18\x01 \x01(\x0b\x32\".optserve.v1.CreateOptimizerHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"#\n\x13GetOptimizerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x17\n\x15ListOptimizersRequest\"H\n\x16ListOptimizersResponse\x12.\n\noptimizers\x18\x01 \x03(\x0b\x32\x1a.optserve.v1.OptimizerInfo\"&\n\x16\x44\x65leteOptimizerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x19\n\x17\x44\x65leteOptimizerResponse\"\xfc\x01\n\nPushHeader\x12\x11\n\toptimizer\x18\x01 \x01(\t\x12,\n\tgradients\x18\x02 \x03(\x0b\x32\x19.optserve.v1.GradientSpec\x12\x11\n\tworker_id\x18\x03 \x01(\t\x12\x10\n\x03seq\x18\x04 \x01(\x03H\x01\x88\x01\x01\x12\x19\n\x0c\x62\x61se_version\x18\x05 \x01(\x03H\x02\x88\x01\x01\x12\x1f\n\x15shared_memory_session\x18\x06 \x01(\tH\x00\x12)\n\x04\x62ulk\x18\x07 \x01(\x0b\x32\x19.optserve.v1.BulkTransferH\x00\x42\x08\n\x06sourceB\x06\n\x04_seqB\x0f\n\r_base_version\"1\n\x0c\x42ulkTransfer\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12\x10\n\x08transfer\x18\x02 \x01(\x03\"Z\n\x14PushGradientsRequest\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.optserve.v1.PushHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"^\n\x15PushGradientsResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x12\n\niterations\x18\x02 \x01(\x03\x12\x11\n\tduplicate\x18\x04 \x01(\x08J\x04\x08\x03\x10\x04R\x07\x61pplied\"\xe1\x01\n\x12PullWeightsRequest\x12\x11\n\toptimizer\x18\x01 \x01(\t\x12$\n\x04kind\x18\x02 \x01(\x0e\x32\x16.optserve.v1.StateKind\x12\r\n\x05names\x18\x03 \x03(\t\x12\x18\n\x0bmin_version\x18\x04 \x01(\x03H\x01\x88\x01\x01\x12\x1f\n\x15shared_memory_session\x18\x05 \x01(\tH\x00\x12)\n\x04\x62ulk\x18\x06 \x01(\x0b\x32\x19.optserve.v1.BulkTransferH\x00\x42\r\n\x0b\x64\x65stinationB\x0e\n\x0c_min_version\"[\n\nPullHeader\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x12\n\niterations\x18\x02 \x01(\x03\x12(\n\x07tensors\x18\x03 \x03(\x0b\x32\x17.optserve.v1.TensorSpec\"Y\n\x13PullWeightsResponse\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.optserve.v1.PullHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"(\n\x18\x46inalizeOptimizerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"$\n\x14SaveOptimizerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"(\n\x15SaveOptimizerResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\",\n\x17OpenSharedMemoryRequest\x12\x11\n\toptimizer\x18\x01 \x01(\t\"\xcb\x01\n\x13SharedMemorySegment\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x03\x12\r\n\x05nonce\x18\x04 \x01(\x0c\x12\x18\n\x10gradients_offset\x18\x05 \x01(\x03\x12\x16\n\x0eweights_offset\x18\x06 \x01(\x03\x12(\n\x07tensors\x18\x07 \x03(\x0b\x32\x17.optserve.v1.TensorSpec\x12\x1c\n\x14idle_timeout_seconds\x18\x08 \x01(\x01\"+\n\x18\x43loseSharedMemoryRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\"\x1b\n\x19\x43loseSharedMemoryResponse\"\x18\n\x16OpenBulkChannelRequest\"I\n\x0b\x42ulkChannel\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12\x0e\n\x06ticket\x18\x02 \x01(\x0c\x12\x0c\n\x04port\x18\x03 \x01(\x05\x12\x0b\n\x03tls\x18\x04 \x01(\x08*\xac\x01\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT32\x10\x01\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT16\x10\x02\x12\x16\n\x12\x44\x41TA_TYPE_BFLOAT16\x10\x03\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT64\x10\x04\x12\x13\n\x0f\x44\x41TA_TYPE_INT32\x10\x05\x12\x13\n\x0f\x44\x41TA_TYPE_INT64\x10\x06*o\n\x0fNonFinitePolicy\x12!\n\x1dNON_FINITE_POLICY_UNSPECIFIED\x10\x00\x12\x1c\n\x18NON_FINITE_POLICY_REFUSE\x10\x01\x12\x1b\n\x17NON_FINITE_POLICY_APPLY\x10\x02*;\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x0e\n\nMODE_ASYNC\x10\x01\x12\r\n\tMODE_SYNC\x10\x02*U\n\x0b\x41ggregation\x12\x1b\n\x17\x41GGREGATION_UNSPECIFIED\x10\x00\x12\x14\n\x10\x41GGREGATION_MEAN\x10\x01\x12\x13\n\x0f\x41GGREGATION_SUM\x10\x02*\xa3\x01\n\tStateKind\x12\x1a\n\x16STATE_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12STATE_KIND_WEIGHTS\x10\x01\x12\x12\n\x0eSTATE_KIND_EMA\x10\x02\x12\x1b\n\x17STATE_KIND_FIRST_MOMENT\x10\x03\x12\x1c\n\x18STATE_KIND_SECOND_MOMENT\x10\x04\x12\x13\n\x0fSTATE_KIND_VHAT\x10\x05\x32\xdf\x07\n\x10OptimizerService\x12T\n\x0f\x43reateOptimizer\x12#.optserve.v1.CreateOptimizerRequest\x1a\x1a.optserve.v1.OptimizerInfo(\x01\x12L\n\x0cGetOptimizer\x12 .optserve.v1.GetOptimizerRequest\x1a\x1a.optserve.v1.OptimizerInfo\x12Y\n\x0eListOptimizers\x12\".optserve.v1.ListOptimizersRequest\x1a#.optserve.v1.ListOptimizersResponse\x12\\\n\x0f\x44\x65leteOptimizer\x12#.optserve.v1.DeleteOptimizerRequest\x1a$.optserve.v1.DeleteOptimizerResponse\x12X\n\rPushGradients\x12!.optserve.v1.PushGradientsRequest\x1a\".optserve.v1.PushGradientsResponse(\x01\x12R\n\x0bPullWeights\x12\x1f.optserve.v1.PullWeightsRequest\x1a .optserve.v1.PullWeightsResponse0\x01\x12V\n\x11\x46inalizeOptimizer\x12%.optserve.v1.FinalizeOptimizerRequest\x1a\x1a.optserve.v1.OptimizerInfo\x12V\n\rSaveOptimizer\x12!.optserve.v1.SaveOptimizerRequest\x1a\".optserve.v1.SaveOptimizerResponse\x12Z\n\x10OpenSharedMemory\x12$.optserve.v1.OpenSharedMemoryRequest\x1a .optserve.v1.SharedMemorySegment\x12\x62\n\x11\x43loseSharedMemory\x12%.optserve.v1.CloseSharedMemoryRequest\x1a&.optserve.v1.CloseSharedMemoryResponse\x12P\n\x0fOpenBulkChannel\x12#.optserve.v1.OpenBulkChannelRequest\x1a\x18.optserve.v1.BulkChannelb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'optserve.v1.optserve_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DATATYPE']._serialized_start=2278
-  _globals['_DATATYPE']._serialized_end=2450
-  _globals['_NONFINITEPOLICY']._serialized_start=2452
-  _globals['_NONFINITEPOLICY']._serialized_end=2563
-  _globals['_MODE']._serialized_start=2565
-  _globals['_MODE']._serialized_end=2624
-  _globals['_AGGREGATION']._serialized_start=2626
-  _globals['_AGGREGATION']._serialized_end=2711
-  _globals['_STATEKIND']._serialized_start=2714
-  _globals['_STATEKIND']._serialized_end=2877
+  _globals['_DATATYPE']._serialized_start=2933
+  _globals['_DATATYPE']._serialized_end=3105
+  _globals['_NONFINITEPOLICY']._serialized_start=3107
+  _globals['_NONFINITEPOLICY']._serialized_end=3218
+  _globals['_MODE']._serialized_start=3220
+  _globals['_MODE']._serialized_end=3279
+  _globals['_AGGREGATION']._serialized_start=3281
+  _globals['_AGGREGATION']._serialized_end=3366
+  _globals['_STATEKIND']._serialized_start=3369
+  _globals['_STATEKIND']._serialized_end=3532
   _globals['_TENSORSPEC']._serialized_start=43
   _globals['_TENSORSPEC']._serialized_end=122
   _globals['_GRADIENTSPEC']._serialized_start=125
@@ -64,23 +64,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DELETEOPTIMIZERRESPONSE']._serialized_start=1450
   _globals['_DELETEOPTIMIZERRESPONSE']._serialized_end=1475
   _globals['_PUSHHEADER']._serialized_start=1478
-  _globals['_PUSHHEADER']._serialized_end=1644
-  _globals['_PUSHGRADIENTSREQUEST']._serialized_start=1646
-  _globals['_PUSHGRADIENTSREQUEST']._serialized_end=1736
-  _globals['_PUSHGRADIENTSRESPONSE']._serialized_start=1738
-  _globals['_PUSHGRADIENTSRESPONSE']._serialized_end=1832
-  _globals['_PULLWEIGHTSREQUEST']._serialized_start=1835
-  _globals['_PULLWEIGHTSREQUEST']._serialized_end=1969
-  _globals['_PULLHEADER']._serialized_start=1971
-  _globals['_PULLHEADER']._serialized_end=2062
-  _globals['_PULLWEIGHTSRESPONSE']._serialized_start=2064
-  _globals['_PULLWEIGHTSRESPONSE']._serialized_end=2153
-  _globals['_FINALIZEOPTIMIZERREQUEST']._serialized_start=2155
-  _globals['_FINALIZEOPTIMIZERREQUEST']._serialized_end=2195
-  _globals['_SAVEOPTIMIZERREQUEST']._serialized_start=2197
-  _globals['_SAVEOPTIMIZERREQUEST']._serialized_end=2233
-  _globals['_SAVEOPTIMIZERRESPONSE']._serialized_start=2235
-  _globals['_SAVEOPTIMIZERRESPONSE']._serialized_end=2275
-  _globals['_OPTIMIZERSERVICE']._serialized_start=2880
-  _globals['_OPTIMIZERSERVICE']._serialized_end=3597
+  _globals['_PUSHHEADER']._serialized_end=1730
+  _globals['_BULKTRANSFER']._serialized_start=1732
+  _globals['_BULKTRANSFER']._serialized_end=1781
+  _globals['_PUSHGRADIENTSREQUEST']._serialized_start=1783
+  _globals['_PUSHGRADIENTSREQUEST']._serialized_end=1873
+  _globals['_PUSHGRADIENTSRESPONSE']._serialized_start=1875
+  _globals['_PUSHGRADIENTSRESPONSE']._serialized_end=1969
+  _globals['_PULLWEIGHTSREQUEST']._serialized_start=1972
+  _globals['_PULLWEIGHTSREQUEST']._serialized_end=2197
+  _globals['_PULLHEADER']._serialized_start=2199
+  _globals['_PULLHEADER']._serialized_end=2290
+  _globals['_PULLWEIGHTSRESPONSE']._serialized_start=2292
+  _globals['_PULLWEIGHTSRESPONSE']._serialized_end=2381
+  _globals['_FINALIZEOPTIMIZERREQUEST']._serialized_start=2383
+  _globals['_FINALIZEOPTIMIZERREQUEST']._serialized_end=2423
+  _globals['_SAVEOPTIMIZERREQUEST']._serialized_start=2425
+  _globals['_SAVEOPTIMIZERREQUEST']._serialized_end=2461
+  _globals['_SAVEOPTIMIZERRESPONSE']._serialized_start=2463
+  _globals['_SAVEOPTIMIZERRESPONSE']._serialized_end=2503
+  _globals['_OPENSHAREDMEMORYREQUEST']._serialized_start=2505
+  _globals['_OPENSHAREDMEMORYREQUEST']._serialized_end=2549
+  _globals['_SHAREDMEMORYSEGMENT']._serialized_start=2552
+  _globals['_SHAREDMEMORYSEGMENT']._serialized_end=2755
+  _globals['_CLOSESHAREDMEMORYREQUEST']._serialized_start=2757
+  _globals['_CLOSESHAREDMEMORYREQUEST']._serialized_end=2800
+  _globals['_CLOSESHAREDMEMORYRESPONSE']._serialized_start=2802
+  _globals['_CLOSESHAREDMEMORYRESPONSE']._serialized_end=2829
+  _globals['_OPENBULKCHANNELREQUEST']._serialized_start=2831
+  _globals['_OPENBULKCHANNELREQUEST']._serialized_end=2855
+  _globals['_BULKCHANNEL']._serialized_start=2857
+  _globals['_BULKCHANNEL']._serialized_end=2930
+  _globals['_OPTIMIZERSERVICE']._serialized_start=3535
+  _globals['_OPTIMIZERSERVICE']._serialized_end=4526
 # @@protoc_insertion_point(module_scope)

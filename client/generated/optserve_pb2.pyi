@@ -185,18 +185,30 @@ class DeleteOptimizerResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class PushHeader(_message.Message):
-    __slots__ = ("optimizer", "gradients", "worker_id", "seq", "base_version")
+    __slots__ = ("optimizer", "gradients", "worker_id", "seq", "base_version", "shared_memory_session", "bulk")
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     GRADIENTS_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_SESSION_FIELD_NUMBER: _ClassVar[int]
+    BULK_FIELD_NUMBER: _ClassVar[int]
     optimizer: str
     gradients: _containers.RepeatedCompositeFieldContainer[GradientSpec]
     worker_id: str
     seq: int
     base_version: int
-    def __init__(self, optimizer: _Optional[str] = ..., gradients: _Optional[_Iterable[_Union[GradientSpec, _Mapping]]] = ..., worker_id: _Optional[str] = ..., seq: _Optional[int] = ..., base_version: _Optional[int] = ...) -> None: ...
+    shared_memory_session: str
+    bulk: BulkTransfer
+    def __init__(self, optimizer: _Optional[str] = ..., gradients: _Optional[_Iterable[_Union[GradientSpec, _Mapping]]] = ..., worker_id: _Optional[str] = ..., seq: _Optional[int] = ..., base_version: _Optional[int] = ..., shared_memory_session: _Optional[str] = ..., bulk: _Optional[_Union[BulkTransfer, _Mapping]] = ...) -> None: ...
+
+class BulkTransfer(_message.Message):
+    __slots__ = ("channel", "transfer")
+    CHANNEL_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_FIELD_NUMBER: _ClassVar[int]
+    channel: str
+    transfer: int
+    def __init__(self, channel: _Optional[str] = ..., transfer: _Optional[int] = ...) -> None: ...
 
 class PushGradientsRequest(_message.Message):
     __slots__ = ("header", "chunk")
@@ -217,16 +229,20 @@ class PushGradientsResponse(_message.Message):
     def __init__(self, version: _Optional[int] = ..., iterations: _Optional[int] = ..., duplicate: _Optional[bool] = ...) -> None: ...
 
 class PullWeightsRequest(_message.Message):
-    __slots__ = ("optimizer", "kind", "names", "min_version")
+    __slots__ = ("optimizer", "kind", "names", "min_version", "shared_memory_session", "bulk")
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     NAMES_FIELD_NUMBER: _ClassVar[int]
     MIN_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_SESSION_FIELD_NUMBER: _ClassVar[int]
+    BULK_FIELD_NUMBER: _ClassVar[int]
     optimizer: str
     kind: StateKind
     names: _containers.RepeatedScalarFieldContainer[str]
     min_version: int
-    def __init__(self, optimizer: _Optional[str] = ..., kind: _Optional[_Union[StateKind, str]] = ..., names: _Optional[_Iterable[str]] = ..., min_version: _Optional[int] = ...) -> None: ...
+    shared_memory_session: str
+    bulk: BulkTransfer
+    def __init__(self, optimizer: _Optional[str] = ..., kind: _Optional[_Union[StateKind, str]] = ..., names: _Optional[_Iterable[str]] = ..., min_version: _Optional[int] = ..., shared_memory_session: _Optional[str] = ..., bulk: _Optional[_Union[BulkTransfer, _Mapping]] = ...) -> None: ...
 
 class PullHeader(_message.Message):
     __slots__ = ("version", "iterations", "tensors")
@@ -263,3 +279,55 @@ class SaveOptimizerResponse(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     version: int
     def __init__(self, version: _Optional[int] = ...) -> None: ...
+
+class OpenSharedMemoryRequest(_message.Message):
+    __slots__ = ("optimizer",)
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    optimizer: str
+    def __init__(self, optimizer: _Optional[str] = ...) -> None: ...
+
+class SharedMemorySegment(_message.Message):
+    __slots__ = ("session", "path", "size", "nonce", "gradients_offset", "weights_offset", "tensors", "idle_timeout_seconds")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    GRADIENTS_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    IDLE_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    path: str
+    size: int
+    nonce: bytes
+    gradients_offset: int
+    weights_offset: int
+    tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
+    idle_timeout_seconds: float
+    def __init__(self, session: _Optional[str] = ..., path: _Optional[str] = ..., size: _Optional[int] = ..., nonce: _Optional[bytes] = ..., gradients_offset: _Optional[int] = ..., weights_offset: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., idle_timeout_seconds: _Optional[float] = ...) -> None: ...
+
+class CloseSharedMemoryRequest(_message.Message):
+    __slots__ = ("session",)
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    def __init__(self, session: _Optional[str] = ...) -> None: ...
+
+class CloseSharedMemoryResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class OpenBulkChannelRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class BulkChannel(_message.Message):
+    __slots__ = ("channel", "ticket", "port", "tls")
+    CHANNEL_FIELD_NUMBER: _ClassVar[int]
+    TICKET_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    TLS_FIELD_NUMBER: _ClassVar[int]
+    channel: str
+    ticket: bytes
+    port: int
+    tls: bool
+    def __init__(self, channel: _Optional[str] = ..., ticket: _Optional[bytes] = ..., port: _Optional[int] = ..., tls: _Optional[bool] = ...) -> None: ...

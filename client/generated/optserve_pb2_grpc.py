@@ -75,6 +75,21 @@ class OptimizerServiceStub:
                 request_serializer=optserve_dot_v1_dot_optserve__pb2.SaveOptimizerRequest.SerializeToString,
                 response_deserializer=optserve_dot_v1_dot_optserve__pb2.SaveOptimizerResponse.FromString,
                 _registered_method=True)
+        self.OpenSharedMemory = channel.unary_unary(
+                '/optserve.v1.OptimizerService/OpenSharedMemory',
+                request_serializer=optserve_dot_v1_dot_optserve__pb2.OpenSharedMemoryRequest.SerializeToString,
+                response_deserializer=optserve_dot_v1_dot_optserve__pb2.SharedMemorySegment.FromString,
+                _registered_method=True)
+        self.CloseSharedMemory = channel.unary_unary(
+                '/optserve.v1.OptimizerService/CloseSharedMemory',
+                request_serializer=optserve_dot_v1_dot_optserve__pb2.CloseSharedMemoryRequest.SerializeToString,
+                response_deserializer=optserve_dot_v1_dot_optserve__pb2.CloseSharedMemoryResponse.FromString,
+                _registered_method=True)
+        self.OpenBulkChannel = channel.unary_unary(
+                '/optserve.v1.OptimizerService/OpenBulkChannel',
+                request_serializer=optserve_dot_v1_dot_optserve__pb2.OpenBulkChannelRequest.SerializeToString,
+                response_deserializer=optserve_dot_v1_dot_optserve__pb2.BulkChannel.FromString,
+                _registered_method=True)
 
 
 class OptimizerServiceServicer:
@@ -138,6 +153,27 @@ class OptimizerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenSharedMemory(self, request, context):
+        """Creates a same-host shared-memory segment for an optimizer's tensors.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CloseSharedMemory(self, request, context):
+        """Frees a shared-memory segment.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def OpenBulkChannel(self, request, context):
+        """Opens a bulk channel for tensor bytes beside gRPC.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OptimizerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -180,6 +216,21 @@ def add_OptimizerServiceServicer_to_server(servicer, server):
                     servicer.SaveOptimizer,
                     request_deserializer=optserve_dot_v1_dot_optserve__pb2.SaveOptimizerRequest.FromString,
                     response_serializer=optserve_dot_v1_dot_optserve__pb2.SaveOptimizerResponse.SerializeToString,
+            ),
+            'OpenSharedMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenSharedMemory,
+                    request_deserializer=optserve_dot_v1_dot_optserve__pb2.OpenSharedMemoryRequest.FromString,
+                    response_serializer=optserve_dot_v1_dot_optserve__pb2.SharedMemorySegment.SerializeToString,
+            ),
+            'CloseSharedMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.CloseSharedMemory,
+                    request_deserializer=optserve_dot_v1_dot_optserve__pb2.CloseSharedMemoryRequest.FromString,
+                    response_serializer=optserve_dot_v1_dot_optserve__pb2.CloseSharedMemoryResponse.SerializeToString,
+            ),
+            'OpenBulkChannel': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenBulkChannel,
+                    request_deserializer=optserve_dot_v1_dot_optserve__pb2.OpenBulkChannelRequest.FromString,
+                    response_serializer=optserve_dot_v1_dot_optserve__pb2.BulkChannel.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -399,6 +450,87 @@ class OptimizerService:
             '/optserve.v1.OptimizerService/SaveOptimizer',
             optserve_dot_v1_dot_optserve__pb2.SaveOptimizerRequest.SerializeToString,
             optserve_dot_v1_dot_optserve__pb2.SaveOptimizerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenSharedMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/optserve.v1.OptimizerService/OpenSharedMemory',
+            optserve_dot_v1_dot_optserve__pb2.OpenSharedMemoryRequest.SerializeToString,
+            optserve_dot_v1_dot_optserve__pb2.SharedMemorySegment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CloseSharedMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/optserve.v1.OptimizerService/CloseSharedMemory',
+            optserve_dot_v1_dot_optserve__pb2.CloseSharedMemoryRequest.SerializeToString,
+            optserve_dot_v1_dot_optserve__pb2.CloseSharedMemoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenBulkChannel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/optserve.v1.OptimizerService/OpenBulkChannel',
+            optserve_dot_v1_dot_optserve__pb2.OpenBulkChannelRequest.SerializeToString,
+            optserve_dot_v1_dot_optserve__pb2.BulkChannel.FromString,
             options,
             channel_credentials,
             insecure,
