@@ -13,6 +13,7 @@ import prometheus_client as prom
 
 STALENESS_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128)
 STEP_SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+TRANSPORTS = ("grpc", "shared_memory", "bulk")  # how tensor bytes reached or left the server
 OUTCOMES = ("accepted", "duplicate")
 REASONS = ("invalid_argument", "not_found", "failed_precondition", "aborted", "resource_exhausted",
            "deadline_exceeded", "unavailable", "cancelled", "internal")  # status codes a push can be refused with
@@ -38,9 +39,10 @@ class Metrics:
                                     registry=self.registry)
         self.step_seconds = prom.Histogram("optserve_step_seconds", "time to log and apply one step", label,
                                            buckets=STEP_SECONDS_BUCKETS, registry=self.registry)
+        by_transport = ["optimizer", "transport"]  # transport: one of TRANSPORTS
         self.bytes_received = prom.Counter("optserve_received_bytes", "tensor bytes received (creates, pushes)",
-                                           label, registry=self.registry)
-        self.bytes_sent = prom.Counter("optserve_sent_bytes", "tensor bytes sent (pulls)", label,
+                                           by_transport, registry=self.registry)
+        self.bytes_sent = prom.Counter("optserve_sent_bytes", "tensor bytes sent (pulls)", by_transport,
                                        registry=self.registry)
         self.rounds_timed_out = prom.Counter("optserve_sync_rounds_closed_by_timeout",
                                              "sync rounds applied with fewer gradients than num_workers", label,
@@ -66,8 +68,9 @@ class Metrics:
     def forget(self, optimizer: str) -> None:
         """Drops every series of a deleted optimizer."""
         series = [(metric, (optimizer,)) for metric in (
-            self.steps, self.staleness, self.grad_norm, self.step_seconds, self.bytes_received, self.bytes_sent,
-            self.rounds_timed_out, self.version)]
+            self.steps, self.staleness, self.grad_norm, self.step_seconds, self.rounds_timed_out, self.version)]
+        series += [(metric, (optimizer, transport)) for metric in (self.bytes_received, self.bytes_sent)
+                   for transport in TRANSPORTS]
         series += [(self.pushes, (optimizer, outcome)) for outcome in OUTCOMES]
         series += [(self.refused, (optimizer, reason)) for reason in REASONS]
         for metric, labels in series:

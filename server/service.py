@@ -20,7 +20,7 @@ from optserve.wire.chunks import stream_message_parser
 from optserve.server import codec
 from optserve.server.admission import Admission
 from optserve.server.buffers import BufferPool, MemoryBudget, default_inflight_bytes
-from optserve.server.errors import InvalidArgument, OptserveError, ResourceExhausted
+from optserve.server.errors import FailedPrecondition, InvalidArgument, OptserveError, ResourceExhausted
 from optserve.server.options import ServerOptions
 from optserve.server.optimizer import Optimizer
 from optserve.server.registry import Registry
@@ -31,6 +31,7 @@ log = logging.getLogger("optserve.service")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["OptimizerService"].full_name  # "optserve.v1.OptimizerService"
 
+_TRANSPORT_OF = {None: "grpc", "shared_memory_session": "shared_memory", "bulk": "bulk"}  # field -> metrics label
 MAX_WAIT_SECONDS = 3600.0  # longest a call waits (a pull's min_version, a sync round) without a deadline
 
 
@@ -54,7 +55,7 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
                                           into=lease.reserve)
             optimizer = self._registry.create(
                 request.name, request.config, request.params, request.non_finite_policy, request.training_mode)
-        self._registry.metrics.bytes_received.labels(request.name).inc(_nbytes(request.params.values()))
+        self._registry.metrics.bytes_received.labels(request.name, "grpc").inc(_nbytes(request.params.values()))
         log.info("created optimizer %r: %d tensors", request.name, len(request.params))
         return codec.info_to_wire(optimizer.info())
 
@@ -72,6 +73,9 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
     def PushGradients(self, request_iterator, context) -> pb.PushGradientsResponse:
         header, chunks = codec.split_push(request_iterator)
         optimizer = self._registry.get(header.optimizer)
+        transport = _TRANSPORT_OF[header.WhichOneof("source")]
+        if transport != "grpc":  # the same-host and bulk paths plug in here
+            raise FailedPrecondition(f"{header.WhichOneof('source')}: this server has no {transport} transport")
         try:
             # The call holds the receive buffer until the push returns; a sync round that keeps the gradients
             # retains it until the round is applied, and the last of them returns it to the pool.
@@ -82,7 +86,7 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
                 lease = holds.enter_context(self._buffers.lease("gradients"))
                 grads = codec.decode_gradients(header, chunks, optimizer.shapes, self._options.max_request_bytes,
                                                into=lease.reserve)
-                self._registry.metrics.bytes_received.labels(optimizer.name).inc(
+                self._registry.metrics.bytes_received.labels(optimizer.name, transport).inc(
                     _nbytes(a for g in grads.values() for a in (g if isinstance(g, tuple) else (g,))))
                 result = optimizer.push(
                     grads,
@@ -102,6 +106,9 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
     def PullWeights(self, request, context) -> Iterator[pb.PullWeightsResponse]:
         kind = codec.decode_state_kind(request.kind)
         optimizer = self._registry.get(request.optimizer)
+        transport = _TRANSPORT_OF[request.WhichOneof("destination")]
+        if transport != "grpc":  # the same-host and bulk paths plug in here
+            raise FailedPrecondition(f"{request.WhichOneof('destination')}: this server has no {transport} transport")
         min_version = request.min_version if request.HasField("min_version") else None
         # The snapshot's buffer goes back to the pool once sent: each message is a copy of its bytes.
         # Not charged to the in-flight budget: its size is the optimizer's own, not the caller's to declare.
@@ -113,7 +120,7 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
                 kind, request.names, min_version, _wait_budget(context),
                 into=lambda nbytes: lease.reserve(nbytes, nbytes),
                 cancelled=None if min_version is None else self._cancellation(context, optimizer))
-            self._registry.metrics.bytes_sent.labels(optimizer.name).inc(_nbytes(a for _, a in arrays))
+            self._registry.metrics.bytes_sent.labels(optimizer.name, transport).inc(_nbytes(a for _, a in arrays))
             yield from codec.encode_pull(version, iterations, arrays)
 
     def FinalizeOptimizer(self, request, context) -> pb.OptimizerInfo:
