@@ -127,6 +127,9 @@ class OptimizerInfo:
     saved_version: int  # version of the newest checkpoint on disk; -1 without a data dir
     pushes_per_second: float  # accepted pushes per second over the last 10 seconds
     last_push_age: float | None  # seconds since the last accepted push; None before the first
+    # connections that moved its tensors recently, most recent first: peer, transport ("grpc",
+    # "shared_memory" or "bulk"), bytes_received, bytes_sent, last_seen_age (seconds)
+    clients: tuple[dict[str, Any], ...] = ()
 
     @classmethod
     def from_wire(cls, info: pb.OptimizerInfo) -> "OptimizerInfo":
@@ -153,6 +156,9 @@ class OptimizerInfo:
             saved_version=info.saved_version,
             pushes_per_second=info.pushes_per_second,
             last_push_age=info.last_push_age_seconds if info.HasField("last_push_age_seconds") else None,
+            clients=tuple({"peer": c.peer, "transport": c.transport, "bytes_received": c.bytes_received,
+                           "bytes_sent": c.bytes_sent, "last_seen_age": c.last_seen_age_seconds}
+                          for c in info.clients),
         )
 
 

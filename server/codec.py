@@ -6,6 +6,7 @@ any state is touched; the messages name the offending field.
 
 import json
 import re
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,7 @@ from optserve.server.modes import DEFAULT_SYNC_TIMEOUT, Gradient, TrainingMode
 
 if TYPE_CHECKING:  # the optimizer module imports this one
     from optserve.server.optimizer import OptimizerInfo
+    from optserve.server.traffic import ClientTraffic
 from optserve.v1 import optserve_pb2 as pb
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # also a safe folder name in a data dir
@@ -139,8 +141,9 @@ def decode_state_kind(kind: int) -> str:
     return STATE_KINDS[kind]
 
 
-def info_to_wire(info: "OptimizerInfo") -> pb.OptimizerInfo:
-    """The wire form of an OptimizerInfo."""
+def info_to_wire(info: "OptimizerInfo", clients: Sequence["ClientTraffic"] = ()) -> pb.OptimizerInfo:
+    """The wire form of an OptimizerInfo, with the connections that moved its tensors."""
+    now = time.monotonic()
     return pb.OptimizerInfo(
         name=info.name,
         iterations=info.iterations,
@@ -155,6 +158,8 @@ def info_to_wire(info: "OptimizerInfo") -> pb.OptimizerInfo:
         saved_version=info.saved_version,
         pushes_per_second=info.pushes_per_second,
         last_push_age_seconds=info.last_push_age,
+        clients=[pb.ClientTraffic(peer=c.peer, transport=c.transport, bytes_received=c.bytes_received,
+                                  bytes_sent=c.bytes_sent, last_seen_age_seconds=now - c.last_seen) for c in clients],
     )
 
 

@@ -24,6 +24,7 @@ from optserve.server.errors import FailedPrecondition, InvalidArgument, Optserve
 from optserve.server.options import ServerOptions
 from optserve.server.optimizer import Optimizer
 from optserve.server.registry import Registry
+from optserve.server.traffic import Traffic
 from optserve.v1 import optserve_pb2 as pb
 from optserve.v1 import optserve_pb2_grpc as pb_grpc
 
@@ -47,6 +48,7 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
         log.info("requests in flight may hold %d bytes of tensors (max_inflight_bytes)", limit)
         self._admission = admission  # the budgets of calls that wait
         self._waker = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="optserve-waker")
+        self._traffic = Traffic()  # which transport each client uses, for `optserve status`
 
     def CreateOptimizer(self, request_iterator, context) -> pb.OptimizerInfo:
         with self._buffers.lease("tensors", reuse=False) as lease:  # engine.adam.init copies the tensors out
@@ -55,18 +57,19 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
                                           into=lease.reserve)
             optimizer = self._registry.create(
                 request.name, request.config, request.params, request.non_finite_policy, request.training_mode)
-        self._registry.metrics.bytes_received.labels(request.name, "grpc").inc(_nbytes(request.params.values()))
+        self._count(request.name, context, "grpc", received=_nbytes(request.params.values()))
         log.info("created optimizer %r: %d tensors", request.name, len(request.params))
-        return codec.info_to_wire(optimizer.info())
+        return self._info(optimizer)
 
     def GetOptimizer(self, request, context) -> pb.OptimizerInfo:
-        return codec.info_to_wire(self._registry.get(request.name).info())
+        return self._info(self._registry.get(request.name))
 
     def ListOptimizers(self, request, context) -> pb.ListOptimizersResponse:
-        return pb.ListOptimizersResponse(optimizers=[codec.info_to_wire(o.info()) for o in self._registry.list()])
+        return pb.ListOptimizersResponse(optimizers=[self._info(o) for o in self._registry.list()])
 
     def DeleteOptimizer(self, request, context) -> pb.DeleteOptimizerResponse:
         self._registry.delete(request.name)
+        self._traffic.forget(request.name)
         log.info("deleted optimizer %r", request.name)
         return pb.DeleteOptimizerResponse()
 
@@ -86,8 +89,8 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
                 lease = holds.enter_context(self._buffers.lease("gradients"))
                 grads = codec.decode_gradients(header, chunks, optimizer.shapes, self._options.max_request_bytes,
                                                into=lease.reserve)
-                self._registry.metrics.bytes_received.labels(optimizer.name, transport).inc(
-                    _nbytes(a for g in grads.values() for a in (g if isinstance(g, tuple) else (g,))))
+                self._count(optimizer.name, context, transport,
+                            received=_nbytes(a for g in grads.values() for a in (g if isinstance(g, tuple) else (g,))))
                 result = optimizer.push(
                     grads,
                     worker_id=header.worker_id,
@@ -120,16 +123,28 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
                 kind, request.names, min_version, _wait_budget(context),
                 into=lambda nbytes: lease.reserve(nbytes, nbytes),
                 cancelled=None if min_version is None else self._cancellation(context, optimizer))
-            self._registry.metrics.bytes_sent.labels(optimizer.name, transport).inc(_nbytes(a for _, a in arrays))
+            self._count(optimizer.name, context, transport, sent=_nbytes(a for _, a in arrays))
             yield from codec.encode_pull(version, iterations, arrays)
 
     def FinalizeOptimizer(self, request, context) -> pb.OptimizerInfo:
         optimizer = self._registry.get(request.name)
         optimizer.finalize()
-        return codec.info_to_wire(optimizer.info())
+        return self._info(optimizer)
 
     def SaveOptimizer(self, request, context) -> pb.SaveOptimizerResponse:
         return pb.SaveOptimizerResponse(version=self._registry.get(request.name).save())
+
+    def _info(self, optimizer: Optimizer) -> pb.OptimizerInfo:
+        return codec.info_to_wire(optimizer.info(), self._traffic.clients(optimizer.name))
+
+    def _count(self, optimizer: str, context: grpc.ServicerContext, transport: str, received: int = 0,
+               sent: int = 0) -> None:
+        """Counts tensor bytes moved, in the metrics (per transport) and in the per-client table."""
+        if received:
+            self._registry.metrics.bytes_received.labels(optimizer, transport).inc(received)
+        if sent:
+            self._registry.metrics.bytes_sent.labels(optimizer, transport).inc(sent)
+        self._traffic.count(optimizer, context.peer(), transport, received, sent)
 
     def _cancellation(self, context: grpc.ServicerContext, optimizer: Optimizer) -> threading.Event:
         """An event set when the call ends (cancelled, its client gone), which also wakes the call's wait.

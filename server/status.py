@@ -9,12 +9,24 @@ from optserve.client import OptimizerInfo
 COLUMNS = ("NAME", "MODE", "VERSION", "ITERATIONS", "TENSORS", "BYTES", "DEVICE", "PUSHES/S", "LAST PUSH")
 
 
+CLIENT_COLUMNS = ("OPTIMIZER", "CLIENT", "TRANSPORT", "RECEIVED", "SENT", "LAST SEEN")
+
+
 def format_table(infos: Sequence[OptimizerInfo]) -> str:
-    """Aligned columns, one optimizer a row; `(no optimizers)` when there are none."""
+    """Aligned columns, one optimizer a row, then one row per client connection and transport.
+
+    `(no optimizers)` when there are none.
+    """
     if not infos:
         return "(no optimizers)"
-    rows = [COLUMNS] + [_row(info) for info in infos]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    table = _aligned([COLUMNS] + [_row(info) for info in infos])
+    clients = [(info.name, c["peer"], c["transport"], _human_bytes(c["bytes_received"]), _human_bytes(c["bytes_sent"]),
+                _age(c["last_seen_age"])) for info in infos for c in info.clients]
+    return table + ("\n\n" + _aligned([CLIENT_COLUMNS] + clients) if clients else "")
+
+
+def _aligned(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
 
 

@@ -40,7 +40,7 @@ def test_metrics_endpoint_reports_steps_refusals_staleness_norm_bytes_and_timeou
     server = RunningServer(ServerOptions(host="127.0.0.1", port=0, metrics_port=0), restore=False)
     server.built.open(ServerOptions(host="127.0.0.1", port=0, metrics_port=0))
     try:
-        with Client(server.address, timeout=30) as client:
+        with Client(server.address, timeout=30, transport="grpc") as client:
             opt = client.create_optimizer("m", {"w": np.zeros(4, np.float32)}, {"learning_rate": 0.1},
                                           max_staleness=1)
             opt.push({"w": np.array([3, 4, 0, 0], np.float32)}, base_version=0)
@@ -62,8 +62,9 @@ def test_metrics_endpoint_reports_steps_refusals_staleness_norm_bytes_and_timeou
         assert sample(text, "optserve_push_staleness_versions_sum", optimizer="m") == 1  # 0 then 1 behind
         assert sample(text, "optserve_gradient_global_norm", optimizer="m") == 1.0  # the last step's |(1,0,0,0)|
         assert sample(text, "optserve_step_seconds_count", optimizer="m") == 2
-        assert sample(text, "optserve_received_bytes_total", optimizer="m") == 16 + 3 * 16  # the stale one arrived too
-        assert sample(text, "optserve_sent_bytes_total", optimizer="m") == 16
+        # the stale one arrived too; every byte went by the chunk stream (the test's client asks for it)
+        assert sample(text, "optserve_received_bytes_total", optimizer="m", transport="grpc") == 16 + 3 * 16
+        assert sample(text, "optserve_sent_bytes_total", optimizer="m", transport="grpc") == 16
         assert sample(text, "optserve_sync_rounds_closed_by_timeout_total", optimizer="s") == 1
         assert sample(text, "optserve_version", optimizer="m") == 2
     finally:
@@ -125,7 +126,8 @@ def test_json_logs_are_one_object_per_line_and_quiet_on_accepted_pushes(tmp_path
     assert len(lines) < 15  # lifecycle events only: 20 accepted pushes wrote nothing
 
 
-def test_status_command_prints_a_table_of_optimizers(client: Client, name: str) -> None:
+def test_status_command_prints_a_table_of_optimizers(server, name: str) -> None:
+    client = Client(server.address, timeout=60, transport="grpc")  # the transport the table must show
     opt = client.create_optimizer(name, {"w": np.zeros((10, 10), np.float32), "emb": np.zeros((5, 2), np.float32)},
                                   mode="sync", num_workers=1)
     opt.push({"w": np.ones((10, 10)), "emb": IndexedSlices([1], np.ones((1, 2), np.float32))}, worker_id="a",
@@ -133,12 +135,19 @@ def test_status_command_prints_a_table_of_optimizers(client: Client, name: str) 
     run = subprocess.run([sys.executable, "-m", "optserve.server.cli", "status", client.address],
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
-    header, *rows = run.stdout.splitlines()
+    optimizers, clients = run.stdout.split("\n\n")
+    header, *rows = optimizers.splitlines()
     assert header.split() == ["NAME", "MODE", "VERSION", "ITERATIONS", "TENSORS", "BYTES", "DEVICE", "PUSHES/S",
                               "LAST", "PUSH"]
     (row,) = [r for r in rows if r.startswith(name + " ")]
     assert row.split()[1:5] == ["sync/1", "1", "1", "2"] and "440 B" in row and "cpu:0" in row and "s ago" in row
+    header, *rows = clients.splitlines()
+    assert header.split() == ["OPTIMIZER", "CLIENT", "TRANSPORT", "RECEIVED", "SENT", "LAST", "SEEN"]
+    mine = [r.split() for r in rows if r.startswith(name + " ")]
+    # the create's 440 bytes and the push's 400 + 8 + 8 (dense w, one int64 index, one sparse row)
+    assert [(r[1].startswith("ipv4:127.0.0.1:"), r[2], r[3:5]) for r in mine] == [(True, "grpc", ["856", "B"])]
     client.delete_optimizer(name)
+    client.close()
 
 
 def test_health_command_exits_zero_only_when_serving(server) -> None:
