@@ -204,13 +204,14 @@ def restore(iterations: int, slots: Mapping[str, Mapping[str, np.ndarray]]) -> A
 
 
 def flat_grads(layout: FlatLayout, grads: Mapping[str, Grad | np.ndarray]) -> FlatGrads:
-    """`grads` by name as `FlatGrads`: the dense ones in one host buffer, without a copy when they already are.
+    """`grads` by name as `FlatGrads` on jax's default device, the dense ones in one flat buffer.
 
-    The dense gradients are passed as they lie when all are float32 views,
+    The dense gradients are taken as they lie when all are float32 views,
     each at its `layout` offset, of one aligned buffer (a receive buffer in
     the optimizer's layout); else they are copied into a fresh buffer
-    (`np.copyto`, which releases the GIL), float32 unless all share one
-    half dtype. Refuses (InvalidArgument) a dense gradient of the wrong shape or a non-float dtype.
+    (`np.copyto`, which releases the GIL), float32 unless all share one half
+    dtype. On the CPU jax adopts an aligned buffer without copying it.
+    Refuses (InvalidArgument) a dense gradient of the wrong shape or dtype.
     """
     dense = {name: np.asarray(g) for name, g in grads.items() if not isinstance(g, SparseGrad)}
     sparse = {name: g for name, g in grads.items() if isinstance(g, SparseGrad)}
@@ -231,7 +232,7 @@ def flat_grads(layout: FlatLayout, grads: Mapping[str, Grad | np.ndarray]) -> Fl
             if not jnp.issubdtype(dense[name].dtype, jnp.floating):
                 raise InvalidArgument(f"gradients[{name!r}].dtype: must be a float type, got {dense[name].dtype}")
             np.copyto(view, dense[name], casting="unsafe")
-    return FlatGrads(flat, sparse, present)
+    return FlatGrads(jax.device_put(flat), sparse, present)
 
 
 def _flat_view(layout: FlatLayout, dense: Mapping[str, np.ndarray]) -> np.ndarray | None:
