@@ -74,9 +74,11 @@ def test_golden_trajectory_holds_among_many_other_tensors(case_name):
             assert_close(state.params[name], case.expect[k][name], f"{case_name} step {k + 1} params[{name}]")
 
 
-def test_padding_stays_zero_and_garbage_outside_the_dense_tensors_is_ignored():
+@pytest.mark.parametrize("changes", [{"clipnorm": None, "global_clipnorm": 1.0}, {"epsilon": 0.0, "weight_decay": 1e38}],
+                         ids=["global_clipnorm", "nan_making_epsilon_and_decay"])
+def test_padding_stays_zero_and_garbage_outside_the_dense_tensors_is_ignored(changes):
     params = _tensors(12)
-    config = parse_config({**MIXED, "clipnorm": None, "global_clipnorm": 1.0})
+    config = parse_config({**MIXED, **changes})
     state = adam.init(params, config)
     layout = adam.layout_of(state)
     step = adam.make_step(config, list(params))
@@ -96,7 +98,7 @@ def test_padding_stays_zero_and_garbage_outside_the_dense_tensors_is_ignored():
     for slot in adam.SLOTS:
         flat = np.asarray(getattr(state, slot).flat)
         assert np.all(flat[~inside] == 0), slot
-        np.testing.assert_array_equal(flat, np.asarray(getattr(reference, slot).flat), err_msg=slot)
+        np.testing.assert_array_equal(flat, np.asarray(getattr(reference, slot).flat), err_msg=slot)  # NaN == NaN
 
 
 def test_a_gradient_already_in_the_layout_is_not_copied():

@@ -299,25 +299,29 @@ class _Segments:
         self.shape = (layout.size // BLOCK, BLOCK)
 
     def spread(self, per_tensor: Array) -> Array:
-        """(tensors,) values -> (blocks, 1), each block the value of its tensor (broadcasts over a block)."""
-        return per_tensor[self.blocks.segment][:, None]
+        """(tensors,) values -> (size,), each element the value of its tensor.
+
+        Built in the (blocks, BLOCK) shape, then flattened: the state itself
+        stays 1-D, which XLA needs to update it in place.
+        """
+        return jnp.broadcast_to(per_tensor[self.blocks.segment][:, None], self.shape).reshape(-1)
 
     def mask(self, names: Collection[str]) -> Array | bool:
-        """Where the tensors `names` lie (a bool (blocks, 1), or a Python bool when all or none do)."""
+        """Where the tensors `names` lie (a bool (size,), or a Python bool when all or none do)."""
         flags = [name in names for name in self.names]
         if all(flags) or not any(flags):
             return bool(flags) and flags[0]
         return self.spread(jnp.asarray(np.array(flags)))
 
     def inside(self) -> Array:
-        """(blocks, BLOCK) bool: elements that belong to a tensor, not padding."""
+        """(size,) bool: elements that belong to a tensor, not padding."""
         lane = jax.lax.broadcasted_iota(jnp.int32, self.shape, 1)
-        return lane < self.blocks.valid[:, None]
+        return (lane < self.blocks.valid[:, None]).reshape(-1)
 
     def sums(self, values: Array) -> Array:
-        """(blocks, BLOCK) -> (tensors,): the sum over each tensor's elements (blocks first, then tensors)."""
-        return jax.ops.segment_sum(jnp.sum(values, axis=1), self.blocks.segment, num_segments=len(self.names),
-                                   indices_are_sorted=True)
+        """(size,) -> (tensors,): the sum over each tensor's elements (blocks first, then tensors)."""
+        return jax.ops.segment_sum(jnp.sum(values.reshape(self.shape), axis=1), self.blocks.segment,
+                                   num_segments=len(self.names), indices_are_sorted=True)
 
 
 def _where(mask: Array | bool, yes: Array, no: Array) -> Array:
@@ -373,8 +377,7 @@ def _scatter_sparse(layout: FlatLayout, g: Array, sparse: dict[str, SparseGrad])
         start = jnp.where(s.indices < shape[0], layout.offsets[name] + s.indices * row, layout.size)
         indices.append((start[:, None] + jnp.arange(row, dtype=jnp.int32)).reshape(-1))
         values.append(s.values.reshape(-1))
-    flat = g.reshape(-1).at[jnp.concatenate(indices)].add(jnp.concatenate(values), mode="drop")
-    return flat.reshape(g.shape)
+    return g.at[jnp.concatenate(indices)].add(jnp.concatenate(values), mode="drop")
 
 
 def _moment(moment: Array, target: Array, rate: float, sparse: Array | bool) -> Array:
@@ -457,19 +460,16 @@ def _apply(config: AdamConfig, decayed: frozenset[str], state: AdamState, dense:
     updated = inside & segments.mask(names) if present is not None else inside  # elements this step writes
     is_dense = segments.mask(names - frozenset(sparse))
     if dense is None or is_dense is False:
-        g = jnp.zeros(segments.shape, jnp.float32)
+        g = jnp.zeros(layout.size, jnp.float32)
     else:
-        g = jnp.where(inside & is_dense, dense.astype(jnp.float32).reshape(segments.shape), 0)
+        g = jnp.where(inside & is_dense, dense.astype(jnp.float32), 0)
     sparse = {name: s._replace(values=s.values.astype(jnp.float32)) for name, s in sparse.items()}
     g, sparse = _clip(config, segments, g, sparse)
     if sparse:
         g = _scatter_sparse(layout, _where(is_dense, g, jnp.zeros_like(g)), sparse)
     is_sparse = segments.mask(frozenset(sparse))
 
-    def view(tensors: Tensors | None) -> Array | None:
-        return None if tensors is None else tensors.flat.reshape(segments.shape)
-
-    param, m, v, vhat, ema = (view(getattr(state, slot)) for slot in SLOTS)
+    param, m, v, vhat, ema = (None if getattr(state, slot) is None else getattr(state, slot).flat for slot in SLOTS)
     old = param, m, v, vhat, ema
     if config.weight_decay is not None:
         param = _where(segments.mask(decayed), param - param * f32_constant(config.weight_decay) * lr, param)
@@ -477,14 +477,19 @@ def _apply(config: AdamConfig, decayed: frozenset[str], state: AdamState, dense:
     v = _moment(v, jnp.square(g), 1 - config.beta_2, is_sparse)
     if config.amsgrad:
         vhat = jnp.maximum(vhat, v)
-    param = _adam_update(param, m, vhat if config.amsgrad else v, alpha, config.epsilon)
+    # padding: g is 0 there, so the moments stay 0, but theta could turn 0 * inf (decay, lr) or 0 / 0
+    # (epsilon 0) into NaN, and pass it on to the average: it is kept 0 by a select against 0 (one against
+    # the old values would cost XLA a copy of each slot, as it no longer updates them in place)
+    param = jnp.where(inside, _adam_update(param, m, vhat if config.amsgrad else v, alpha, config.epsilon), 0)
     if config.use_ema:
         ema = _moving_average(ema, param, config.ema_momentum)
     iterations = _saturating_increment(k)
     if config.use_ema and config.ema_overwrite_frequency:
         param = jnp.where(iterations % config.ema_overwrite_frequency == 0, ema, param)
-    new = [None if x is None else jnp.where(updated, x, before).reshape(-1)
-           for x, before in zip((param, m, v, vhat, ema), old)]
+    if present is None:
+        new = [param, m, v, vhat, ema]
+    else:  # tensors missing from `grads` keep their values (at the price of those copies)
+        new = [None if x is None else jnp.where(updated, x, before) for x, before in zip((param, m, v, vhat, ema), old)]
     return AdamState(iterations, *(None if x is None else Tensors(x, layout) for x in new))
 
 
@@ -494,7 +499,7 @@ def _finite_per_tensor(segments: _Segments, state: AdamState) -> Array:
     for slot in SLOTS:
         tensors = getattr(state, slot)
         if tensors is not None:
-            ok = jnp.isfinite(tensors.flat.reshape(segments.shape))
+            ok = jnp.isfinite(tensors.flat)
             finite = ok if finite is None else finite & ok
     return segments.sums((~finite).astype(jnp.int32)) == 0
 
