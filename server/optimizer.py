@@ -75,7 +75,8 @@ class Optimizer:
         self.config = config
         self.non_finite_policy = non_finite_policy
         self.training_mode = training_mode
-        self.shapes = {key: tuple(value.shape) for key, value in state.params.items()}
+        self.layout = adam.layout_of(state)  # of every slot, and of the flat gradient a push can arrive in
+        self.shapes = dict(self.layout.shapes)
         self.rounds_closed_by_timeout = 0
         self.saved_version = -1 if store is None else version
         self.saved_at = time.monotonic()
@@ -189,17 +190,33 @@ class Optimizer:
             if min_version is not None:
                 self._wait_for(min_version, timeout, "min_version", cancelled=cancelled)
             self._check_alive()
-            source = getattr(self._state, STATE_KINDS[kind])
-            if into is None:
-                return self._version, self._iterations, [(name, np.array(source[name])) for name in names]
-            sizes = [4 * int(np.prod(self.shapes[name], dtype=np.int64)) for name in names]
-            slots = ChunkBuffer(sizes, InvalidArgument, into(padded_bytes(sizes)))
-            arrays = []
-            for index, name in enumerate(names):
-                array = slots.view(index, FLOAT32, self.shapes[name])
-                np.copyto(array, np.asarray(source[name]))  # np.asarray of a CPU array copies nothing
-                arrays.append((name, array))
-            return self._version, self._iterations, arrays
+            source = np.asarray(getattr(self._state, STATE_KINDS[kind]).flat)  # on the CPU: no copy
+            return self._version, self._iterations, self._copy_out(source, names, into)
+
+    def _copy_out(self, source: np.ndarray, names: list[str], into: Callable[[int], np.ndarray] | None,
+                  ) -> list[tuple[str, np.ndarray]]:
+        """The tensors `names` of a flat slot, copied once: into fresh arrays, or into `into`'s buffer.
+
+        `into`'s buffer holds the tensors as a ChunkBuffer lays them out in the
+        order of `names`; for every tensor in creation order that is the flat
+        layout itself, so the whole slot is one copy.
+        """
+        views = self.layout.views(source, names)
+        if into is None:
+            return [(name, np.array(views[name])) for name in names]
+        sizes = [4 * self.layout.sizes[name] for name in names]
+        buffer = into(padded_bytes(sizes))
+        if names == list(self.shapes):
+            flat = buffer[:self.layout.nbytes].view(np.float32)
+            np.copyto(flat, source)
+            return list(self.layout.views(flat).items())
+        slots = ChunkBuffer(sizes, InvalidArgument, buffer)
+        arrays = []
+        for index, name in enumerate(names):
+            array = slots.view(index, FLOAT32, self.shapes[name])
+            np.copyto(array, views[name])
+            arrays.append((name, array))
+        return arrays
 
     def finalize(self) -> None:
         """Copies the EMA into the weights (Keras `finalize_variable_values`)."""
@@ -240,7 +257,7 @@ class Optimizer:
         """The optimizer's metadata as of now."""
         with self._lock:
             version, iterations, pending = self._version, self._iterations, len(self._round)
-            device = next(iter(self._state.params.values())).devices().pop()
+            device = self._state.params.flat.devices().pop()
             now = time.monotonic()
             recent = sum(1 for t in self._push_times if now - t <= RATE_WINDOW)
             last_push_age = now - self._push_times[-1] if self._push_times else None
@@ -408,8 +425,10 @@ class Optimizer:
                 f"the state as it was")
         return state
 
-    def _device_grads(self, grads: Mapping[str, Gradient]) -> dict[str, jax.Array | adam.SparseGrad]:
-        return {name: _to_device(grads[name]) for name in self.shapes}
+    def _device_grads(self, grads: Mapping[str, Gradient]) -> adam.FlatGrads:
+        """Every tensor's gradient as the step takes it: the dense ones in one flat buffer (no copy when the
+        push arrived in `self.layout`), the sparse ones padded to their bucket."""
+        return adam.flat_grads(self.layout, {name: _to_device(grads[name]) for name in self.shapes})
 
     def _step_with(self, grads: Mapping[str, Gradient]) -> None:
         """Re-applies a logged (so acknowledged) step as it was applied then."""
@@ -519,8 +538,9 @@ def _excluded_from_decay(config: AdamConfig, names: list[str], known: Collection
     return patterns.excluded_names(config.exclude_from_weight_decay, names)
 
 
-def _to_device(grad: Gradient) -> jax.Array | adam.SparseGrad:
+def _to_device(grad: Gradient | jax.Array) -> np.ndarray | jax.Array | adam.SparseGrad:
+    """A sparse gradient padded onto the device; a dense one as it is (`adam.flat_grads` lays it out)."""
     if isinstance(grad, tuple):
         return adam.sparse_grad(*grad)
-    return jax.device_put(grad)
+    return grad
 

@@ -129,8 +129,9 @@ def _step_row(params: int, layout: str, sizes: Sequence[int], reps: int, bandwid
     rng = np.random.default_rng(1)
     names = [f"t{i:03d}" for i in range(len(sizes))]
     init = {name: rng.standard_normal(size, dtype=np.float32) for name, size in zip(names, sizes)}
-    grads = {name: jax.device_put(rng.standard_normal(size, dtype=np.float32) * np.float32(1e-3))
-             for name, size in zip(names, sizes)}
+    host_grads = {name: rng.standard_normal(size, dtype=np.float32) * np.float32(1e-3)
+                  for name, size in zip(names, sizes)}
+    grads = {name: jax.device_put(value) for name, value in host_grads.items()}  # optax's
     config = parse_config({})
     server_step = adam.make_step(config, names)
     tx = optax.adam(learning_rate=config.learning_rate, b1=config.beta_1, b2=config.beta_2, eps=config.epsilon)
@@ -141,12 +142,14 @@ def _step_row(params: int, layout: str, sizes: Sequence[int], reps: int, bandwid
 
     optax_step = jax.jit(optax_update, donate_argnums=(0, 1))
     box = {"state": adam.init(init, config)}
+    flat_grads = adam.flat_grads(adam.layout_of(box["state"]), host_grads)  # laid out as a push arrives
+    del host_grads
     optax_params = {name: jnp.array(value) for name, value in init.items()}
     box["optax"] = (optax_params, tx.init(optax_params))
     del init
 
     def run_server() -> None:
-        box["state"] = server_step(box["state"], grads)
+        box["state"] = server_step(box["state"], flat_grads)
         jax.block_until_ready(box["state"])
 
     def run_optax() -> None:

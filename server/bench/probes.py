@@ -23,9 +23,9 @@ def checked_step_ratio(size: int = 10_000_000, reps: int = 15) -> dict:
     """Median seconds of the in-place step and of the checked step, and their ratio."""
     config = parse_config({})
     params = {"w": np.ones(size, np.float32)}
-    grads = {"w": jax.device_put(np.full(size, 0.5, np.float32))}
     plain, checked = adam.make_step(config, ["w"]), adam.make_checked_step(config, ["w"])
     state = adam.init(params, config)
+    grads = adam.flat_grads(adam.layout_of(state), {"w": np.full(size, 0.5, np.float32)})
     times = {"in_place": [], "checked": []}
     for _ in range(reps + 1):  # the first of each compiles
         started = time.perf_counter()
@@ -46,8 +46,9 @@ def first_step_cost(tensors: int) -> dict:
     names = [f"t{i}" for i in range(tensors)]
     state = adam.init({name: np.ones(1, np.float32) for name in names}, config)
     step = adam.make_step(config, names)
+    grads = adam.flat_grads(adam.layout_of(state), {name: np.ones(1, np.float32) for name in names})
     started = time.perf_counter()
-    jax.block_until_ready(step(state, {name: jax.device_put(np.ones(1, np.float32)) for name in names}))
+    jax.block_until_ready(step(state, grads))
     return {"tensors": tensors, "seconds": time.perf_counter() - started,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 

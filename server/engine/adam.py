@@ -1,8 +1,15 @@
-"""tf-keras Adam as pure functions over a dict of named float32 tensors.
+"""tf-keras Adam as pure functions over flat multi-tensor state.
 
 `init` builds an `AdamState`, `make_step` returns the (jitted) function that
 applies one set of gradients, `finalize` copies the moving averages into the
-parameters. The numerics are those of tf-keras 2.11+ `Adam` as written down in
+parameters. Each slot of the state (params, m, v, vhat, ema) is ONE flat
+float32 buffer laid out by `optserve.wire.layout.FlatLayout` (every tensor at
+an aligned offset, padding zero), and one step is one fused pass over those
+buffers, whatever the number of tensors: per-tensor operations (clipnorm,
+weight-decay exclusions, the sparse update order) are per-segment values
+broadcast over blocks of `BLOCK` elements, which never straddle two tensors.
+
+The numerics are those of tf-keras 2.11+ `Adam` as written down in
 spec/keras-adam.md, all in float32. Note the epsilon placement: Keras adds
 epsilon to the square root of the *uncorrected* second moment (the paper's
 "epsilon hat"), so the textbook / optax / PyTorch epsilon equals
@@ -10,7 +17,7 @@ epsilon to the square root of the *uncorrected* second moment (the paper's
 """
 
 import re
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import NamedTuple
 
 import jax
@@ -22,8 +29,10 @@ from optserve.server.engine import schedules
 from optserve.server.engine.config import AdamConfig
 from optserve.server.engine.schedules import f32_constant
 from optserve.server.errors import InvalidArgument
+from optserve.wire.layout import ALIGNMENT, FlatLayout
 
 _INT32_MAX = int(np.iinfo(np.int32).max)
+BLOCK = ALIGNMENT // 4  # float32 elements per aligned block; every tensor starts on a block boundary
 
 
 class SparseGrad(NamedTuple):
@@ -37,18 +46,81 @@ Grad = Array | SparseGrad
 """A dense gradient (any float dtype, the tensor's shape) or a `SparseGrad`."""
 
 
-class AdamState(NamedTuple):
-    """Everything one optimizer holds; a pytree of device arrays.
+@jax.tree_util.register_pytree_node_class
+class Tensors(Mapping[str, Array]):
+    """One slot of the state: every tensor's float32 values in one flat buffer laid out by `layout`.
 
-    The dicts are keyed by tensor name and hold float32 arrays of that tensor's shape.
+    A pytree whose only leaf is `flat`; the layout is static. `tensors[name]`
+    is that tensor, sliced out of the buffer (a new array of its shape).
     """
 
+    __slots__ = ("flat", "layout")
+
+    def __init__(self, flat: Array, layout: FlatLayout):
+        self.flat = flat
+        self.layout = layout
+
+    def __getitem__(self, name: str) -> Array:
+        offset, size = self.layout.offsets[name], self.layout.sizes[name]
+        return self.flat[offset:offset + size].reshape(self.layout.shapes[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.layout.shapes)
+
+    def __len__(self) -> int:
+        return len(self.layout.shapes)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.layout.shapes
+
+    def __eq__(self, other: object) -> bool:
+        """Same layout and same leaf (equal values for arrays; tree-mapped leaves compare as they are)."""
+        if not isinstance(other, Tensors):
+            return NotImplemented
+        a, b = self.flat, other.flat
+        same = a is b or (bool(np.array_equal(a, b)) if hasattr(a, "shape") and hasattr(b, "shape") else a == b)
+        return self.layout == other.layout and same
+
+    __hash__ = None  # type: ignore[assignment]  # mutable-looking, like the arrays it holds
+
+    def tree_flatten(self) -> tuple[tuple[Array], FlatLayout]:
+        return (self.flat,), self.layout
+
+    @classmethod
+    def tree_unflatten(cls, layout: FlatLayout, leaves: Sequence[Array]) -> "Tensors":
+        return cls(leaves[0], layout)
+
+
+class AdamState(NamedTuple):
+    """Everything one optimizer holds; a pytree of device arrays, one flat float32 buffer per slot."""
+
     iterations: Array  # int32 (): completed steps k; saturates at 2**31 - 1 instead of wrapping
-    params: dict[str, Array]  # the variables theta
-    m: dict[str, Array]  # first moments, zeros at init
-    v: dict[str, Array]  # second moments (not bias-corrected), zeros at init
-    vhat: dict[str, Array]  # running max of v; {} unless amsgrad
-    ema: dict[str, Array]  # moving averages of theta; {} unless use_ema; starts as a copy of theta
+    params: Tensors  # the variables theta
+    m: Tensors  # first moments, zeros at init
+    v: Tensors  # second moments (not bias-corrected), zeros at init
+    vhat: Tensors | None  # running max of v; None unless amsgrad
+    ema: Tensors | None  # moving averages of theta; None unless use_ema; starts as a copy of theta
+
+
+class FlatGrads(NamedTuple):
+    """One step's gradients in the state's layout: one flat buffer for the dense ones, `SparseGrad`s for the rest.
+
+    `dense` holds each dense gradient at its `FlatLayout` offset; its padding
+    and the segments of sparse or absent tensors are ignored (may hold
+    anything). It may be None when every gradient is sparse.
+    """
+
+    dense: Array | np.ndarray | None  # float32/float16/bfloat16 (layout.size,)
+    sparse: Mapping[str, SparseGrad] = {}
+    present: frozenset[str] | None = None  # the tensors that have a gradient; None: every tensor
+
+
+SLOTS = ("params", "m", "v", "vhat", "ema")  # the Tensors fields of AdamState
+
+
+def layout_of(state: AdamState) -> FlatLayout:
+    """The layout every slot of `state` shares."""
+    return state.params.layout
 
 
 def sparse_grad(indices: np.ndarray, values: np.ndarray) -> SparseGrad:
@@ -60,7 +132,7 @@ def sparse_grad(indices: np.ndarray, values: np.ndarray) -> SparseGrad:
 
     Args:
       indices: integer (n,), each in [0, rows) of the target tensor (the
-        caller checks the upper bound, which this function does not know).
+        caller checks the upper bound; the step ignores rows beyond it).
       values: float (n, *shape[1:]).
     """
     indices, values = np.asarray(indices), np.asarray(values)
@@ -79,39 +151,107 @@ def sparse_grad(indices: np.ndarray, values: np.ndarray) -> SparseGrad:
     return SparseGrad(jnp.asarray(padded_indices), jnp.asarray(padded_values))
 
 
+def _host_flat(layout: FlatLayout, tensors: Mapping[str, np.ndarray | Array]) -> np.ndarray:
+    """A zeroed float32 host buffer in `layout` holding `tensors` (float32 casts of them)."""
+    flat = np.zeros(layout.size, np.float32)
+    views = layout.views(flat)
+    for name, value in tensors.items():
+        np.copyto(views[name], np.asarray(value), casting="unsafe")
+    return flat
+
+
+def _slot(layout: FlatLayout, tensors: Mapping[str, np.ndarray | Array] | None) -> Tensors | None:
+    """A slot on jax's default device holding `tensors` (None for no tensors, an unused slot)."""
+    if not tensors:
+        return None
+    return Tensors(jnp.array(_host_flat(layout, tensors), copy=True), layout)
+
+
 def init(params: Mapping[str, np.ndarray | Array], config: AdamConfig) -> AdamState:
-    """A fresh state for `params`, copied as float32 onto jax's default device.
+    """A fresh state for `params` (laid out in their order), copied as float32 onto jax's default device.
 
     As in tf-keras (`add_variable_from_reference(var, "average", initial_value=var)`),
     the moving averages start as a copy of the initial parameters; Keras 3
     starts them at the first updated value instead (spec/keras-adam.md §2.3).
     """
-    params = {name: jnp.array(value, dtype=jnp.float32, copy=True) for name, value in params.items()}
+    layout = FlatLayout({name: np.shape(value) for name, value in params.items()})
+    theta = _slot(layout, params) or Tensors(jnp.zeros(0, jnp.float32), layout)
     return AdamState(
         iterations=jnp.zeros((), jnp.int32),
-        params=params,
-        m={name: jnp.zeros_like(p) for name, p in params.items()},
-        v={name: jnp.zeros_like(p) for name, p in params.items()},
-        vhat={name: jnp.zeros_like(p) for name, p in params.items()} if config.amsgrad else {},
-        ema={name: jnp.array(p, copy=True) for name, p in params.items()} if config.use_ema else {},
+        params=theta,
+        m=Tensors(jnp.zeros(layout.size, jnp.float32), layout),
+        v=Tensors(jnp.zeros(layout.size, jnp.float32), layout),
+        vhat=Tensors(jnp.zeros(layout.size, jnp.float32), layout) if config.amsgrad else None,
+        ema=Tensors(jnp.array(theta.flat, copy=True), layout) if config.use_ema else None,
     )
-
-
-SLOTS = ("params", "m", "v", "vhat", "ema")  # the dict fields of AdamState
 
 
 def export(state: AdamState) -> dict[str, dict[str, np.ndarray]]:
-    """Host copies of every tensor of a state, by slot then tensor name (for checkpoints)."""
-    return {slot: {name: np.array(value) for name, value in getattr(state, slot).items()} for slot in SLOTS}
+    """Host copies of every tensor of a state, by slot then tensor name (for checkpoints); {} for an unused slot."""
+    slots = {}
+    for slot in SLOTS:
+        tensors = getattr(state, slot)
+        slots[slot] = {} if tensors is None else \
+            {name: np.array(view) for name, view in tensors.layout.views(np.asarray(tensors.flat)).items()}
+    return slots
 
 
 def restore(iterations: int, slots: Mapping[str, Mapping[str, np.ndarray]]) -> AdamState:
-    """The state that `export` captured, back on jax's default device."""
-    return AdamState(
-        iterations=jnp.asarray(iterations, jnp.int32),
-        **{slot: {name: jnp.array(value, dtype=jnp.float32, copy=True) for name, value in slots.get(slot, {}).items()}
-           for slot in SLOTS},  # a checkpoint has no entry for an empty slot (vhat without amsgrad)
-    )
+    """The state that `export` captured, back on jax's default device, flat in the order of `slots["params"]`."""
+    layout = FlatLayout({name: np.shape(value) for name, value in slots["params"].items()})
+    return AdamState(iterations=jnp.asarray(iterations, jnp.int32),
+                     **{slot: _slot(layout, slots.get(slot)) for slot in SLOTS})  # no entry: an unused slot
+
+
+def flat_grads(layout: FlatLayout, grads: Mapping[str, Grad | np.ndarray]) -> FlatGrads:
+    """`grads` by name as `FlatGrads` on jax's default device, the dense ones in one flat buffer.
+
+    The dense gradients are taken as they lie when all are float32 views,
+    each at its `layout` offset, of one aligned buffer (a receive buffer in
+    the optimizer's layout); else they are copied into a fresh buffer
+    (`np.copyto`, which releases the GIL), float32 unless all share one half
+    dtype. On the CPU jax adopts an aligned buffer without copying it.
+    Refuses (InvalidArgument) a dense gradient of the wrong shape or dtype.
+    """
+    dense = {name: np.asarray(g) for name, g in grads.items() if not isinstance(g, SparseGrad)}
+    sparse = {name: g for name, g in grads.items() if isinstance(g, SparseGrad)}
+    present = None if len(grads) == len(layout.shapes) and all(name in layout.shapes for name in grads) \
+        else frozenset(grads)
+    if not dense:
+        return FlatGrads(None, sparse, present)
+    flat = _flat_view(layout, dense)
+    if flat is None:
+        dtypes = {g.dtype for g in dense.values()}
+        dtype = dtypes.pop() if len(dtypes) == 1 and dtypes <= {np.dtype(np.float16), np.dtype(jnp.bfloat16)} \
+            else np.float32
+        flat = np.zeros(layout.size, dtype)
+        views = layout.views(flat, [name for name in dense if name in layout.shapes])
+        for name, view in views.items():
+            if dense[name].shape != view.shape:
+                raise InvalidArgument(f"gradients[{name!r}].shape: must be {view.shape}, got {dense[name].shape}")
+            if not jnp.issubdtype(dense[name].dtype, jnp.floating):
+                raise InvalidArgument(f"gradients[{name!r}].dtype: must be a float type, got {dense[name].dtype}")
+            np.copyto(view, dense[name], casting="unsafe")
+    return FlatGrads(jax.device_put(flat), sparse, present)
+
+
+def _flat_view(layout: FlatLayout, dense: Mapping[str, np.ndarray]) -> np.ndarray | None:
+    """The one aligned float32 buffer of which every array of `dense` is the view at its layout offset, or None."""
+    first = next(iter(dense))
+    base = dense[first].ctypes.data - 4 * layout.offsets.get(first, 0)
+    if base % ALIGNMENT:
+        return None
+    for name, grad in dense.items():
+        if (name not in layout.shapes or grad.dtype != np.float32 or grad.shape != layout.shapes[name]
+                or not grad.flags.c_contiguous or grad.ctypes.data != base + 4 * layout.offsets[name]):
+            return None
+    owner = dense[first]  # find the array whose memory holds the whole layout
+    while isinstance(owner, np.ndarray):
+        start = owner.ctypes.data
+        if owner.flags.c_contiguous and start <= base and base + layout.nbytes <= start + owner.nbytes:
+            return np.frombuffer(owner, np.uint8, layout.nbytes, base - start).view(np.float32)
+        owner = owner.base
+    return None
 
 
 # --- stages of one step, in the order `_apply` runs them ----------------------
@@ -125,54 +265,6 @@ def _learning_rate(config: AdamConfig, k: Array) -> Array:
     return schedules.learning_rate(lr, k)
 
 
-def _on_values(grad: Grad, fn: Callable[[Array], Array]) -> Grad:
-    """Apply `fn` to a dense gradient or to a sparse gradient's value rows."""
-    return grad._replace(values=fn(grad.values)) if isinstance(grad, SparseGrad) else fn(grad)
-
-
-def _as_float32(grad: Grad) -> Grad:
-    return _on_values(grad, lambda x: jnp.asarray(x, jnp.float32))
-
-
-def _values(grad: Grad) -> Array:
-    return grad.values if isinstance(grad, SparseGrad) else grad
-
-
-def _clip(config: AdamConfig, grads: dict[str, Grad]) -> dict[str, Grad]:
-    """tf-keras `_clip_gradients`: clipnorm, else global_clipnorm, else clipvalue.
-
-    Sparse gradients are clipped on their raw value rows, before duplicates
-    are summed, as TF does on `IndexedSlices`.
-    """
-    if config.clipnorm is not None:  # tf.clip_by_norm, per tensor
-        c = f32_constant(config.clipnorm)
-        return {
-            name: _on_values(g, lambda x: x * c / jnp.maximum(jnp.sqrt(jnp.sum(x * x)), c))
-            for name, g in grads.items()
-        }
-    if config.global_clipnorm is not None:  # tf.clip_by_global_norm; NaN for a non-finite norm
-        c = f32_constant(config.global_clipnorm)
-        norm = jnp.sqrt(sum(jnp.sum(jnp.square(_values(g))) for g in grads.values()))
-        scale = c * jnp.minimum(1 / norm, 1 / c) + (norm - norm)
-        return {name: _on_values(g, lambda x: x * scale) for name, g in grads.items()}
-    if config.clipvalue is not None:
-        c = f32_constant(config.clipvalue)
-        return {name: _on_values(g, lambda x: jnp.clip(x, -c, c)) for name, g in grads.items()}
-    return grads
-
-
-def _densify(grad: Grad, shape: tuple[int, ...]) -> Array:
-    """A dense gradient; sparse rows with equal indices are summed (`_deduplicate_sparse_grad`)."""
-    if isinstance(grad, SparseGrad):
-        return jnp.zeros(shape, jnp.float32).at[grad.indices].add(grad.values)
-    return grad
-
-
-def _decay_weights(param: Array, weight_decay: float, lr: Array) -> Array:
-    """Decoupled weight decay, before the Adam update: theta - theta * wd * lr."""
-    return param - param * f32_constant(weight_decay) * lr
-
-
 def _step_size(config: AdamConfig, lr: Array, k: Array) -> Array:
     """alpha = lr * sqrt(1 - beta_2**t) / (1 - beta_1**t), t = k + 1, betas via float32."""
     t = k.astype(jnp.float32) + 1
@@ -181,17 +273,122 @@ def _step_size(config: AdamConfig, lr: Array, k: Array) -> Array:
     return lr * jnp.sqrt(1 - beta_2_power) / (1 - beta_1_power)
 
 
-def _moment(moment: Array, target: Array, rate: float, sparse: bool) -> Array:
+class _Blocks(NamedTuple):
+    """Per-block tables of a layout (host-made once per layout, passed as arguments, not baked-in constants)."""
+
+    segment: Array  # int32 (size // BLOCK,): the tensor (index in layout order) each block belongs to
+    valid: Array  # int32 (size // BLOCK,): elements of the block inside its tensor (BLOCK, but in a last block)
+
+
+def _block_tables(layout: FlatLayout) -> _Blocks:
+    sizes = np.array([layout.sizes[name] for name in layout.shapes], np.int64)
+    blocks = -(-sizes // BLOCK)
+    segment = np.repeat(np.arange(len(sizes), dtype=np.int32), blocks)
+    valid = np.full(layout.size // BLOCK, BLOCK, np.int32)
+    used = blocks > 0
+    valid[np.cumsum(blocks)[used] - 1] = sizes[used] - BLOCK * (blocks[used] - 1)
+    return _Blocks(jnp.asarray(segment), jnp.asarray(valid))
+
+
+class _Segments:
+    """Per-tensor values spread over the (blocks, BLOCK) view of a flat buffer, while tracing."""
+
+    def __init__(self, layout: FlatLayout, blocks: _Blocks):
+        self.layout, self.blocks = layout, blocks
+        self.names = list(layout.shapes)
+        self.shape = (layout.size // BLOCK, BLOCK)
+
+    def spread(self, per_tensor: Array) -> Array:
+        """(tensors,) values -> (size,), each element the value of its tensor.
+
+        Built in the (blocks, BLOCK) shape, then flattened: the state itself
+        stays 1-D, which XLA needs to update it in place.
+        """
+        return jnp.broadcast_to(per_tensor[self.blocks.segment][:, None], self.shape).reshape(-1)
+
+    def mask(self, names: Collection[str]) -> Array | bool:
+        """Where the tensors `names` lie (a bool (size,), or a Python bool when all or none do)."""
+        flags = [name in names for name in self.names]
+        if all(flags) or not any(flags):
+            return bool(flags) and flags[0]
+        return self.spread(jnp.asarray(np.array(flags)))
+
+    def inside(self) -> Array:
+        """(size,) bool: elements that belong to a tensor, not padding."""
+        lane = jax.lax.broadcasted_iota(jnp.int32, self.shape, 1)
+        return (lane < self.blocks.valid[:, None]).reshape(-1)
+
+    def sums(self, values: Array) -> Array:
+        """(size,) -> (tensors,): the sum over each tensor's elements (blocks first, then tensors)."""
+        return jax.ops.segment_sum(jnp.sum(values.reshape(self.shape), axis=1), self.blocks.segment,
+                                   num_segments=len(self.names), indices_are_sorted=True)
+
+
+def _where(mask: Array | bool, yes: Array, no: Array) -> Array:
+    """jnp.where that costs nothing when the mask is a known Python bool."""
+    if mask is True:
+        return yes
+    if mask is False:
+        return no
+    return jnp.where(mask, yes, no)
+
+
+def _clip_norm(x: Array, c: Array, norm: Array) -> Array:
+    """tf.clip_by_norm: x * c / max(norm, c)."""
+    return x * c / jnp.maximum(norm, c)
+
+
+def _clip(config: AdamConfig, segments: _Segments, g: Array, sparse: dict[str, SparseGrad],
+          ) -> tuple[Array, dict[str, SparseGrad]]:
+    """tf-keras `_clip_gradients`: clipnorm (per tensor), else global_clipnorm, else clipvalue.
+
+    `g` is the dense part, zero outside the dense tensors. Sparse gradients
+    are clipped on their raw value rows, before duplicates are summed, as TF
+    does on `IndexedSlices`.
+    """
+    if config.clipnorm is not None:
+        c = f32_constant(config.clipnorm)
+        g = g * c / segments.spread(jnp.maximum(jnp.sqrt(segments.sums(g * g)), c))
+        return g, {name: s._replace(values=_clip_norm(s.values, c, jnp.sqrt(jnp.sum(s.values * s.values))))
+                   for name, s in sparse.items()}
+    if config.global_clipnorm is not None:  # tf.clip_by_global_norm; NaN for a non-finite norm
+        c = f32_constant(config.global_clipnorm)
+        norm = jnp.sqrt(sum((jnp.sum(jnp.square(s.values)) for s in sparse.values()), jnp.sum(jnp.square(g))))
+        scale = c * jnp.minimum(1 / norm, 1 / c) + (norm - norm)
+        return g * scale, {name: s._replace(values=s.values * scale) for name, s in sparse.items()}
+    if config.clipvalue is not None:
+        c = f32_constant(config.clipvalue)
+        return jnp.clip(g, -c, c), {name: s._replace(values=jnp.clip(s.values, -c, c)) for name, s in sparse.items()}
+    return g, sparse
+
+
+def _scatter_sparse(layout: FlatLayout, g: Array, sparse: dict[str, SparseGrad]) -> Array:
+    """Adds every sparse gradient's rows into its tensor's segment of the flat `g`; equal indices are summed.
+
+    One scatter for all of them, rows in order (`_deduplicate_sparse_grad`'s
+    sums); rows beyond a tensor's end are dropped, never spilled into the next.
+    """
+    if not sparse:
+        return g
+    indices, values = [], []
+    for name, s in sparse.items():
+        shape = layout.shapes[name]
+        row = int(np.prod(shape[1:], dtype=np.int64))
+        start = jnp.where(s.indices < shape[0], layout.offsets[name] + s.indices * row, layout.size)
+        indices.append((start[:, None] + jnp.arange(row, dtype=jnp.int32)).reshape(-1))
+        values.append(s.values.reshape(-1))
+    return g.at[jnp.concatenate(indices)].add(jnp.concatenate(values), mode="drop")
+
+
+def _moment(moment: Array, target: Array, rate: float, sparse: Array | bool) -> Array:
     """moment + (target - moment) * rate, in the float order of tf-keras's dense or sparse branch.
 
     `rate` (1 - beta) is taken in double, then float32. The sparse branch
-    decays the whole moment, then scatter-adds the rows; adding the zeros of
-    the densified gradient elsewhere is exact.
+    (where `sparse`) decays the whole moment, then scatter-adds the rows;
+    adding the zeros of the densified gradient elsewhere is exact.
     """
     rate = f32_constant(rate)
-    if sparse:
-        return (moment + -moment * rate) + target * rate
-    return moment + (target - moment) * rate
+    return _where(sparse, (moment + -moment * rate) + target * rate, moment + (target - moment) * rate)
 
 
 def _adam_update(param: Array, m: Array, denominator_v: Array, alpha: Array, epsilon: float) -> Array:
@@ -208,79 +405,159 @@ def _saturating_increment(k: Array) -> Array:
     return jnp.where(k == _INT32_MAX, k, k + 1)
 
 
-def _check_grads(names: frozenset[str], state: AdamState, grads: Mapping[str, Grad]) -> None:
-    """Refuse, while tracing, gradients that would silently broadcast or be ignored."""
-    if not grads:
+def _check_grads(known: frozenset[str], layout: FlatLayout, grads: FlatGrads) -> None:
+    """Refuse, before the state is donated, gradients that would silently broadcast or be ignored."""
+    present = frozenset(layout.shapes) if grads.present is None else grads.present
+    if not present:
         raise InvalidArgument("gradients: empty; a step needs at least one gradient")
-    for name, grad in grads.items():
-        if name not in names:
-            raise InvalidArgument(f"gradients[{name!r}]: no such tensor")
-        shape, values = state.params[name].shape, _values(grad)
+    unknown = sorted(name for name in present if name not in known or name not in layout.shapes)
+    if unknown:
+        raise InvalidArgument(f"gradients[{unknown[0]!r}]: no such tensor")
+    for name, grad in grads.sparse.items():
+        if name not in present:
+            raise InvalidArgument(f"gradients[{name!r}]: a sparse gradient for a tensor not in `present`")
+        shape, values = layout.shapes[name], grad.values
         if not jnp.issubdtype(values.dtype, jnp.floating):
             raise InvalidArgument(f"gradients[{name!r}].dtype: must be a float type, got {values.dtype}")
-        if isinstance(grad, SparseGrad):
-            wanted = (grad.indices.shape[0], *shape[1:])
-            if not shape or grad.indices.ndim != 1 or values.shape != wanted:
-                raise InvalidArgument(f"gradients[{name!r}].values.shape: must be {wanted}, got {values.shape}")
-        elif values.shape != shape:
-            raise InvalidArgument(f"gradients[{name!r}].shape: must be {shape}, got {values.shape}")
+        wanted = (grad.indices.shape[0], *shape[1:])
+        if not shape or grad.indices.ndim != 1 or values.shape != wanted:
+            raise InvalidArgument(f"gradients[{name!r}].values.shape: must be {wanted}, got {values.shape}")
+    if len(grads.sparse) < len(present):
+        dense = grads.dense
+        if dense is None:
+            raise InvalidArgument("gradients: the dense buffer is missing but some gradients are dense")
+        if not jnp.issubdtype(dense.dtype, jnp.floating):
+            raise InvalidArgument(f"gradients.dtype: must be a float type, got {dense.dtype}")
+        if tuple(dense.shape) != (layout.size,):
+            raise InvalidArgument(f"gradients.shape: the flat buffer must be ({layout.size},), got {dense.shape}")
 
 
-def _apply(config: AdamConfig, decayed: frozenset[str], state: AdamState, grads: Mapping[str, Grad]) -> AdamState:
-    """One tf-keras `apply_gradients` call (spec/keras-adam.md §2.1, with §1 and §3).
+def _apply(config: AdamConfig, decayed: frozenset[str], state: AdamState, dense: Array | None,
+           sparse: dict[str, SparseGrad], blocks: _Blocks, present: frozenset[str] | None) -> AdamState:
+    """One tf-keras `apply_gradients` call (spec/keras-adam.md §2.1, with §1 and §3), over flat buffers.
 
     With k = state.iterations:
       1. lr = schedule(k), or the float32 constant;
       2. clip: clipnorm per tensor, else global_clipnorm, else clipvalue
          (sparse: on the raw value rows);
-      3. sum duplicate sparse rows into a dense gradient;
+      3. sum duplicate sparse rows into their segment of the dense gradient;
       4. weight decay for the tensors in `decayed`: theta -= theta * wd * lr;
       5. Adam with t = k + 1 (AMSGrad: divide by sqrt of the running max of v);
       6. EMA of the updated theta;
       7. every `ema_overwrite_frequency`-th step (k + 1 divisible): theta = EMA;
       8. iterations = k + 1, saturating.
-    Tensors missing from `grads` keep their parameters, moments and average,
-    as tf-keras skips variables whose gradient is None.
+    Tensors not in `present` (None: all) keep their parameters, moments and
+    average, as tf-keras skips variables whose gradient is None; padding
+    elements keep their zeros.
     """
+    layout = layout_of(state)
+    segments = _Segments(layout, blocks)
+    names = frozenset(layout.shapes) if present is None else present
     k = state.iterations
     lr = _learning_rate(config, k)
-    grads = _clip(config, {name: _as_float32(g) for name, g in grads.items()})
     alpha = _step_size(config, lr, k)
-    params, m, v, vhat, ema = (dict(t) for t in (state.params, state.m, state.v, state.vhat, state.ema))
-    for name, grad in grads.items():
-        sparse = isinstance(grad, SparseGrad)
-        g = _densify(grad, params[name].shape)
-        param = _decay_weights(params[name], config.weight_decay, lr) if name in decayed else params[name]
-        m[name] = _moment(m[name], g, 1 - config.beta_1, sparse)
-        v[name] = _moment(v[name], jnp.square(g), 1 - config.beta_2, sparse)
-        if config.amsgrad:
-            vhat[name] = jnp.maximum(vhat[name], v[name])
-        params[name] = _adam_update(param, m[name], vhat[name] if config.amsgrad else v[name], alpha, config.epsilon)
-        if config.use_ema:
-            ema[name] = _moving_average(ema[name], params[name], config.ema_momentum)
+    inside = segments.inside()
+    updated = inside & segments.mask(names) if present is not None else inside  # elements this step writes
+    is_dense = segments.mask(names - frozenset(sparse))
+    if dense is None or is_dense is False:
+        g = jnp.zeros(layout.size, jnp.float32)
+    else:
+        g = jnp.where(inside & is_dense, dense.astype(jnp.float32), 0)
+    sparse = {name: s._replace(values=s.values.astype(jnp.float32)) for name, s in sparse.items()}
+    g, sparse = _clip(config, segments, g, sparse)
+    if sparse:
+        g = _scatter_sparse(layout, _where(is_dense, g, jnp.zeros_like(g)), sparse)
+    is_sparse = segments.mask(frozenset(sparse))
+
+    param, m, v, vhat, ema = (None if getattr(state, slot) is None else getattr(state, slot).flat for slot in SLOTS)
+    old = param, m, v, vhat, ema
+    if config.weight_decay is not None:
+        param = _where(segments.mask(decayed), param - param * f32_constant(config.weight_decay) * lr, param)
+    m = _moment(m, g, 1 - config.beta_1, is_sparse)
+    v = _moment(v, jnp.square(g), 1 - config.beta_2, is_sparse)
+    if config.amsgrad:
+        vhat = jnp.maximum(vhat, v)
+    # padding: g is 0 there, so the moments stay 0, but theta could turn 0 * inf (decay, lr) or 0 / 0
+    # (epsilon 0) into NaN, and pass it on to the average: it is kept 0 by a select against 0 (one against
+    # the old values would cost XLA a copy of each slot, as it no longer updates them in place)
+    param = jnp.where(inside, _adam_update(param, m, vhat if config.amsgrad else v, alpha, config.epsilon), 0)
+    if config.use_ema:
+        ema = _moving_average(ema, param, config.ema_momentum)
     iterations = _saturating_increment(k)
     if config.use_ema and config.ema_overwrite_frequency:
-        overwrite = iterations % config.ema_overwrite_frequency == 0
-        for name in grads:
-            params[name] = jnp.where(overwrite, ema[name], params[name])
-    return AdamState(iterations, params, m, v, vhat, ema)
+        param = jnp.where(iterations % config.ema_overwrite_frequency == 0, ema, param)
+    if present is None:
+        new = [param, m, v, vhat, ema]
+    else:  # tensors missing from `grads` keep their values (at the price of those copies)
+        new = [None if x is None else jnp.where(updated, x, before) for x, before in zip((param, m, v, vhat, ema), old)]
+    return AdamState(iterations, *(None if x is None else Tensors(x, layout) for x in new))
+
+
+def _finite_per_tensor(segments: _Segments, state: AdamState) -> Array:
+    """(tensors,) bool in layout order: every value of the tensor in every slot is finite."""
+    finite = None
+    for slot in SLOTS:
+        tensors = getattr(state, slot)
+        if tensors is not None:
+            ok = jnp.isfinite(tensors.flat)
+            finite = ok if finite is None else finite & ok
+    return segments.sums((~finite).astype(jnp.int32)) == 0
+
+
+class _Step:
+    """The public step: checks and packs the gradients, then runs the one jitted function for the layout."""
+
+    def __init__(self, config: AdamConfig, names: Sequence[str], decayed: Collection[str] | None, checked: bool):
+        self._known = frozenset(names)
+        decayed = _decayed(config, names, decayed)
+        self._checked = checked
+
+        def run(state: AdamState, dense: Array | None, sparse: dict[str, SparseGrad], blocks: _Blocks,
+                present: frozenset[str] | None) -> AdamState | tuple[AdamState, Array]:
+            new = _apply(config, decayed, state, dense, sparse, blocks, present)
+            if not checked:
+                return new
+            return new, _finite_per_tensor(_Segments(layout_of(state), blocks), new)
+
+        if config.jit_compile:
+            run = jax.jit(run, static_argnames="present", donate_argnums=() if checked else 0)
+        self._run = run
+        self._tables: tuple[FlatLayout, _Blocks] | None = None
+
+    def __call__(self, state: AdamState, grads: Mapping[str, Grad] | FlatGrads):
+        layout = layout_of(state)
+        if not isinstance(grads, FlatGrads):
+            for name in grads:
+                if name not in self._known or name not in layout.shapes:
+                    raise InvalidArgument(f"gradients[{name!r}]: no such tensor")
+            grads = flat_grads(layout, grads)
+        _check_grads(self._known, layout, grads)
+        if self._tables is None or self._tables[0] != layout:
+            self._tables = layout, _block_tables(layout)
+        return self._run(state, grads.dense, dict(grads.sparse), self._tables[1], present=grads.present)
+
+    def _cache_size(self) -> int:
+        """Compiled variants so far (jitted only): one per layout, set of sparse tensors, dtype and bucket."""
+        return self._run._cache_size()
 
 
 def make_step(config: AdamConfig, names: Sequence[str], decayed: Collection[str] | None = None,
-              ) -> Callable[[AdamState, dict[str, Grad]], AdamState]:
+              ) -> Callable[[AdamState, Mapping[str, Grad] | FlatGrads], AdamState]:
     """The function applying one set of gradients: `step(state, grads) -> new state`.
 
     `config` is a constant of the trace; the lr, the bias corrections and the
     EMA overwrite test are computed from `state.iterations` inside, so new
-    steps never recompile (only a new set of gradient names, shapes, dtypes
-    or sparse buckets does). Unless `config.jit_compile` is False the function
-    is jitted with the state donated: the caller's `state` is invalid after the
-    call, and XLA updates its buffers in place.
+    steps never recompile (only a new layout, set of sparse or present
+    tensors, dtype or sparse bucket does). The trace is one pass over the
+    flat buffers: its size does not grow with the number of dense tensors.
+    Unless `config.jit_compile` is False the function is jitted with the
+    state donated: the caller's `state` is invalid after the call, and XLA
+    updates its buffers in place.
 
     Un-jitted, the step runs tf-keras's float32 operations one by one; on CPU
-    (jax 0.10.2) it reproduced the conformance trajectories bit for bit, but
-    for the order of the global-norm sum. Jitted, XLA fuses multiply-adds,
-    which moves results by a few ulps (under 3% of the conformance tolerance).
+    it reproduces the conformance trajectories to within a few ulps (the
+    norms sum in another order). Jitted, XLA fuses multiply-adds, which moves
+    results by a few ulps more (under 3% of the conformance tolerance).
 
     Args:
       config: the optimizer's settings.
@@ -291,48 +568,27 @@ def make_step(config: AdamConfig, names: Sequence[str], decayed: Collection[str]
         `optserve.server.patterns` computed with a time bound).
 
     Returns:
-      `step(state, grads)`, where `grads` maps some or all of `names` to a
-      dense gradient (any float dtype, cast to float32) or a `SparseGrad`.
-      It raises `InvalidArgument` for an unknown name, a wrong shape or a
-      non-float dtype, before touching the state.
+      `step(state, grads)`, where `grads` is `FlatGrads` in the state's
+      layout, or maps some or all of `names` to a dense gradient (any float
+      dtype, cast to float32; copied into one flat buffer unless already
+      laid out) or a `SparseGrad`. It raises `InvalidArgument` for an
+      unknown name, a wrong shape or a non-float dtype, before touching the
+      state.
     """
-    known, decayed = frozenset(names), _decayed(config, names, decayed)
-
-    def step(state: AdamState, grads: dict[str, Grad]) -> AdamState:
-        _check_grads(known, state, grads)
-        return _apply(config, decayed, state, grads)
-
-    return jax.jit(step, donate_argnums=0) if config.jit_compile else step
+    return _Step(config, names, decayed, checked=False)
 
 
 def make_checked_step(config: AdamConfig, names: Sequence[str], decayed: Collection[str] | None = None,
-                      ) -> Callable[[AdamState, dict[str, Grad]], tuple[AdamState, Array]]:
+                      ) -> Callable[[AdamState, Mapping[str, Grad] | FlatGrads], tuple[AdamState, Array]]:
     """Like `make_step`, but keeps the input state and reports which tensors the step left finite.
 
     `step(state, grads) -> (new_state, finite)`: `finite[i]` is true when every
-    new value of tensor `names[i]` (params, m, v, vhat, ema) is finite. The
-    state is not donated, so a caller can refuse a non-finite result and keep
-    `state` exactly as it was; the price is a second copy of the state during
-    the step and no in-place update.
+    new value of the i-th tensor of the state's layout (params, m, v, vhat,
+    ema) is finite. The state is not donated, so a caller can refuse a
+    non-finite result and keep `state` exactly as it was; the price is a
+    second copy of the state during the step and no in-place update.
     """
-    names = list(names)
-    known, decayed = frozenset(names), _decayed(config, names, decayed)
-
-    def step(state: AdamState, grads: dict[str, Grad]) -> tuple[AdamState, Array]:
-        _check_grads(known, state, grads)
-        new = _apply(config, decayed, state, grads)
-        slots = [getattr(new, slot) for slot in SLOTS if getattr(new, slot)]
-        return new, jnp.stack([_all_finite([slot[name] for slot in slots]) for name in names])
-
-    return jax.jit(step) if config.jit_compile else step
-
-
-def _all_finite(arrays: list[Array]) -> Array:
-    """True when every element of `arrays` (of one shape) is finite; one reduction, not one per array."""
-    finite = jnp.isfinite(arrays[0])
-    for array in arrays[1:]:
-        finite = finite & jnp.isfinite(array)
-    return jnp.all(finite)
+    return _Step(config, names, decayed, checked=True)
 
 
 def _decayed(config: AdamConfig, names: Sequence[str], decayed: Collection[str] | None) -> frozenset[str]:
@@ -346,10 +602,10 @@ def _decayed(config: AdamConfig, names: Sequence[str], decayed: Collection[str] 
 
 
 def finalize(state: AdamState) -> AdamState:
-    """tf-keras `finalize_variable_values`: with EMA, the parameters become (copies of) the averages."""
-    if not state.ema:
+    """tf-keras `finalize_variable_values`: with EMA, the parameters become (a copy of) the averages."""
+    if state.ema is None:
         return state
-    return state._replace(params={name: jnp.array(average, copy=True) for name, average in state.ema.items()})
+    return state._replace(params=Tensors(jnp.array(state.ema.flat, copy=True), state.ema.layout))
 
 
 _scheduled_rate = jax.jit(_learning_rate, static_argnums=0)

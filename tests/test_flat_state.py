@@ -1,0 +1,183 @@
+"""The flat multi-tensor state: one buffer per slot, one fused step, per-tensor rules kept per segment."""
+
+import jax
+import numpy as np
+import pytest
+from tests.conformance_cases import assert_close, load_case
+
+from optserve.server.engine import adam, parse_config
+from optserve.server.modes import TrainingMode
+from optserve.server.optimizer import Optimizer
+from optserve.wire.layout import FlatLayout, aligned_empty
+
+MIXED = {"learning_rate": 0.01, "clipnorm": 0.5, "weight_decay": 0.05, "exclude_from_weight_decay": ["bias"],
+         "amsgrad": True, "use_ema": True, "ema_overwrite_frequency": 3}
+
+
+def _tensors(count: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """`count` tensors of odd sizes (most leave padding), every third an embedding table, every fourth a bias."""
+    rng = np.random.default_rng(seed)
+    shapes = [(int(rng.integers(1, 40)), 3) if i % 3 == 0 else (int(rng.integers(1, 50)),) for i in range(count)]
+    names = [f"layer{i}/bias" if i % 4 == 1 else f"layer{i}/kernel" for i in range(count)]
+    return {name: rng.normal(size=shape).astype(np.float32) for name, shape in zip(names, shapes)}
+
+
+def _grads(params: dict[str, np.ndarray], k: int) -> dict:
+    """Step k's gradients: embedding tables sparse (with a duplicate row), the rest dense, mixed dtypes."""
+    rng = np.random.default_rng(100 + k)
+    grads = {}
+    for i, (name, value) in enumerate(params.items()):
+        if i % 3 == 0:
+            rows = value.shape[0]
+            indices = np.array([rng.integers(rows), 0, rng.integers(rows)])
+            grads[name] = adam.sparse_grad(indices, rng.normal(size=(3, 3)).astype(np.float32))
+        else:
+            grads[name] = (rng.normal(size=value.shape) * 3).astype(np.float16 if i % 5 == 0 else np.float32)
+    return grads
+
+
+def test_many_mixed_tensors_step_as_each_would_alone():
+    """Clipnorm, decay exclusions, amsgrad and EMA are per tensor, so a tensor alone is the reference."""
+    params = _tensors(40)
+    config = parse_config(MIXED)
+    step = adam.make_step(config, list(params))
+    state = adam.init(params, config)
+    alone = {name: adam.init({name: value}, config) for name, value in params.items()}
+    alone_steps = {name: adam.make_step(config, [name]) for name in params}
+    for k in range(4):
+        grads = _grads(params, k)
+        state = step(state, grads)
+        for name in params:
+            alone[name] = alone_steps[name](alone[name], {name: grads[name]})
+    for slot in adam.SLOTS:
+        for name in params:
+            np.testing.assert_allclose(getattr(state, slot)[name], getattr(alone[name], slot)[name],
+                                       rtol=2e-6, atol=1e-7, err_msg=f"{slot}[{name}]")
+
+
+@pytest.mark.parametrize("case_name", ["clipnorm", "sparse_duplicates_amsgrad", "combo_amsgrad_wd_gclip_ema_sched"])
+def test_golden_trajectory_holds_among_many_other_tensors(case_name):
+    """A conformance case's tensors, laid out after 30 others that get zero gradients, still follow tf-keras.
+
+    Zero gradients keep the global norm of the case (its only cross-tensor number) unchanged.
+    """
+    case = load_case(case_name)
+    fillers = _tensors(30, seed=1)
+    params = {**fillers, **case.init}
+    config = parse_config(case.config)
+    state, step = adam.init(params, config), adam.make_step(config, list(params))
+    for k in range(case.steps):
+        zero = {name: np.zeros_like(value) for name, value in fillers.items()}
+        case_grads = {name: adam.sparse_grad(*g) if isinstance(g, tuple) else g for name, g in case.grads[k].items()}
+        state = step(state, {**zero, **case_grads})
+        for name in case.init:
+            assert_close(state.params[name], case.expect[k][name], f"{case_name} step {k + 1} params[{name}]")
+
+
+@pytest.mark.parametrize("changes", [{"clipnorm": None, "global_clipnorm": 1.0}, {"epsilon": 0.0, "weight_decay": 1e38}],
+                         ids=["global_clipnorm", "nan_making_epsilon_and_decay"])
+def test_padding_stays_zero_and_garbage_outside_the_dense_tensors_is_ignored(changes):
+    params = _tensors(12)
+    config = parse_config({**MIXED, **changes})
+    state = adam.init(params, config)
+    layout = adam.layout_of(state)
+    step = adam.make_step(config, list(params))
+    reference = adam.init(params, config)
+    for k in range(3):
+        grads = _grads(params, k)
+        sparse = {name: g for name, g in grads.items() if isinstance(g, adam.SparseGrad)}
+        dense = np.full(layout.size, np.nan, np.float32)  # padding and the sparse tensors' segments: NaN
+        for name, view in layout.views(dense, [n for n in grads if n not in sparse]).items():
+            view[...] = grads[name]
+        state = step(state, adam.FlatGrads(jax.device_put(dense), sparse))
+        reference = step(reference, grads)
+    inside = np.zeros(layout.size, bool)
+    for view in layout.views(inside).values():
+        view[...] = True
+    assert (~inside).sum() > 0
+    for slot in adam.SLOTS:
+        flat = np.asarray(getattr(state, slot).flat)
+        assert np.all(flat[~inside] == 0), slot
+        np.testing.assert_array_equal(flat, np.asarray(getattr(reference, slot).flat), err_msg=slot)  # NaN == NaN
+
+
+def test_a_gradient_already_in_the_layout_is_not_copied():
+    layout = FlatLayout({"a": (3, 5), "b": (7,)})
+    buffer = aligned_empty(layout.nbytes).view(np.float32)
+    views = layout.views(buffer)
+    laid_out = adam.flat_grads(layout, views)
+    assert laid_out.dense.unsafe_buffer_pointer() == buffer.ctypes.data  # jax adopted the buffer
+    copied = adam.flat_grads(layout, {name: np.array(view) for name, view in views.items()})
+    assert copied.dense.unsafe_buffer_pointer() != buffer.ctypes.data
+
+
+def _optimizer(params: dict[str, np.ndarray], config: dict, policy: str = "apply") -> Optimizer:
+    parsed = parse_config(config)
+    return Optimizer("t", parsed, policy, TrainingMode(), adam.init(params, parsed))
+
+
+@pytest.mark.parametrize("names", [[], ["layer2/kernel"], ["layer5/bias", "layer0/kernel", "layer3/kernel"]],
+                         ids=["all", "one", "subset_reordered"])
+@pytest.mark.parametrize("into", [False, True])
+def test_pull_copies_any_subset_out_of_the_flat_state(names, into):
+    params = _tensors(8)
+    opt = _optimizer(params, {"use_ema": True})
+    opt.push({name: np.ones_like(value) for name, value in params.items()})
+    buffers = []
+
+    def supply(nbytes: int) -> np.ndarray:
+        buffers.append(aligned_empty(nbytes))
+        buffers[-1][:] = 0xFF  # a dirty reused buffer: every byte that matters must be overwritten
+        return buffers[-1]
+
+    state = opt.checkpoint().slots
+    for kind, slot in (("weights", "params"), ("m", "m"), ("ema", "ema")):
+        _, _, pulled = opt.pull(kind, names, into=supply if into else None)
+        assert [name for name, _ in pulled] == (names or list(params))
+        for name, array in pulled:
+            np.testing.assert_array_equal(array, state[slot][name], err_msg=f"{kind}[{name}]")
+    if into:
+        assert len(buffers) == 3 and np.shares_memory(pulled[0][1], buffers[-1])
+
+
+def test_refused_step_names_the_first_bad_tensor_in_layout_order():
+    params = {f"t{i}": np.ones(5, np.float32) for i in range(6)}
+    opt = _optimizer(params, {"learning_rate": 1e30}, policy="refuse")
+    grads = {name: np.full(5, 1e-3, np.float32) for name in params}
+    grads["t4"] = np.full(5, 3e38, np.float32)
+    grads["t2"] = np.full(5, -3e38, np.float32)
+    before = opt.checkpoint().slots
+    with pytest.raises(Exception, match=r"gradients\['t2'\].*2 of 6 tensors"):
+        opt.push(grads)
+    after = opt.checkpoint().slots
+    for name in params:
+        np.testing.assert_array_equal(after["params"][name], before["params"][name])
+
+
+def test_checked_step_reports_finiteness_per_tensor():
+    params = _tensors(9)
+    config = parse_config({})
+    checked = adam.make_checked_step(config, list(params))
+    grads = {name: np.ones_like(value) for name, value in params.items()}
+    bad = list(params)[4]
+    grads[bad] = np.full_like(params[bad], np.inf)
+    state = adam.init(params, config)
+    _, finite = checked(state, grads)
+    assert [name for name, ok in zip(params, np.asarray(finite)) if not ok] == [bad]
+    assert not state.params.flat.is_deleted()  # not donated: a refused step keeps it
+
+
+def test_the_trace_does_not_grow_with_dense_tensors():
+    config = parse_config(MIXED)
+
+    def equations(count: int) -> int:
+        params = {f"t{i}": np.ones(i % 7 + 1, np.float32) for i in range(count)}
+        state = adam.init(params, config)
+        step = adam.make_step(config, list(params))
+        grads = adam.flat_grads(adam.layout_of(state), {name: np.ones_like(v) for name, v in params.items()})
+        blocks = adam._block_tables(adam.layout_of(state))
+        run = step._run  # the jitted function the step calls
+        return len(jax.make_jaxpr(run.__wrapped__, static_argnums=4)(
+            state, grads.dense, {}, blocks, None).jaxpr.eqns)
+
+    assert equations(3) == equations(300)
