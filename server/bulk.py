@@ -18,6 +18,7 @@ channels are closed.
 import hashlib
 import logging
 import secrets
+import select
 import socket
 import ssl
 import threading
@@ -300,9 +301,28 @@ class BulkListener:
             now = time.monotonic()
             with self._lock:
                 self._expire(now)
-                for channel in [c for c in self._channels.values() if not c.busy and now - c.last_used > IDLE_SECONDS]:
-                    log.info("closed bulk channel from %s: idle for %.0f s", channel.peer, IDLE_SECONDS)
-                    self._drop(channel)
+                idle = [channel for channel in self._channels.values() if not channel.busy]
+                ended = _readable(idle)  # a client sends nothing unasked: readable means it closed (or misbehaves)
+                for channel in idle:
+                    if channel in ended or now - channel.last_used > IDLE_SECONDS:
+                        log.info("closed bulk channel from %s: %s", channel.peer,
+                                 "closed by its client" if channel in ended else f"idle for {IDLE_SECONDS:g} s")
+                        self._drop(channel)
+
+
+def _readable(channels: list[Channel]) -> set[Channel]:
+    """The channels whose sockets have something to read (or have ended), without blocking."""
+    poller = select.poll()
+    by_fd = {}
+    for channel in channels:
+        try:
+            fd = channel.sock.fileno()
+        except OSError:
+            continue
+        if fd >= 0:
+            by_fd[fd] = channel
+            poller.register(fd, select.POLLIN)
+    return {by_fd[fd] for fd, _ in poller.poll(0) if fd in by_fd}
 
 
 def _family(host: str) -> socket.AddressFamily:
