@@ -115,6 +115,7 @@ def create_server(options: ServerOptions, interceptors: Sequence[grpc.ServerInte
         bulk = BulkListener(options.host, options.bulk_port, security.bulk_ssl_context(options),
                             options.stream_idle_timeout)
         log.info("bulk channels on %s:%d (%s)", options.host, bulk.port, "TLS" if bulk.tls else "plaintext")
+        registry.metrics.bulk_channels.set_function(bulk.open_channels)
     add_service(OptimizerService(registry, options, admission, bulk), server)
     health_servicer = health.HealthServicer(  # Watch holds no thread: it answers from set()
         experimental_non_blocking=True, experimental_thread_pool=None)

@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from optserve.client import TLS, Client, IndexedSlices, OptserveError
+from optserve.client.client import Optimizer
 from optserve.server import bulk as server_bulk
 from optserve.server.options import ServerOptions
 from optserve.v1 import optserve_pb2 as pb
@@ -208,9 +209,11 @@ def test_a_tls_server_serves_its_bulk_channels_over_tls(pki: Pki, name: str):  #
         with Client(running.address, tls=TLS(ca=pki.ca), transport="network") as client:
             opt = client.create_optimizer(name, PARAMS, {"learning_rate": 0.5})
             opt.push(GRADS)
-            assert opt.pull().version == 1
-            assert isinstance(client._bulk._idle[0].sock, ssl.SSLSocket)
-        assert received(running, name, "bulk") == GRADS["w"].nbytes
+            opt.push(GRADS)
+            assert opt.pull().version == 2
+            assert isinstance(client._bulk._idle[0].sock, ssl.SSLSocket) and client._bulk.opened == 1
+            assert running.registry.metrics.registry.get_sample_value("optserve_bulk_channels") == 1
+        assert received(running, name, "bulk") == 2 * GRADS["w"].nbytes
         ticket = open_ticket_tls(running.address, pki, cert=False)  # a valid ticket, sent in plaintext
         with socket.create_connection(("127.0.0.1", bulk_port(running))) as raw:
             raw.sendall(ticket.ticket)
@@ -434,6 +437,18 @@ def test_a_client_killed_mid_transfer_leaves_the_server_consistent(server: Runni
 def refused_pushes(running: RunningServer, name: str) -> float:
     return running.registry.metrics.registry.get_sample_value(
         "optserve_pushes_refused_total", {"optimizer": name, "reason": "invalid_argument"}) or 0.0
+
+
+def test_a_big_push_refused_before_its_bytes_are_read_gets_its_status(client: Client, name: str):
+    big = {"w": np.ones(4 << 20, np.float32)}  # 16 MiB: more than the sockets buffer, so the send must be stopped
+    with pytest.raises(OptserveError) as refused:  # no such optimizer: NOT_FOUND before any byte is read
+        Optimizer(client, name).push(big)
+    assert refused.value.code() == grpc.StatusCode.NOT_FOUND and name in refused.value.details()
+    opt = client.create_optimizer(name, {"w": np.zeros(4 << 20, np.float32)})
+    with pytest.raises(OptserveError) as refused:  # a wrong shape: refused on the header alone
+        opt.push({"w": np.ones((4 << 20) + 1, np.float32)})
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "shape" in refused.value.details()
+    assert opt.push(big) == 1
 
 
 @pytest.fixture(scope="module")
