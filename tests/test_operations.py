@@ -62,8 +62,10 @@ def test_metrics_endpoint_reports_steps_refusals_staleness_norm_bytes_and_timeou
         assert sample(text, "optserve_push_staleness_versions_sum", optimizer="m") == 1  # 0 then 1 behind
         assert sample(text, "optserve_gradient_global_norm", optimizer="m") == 1.0  # the last step's |(1,0,0,0)|
         assert sample(text, "optserve_step_seconds_count", optimizer="m") == 2
-        assert sample(text, "optserve_received_bytes_total", optimizer="m") == 16 + 3 * 16  # the stale one arrived too
-        assert sample(text, "optserve_sent_bytes_total", optimizer="m") == 16
+        assert sample(text, "optserve_received_bytes_total", optimizer="m", transport="grpc") == 16  # the create
+        assert sample(text, "optserve_received_bytes_total", optimizer="m", transport="bulk") == 3 * 16  # the stale one too
+        assert sample(text, "optserve_sent_bytes_total", optimizer="m", transport="bulk") == 16
+        assert sample(text, "optserve_bulk_channels") == 1  # the client's, reused for every push and pull
         assert sample(text, "optserve_sync_rounds_closed_by_timeout_total", optimizer="s") == 1
         assert sample(text, "optserve_version", optimizer="m") == 2
     finally:
