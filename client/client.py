@@ -16,6 +16,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from optserve.client import bulk
 from optserve.client.security import TLS, as_tls, make_channel
 from optserve.wire.chunks import CHUNK_BYTES, encode_stream, stream_message_parser
 from optserve.wire.dtypes import data_type_of, to_bfloat16
@@ -191,6 +192,9 @@ class Client:
         self.chunk_bytes = chunk_bytes
         self._channel = make_channel(address, _CHANNEL_OPTIONS, as_tls(tls), token)
         self._stub = pb_grpc.OptimizerServiceStub(self._channel)
+        self._bulk = None if transport not in ("auto", "network") else bulk.BulkPool(  # tensor bytes beside gRPC
+            address, as_tls(tls),
+            lambda timeout: self._stub.OpenBulkChannel(pb.OpenBulkChannelRequest(), timeout=timeout))
         # The tensor streams use the hand-made chunk encoding of optserve.wire (same bytes, fewer copies).
         path = f"/{SERVICE_NAME}/"
         self._create = self._channel.stream_unary(path + "CreateOptimizer", request_serializer=bytes,
@@ -257,6 +261,8 @@ class Client:
 
     def close(self) -> None:
         """Closes the connection."""
+        if self._bulk is not None:
+            self._bulk.close()
         self._channel.close()
 
     def __enter__(self) -> "Client":
@@ -267,10 +273,23 @@ class Client:
 
     def _send_push(self, header: pb.PushHeader, arrays: list[np.ndarray], retry: frozenset) -> pb.PushGradientsResponse:
         """Sends one push by the client's transport; the answer, or OptserveError."""
+        if self._bulk is not None and not self._bulk.disabled:
+            reply = self._call(lambda _, **call: bulk.push(self._bulk, self._push, header, arrays, **call),
+                               lambda: None, retry)
+            if reply is not None:
+                return reply
         return self._call(self._push, lambda: encode_stream(header, arrays, self.chunk_bytes), retry)
 
     def _fetch_pull(self, request: pb.PullWeightsRequest, into: "Weights | None", timeout: float | None) -> "Weights":
         """Runs one pull by the client's transport (retried on UNAVAILABLE: reads are safe to repeat)."""
+        if self._bulk is not None and not self._bulk.disabled:
+            weights = self._call(
+                lambda _, **call: bulk.pull(self._bulk, self._pull, request, **call,
+                                            read=lambda responses, receive: _read_weights(responses, into, receive),
+                                            error=_protocol_error),
+                lambda: None, _READ_RETRY, timeout)
+            if weights is not None:
+                return weights
         return self._call(lambda req, **kwargs: _read_weights(self._pull(req, **kwargs), into),
                           lambda: request, _READ_RETRY, timeout)
 
@@ -409,7 +428,9 @@ class Optimizer:
         return f"Optimizer({self.name!r} at {self.client.address})"
 
 
-def _read_weights(responses: Iterator[pb.PullWeightsResponse], into: Weights | None = None) -> Weights:
+def _read_weights(responses: Iterator[pb.PullWeightsResponse], into: Weights | None = None,
+                  receive: Callable[[ChunkBuffer], None] | None = None) -> Weights:
+    """A pull's tensors: the header, then the bytes from the chunks, or from `receive(buffer)` (a bulk channel)."""
     header = next(responses).header
     shapes = [tuple(t.shape) for t in header.tensors]
     nbytes = [4 * int(np.prod(shape, dtype=np.int64)) for shape in shapes]
@@ -420,6 +441,8 @@ def _read_weights(responses: Iterator[pb.PullWeightsResponse], into: Weights | N
             raise InvalidArgumentError(
                 f"into: holds tensors {[(n, a.shape) for n, a in into.items()]}, the pull sent {pulled}")
     buffer = ChunkBuffer(nbytes, _protocol_error, None if into is None else into._buffer)
+    if receive is not None:
+        receive(buffer)
     for message in responses:
         buffer.write(message.chunk)
     if buffer.filled != buffer.total:

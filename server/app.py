@@ -21,6 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from optserve.server.admission import Admission, AdmissionInterceptor, Limits
+from optserve.server.bulk import BulkListener
 from optserve.server.metrics import Metrics
 from optserve.server.options import ServerOptions
 from optserve.server.registry import Persistence, Registry
@@ -55,6 +56,7 @@ class OptserveServer:
     admission: Admission | None = None
     security: ServerSecurity | None = None
     metrics_port: int | None = None  # where /metrics is served, once open
+    bulk: BulkListener | None = None  # the bulk channels' listener; None with --bulk-port -1
 
     def open(self, options: ServerOptions | None = None) -> None:
         """Starts /metrics (if asked), restores the data dir, then reports SERVING and starts checkpointing."""
@@ -77,6 +79,8 @@ class OptserveServer:
         """
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
+        if self.bulk is not None:
+            self.bulk.close()
         if self.admission is not None:
             self.admission.close()
         return self.registry.save_all()
@@ -103,18 +107,24 @@ def create_server(options: ServerOptions, interceptors: Sequence[grpc.ServerInte
         options=TRANSPORT_OPTIONS,
         maximum_concurrent_rpcs=options.max_concurrent_rpcs,
     )
-    add_service(OptimizerService(registry, options, admission), server)
+    port = security.bind(server, f"{options.host}:{options.port}")
+    if port == 0:
+        raise OSError(f"cannot bind {options.host}:{options.port}")
+    bulk = None
+    if options.bulk_port >= 0:  # same host and interface as gRPC, the same TLS (and client CA) as gRPC
+        bulk = BulkListener(options.host, options.bulk_port, security.bulk_ssl_context(options),
+                            options.stream_idle_timeout)
+        log.info("bulk channels on %s:%d (%s)", options.host, bulk.port, "TLS" if bulk.tls else "plaintext")
+        registry.metrics.bulk_channels.set_function(bulk.open_channels)
+    add_service(OptimizerService(registry, options, admission, bulk), server)
     health_servicer = health.HealthServicer(  # Watch holds no thread: it answers from set()
         experimental_non_blocking=True, experimental_thread_pool=None)
     for service in ("", SERVICE_NAME):
         health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = security.bind(server, f"{options.host}:{options.port}")
-    if port == 0:
-        raise OSError(f"cannot bind {options.host}:{options.port}")
     log.info("bound %s:%d: %s", options.host, port, security.description)
-    return OptserveServer(server, port, registry, health_servicer, admission, security)
+    return OptserveServer(server, port, registry, health_servicer, admission, security, bulk=bulk)
 
 
 def serve(options: ServerOptions) -> int:

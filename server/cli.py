@@ -14,6 +14,9 @@ from optserve.server.options import ServerOptions
 SERVE_FLAGS: dict[str, tuple[Any, str]] = {  # field -> (type, or a tuple of choices, or bool; help)
     "host": (str, "address to bind; without TLS only loopback unless --insecure"),
     "port": (int, "port to bind; 0 picks a free one"),
+    "bulk_port": (int, "TCP port of the bulk channels that carry tensor bytes beside gRPC (same host, same TLS "
+                       "and client CA); 0 picks a free one, -1 turns them off (tensor bytes then go in the gRPC "
+                       "streams)"),
     "max_workers": (int, "threads serving RPCs, at least --max-streams + 40 (None: exactly that); each stream "
                          "holds one"),
     "max_request_bytes": (int, "tensor bytes one create or push may carry"),

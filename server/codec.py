@@ -178,11 +178,12 @@ def split_push(requests: Iterator[pb.PushGradientsRequest]) -> tuple[pb.PushHead
 
 def decode_gradients(
     header: pb.PushHeader, chunks: Iterator, shapes: Mapping[str, tuple[int, ...]], max_bytes: int,
-    into: Callable[[int, int], np.ndarray] | None = None,
+    into: Callable[[int, int], np.ndarray] | None = None, receive: Callable[[ChunkBuffer], None] | None = None,
 ) -> dict[str, Gradient]:
     """Reads a push's gradients, checked against the optimizer's tensor shapes.
 
-    `into` supplies the buffer the gradients are received into (see `_read_arrays`).
+    `into` supplies the buffer the gradients are received into (see `_read_arrays`);
+    `receive`, when the bytes come by another path than the chunks, fills it.
     """
     if not header.gradients:
         raise InvalidArgument("gradients: empty push; send one gradient for every tensor")
@@ -199,7 +200,7 @@ def decode_gradients(
     layout = []  # (name, dtype, shape) of each byte range, in stream order
     for spec in header.gradients:
         layout.extend(_gradient_layout(spec, shapes[spec.name]))
-    arrays_iter = iter(_read_arrays(chunks, layout, max_bytes, "gradients", into))
+    arrays_iter = iter(_read_arrays(chunks, layout, max_bytes, "gradients", into, receive))
     grads: dict[str, Gradient] = {}
     for spec in header.gradients:
         if not spec.sparse:
@@ -211,11 +212,12 @@ def decode_gradients(
     return grads
 
 
-def encode_pull(version: int, iterations: int, tensors: Sequence[tuple[str, np.ndarray]]) -> Iterator[bytes]:
-    """A PullWeights stream, serialized: the header, then the tensors' bytes in chunks."""
+def encode_pull(version: int, iterations: int, tensors: Sequence[tuple[str, np.ndarray]],
+                chunks: bool = True) -> Iterator[bytes]:
+    """A PullWeights stream, serialized: the header, then (unless `chunks` is False) the tensors' bytes in chunks."""
     specs = [pb.TensorSpec(name=name, dtype=data_type_of(array.dtype), shape=array.shape) for name, array in tensors]
     header = pb.PullHeader(version=version, iterations=iterations, tensors=specs)
-    return encode_stream(header, (array for _, array in tensors))
+    return encode_stream(header, (array for _, array in tensors) if chunks else ())
 
 
 def _split_stream(requests: Iterator, rpc: str) -> tuple[Any, Iterator]:
@@ -228,12 +230,14 @@ def _split_stream(requests: Iterator, rpc: str) -> tuple[Any, Iterator]:
 
 
 def _read_arrays(chunks: Iterator, layout: Sequence, max_bytes: int, field: str,
-                 into: Callable[[int, int], np.ndarray] | None = None) -> list[np.ndarray]:
+                 into: Callable[[int, int], np.ndarray] | None = None,
+                 receive: Callable[[ChunkBuffer], None] | None = None) -> list[np.ndarray]:
     """Receives the arrays of `layout`, (name, dtype, shape) each, from the chunks.
 
     `into(extent, total)` supplies the (aligned) buffer to write into as the bytes
     arrive (`ChunkBuffer`'s `reserve`), so a header alone commits no memory; else
-    a fresh buffer of the declared size is made.
+    a fresh buffer of the declared size is made. With `receive`, the stream
+    carries no chunks and `receive(buffer)` fills the buffer instead.
     """
     sizes = [_nbytes(dtype, shape) for _, dtype, shape in layout]
     total = sum(sizes)
@@ -243,7 +247,11 @@ def _read_arrays(chunks: Iterator, layout: Sequence, max_bytes: int, field: str,
     for message in chunks:
         if message.WhichOneof("part") != "chunk":
             raise InvalidArgument("header: sent twice; only the first message may be a header")
+        if receive is not None:
+            raise InvalidArgument("chunks: the header names a bulk transfer, so the stream must be the header alone")
         buffer.write(message.chunk)
+    if receive is not None:
+        receive(buffer)
     if buffer.filled != total:
         short = _tensor_at(buffer.filled, layout)
         raise InvalidArgument(

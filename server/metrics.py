@@ -55,6 +55,8 @@ class Metrics:
         self.calls_held = prom.Gauge("optserve_calls_in_progress",
                                      "calls in progress per budget (stream, waiting, reflection, watch, reading)", ["budget"],
                                      registry=self.registry)
+        self.bulk_channels = prom.Gauge("optserve_bulk_channels", "bulk channels open (connections bound by a ticket)",
+                                        registry=self.registry)
 
     def observe_step(self, optimizer: str, seconds: float, version: int,
                      grads: Mapping[str, np.ndarray | tuple[np.ndarray, np.ndarray]]) -> None:

@@ -13,6 +13,7 @@ class ServerOptions:
     max_request_bytes: int = 16 << 30  # tensor bytes one create or push may carry
     max_tensor_bytes: int = 8 << 30  # bytes of any one parameter tensor
     max_inflight_bytes: int | None = None  # receive-buffer bytes of all requests in flight; None: half the memory
+    bulk_port: int = 0  # the bulk channels' TCP port, on --host; 0 picks a free one, -1 turns bulk channels off
     max_optimizers: int = 1000  # optimizers one server holds
     max_tensors: int = 1024  # tensors of one optimizer; the first step's compile time and memory grow with it
     max_concurrent_rpcs: int = 1000  # calls in progress at once; more get RESOURCE_EXHAUSTED

@@ -83,6 +83,10 @@ class ServerSecurity:
             context.verify_mode = ssl.CERT_REQUIRED
         return context
 
+    def bulk_ssl_context(self, options: ServerOptions) -> ssl.SSLContext | None:
+        """The TLS of the bulk channels: as /metrics', gRPC's certificate and, under mTLS, its client CA."""
+        return self.metrics_ssl_context(options)
+
     def check_token(self, authorization: str | None) -> str | None:
         """None when an `Authorization` header value carries an accepted token (or none is required), else why not."""
         for interceptor in self.interceptors:

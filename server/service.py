@@ -20,6 +20,7 @@ from optserve.wire.chunks import stream_message_parser
 from optserve.server import codec
 from optserve.server.admission import Admission
 from optserve.server.buffers import BufferPool, MemoryBudget, default_inflight_bytes
+from optserve.server.bulk import BulkListener, Transfer
 from optserve.server.errors import FailedPrecondition, InvalidArgument, OptserveError, ResourceExhausted
 from optserve.server.options import ServerOptions
 from optserve.server.optimizer import Optimizer
@@ -40,8 +41,10 @@ MAX_WAIT_SECONDS = 3600.0  # longest a call waits (a pull's min_version, a sync 
 class OptimizerService(pb_grpc.OptimizerServiceServicer):
     """Implements optserve.v1.OptimizerService over a Registry."""
 
-    def __init__(self, registry: Registry, options: ServerOptions, admission: Admission):
+    def __init__(self, registry: Registry, options: ServerOptions, admission: Admission,
+                 bulk: BulkListener | None = None):
         self._registry = registry
+        self._bulk = bulk  # None: no bulk listener (--bulk-port -1)
         self._options = options
         limit = options.max_inflight_bytes if options.max_inflight_bytes is not None else default_inflight_bytes()
         self._buffers = BufferPool(MemoryBudget(limit, registry.metrics.inflight_bytes.set))
@@ -75,10 +78,20 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
 
     def PushGradients(self, request_iterator, context) -> pb.PushGradientsResponse:
         header, chunks = codec.split_push(request_iterator)
-        optimizer = self._registry.get(header.optimizer)
         transport = _TRANSPORT_OF[header.WhichOneof("source")]
-        if transport != "grpc":  # the same-host and bulk paths plug in here
+        if transport == "shared_memory":  # the same-host path plugs in here
             raise FailedPrecondition(f"{header.WhichOneof('source')}: this server has no {transport} transport")
+        # A bulk channel is taken first: any refusal before its bytes are all in closes it (they cannot be skipped).
+        bulk = self._take_bulk(header.bulk) if transport == "bulk" else None
+        try:
+            return self._push(header, chunks, transport, bulk, context)
+        finally:
+            if bulk is not None:
+                bulk.end()
+
+    def _push(self, header: pb.PushHeader, chunks: Iterator, transport: str, bulk: Transfer | None,
+              context) -> pb.PushGradientsResponse:
+        optimizer = self._registry.get(header.optimizer)
         try:
             # The call holds the receive buffer until the push returns; a sync round that keeps the gradients
             # retains it until the round is applied, and the last of them returns it to the pool.
@@ -88,7 +101,9 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
                     holds.enter_context(self._admission.admit("waiting", context.peer()))
                 lease = holds.enter_context(self._buffers.lease("gradients"))
                 grads = codec.decode_gradients(header, chunks, optimizer.shapes, self._options.max_request_bytes,
-                                               into=lease.reserve)
+                                               into=lease.reserve, receive=None if bulk is None else bulk.receive)
+                if bulk is not None:
+                    bulk.end()  # every byte is in: the channel is free for the next transfer
                 self._count(optimizer.name, context, transport,
                             received=_nbytes(a for g in grads.values() for a in (g if isinstance(g, tuple) else (g,))))
                 result = optimizer.push(
@@ -110,7 +125,7 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
         kind = codec.decode_state_kind(request.kind)
         optimizer = self._registry.get(request.optimizer)
         transport = _TRANSPORT_OF[request.WhichOneof("destination")]
-        if transport != "grpc":  # the same-host and bulk paths plug in here
+        if transport == "shared_memory":  # the same-host path plugs in here
             raise FailedPrecondition(f"{request.WhichOneof('destination')}: this server has no {transport} transport")
         min_version = request.min_version if request.HasField("min_version") else None
         # The snapshot's buffer goes back to the pool once sent: each message is a copy of its bytes.
@@ -123,8 +138,30 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
                 kind, request.names, min_version, _wait_budget(context),
                 into=lambda nbytes: lease.reserve(nbytes, nbytes),
                 cancelled=None if min_version is None else self._cancellation(context, optimizer))
+            if transport != "bulk":
+                self._count(optimizer.name, context, transport, sent=_nbytes(a for _, a in arrays))
+                yield from codec.encode_pull(version, iterations, arrays)
+                return
+            bulk = self._take_bulk(request.bulk)
+            try:  # the reply carries the header alone; the bytes go framed on the channel
+                yield from codec.encode_pull(version, iterations, arrays, chunks=False)
+                bulk.send(a for _, a in arrays)
+            finally:
+                bulk.end()
             self._count(optimizer.name, context, transport, sent=_nbytes(a for _, a in arrays))
-            yield from codec.encode_pull(version, iterations, arrays)
+
+    def OpenBulkChannel(self, request, context) -> pb.BulkChannel:
+        if self._bulk is None:
+            raise FailedPrecondition("bulk: this server has no bulk listener (--bulk-port -1); send tensor bytes "
+                                     "in the gRPC stream")
+        channel, ticket = self._bulk.issue()
+        return pb.BulkChannel(channel=channel, ticket=ticket, port=self._bulk.port, tls=self._bulk.tls)
+
+    def _take_bulk(self, transfer: pb.BulkTransfer) -> Transfer:
+        """The named bulk channel for this transfer; FAILED_PRECONDITION on a server without bulk channels."""
+        if self._bulk is None:
+            raise FailedPrecondition("bulk: this server has no bulk listener (--bulk-port -1)")
+        return self._bulk.take(transfer.channel, transfer.transfer)
 
     def FinalizeOptimizer(self, request, context) -> pb.OptimizerInfo:
         optimizer = self._registry.get(request.name)

@@ -112,6 +112,34 @@ class ChunkBuffer:
             data, position = data[take:], position + take
         self.filled = end
 
+    def fill(self, recv_into: Callable[[memoryview], int], end_error: type[Exception] | None = None) -> None:
+        """Receives the rest of the bytes straight into each tensor's aligned slot, with no copy in between.
+
+        `recv_into(view)` writes up to `len(view)` bytes at the start of `view`
+        and returns how many (`socket.recv_into`: the syscall runs without the
+        GIL); 0 means the peer closed, raised as `end_error` (default the
+        overrun error). With `reserve`, the whole buffer is reserved first.
+        """
+        if self._reserve is not None and self.filled < self.total:
+            self.data = None  # the buffer may move as it grows
+            self.data = self._reserve(padded_bytes(self._sizes), padded_bytes(self._sizes))
+        whole = slot = memoryview(self.data)
+        try:
+            while self.filled < self.total:
+                while self.filled >= self._ends[self._tensor]:  # also skips empty tensors
+                    self._tensor += 1
+                size, offset = self._sizes[self._tensor], self.offsets[self._tensor]
+                slot = whole[offset + size - (self._ends[self._tensor] - self.filled):offset + size]
+                got = recv_into(slot)
+                if not got:
+                    raise (end_error or self._overrun_error)(
+                        f"bulk: the connection ended after {self.filled} of the {self.total} bytes the header "
+                        "declares")
+                self.filled += got
+        finally:
+            slot.release()
+            whole.release()  # no view may outlive the call: the buffer may move or go back to a pool
+
     def _extent(self, end: int) -> int:
         """Buffer bytes that hold the stream's first `end` bytes (end > 0), padding included."""
         tensor = self._tensor
