@@ -13,7 +13,6 @@ import importlib
 import multiprocessing
 import statistics
 import time
-import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -89,7 +88,6 @@ def _drive(conn: Any, factory: str, args: tuple) -> None:
         worker = load(factory)(*args)
     except BaseException as exc:  # reported to the bench, which records it for this system's rows
         conn.send(("error", error_text(exc)))
-        traceback.print_exc()
         return
     conn.send(("ok", None))
     while True:

@@ -104,16 +104,19 @@ class TorchRpcWorker:
         from torch.distributed import rpc
 
         self._rpc = rpc
+        _quiet_torch_distributed()
         self._grads = {layout: [torch.from_numpy(g) for g in gradients(sizes, seed)]
                        for layout, sizes in sizes_by_layout.items()}
         rpc.init_rpc(f"worker{rank}", rank=rank, world_size=world, rpc_backend_options=_rpc_options(transport, port))
 
     def round_trip(self, layout: str) -> None:
+        """One `rpc_sync`: the gradients to the server, the weights back."""
         weights = self._rpc.rpc_sync("ps", _torch_ps_step, args=(layout, self._grads[layout]))
         if len(weights) != len(self._grads[layout]):
             raise RuntimeError(f"torch rpc: {len(weights)} weights back for {len(self._grads[layout])} gradients")
 
     def close(self) -> None:
+        """Leaves the RPC group (graceful: waits for the others, so the server's process ends too)."""
         self._rpc.shutdown()
 
 
@@ -141,6 +144,7 @@ def _serve_torch_ps(port: int, world: int, transport: str, sizes_by_layout: dict
     from torch.distributed import rpc
 
     torch.set_num_threads(os.cpu_count() or 1)
+    _quiet_torch_distributed()
     for layout, sizes in sizes_by_layout.items():
         params = [torch.zeros(n, dtype=torch.float32, requires_grad=True) for n in sizes]
         _TORCH_PS[layout] = {"params": params, "adam": torch.optim.Adam(params, lr=LEARNING_RATE),
@@ -177,6 +181,7 @@ class RayPeer:
         return self._driver.call("workers", count, seconds)
 
     def close(self) -> None:
+        """Ends the driver, and with it the Ray cluster."""
         self._driver.close()
 
 
@@ -195,11 +200,13 @@ class RayWorker:
         self._grads = {layout: gradients(sizes, seed) for layout, sizes in sizes_by_layout.items()}
 
     def round_trip(self, layout: str) -> None:
+        """One actor call with the gradients, then `ray.get` of the weights it returns."""
         weights = self._ray.get(self._ps.step.remote(layout, self._grads[layout]))
         if len(weights) != len(self._grads[layout]):
             raise RuntimeError(f"ray: {len(weights)} weights back for {len(self._grads[layout])} gradients")
 
     def workers(self, count: int, seconds: float) -> dict:
+        """`count` worker actors released together, round trips of one tensor for `seconds`; the aggregate row."""
         ray = self._ray
         loop = ray.remote(num_cpus=0)(_RayLoop)
         actors = [loop.remote(self._ps, self._sizes["one"], 100 + i) for i in range(count)]
@@ -214,6 +221,7 @@ class RayWorker:
         return workers_row(count, reports)
 
     def close(self) -> None:
+        """Stops the local Ray cluster this driver started."""
         self._ray.shutdown()
 
 
@@ -264,6 +272,11 @@ class _RayLoop:
 
 
 # --- helpers -------------------------------------------------------------------
+
+
+def _quiet_torch_distributed() -> None:
+    """torch.distributed warns about its own internal use of a deprecated API on every rendezvous: not ours to fix."""
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch.distributed")
 
 
 def _free_port() -> int:

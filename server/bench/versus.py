@@ -179,13 +179,13 @@ def _time_interleaved(systems: dict[str, Any], rows: list[dict], raw_tcp: RawTcp
 def _workers(row: dict, address: str, sizes: dict[str, list[int]], seconds: float) -> dict:
     """4 workers at once on one tensor each: round trips per second, or the error that stopped them."""
     sizes_one = {"one": sizes["one"]}
+    if row.get("error"):  # it could not start: its workers would not either
+        return {"workers": WORKERS, "error": row["error"]}
     try:
         if row["kind"] == "optserve":
             return run_workers("optserve.server.bench.versus:OptserveWorker",
                                lambda i: (address, row["transport"], row["api"], sizes_one, 100 + i), WORKERS, "one",
                                seconds)
-        if row.get("error"):
-            return {"workers": WORKERS, "error": row["error"]}
         peer = TorchRpcPeer(row["option"], sizes_one) if row["peer"] == "torch_rpc" else RayPeer(sizes_one)
         try:
             return peer.workers(WORKERS, seconds)
@@ -221,11 +221,12 @@ class OptserveWorker:
             if api == "zero-copy":
                 buffers = opt.gradient_buffers()
                 for name, grad in grads.items():
-                    np.copyto(buffers[name].reshape(grad.shape), grad)
+                    np.copyto(buffers[name], grad.reshape(buffers[name].shape))  # into the view itself
                 grads = buffers
             self._opts[layout], self._grads[layout] = opt, grads
 
     def round_trip(self, layout: str) -> None:
+        """One push of the layout's gradients, then one pull of its weights."""
         opt = self._opts[layout]
         opt.push(self._grads[layout])
         if self._api == "zero-copy":
@@ -236,6 +237,7 @@ class OptserveWorker:
             self._pulled[layout] = opt.pull()
 
     def close(self) -> None:
+        """Closes the worker's client."""
         self._client.close()
 
 
