@@ -19,7 +19,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
+# The full run holds optserve against PyTorch RPC and Ray: the peers extra installs them (tests never need it).
 bench: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[peers]"
 	$(VENV)/bin/optserve bench --json bench.json
 
 # Regenerates the committed stubs in client/generated from proto/ (tests check they are fresh).

@@ -81,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--quick", action="store_true", help="small sizes, well under a minute (a CI smoke test)")
     bench.add_argument("--json", help="also write the results to this JSON file")
     bench.add_argument("--plot", default="optserve-bench.png", help="where to write the PNG plot (default %(default)s)")
+    bench.add_argument("--peers", action=argparse.BooleanOptionalAction, default=None,
+                       help="run PyTorch RPC and Ray beside optserve (default: in a full run, not with --quick; "
+                            "needs optserve[peers])")
 
     for name, text in [("status", "print a table of a server's optimizers"),
                        ("health", "exit 0 if a server's service is SERVING (for probes), 1 otherwise")]:
@@ -106,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         from optserve.server.bench import run_bench
 
-        return run_bench(quick=args.quick, json_path=args.json, plot_path=args.plot)
+        return run_bench(quick=args.quick, json_path=args.json, plot_path=args.plot, peers=args.peers)
     if args.command == "status":
         return _status(args)
     return _health(args)

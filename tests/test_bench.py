@@ -12,8 +12,9 @@ pytest.importorskip("psutil", reason="optserve bench needs the bench extra")
 
 from optserve.server.bench import mixed_sizes  # noqa: E402 (after the skips)
 
-SECTIONS = ("environment", "bandwidth", "step", "transfer", "server_model", "round_trip", "workers", "chunk_size",
-            "memory", "durability")
+SECTIONS = ("environment", "bandwidth", "step", "transfer", "server_model", "round_trip", "workers", "versus",
+            "chunk_size", "memory", "durability")
+TARGET_SECTIONS = {"step", "transfer", "round_trip", "workers", "versus", "memory"}
 
 
 def test_quick_bench_reports_every_section_and_writes_the_plot(tmp_path: Path) -> None:
@@ -58,6 +59,25 @@ def test_quick_bench_reports_every_section_and_writes_the_plot(tmp_path: Path) -
     rounds = results["workers"]["sync_rounds"]
     assert [(r["workers"], r["pushes"]) for r in results["workers"]["sync_rows"]] == [(2, 2 * rounds), (4, 4 * rounds)]
 
+    versus = results["versus"]
+    assert versus["params"] == 1_000_000 and versus["tensors"] == {"one": 1, "mixed": 100}
+    assert versus["peers_run"] is False  # a quick run leaves the peers out unless --peers asks for them
+    floors = versus["floors"]
+    assert floors["tcp_floor_ms"] > floors["adam_bound_ms"] > 0 and floors["shm_floor_ms"] > floors["adam_bound_ms"]
+    rows = {r["system"]: r for r in versus["rows"]}
+    assert set(rows) == {"optserve local zero-copy", "optserve local", "optserve network", "optserve grpc",
+                         "torch rpc tensorpipe default", "torch rpc tcp", "ray actor"}
+    grpc_row = rows["optserve grpc"]  # the portable path runs everywhere; the others may report an error
+    assert grpc_row["one_ms"] > 0 and grpc_row["mixed_ms"] > 0 and grpc_row["workers_round_trips_per_s"] > 0
+    assert grpc_row["server_transports"] == ["grpc"]
+    for row in rows.values():
+        if row["kind"] == "peer":
+            assert row["skipped"] and row["error"]
+        else:  # every optserve row either ran both layouts or says why not
+            assert ("one_ms" in row and "mixed_ms" in row) or row.get("error") or row.get("errors"), row
+    assert len(versus["ratios"]) == 4 * 3
+    assert {t["name"].split(" 1M")[0] for t in versus["targets"]} >= {"same host round trip", "network round trip"}
+
     memory = results["memory"]
     assert memory["peak"]["peak_rss"] >= memory["peak"]["idle_rss"] > 0
     assert memory["growth"]["pushes"] == 200 and len(memory["growth"]["samples"]) >= 10
@@ -67,15 +87,15 @@ def test_quick_bench_reports_every_section_and_writes_the_plot(tmp_path: Path) -
 
     # Every target is reported, met or not, in the JSON and in the printed tables.
     targets = results["targets"]
-    assert {t["section"] for t in targets} == {"step", "transfer", "round_trip", "workers", "memory"}
+    assert {t["section"] for t in targets} == TARGET_SECTIONS
     assert all(isinstance(t["met"], bool) for t in targets)
-    for section in ("step", "transfer", "round_trip", "workers", "memory"):
+    for section in TARGET_SECTIONS:
         assert results[section]["targets"], section
     chunk = results["chunk_size"]
     assert [r["chunk_kib"] for r in chunk["rows"]] == [256, 1024, 3584] and chunk["best_chunk_kib"] in (256, 1024, 3584)
     assert "targets met" in run.stdout
     for title in ("Adam step", "push / pull throughput", "server model", "round trip", "concurrent workers",
-                  "sync rounds", "chunk size", "server memory", "durability"):
+                  "sync rounds", "optserve vs peers", "chunk size", "server memory", "durability"):
         assert title in run.stdout, title
     assert (tmp_path / "optserve-bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -98,3 +118,29 @@ def test_the_readme_probes_run_and_report_what_they_measured() -> None:
     run = subprocess.run([sys.executable, "-m", "optserve.server.bench.probes"], capture_output=True, text=True,
                          timeout=120)
     assert run.returncode != 0 and "checked-step" in run.stderr  # no command: the usage, and a failure status
+
+
+def test_a_failing_worker_process_is_an_error_string_never_a_crash() -> None:
+    """A system that cannot start or cannot run a round trip reports its error; the bench goes on."""
+    from optserve.server.bench.drivers import BenchError, Driver
+
+    with pytest.raises(BenchError, match="JSONDecodeError"):
+        Driver("json:loads", "{not json")  # the factory raises in the child
+    driver = Driver("builtins:dict")  # builds, but has no round_trip
+    try:
+        with pytest.raises(BenchError, match="AttributeError"):
+            driver.round_trip("one")
+        assert driver.call("__len__") == 0  # the worker still answers after an error
+    finally:
+        driver.close()
+    assert not driver.process.is_alive()
+
+
+def test_a_peer_whose_package_is_missing_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from optserve.server.bench import peer_servers
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    assert peer_servers.missing("ray").startswith("not installed: ray")

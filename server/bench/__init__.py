@@ -28,6 +28,14 @@ machine. One function per section, each returning a plain dict:
   transfer (the rest).
 - `measure_workers` (`transfer`): 1, 2, 4 worker processes pushing to one
   optimizer.
+- `measure_versus` (`versus`): optserve on each transport ("local" shared
+  memory with the zero-copy API and the plain one, "network", "grpc") against
+  PyTorch RPC (TensorPipe default, and TCP only) and a Ray actor parameter
+  server (`peer_servers`), on the same round trip (push 10M gradients, one
+  Adam step, pull the weights) as one tensor and as 100, and 4 workers at
+  once, every system in its own processes (`drivers`), against the TCP floor
+  and the shared-memory floor measured in the same reps. The peers need the
+  `peers` extra; a quick run skips them unless `--peers` asks.
 - `measure_chunk_sizes` (`transfer`): the same push cut into chunks of
   different sizes by the client.
 - `measure_memory` (`server_stats`): the server's peak RSS against the state

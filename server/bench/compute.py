@@ -114,7 +114,8 @@ def measure_step(param_counts: Sequence[int], reps: int, bandwidth_gb_s: float) 
     targets = []
     for row in rows:
         what = f"{row['params'] / 1e6:g}M {row['layout']} ({row['tensors']} tensors)"
-        targets.append(make_target("step", f"step {what} vs bandwidth bound", row["server_vs_bound"], "<=", 1.2))
+        limit = 1.2 if row["layout"] == "flat" else 1.3  # the targets: 1.2x on one tensor, 1.3x on 100
+        targets.append(make_target("step", f"step {what} vs bandwidth bound", row["server_vs_bound"], "<=", limit))
         targets.append(make_target("step", f"step {what} vs optax", row["server_vs_optax"], "<=", 1.0))
     return {"rows": rows, "targets": targets}
 

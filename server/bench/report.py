@@ -119,6 +119,43 @@ def print_workers(workers: dict) -> None:
                 ["workers", "pushes", "seconds", "rounds/s", "MB/s", "median push ms"], rows, target=False)
 
 
+def print_versus(versus: dict) -> None:
+    """Prints "optserve vs peers": each system's round trip in ms and as a ratio to each floor, and 4 workers' rate."""
+    f = versus["floors"]
+    rows = []
+    for r in versus["rows"]:
+        cells = [r["system"]]
+        for layout in ("one", "mixed"):
+            ms = r.get(f"{layout}_ms")
+            cells += [f"{ms:.1f}", f"{r[f'{layout}_vs_tcp_floor']:.2f}x", f"{r[f'{layout}_vs_shm_floor']:.2f}x"] \
+                if ms is not None else ["-", "-", "-"]
+        rate = r.get("workers_round_trips_per_s")
+        cells.append(f"{rate:.1f}" if rate is not None else "-")
+        cells.append("+".join(r.get("server_transports", [])) or "-")
+        errors = {**r.get("errors", {}), **({"workers": r["workers"]["error"]}
+                                             if "error" in (r.get("workers") or {}) else {})}
+        cells.append(r.get("error") or "; ".join(f"{k}: {v}" for k, v in errors.items()))
+        rows.append(cells)
+    n = versus["params"] / 1e6
+    print_table(f"optserve vs peers: push {n:g}M float32 + one Adam step + pull {n:g}M weights (ms, medians of "
+                f"{versus['reps']}; x the TCP floor {f['tcp_floor_ms']:.1f} ms and the shared-memory floor "
+                f"{f['shm_floor_ms']:.1f} ms)",
+                ["system", "1 tensor", "x TCP", "x shm", f"{versus['tensors']['mixed']} tensors", "x TCP", "x shm",
+                 f"{versus['workers']} workers rt/s", "server saw", "error"], rows)
+    print(f"TCP floor {f['tcp_floor_ms']:.1f} ms = raw TCP push {f['tcp_push_ms']:.1f} + pull {f['tcp_pull_ms']:.1f} "
+          f"+ Adam bound {f['adam_bound_ms']:.1f}; shared-memory floor {f['shm_floor_ms']:.1f} ms = copy in "
+          f"{f['copy_in_ms']:.1f} + copy out {f['copy_out_ms']:.1f} + Adam bound {f['adam_bound_ms']:.1f}")
+    print(versus["note"])
+    ratios = [[e["optserve"], e["peer"]] + [f"{e[k]:.2f}x" if e[k] is not None else "-"
+                                            for k in ("one_time_ratio", "mixed_time_ratio", "workers_rate_ratio")]
+              for e in versus["ratios"]]
+    if any(any(cell != "-" for cell in row[2:]) for row in ratios):
+        print_table("optserve / peer (time ratios: < 1 is faster; rate ratio: > 1 is more round trips/s)",
+                    ["optserve", "peer", "1 tensor", "100 tensors", "workers rate"], ratios, target=False)
+    print_table("optserve vs peers: targets", ["target", "result"],
+                [[t["name"], target_text(t)] for t in versus["targets"]])
+
+
 def print_memory(memory: dict) -> None:
     """Prints the server's peak RSS against its state and its RSS growth over pushes, with their targets."""
     p, g = memory["peak"], memory["growth"]

@@ -5,7 +5,7 @@ import io
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from optserve.server.bench.report import (
     print_step,
     print_table,
     print_transfer,
+    print_versus,
     print_workers,
     target_text,
     write_plot,
@@ -33,6 +34,7 @@ from optserve.server.bench.transfer import (
     measure_transfer,
     measure_workers,
 )
+from optserve.server.bench.versus import measure_versus
 from optserve.server.launch import ServerProcess
 
 
@@ -58,6 +60,10 @@ class Plan:
     growth_pushes: int
     durability_params: int
     durability_pushes: int
+    versus_params: int  # parameters of a round trip in "optserve vs peers"
+    versus_reps: int
+    versus_worker_seconds: float
+    peers: bool  # run PyTorch RPC and Ray in "optserve vs peers" (--peers / --no-peers override)
     chunk_kib: tuple[int, ...] = (256, 512, 1024, 2048, 3584)  # client chunk sizes compared
     chunk_mb: int = 40  # push size of the chunk-size comparison
 
@@ -67,24 +73,31 @@ QUICK = Plan(bandwidth_bytes=128 * MB, bandwidth_reps=3, step_params=(1_000_000,
              round_trip_params=1_000_000, round_trip_reps=5,
              worker_counts=(1, 2, 4), worker_params=1_000_000, worker_seconds=1.0, sync_rounds=10,
              peak_params=1_000_000, growth_params=1_000_000, growth_pushes=200,
-             durability_params=1_000_000, durability_pushes=10, chunk_kib=(256, 1024, 3584), chunk_mb=16)
+             durability_params=1_000_000, durability_pushes=10, versus_params=1_000_000, versus_reps=3,
+             versus_worker_seconds=1.0, peers=False, chunk_kib=(256, 1024, 3584), chunk_mb=16)
 FULL = Plan(bandwidth_bytes=256 * MB, bandwidth_reps=7, step_params=(1_000_000, 10_000_000, 50_000_000), step_reps=11,
             transfer_mb=(4, 40, 200), transfer_target_mb=40, transfer_reps=9,
             round_trip_params=10_000_000, round_trip_reps=15,
             worker_counts=(1, 2, 4), worker_params=10_000_000, worker_seconds=6.0, sync_rounds=30,
             peak_params=50_000_000, growth_params=1_000_000, growth_pushes=2000,
-            durability_params=10_000_000, durability_pushes=30)
+            durability_params=10_000_000, durability_pushes=30, versus_params=10_000_000, versus_reps=9,
+            versus_worker_seconds=6.0, peers=True)
 
 
 def run_bench(quick: bool = False, json_path: str | None = None,
-              plot_path: str | None = "optserve-bench.png") -> int:
-    """Runs every section, prints a table per section, writes the JSON and the plot; returns an exit status."""
+              plot_path: str | None = "optserve-bench.png", peers: bool | None = None) -> int:
+    """Runs every section, prints a table per section, writes the JSON and the plot; returns an exit status.
+
+    `peers` runs PyTorch RPC and Ray beside optserve (None: the plan's choice, off in a quick run).
+    """
     missing = [name for name in ("optax", "psutil", "matplotlib") if not _importable(name)]
     if missing:
         print(f"optserve bench needs {', '.join(missing)}: pip install 'optserve[server,bench]'")
         return 2
     _quiet_gpu_preallocation()
     plan = QUICK if quick else FULL
+    if peers is not None:
+        plan = replace(plan, peers=peers)
     started = time.perf_counter()
     results: dict[str, Any] = {"quick": quick, "plan": asdict(plan)}
 
@@ -117,6 +130,9 @@ def run_bench(quick: bool = False, json_path: str | None = None,
             results["workers"] = measure_workers(server.address, plan.worker_counts, plan.worker_params,
                                                  plan.worker_seconds, plan.sync_rounds)
             print_workers(results["workers"])
+            results["versus"] = measure_versus(server.address, metrics, raw_tcp, plan.versus_params, plan.versus_reps,
+                                               plan.versus_worker_seconds, bw["best_gb_s"], plan.peers)
+            print_versus(results["versus"])
             results["chunk_size"] = measure_chunk_sizes(server.address, plan.chunk_mb, plan.chunk_kib,
                                                         plan.transfer_reps)
             print_table(f"push {plan.chunk_mb} MB by client chunk size (medians)", ["chunk KiB", "push ms", "MB/s"],
@@ -133,7 +149,8 @@ def run_bench(quick: bool = False, json_path: str | None = None,
     results["durability"] = measure_durability(plan.durability_params, plan.durability_pushes)
     print_durability(results["durability"], plan)
 
-    results["targets"] = targets = [t for section in ("step", "transfer", "round_trip", "workers", "memory")
+    results["targets"] = targets = [t for section in ("step", "transfer", "round_trip", "workers", "versus",
+                                                                   "memory")
                                     for t in results[section]["targets"]]
     results["elapsed_s"] = time.perf_counter() - started
     env["load_average_at_end"] = load_average()

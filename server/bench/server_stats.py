@@ -165,6 +165,18 @@ class ServerMetrics:
         return values[0], values[1]
 
 
+    def bytes_by_transport(self, optimizer: str) -> dict[str, float]:
+        """Tensor bytes one optimizer has received and sent so far, by the transport the server counted them on."""
+        with urllib.request.urlopen(self.url, timeout=30) as reply:
+            text = reply.read().decode()
+        totals: dict[str, float] = {}
+        pattern = rf'^optserve_(?:received|sent)_bytes_total\{{(?=[^}}]*optimizer="{re.escape(optimizer)}")' \
+                  r'[^}]*transport="([^"]+)"[^}]*\} (\S+)$'
+        for transport, value in re.findall(pattern, text, re.MULTILINE):
+            totals[transport] = totals.get(transport, 0.0) + float(value)
+        return totals
+
+
 def server_device(server: ServerProcess) -> str:
     """The JAX device the server reported in its "listening on" log line."""
     match = next((m for m in map(re.compile(r"JAX device: (.+)\)\s*$").search, server.lines) if m), None)
