@@ -55,6 +55,7 @@ class OptserveServer:
     admission: Admission | None = None
     security: ServerSecurity | None = None
     metrics_port: int | None = None  # where /metrics is served, once open
+    service: OptimizerService | None = None
 
     def open(self, options: ServerOptions | None = None) -> None:
         """Starts /metrics (if asked), restores the data dir, then reports SERVING and starts checkpointing."""
@@ -79,6 +80,8 @@ class OptserveServer:
         self.server.stop(grace).wait()
         if self.admission is not None:
             self.admission.close()
+        if self.service is not None:
+            self.service.segments.close()
         return self.registry.save_all()
 
 
@@ -103,7 +106,8 @@ def create_server(options: ServerOptions, interceptors: Sequence[grpc.ServerInte
         options=TRANSPORT_OPTIONS,
         maximum_concurrent_rpcs=options.max_concurrent_rpcs,
     )
-    add_service(OptimizerService(registry, options, admission), server)
+    servicer = OptimizerService(registry, options, admission)
+    add_service(servicer, server)
     health_servicer = health.HealthServicer(  # Watch holds no thread: it answers from set()
         experimental_non_blocking=True, experimental_thread_pool=None)
     for service in ("", SERVICE_NAME):
@@ -114,7 +118,7 @@ def create_server(options: ServerOptions, interceptors: Sequence[grpc.ServerInte
     if port == 0:
         raise OSError(f"cannot bind {options.host}:{options.port}")
     log.info("bound %s:%d: %s", options.host, port, security.description)
-    return OptserveServer(server, port, registry, health_servicer, admission, security)
+    return OptserveServer(server, port, registry, health_servicer, admission, security, service=servicer)
 
 
 def serve(options: ServerOptions) -> int:

@@ -6,6 +6,7 @@ that maps them; anything unexpected becomes INTERNAL with its traceback logged.
 """
 
 import contextlib
+import hashlib
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -24,6 +25,7 @@ from optserve.server.errors import FailedPrecondition, InvalidArgument, Optserve
 from optserve.server.options import ServerOptions
 from optserve.server.optimizer import Optimizer
 from optserve.server.registry import Registry
+from optserve.server.shared_memory import SegmentTable
 from optserve.v1 import optserve_pb2 as pb
 from optserve.v1 import optserve_pb2_grpc as pb_grpc
 
@@ -46,6 +48,9 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
         self._buffers = BufferPool(MemoryBudget(limit, registry.metrics.inflight_bytes.set))
         log.info("requests in flight may hold %d bytes of tensors (max_inflight_bytes)", limit)
         self._admission = admission  # the budgets of calls that wait
+        self.segments = SegmentTable(options.shm_dir, options.shm_idle_timeout, options.shm_max_segments,
+                                     options.shm_max_segments_per_optimizer, self._buffers.budget,
+                                     registry.metrics.shared_memory_segments.set)
         self._waker = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="optserve-waker")
 
     def CreateOptimizer(self, request_iterator, context) -> pb.OptimizerInfo:
@@ -66,7 +71,9 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
         return pb.ListOptimizersResponse(optimizers=[codec.info_to_wire(o.info()) for o in self._registry.list()])
 
     def DeleteOptimizer(self, request, context) -> pb.DeleteOptimizerResponse:
+        optimizer = self._registry.get(request.name)
         self._registry.delete(request.name)
+        self.segments.forget(optimizer)
         log.info("deleted optimizer %r", request.name)
         return pb.DeleteOptimizerResponse()
 
@@ -74,7 +81,7 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
         header, chunks = codec.split_push(request_iterator)
         optimizer = self._registry.get(header.optimizer)
         transport = _TRANSPORT_OF[header.WhichOneof("source")]
-        if transport != "grpc":  # the same-host and bulk paths plug in here
+        if transport not in ("grpc", "shared_memory"):  # the bulk path plugs in here
             raise FailedPrecondition(f"{header.WhichOneof('source')}: this server has no {transport} transport")
         try:
             # The call holds the receive buffer until the push returns; a sync round that keeps the gradients
@@ -84,8 +91,11 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
                 if waits:
                     holds.enter_context(self._admission.admit("waiting", context.peer()))
                 lease = holds.enter_context(self._buffers.lease("gradients"))
-                grads = codec.decode_gradients(header, chunks, optimizer.shapes, self._options.max_request_bytes,
-                                               into=lease.reserve)
+                if transport == "shared_memory":
+                    grads = self._segment_gradients(header, chunks, optimizer, context, lease, holds)
+                else:
+                    grads = codec.decode_gradients(header, chunks, optimizer.shapes,
+                                                   self._options.max_request_bytes, into=lease.reserve)
                 self._registry.metrics.bytes_received.labels(optimizer.name, transport).inc(
                     _nbytes(a for g in grads.values() for a in (g if isinstance(g, tuple) else (g,))))
                 result = optimizer.push(
@@ -107,7 +117,7 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
         kind = codec.decode_state_kind(request.kind)
         optimizer = self._registry.get(request.optimizer)
         transport = _TRANSPORT_OF[request.WhichOneof("destination")]
-        if transport != "grpc":  # the same-host and bulk paths plug in here
+        if transport not in ("grpc", "shared_memory"):  # the bulk path plugs in here
             raise FailedPrecondition(f"{request.WhichOneof('destination')}: this server has no {transport} transport")
         min_version = request.min_version if request.HasField("min_version") else None
         # The snapshot's buffer goes back to the pool once sent: each message is a copy of its bytes.
@@ -115,13 +125,19 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
         with contextlib.ExitStack() as holds:
             if min_version is not None:
                 holds.enter_context(self._admission.admit("waiting", context.peer()))
-            lease = holds.enter_context(self._buffers.lease("pull", charged=False))
+            if transport == "shared_memory":  # one copy, out of the state into the segment; the reply is the header
+                segment = holds.enter_context(self.segments.use(
+                    request.shared_memory_session, optimizer, _caller(context), "pull"))
+                into = segment.weights_into
+            else:
+                lease = holds.enter_context(self._buffers.lease("pull", charged=False))
+                into = lambda nbytes: lease.reserve(nbytes, nbytes)  # noqa: E731
             version, iterations, arrays = optimizer.pull(
-                kind, request.names, min_version, _wait_budget(context),
-                into=lambda nbytes: lease.reserve(nbytes, nbytes),
+                kind, request.names, min_version, _wait_budget(context), into=into,
                 cancelled=None if min_version is None else self._cancellation(context, optimizer))
             self._registry.metrics.bytes_sent.labels(optimizer.name, transport).inc(_nbytes(a for _, a in arrays))
-            yield from codec.encode_pull(version, iterations, arrays)
+            yield from codec.encode_pull(version, iterations, arrays, with_bytes=transport == "grpc")
+            del arrays  # views of the segment: gone before it may be freed
 
     def FinalizeOptimizer(self, request, context) -> pb.OptimizerInfo:
         optimizer = self._registry.get(request.name)
@@ -130,6 +146,28 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
 
     def SaveOptimizer(self, request, context) -> pb.SaveOptimizerResponse:
         return pb.SaveOptimizerResponse(version=self._registry.get(request.name).save())
+
+    def OpenSharedMemory(self, request, context) -> pb.SharedMemorySegment:
+        optimizer = self._registry.get(codec.validate_name(request.optimizer, "optimizer"))
+        segment = self.segments.open(optimizer, optimizer.name, optimizer.shapes, _caller(context))
+        return codec.segment_to_wire(segment)
+
+    def CloseSharedMemory(self, request, context) -> pb.CloseSharedMemoryResponse:
+        self.segments.close_session(request.session, _caller(context))
+        return pb.CloseSharedMemoryResponse()
+
+    def _segment_gradients(self, header: pb.PushHeader, chunks: Iterator, optimizer: Optimizer,
+                           context: grpc.ServicerContext, lease, holds: contextlib.ExitStack) -> dict:
+        """A push's gradients from its segment, copied into `lease` first: checks, log and step see those bytes.
+
+        The segment stays held (one push at a time on it) until the push returns.
+        """
+        if next(chunks, None) is not None:
+            raise InvalidArgument("chunks: a push from shared memory is the header alone")
+        segment = holds.enter_context(self.segments.use(header.shared_memory_session, optimizer, _caller(context),
+                                                        "push"))
+        codec.check_segment_push(header, optimizer.shapes)  # before a byte is copied
+        return segment.layout.views(segment.copy_gradients(lease.reserve))
 
     def _cancellation(self, context: grpc.ServicerContext, optimizer: Optimizer) -> threading.Event:
         """An event set when the call ends (cancelled, its client gone), which also wakes the call's wait.
@@ -146,6 +184,17 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
         if not context.add_callback(on_end):  # ended already
             cancelled.set()
         return cancelled
+
+
+def _caller(context: grpc.ServicerContext) -> str:
+    """A digest of who calls: the bearer token sent and the client certificate's identities (mTLS)."""
+    digest = hashlib.sha256()
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            digest.update(b"token:" + (value.encode() if isinstance(value, str) else value) + b"\0")
+    for identity in context.peer_identities() or ():
+        digest.update(b"peer:" + identity + b"\0")
+    return digest.hexdigest()
 
 
 def _nbytes(arrays) -> int:

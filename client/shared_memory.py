@@ -1,0 +1,252 @@
+"""The client's same-host path: tensor bytes through a segment the server maps too, not through gRPC.
+
+On a client's first push or pull of an optimizer (transport "auto" or "local"),
+`LocalTransport` asks the server for a segment (OpenSharedMemory), opens the
+file it names and checks the nonce there: a missing file or another nonce means
+the server is on another host (or in another mount namespace). A push copies the
+arrays into the segment's gradient region (nothing, for arrays that already are
+its views: `gradient_buffers`) and sends the header alone; a pull asks the server
+to write the weights into the weights region, then copies them out (or, with
+`copy=False`, returns views of it, valid until the next pull).
+"""
+
+import mmap
+import os
+import stat
+import threading
+from collections.abc import Callable, Mapping
+
+import grpc
+import numpy as np
+
+from optserve.wire.chunks import encode_stream
+from optserve.wire.layout import ChunkBuffer, FlatLayout, aligned_empty, padded_bytes
+from optserve.v1 import optserve_pb2 as pb
+
+NOT_SAME_HOST = "not_same_host"  # a segment this client cannot use, and will not ask for again
+_FALL_BACK = frozenset({grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.FAILED_PRECONDITION})  # no shm there
+_OPEN_RETRY = frozenset({grpc.StatusCode.UNAVAILABLE})  # a lost reply leaks a segment until its idle timeout
+
+
+class ClientSegment:
+    """One mapped segment: its session, layout, regions and the locks that keep one push and one pull on it."""
+
+    def __init__(self, reply: pb.SharedMemorySegment):
+        self.session = reply.session
+        self.layout = FlatLayout({t.name: tuple(t.shape) for t in reply.tensors})
+        fd = os.open(reply.path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)  # FileNotFoundError: another host
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_size < reply.size:
+                raise ValueError(f"{reply.path} is not the segment the server made")
+            self._mapping = mmap.mmap(fd, reply.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)  # the mapping keeps the pages
+        if self._mapping[:len(reply.nonce)] != reply.nonce or not reply.nonce:
+            self.close()
+            raise ValueError(f"{reply.path} holds another nonce: a file of another host")
+        nbytes = self.layout.nbytes
+        self.gradients = np.frombuffer(self._mapping, np.float32, self.layout.size, reply.gradients_offset)
+        self.weights = np.frombuffer(self._mapping, np.uint8, nbytes, reply.weights_offset)
+        self.push_lock = threading.Lock()
+        self.pull_lock = threading.Lock()
+
+    def gradient_views(self) -> dict[str, np.ndarray]:
+        """Writable float32 views of the gradient region, one per tensor in layout order."""
+        return self.layout.views(self.gradients)
+
+    def write_gradients(self, header: pb.PushHeader, arrays: list[np.ndarray]) -> bool:
+        """Copies a push's arrays into the gradient region; False when the push does not fit it (sparse, not float32)."""
+        if self.gradients is None or len(header.gradients) != len(arrays):  # closed meanwhile, or sparse
+            return False
+        views = self.gradient_views()
+        for spec, array in zip(header.gradients, arrays):
+            view = views.get(spec.name)
+            if (spec.sparse or spec.dtype != pb.DATA_TYPE_FLOAT32 or view is None
+                    or tuple(spec.shape) != view.shape or array.shape != view.shape):
+                return False
+        if set(views) != {spec.name for spec in header.gradients}:
+            return False  # the server refuses it: let the stream carry it, for the usual answer
+        for spec, array in zip(header.gradients, arrays):
+            view = views[spec.name]
+            if not _is_view(array, view):  # a gradient computed in place needs no copy
+                np.copyto(view, array)
+        return True
+
+    def read(self, header: pb.PullHeader, sizes: list[int], copy: bool, buffer: np.ndarray | None) -> tuple:
+        """The pulled tensors from the weights region: copied into `buffer` (or a fresh one), or views of it."""
+        total = padded_bytes(sizes)
+        if total > len(self.weights):
+            raise ValueError(f"the pull declares {total} bytes, the weights region holds {len(self.weights)}")
+        if copy:
+            buffer = aligned_empty(total) if buffer is None else buffer
+            np.copyto(buffer[:total], self.weights[:total])
+        else:
+            buffer = self.weights
+        return ChunkBuffer(sizes, ValueError, buffer), buffer if copy else None
+
+    def close(self) -> None:
+        """Unmaps the segment, unless arrays still view it (then the garbage collector does, later)."""
+        self.gradients = self.weights = None
+        try:
+            self._mapping.close()
+        except BufferError:
+            pass
+
+
+class LocalTransport:
+    """A client's segments, one per optimizer, opened on first use; None entries: not the same host."""
+
+    def __init__(self, client, required: bool):
+        self._client = client
+        self._required = required  # transport "local": an error where "auto" falls back
+        self._segments: dict[str, ClientSegment | str] = {}
+        self._lock = threading.Lock()
+
+    def segment(self, optimizer: str, reopen: ClientSegment | None = None) -> ClientSegment | None:
+        """The optimizer's segment, opened now if needed (or replacing `reopen`, which the server forgot)."""
+        with self._lock:
+            known = self._segments.get(optimizer)
+            if known is NOT_SAME_HOST:
+                return None
+            if known is not None and known is not reopen:
+                return known
+            if reopen is not None:
+                self._segments.pop(optimizer, None)
+                reopen.close()
+            segment = self._open(optimizer)
+            if segment is not None:
+                self._segments[optimizer] = segment
+            return segment
+
+    def push(self, header: pb.PushHeader, arrays: list[np.ndarray], retry: frozenset) -> pb.PushGradientsResponse | None:
+        """Sends a push through the segment; None when it must go by the stream (sparse, or no segment)."""
+        from optserve.client.client import OptserveError
+
+        segment = self.segment(header.optimizer)
+        for attempt in range(2):  # a session the server forgot (restart, idle timeout) is reopened once
+            if segment is None:
+                return None
+            with segment.push_lock:
+                if not segment.write_gradients(header, arrays):
+                    return None
+                sent = pb.PushHeader()
+                sent.CopyFrom(header)
+                sent.shared_memory_session = segment.session
+                try:
+                    return self._client._call(self._client._push, lambda: encode_stream(sent, ()), retry)
+                except OptserveError as err:
+                    if attempt or not _forgotten(err):
+                        raise
+            segment = self.segment(header.optimizer, reopen=segment)
+        return None
+
+    def pull(self, request: pb.PullWeightsRequest, check: Callable, into, timeout: float | None,
+             copy: bool):
+        """Runs a pull through the segment; None when there is none. `check(header, into)` gives the sizes."""
+        from optserve.client.client import OptserveError, Weights, _protocol_error
+
+        segment = self.segment(request.optimizer)
+        for attempt in range(2):
+            if segment is None:
+                return None
+            sent = pb.PullWeightsRequest()
+            sent.CopyFrom(request)
+            sent.shared_memory_session = segment.session
+            with segment.pull_lock:
+                try:
+                    header = self._client._call(_header_only(self._client._pull), lambda: sent,
+                                                frozenset({grpc.StatusCode.UNAVAILABLE}), timeout)
+                except OptserveError as err:
+                    if attempt or not _forgotten(err):
+                        raise
+                    segment = self.segment(request.optimizer, reopen=segment)
+                    continue
+                shapes, sizes = check(header, into)
+                try:
+                    slots, buffer = segment.read(header, sizes, copy, None if into is None else into._buffer)
+                except ValueError as err:
+                    raise _protocol_error(str(err)) from None
+            tensors = {spec.name: slots.view(i, spec.dtype, shape)
+                       for i, (spec, shape) in enumerate(zip(header.tensors, shapes))}
+            return Weights(tensors, header.version, header.iterations, buffer)
+        return None
+
+    def gradient_buffers(self, optimizer: str) -> dict[str, np.ndarray] | None:
+        """Views of the optimizer's gradient region; None without a segment."""
+        segment = self.segment(optimizer)
+        return None if segment is None else segment.gradient_views()
+
+    def close(self) -> None:
+        """Frees every segment on the server (best effort) and unmaps it here."""
+        with self._lock:
+            segments, self._segments = self._segments, {}
+        for segment in segments.values():
+            if isinstance(segment, ClientSegment):
+                try:
+                    self._client._stub.CloseSharedMemory(pb.CloseSharedMemoryRequest(session=segment.session),
+                                                         timeout=min(self._client.timeout, 5.0))
+                except grpc.RpcError:
+                    pass  # the server frees it after its idle timeout
+                segment.close()
+
+    def _open(self, optimizer: str) -> ClientSegment | None:
+        """A new segment, or None (and, where it cannot work, NOT_SAME_HOST remembered); "local" raises instead."""
+        from optserve.client.client import OptserveError
+
+        try:
+            reply = self._client._call(self._client._stub.OpenSharedMemory,
+                                       lambda: pb.OpenSharedMemoryRequest(optimizer=optimizer), _OPEN_RETRY)
+        except OptserveError as err:
+            if err.code() == grpc.StatusCode.NOT_FOUND:
+                raise  # no such optimizer: the push or pull would say the same
+            if err.code() in _FALL_BACK:
+                return self._unusable(optimizer, f"the server offers no shared memory ({err.details()})")
+            if self._required:
+                raise
+            return None  # RESOURCE_EXHAUSTED, UNAVAILABLE: the stream this time, a segment next time
+        try:
+            return ClientSegment(reply)
+        except (OSError, ValueError) as err:
+            try:
+                self._client._stub.CloseSharedMemory(pb.CloseSharedMemoryRequest(session=reply.session),
+                                                     timeout=min(self._client.timeout, 5.0))
+            except grpc.RpcError:
+                pass
+            return self._unusable(optimizer, f"cannot map the server's segment {reply.path} ({err}); the server "
+                                             "is not on this host, or not in this mount namespace")
+
+    def _unusable(self, optimizer: str, why: str) -> None:
+        from optserve.client.client import OptserveError
+
+        if self._required:
+            raise OptserveError(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"transport 'local' needs shared memory with the server at {self._client.address}: "
+                                f"{why}; use transport 'auto' or 'network'")
+        self._segments[optimizer] = NOT_SAME_HOST
+        return None
+
+
+def _forgotten(err) -> bool:
+    """The server no longer knows the session (restarted, freed it when idle): reopen once."""
+    return err.code() == grpc.StatusCode.NOT_FOUND and err.details().startswith("shared_memory_session")
+
+
+def _header_only(pull: Callable) -> Callable:
+    """A pull whose reply is the header alone (the bytes are in the segment)."""
+    from optserve.client.client import _protocol_error
+
+    def call(request, **kwargs) -> pb.PullHeader:
+        responses = pull(request, **kwargs)
+        header = next(responses).header
+        for message in responses:
+            raise _protocol_error(f"a pull through shared memory sent a {message.WhichOneof('part')} after its header")
+        return header
+
+    return call
+
+
+def _is_view(array: np.ndarray, view: np.ndarray) -> bool:
+    """Whether `array` is exactly `view`'s memory (same start, shape and layout): no copy is needed."""
+    return (isinstance(array, np.ndarray) and array.dtype == view.dtype and array.shape == view.shape
+            and array.flags.c_contiguous and array.__array_interface__["data"][0] == view.__array_interface__["data"][0])
