@@ -20,9 +20,10 @@ import grpc
 import numpy as np
 
 from optserve.wire.chunks import encode_stream
-from optserve.wire.layout import ChunkBuffer, FlatLayout, aligned_empty, padded_bytes
+from optserve.wire.layout import ALIGNMENT, ChunkBuffer, FlatLayout, aligned_empty, padded_bytes
 from optserve.v1 import optserve_pb2 as pb
 
+MIN_NONCE_BYTES = 16
 NOT_SAME_HOST = "not_same_host"  # a segment this client cannot use, and will not ask for again
 _FALL_BACK = frozenset({grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.FAILED_PRECONDITION})  # no shm there
 _OPEN_RETRY = frozenset({grpc.StatusCode.UNAVAILABLE})  # a lost reply leaks a segment until its idle timeout
@@ -34,6 +35,7 @@ class ClientSegment:
     def __init__(self, reply: pb.SharedMemorySegment):
         self.session = reply.session
         self.layout = FlatLayout({t.name: tuple(t.shape) for t in reply.tensors})
+        _check_regions(reply, self.layout.nbytes)
         fd = os.open(reply.path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)  # FileNotFoundError: another host
         try:
             info = os.fstat(fd)
@@ -42,7 +44,7 @@ class ClientSegment:
             self._mapping = mmap.mmap(fd, reply.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)  # the mapping keeps the pages
-        if self._mapping[:len(reply.nonce)] != reply.nonce or not reply.nonce:
+        if self._mapping[:len(reply.nonce)] != reply.nonce:
             self.close()
             raise ValueError(f"{reply.path} holds another nonce: a file of another host")
         nbytes = self.layout.nbytes
@@ -225,6 +227,19 @@ class LocalTransport:
                                 f"{why}; use transport 'auto' or 'network'")
         self._segments[optimizer] = NOT_SAME_HOST
         return None
+
+
+def _check_regions(reply: pb.SharedMemorySegment, nbytes: int) -> None:
+    """ValueError unless both regions are aligned, apart, past the nonce and inside the file."""
+    regions = sorted([(reply.gradients_offset, "gradients_offset"), (reply.weights_offset, "weights_offset")])
+    if len(reply.nonce) < MIN_NONCE_BYTES:
+        raise ValueError(f"nonce: {len(reply.nonce)} bytes, fewer than {MIN_NONCE_BYTES}")
+    if regions[0][0] < len(reply.nonce) or regions[1][0] < regions[0][0] + nbytes or regions[1][0] + nbytes > reply.size:
+        raise ValueError(f"the regions of {nbytes} bytes at {reply.gradients_offset} and {reply.weights_offset} do "
+                         f"not fit apart in {reply.size} bytes after the nonce")
+    for offset, field in regions:
+        if offset % ALIGNMENT:
+            raise ValueError(f"{field}: {offset} is not a multiple of {ALIGNMENT}")
 
 
 def _forgotten(err) -> bool:
