@@ -69,6 +69,9 @@ class ClientSegment:
                 return False
         if set(views) != {spec.name for spec in header.gradients}:
             return False  # the server refuses it: let the stream carry it, for the usual answer
+        # another tensor's view (or part of the region) would be overwritten before it is read: copy it aside
+        arrays = [array.copy() if not _is_view(array, views[spec.name]) and np.may_share_memory(array, self.gradients)
+                  else array for spec, array in zip(header.gradients, arrays)]
         for spec, array in zip(header.gradients, arrays):
             view = views[spec.name]
             if not _is_view(array, view):  # a gradient computed in place needs no copy

@@ -43,6 +43,7 @@ log = logging.getLogger("optserve.shared_memory")
 PAGE = mmap.PAGESIZE
 NONCE_BYTES = 32
 UNLINK_AFTER = 5.0  # seconds a segment's name may stay in the shm dir before its first use
+ORPHAN_AGE = 60.0  # seconds after which a segment file still named in the shm dir is a crashed server's
 SESSION_PREFIX = "shm-"
 FILE_PREFIX = "optserve-"
 
@@ -114,6 +115,7 @@ class SegmentTable:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._reaper: threading.Thread | None = None
+        self._sweep_orphans()
 
     @property
     def count(self) -> int:
@@ -232,6 +234,19 @@ class SegmentTable:
         mapping[:NONCE_BYTES] = nonce
         return Segment(SESSION_PREFIX + secrets.token_hex(16), optimizer, name, owner, layout, path, size, nonce,
                        gradients_offset, weights_offset, fd, mapping, self.idle_timeout)
+
+    def _sweep_orphans(self) -> None:
+        """Removes segment files a crashed server left named (every live server unlinks its own within UNLINK_AFTER)."""
+        if self.directory is None or not self.directory.is_dir():
+            return
+        now = time.time()
+        for path in self.directory.glob(FILE_PREFIX + "*"):
+            with contextlib.suppress(OSError):
+                info = path.lstat()
+                if (len(path.name) == len(FILE_PREFIX) + 32 and path.is_file() and not path.is_symlink()
+                        and info.st_uid == os.getuid() and now - info.st_mtime > ORPHAN_AGE):
+                    path.unlink()
+                    log.info("removed %s, a segment file left by a server that stopped without freeing it", path)
 
     def _unlink(self, segment: Segment) -> None:
         if not segment.unlinked:

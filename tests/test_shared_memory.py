@@ -138,6 +138,19 @@ def test_trajectory_over_shared_memory_is_bitwise_the_stream_one(shm_server, loc
         assert all(views[k].tobytes() == copied[k].tobytes() for k in PARAMS)
 
 
+def test_views_of_the_segment_pushed_under_other_names_are_read_before_overwritten(shm_server, local, name):
+    square = {"p": np.zeros((3, 3), np.float32), "q": np.zeros((3, 3), np.float32)}
+    over_shm = local.create_optimizer(name, square)
+    buffers = over_shm.gradient_buffers()
+    buffers["p"][...], buffers["q"][...] = 1.0, -2.0
+    over_shm.push({"p": buffers["q"], "q": buffers["p"]})  # swapped
+    with Client(shm_server.address, transport="grpc") as stream:
+        reference = stream.create_optimizer(name + "-ref", square)
+        reference.push({"p": np.full((3, 3), -2.0, np.float32), "q": np.ones((3, 3), np.float32)})
+        got, want = over_shm.pull(), reference.pull()
+    assert all(got[k].tobytes() == want[k].tobytes() for k in square)
+
+
 def test_sparse_and_half_precision_pushes_go_by_the_stream(shm_server, local, name):
     optimizer = local.create_optimizer(name, PARAMS)
     from optserve.client import IndexedSlices
@@ -215,6 +228,20 @@ def test_opens_are_bounded_per_optimizer_and_in_all(shm_server, local, stub, nam
     assert outcomes[:100].count("ok") <= 8 and outcomes.count("ok") <= 12
     assert _segments(shm_server) <= 12
     wait_until(lambda: _segments(shm_server) == 0 and _files(shm_server) == [], "the idle segments freed", 30)
+
+
+def test_a_crashed_servers_named_segment_files_are_swept_at_start():
+    directory = Path(_shm_dir())
+    orphan, fresh = (directory / f"optserve-{c * 32}" for c in "ab")
+    for path in (orphan, fresh):
+        path.write_bytes(b"x")
+    os.utime(orphan, (1, 1))
+    running = RunningServer(ServerOptions(host="127.0.0.1", port=0, shm_dir=str(directory)))
+    try:
+        assert not orphan.exists() and fresh.exists()  # a live server's unused name may be fresh: kept
+    finally:
+        running.stop()
+        shutil.rmtree(directory)
 
 
 def test_segment_bytes_count_against_the_in_flight_budget():
