@@ -46,8 +46,10 @@ SERVE_FLAGS: dict[str, tuple[Any, str]] = {  # field -> (type, or a tuple of cho
                      "names; '' turns the same-host path off"),
     "shm_idle_timeout": (float, "seconds a same-host segment may go unused before it is freed (a dead "
                                 "client's segments are reclaimed after this)"),
-    "shm_max_segments": (int, "same-host segments open at once; their bytes count against --max-inflight-bytes"),
+    "shm_max_segments": (int, "same-host segments open at once"),
     "shm_max_segments_per_optimizer": (int, "of --shm-max-segments, those of one optimizer"),
+    "shm_max_bytes": (int, "bytes all same-host segments may hold (each twice its optimizer's tensors); unset: "
+                           "half of --max-inflight-bytes"),
     "log_format": (("text", "json"), "log lines for people or for log pipelines"),
     "log_level": (("DEBUG", "INFO", "WARNING", "ERROR"), "least severe log lines shown"),
     "tls_cert": (str, "PEM certificate chain; with --tls-key, serve TLS"),

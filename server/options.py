@@ -37,5 +37,6 @@ class ServerOptions:
     shm_idle_timeout: float = 60.0  # seconds a same-host segment may go unused before it is freed
     shm_max_segments: int = 256  # same-host segments open at once, in all
     shm_max_segments_per_optimizer: int = 32  # of those, for one optimizer
+    shm_max_bytes: int | None = None  # bytes of all same-host segments; None: half of max_inflight_bytes
     log_format: str = "text"  # "text" or "json"
     log_level: str = "INFO"

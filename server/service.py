@@ -49,7 +49,8 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
         log.info("requests in flight may hold %d bytes of tensors (max_inflight_bytes)", limit)
         self._admission = admission  # the budgets of calls that wait
         self.segments = SegmentTable(options.shm_dir, options.shm_idle_timeout, options.shm_max_segments,
-                                     options.shm_max_segments_per_optimizer, self._buffers.budget,
+                                     options.shm_max_segments_per_optimizer,
+                                     options.shm_max_bytes if options.shm_max_bytes is not None else limit // 2,
                                      registry.metrics.shared_memory_segments.set)
         self._waker = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="optserve-waker")
 

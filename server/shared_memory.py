@@ -15,8 +15,8 @@ runs as the server's user (0600): it could also signal the server, so its power
 to shrink the file under the server's mapping (a SIGBUS) grants it nothing new;
 the size is still checked before each copy.
 
-Segments are bounded (count per optimizer, count in all, bytes charged to the
-server's MemoryBudget) and freed when idle past the idle timeout, on close, when
+Segments are bounded (count per optimizer, count in all, bytes in all: a
+budget of their own, so idle segments never starve the pushes in flight) and freed when idle past the idle timeout, on close, when
 their optimizer is deleted, and at shutdown. This module knows no gRPC.
 """
 
@@ -34,7 +34,6 @@ from pathlib import Path
 
 import numpy as np
 
-from optserve.server.buffers import MemoryBudget
 from optserve.server.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from optserve.wire.layout import FlatLayout
 
@@ -104,12 +103,13 @@ class SegmentTable:
     """The open segments of one server, their limits, and the thread that frees idle ones."""
 
     def __init__(self, directory: str | None, idle_timeout: float, max_segments: int, max_per_optimizer: int,
-                 budget: MemoryBudget, on_count: Callable[[int], None] = lambda count: None):
+                 max_bytes: int, on_count: Callable[[int], None] = lambda count: None):
         self.directory = Path(directory) if directory else None
         self.idle_timeout = idle_timeout
         self.max_segments = max_segments
         self.max_per_optimizer = max_per_optimizer
-        self._budget = budget
+        self.max_bytes = max_bytes
+        self.bytes = 0  # of the open segments
         self._on_count = on_count
         self._segments: dict[str, Segment] = {}
         self._lock = threading.Lock()
@@ -138,12 +138,12 @@ class SegmentTable:
             if mine >= self.max_per_optimizer:
                 raise ResourceExhausted(f"optimizer: {name!r} holds its limit of {self.max_per_optimizer} "
                                         "shared-memory segments; close one or retry later")
-            self._budget.charge(size, "optimizer")  # under the lock: the count and the bytes agree
-            try:
-                segment = self._create(optimizer, name, layout, owner, size, gradients_offset, weights_offset)
-            except BaseException:
-                self._budget.refund(size)
-                raise
+            if self.bytes + size > self.max_bytes:
+                raise ResourceExhausted(f"optimizer: a {size}-byte segment would exceed this server's limit of "
+                                        f"{self.max_bytes} bytes of shared-memory segments (shm_max_bytes; "
+                                        f"{self.bytes} held); close one or retry later")
+            segment = self._create(optimizer, name, layout, owner, size, gradients_offset, weights_offset)
+            self.bytes += size
             self._segments[segment.session] = segment
             self._on_count(len(self._segments))
         self._start_reaper()
@@ -262,7 +262,7 @@ class SegmentTable:
         with contextlib.suppress(OSError):
             os.close(segment.fd)
         segment.fd = -1
-        self._budget.refund(segment.size)
+        self.bytes -= segment.size
         self._on_count(len(self._segments))
 
     def _start_reaper(self) -> None:

@@ -244,9 +244,9 @@ def test_a_crashed_servers_named_segment_files_are_swept_at_start():
         shutil.rmtree(directory)
 
 
-def test_segment_bytes_count_against_the_in_flight_budget():
+def test_segment_bytes_are_bounded():
     directory = _shm_dir()
-    running = RunningServer(ServerOptions(host="127.0.0.1", port=0, shm_dir=directory, max_inflight_bytes=700_000))
+    running = RunningServer(ServerOptions(host="127.0.0.1", port=0, shm_dir=directory, shm_max_bytes=700_000))
     try:
         with Client(running.address, transport="local") as client:
             client.create_optimizer("big", {"w": np.zeros(100_000, np.float32)})
