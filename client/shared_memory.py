@@ -24,6 +24,7 @@ from optserve.wire.layout import ALIGNMENT, ChunkBuffer, FlatLayout, aligned_emp
 from optserve.v1 import optserve_pb2 as pb
 
 MIN_NONCE_BYTES = 16
+MAX_SEGMENTS = 4  # per optimizer and client: calls beyond this many at once go by the stream
 NOT_SAME_HOST = "not_same_host"  # a segment this client cannot use, and will not ask for again
 _FALL_BACK = frozenset({grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.FAILED_PRECONDITION})  # no shm there
 _OPEN_RETRY = frozenset({grpc.StatusCode.UNAVAILABLE})  # a lost reply leaks a segment until its idle timeout
@@ -52,6 +53,10 @@ class ClientSegment:
         self.weights = np.frombuffer(self._mapping, np.uint8, nbytes, reply.weights_offset)
         self.push_lock = threading.Lock()
         self.pull_lock = threading.Lock()
+
+    def lock(self, purpose: str) -> threading.Lock:
+        """The lock of "push" or "pull": one call of each kind at a time on a segment."""
+        return self.push_lock if purpose == "push" else self.pull_lock
 
     def gradient_views(self) -> dict[str, np.ndarray]:
         """Writable float32 views of the gradient region, one per tensor in layout order."""
@@ -100,100 +105,126 @@ class ClientSegment:
 
 
 class LocalTransport:
-    """A client's segments, one per optimizer, opened on first use; None entries: not the same host."""
+    """A client's segments, a few per optimizer (one per concurrent call), opened on first use.
+
+    A call takes a segment no other call of its kind (push, pull) holds; when
+    every one is held, it opens another, up to MAX_SEGMENTS, and beyond them
+    goes by the stream: a sync round's pushes from threads of one client never
+    wait for each other.
+    """
 
     def __init__(self, client, required: bool):
         self._client = client
         self._required = required  # transport "local": an error where "auto" falls back
-        self._segments: dict[str, ClientSegment | str] = {}
+        self._segments: dict[str, list[ClientSegment] | str] = {}  # or NOT_SAME_HOST
         self._lock = threading.Lock()
 
-    def segment(self, optimizer: str, reopen: ClientSegment | None = None) -> ClientSegment | None:
-        """The optimizer's segment, opened now if needed (or replacing `reopen`, which the server forgot)."""
-        with self._lock:
-            known = self._segments.get(optimizer)
-            if known is NOT_SAME_HOST:
-                return None
-            if known is not None and known is not reopen:
-                return known
-            if reopen is not None:
-                self._segments.pop(optimizer, None)
-                reopen.close()
-            segment = self._open(optimizer)
-            if segment is not None:
-                self._segments[optimizer] = segment
-            return segment
-
     def push(self, header: pb.PushHeader, arrays: list[np.ndarray], retry: frozenset) -> pb.PushGradientsResponse | None:
-        """Sends a push through the segment; None when it must go by the stream (sparse, or no segment)."""
+        """Sends a push through a segment; None when it must go by the stream (sparse, or no segment free)."""
         from optserve.client.client import OptserveError
 
-        segment = self.segment(header.optimizer)
         for attempt in range(2):  # a session the server forgot (restart, idle timeout) is reopened once
+            segment = self._acquire(header.optimizer, "push")
             if segment is None:
                 return None
-            with segment.push_lock:
+            try:
                 if not segment.write_gradients(header, arrays):
                     return None
                 sent = pb.PushHeader()
                 sent.CopyFrom(header)
                 sent.shared_memory_session = segment.session
-                try:
-                    return self._client._call(self._client._push, lambda: encode_stream(sent, ()), retry)
-                except OptserveError as err:
-                    if attempt or not _forgotten(err):
-                        raise
-            segment = self.segment(header.optimizer, reopen=segment)
+                return self._client._call(self._client._push, lambda: encode_stream(sent, ()), retry)
+            except OptserveError as err:
+                if _busy(err):  # the server still holds it for an earlier try of this push: the stream
+                    return None
+                if attempt or not _forgotten(err):
+                    raise
+            finally:
+                segment.push_lock.release()
+            self._drop(header.optimizer, segment)
         return None
 
     def pull(self, request: pb.PullWeightsRequest, check: Callable, into, timeout: float | None,
              copy: bool):
-        """Runs a pull through the segment; None when there is none. `check(header, into)` gives the sizes."""
+        """Runs a pull through a segment; None when there is none free. `check(header, into)` gives the sizes."""
         from optserve.client.client import OptserveError, Weights, _protocol_error
 
-        segment = self.segment(request.optimizer)
         for attempt in range(2):
+            segment = self._acquire(request.optimizer, "pull")
             if segment is None:
                 return None
             sent = pb.PullWeightsRequest()
             sent.CopyFrom(request)
             sent.shared_memory_session = segment.session
-            with segment.pull_lock:
-                try:
-                    header = self._client._call(_header_only(self._client._pull), lambda: sent,
-                                                frozenset({grpc.StatusCode.UNAVAILABLE}), timeout)
-                except OptserveError as err:
-                    if attempt or not _forgotten(err):
-                        raise
-                    segment = self.segment(request.optimizer, reopen=segment)
-                    continue
+            try:
+                header = self._client._call(_header_only(self._client._pull), lambda: sent,
+                                            frozenset({grpc.StatusCode.UNAVAILABLE}), timeout)
                 shapes, sizes = check(header, into)
                 try:
                     slots, buffer = segment.read(header, sizes, copy, None if into is None else into._buffer)
                 except ValueError as err:
                     raise _protocol_error(str(err)) from None
-            tensors = {spec.name: slots.view(i, spec.dtype, shape)
-                       for i, (spec, shape) in enumerate(zip(header.tensors, shapes))}
-            return Weights(tensors, header.version, header.iterations, buffer)
+                tensors = {spec.name: slots.view(i, spec.dtype, shape)
+                           for i, (spec, shape) in enumerate(zip(header.tensors, shapes))}
+                return Weights(tensors, header.version, header.iterations, buffer)
+            except OptserveError as err:
+                if _busy(err):
+                    return None
+                if attempt or not _forgotten(err):
+                    raise
+            finally:
+                segment.pull_lock.release()
+            self._drop(request.optimizer, segment)
         return None
 
+    def _acquire(self, optimizer: str, purpose: str) -> ClientSegment | None:
+        """A segment of `optimizer` whose `purpose` lock this thread now holds, opened if all are held; or None."""
+        with self._lock:
+            pool = self._segments.get(optimizer, [])
+            if pool == NOT_SAME_HOST:
+                return None
+            for segment in pool:
+                if segment.lock(purpose).acquire(blocking=False):
+                    return segment
+            if len(pool) >= MAX_SEGMENTS:
+                return None
+            segment = self._open(optimizer)
+            if segment is None:
+                return None
+            segment.lock(purpose).acquire()
+            self._segments[optimizer] = [*pool, segment]
+            return segment
+
+    def _drop(self, optimizer: str, segment: ClientSegment) -> None:
+        """Forgets a segment the server forgot; its mapping goes with the last array that views it."""
+        with self._lock:
+            pool = self._segments.get(optimizer)
+            if isinstance(pool, list) and segment in pool:
+                self._segments[optimizer] = [s for s in pool if s is not segment]
+
     def gradient_buffers(self, optimizer: str) -> dict[str, np.ndarray] | None:
-        """Views of the optimizer's gradient region; None without a segment."""
-        segment = self.segment(optimizer)
-        return None if segment is None else segment.gradient_views()
+        """Views of the gradient region of the optimizer's first segment; None without one."""
+        with self._lock:
+            pool = self._segments.get(optimizer)
+        if not isinstance(pool, list) or not pool:
+            segment = self._acquire(optimizer, "push")
+            if segment is None:
+                return None
+            segment.push_lock.release()
+            return segment.gradient_views()
+        return pool[0].gradient_views()
 
     def close(self) -> None:
         """Frees every segment on the server (best effort) and unmaps it here."""
         with self._lock:
             segments, self._segments = self._segments, {}
-        for segment in segments.values():
-            if isinstance(segment, ClientSegment):
-                try:
-                    self._client._stub.CloseSharedMemory(pb.CloseSharedMemoryRequest(session=segment.session),
-                                                         timeout=min(self._client.timeout, 5.0))
-                except grpc.RpcError:
-                    pass  # the server frees it after its idle timeout
-                segment.close()
+        for segment in (s for pool in segments.values() if isinstance(pool, list) for s in pool):
+            try:
+                self._client._stub.CloseSharedMemory(pb.CloseSharedMemoryRequest(session=segment.session),
+                                                     timeout=min(self._client.timeout, 5.0))
+            except grpc.RpcError:
+                pass  # the server frees it after its idle timeout
+            segment.close()
 
     def _open(self, optimizer: str) -> ClientSegment | None:
         """A new segment, or None (and, where it cannot work, NOT_SAME_HOST remembered); "local" raises instead."""
@@ -222,6 +253,7 @@ class LocalTransport:
                                              "is not on this host, or not in this mount namespace")
 
     def _unusable(self, optimizer: str, why: str) -> None:
+        """Under the lock: "local" raises; "auto" remembers the stream is the way."""
         from optserve.client.client import OptserveError
 
         if self._required:
@@ -243,6 +275,11 @@ def _check_regions(reply: pb.SharedMemorySegment, nbytes: int) -> None:
     for offset, field in regions:
         if offset % ALIGNMENT:
             raise ValueError(f"{field}: {offset} is not a multiple of {ALIGNMENT}")
+
+
+def _busy(err) -> bool:
+    """The server still runs another call on the segment (one this client gave up on)."""
+    return err.code() == grpc.StatusCode.ABORTED and err.details().startswith("shared_memory_session")
 
 
 def _forgotten(err) -> bool:

@@ -61,6 +61,12 @@ def stub(shm_server: RunningServer) -> Iterator[pb_grpc.OptimizerServiceStub]:
         yield pb_grpc.OptimizerServiceStub(channel)
 
 
+def _segment_of(client: Client, optimizer: str) -> ClientSegment:
+    """The client's first segment of `optimizer`, opened now if it has none (used by no push yet)."""
+    client.optimizer(optimizer).gradient_buffers()
+    return client._local._segments[optimizer][0]
+
+
 def _segments(server: RunningServer) -> int:
     return server.built.service.segments.count
 
@@ -92,7 +98,7 @@ def _code(call) -> grpc.StatusCode:
 
 def test_a_segment_is_owner_only_and_leaves_the_shm_dir_on_first_use(shm_server, local, name):
     optimizer = local.create_optimizer(name, PARAMS, CONFIG)
-    segment = local._local.segment(name)
+    segment = _segment_of(local, name)
     path = Path(shm_server.built.service.segments.directory) / next(iter(_files(shm_server)))
     info = path.lstat()
     assert stat.S_ISREG(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o600 and info.st_uid == os.getuid()
@@ -169,7 +175,7 @@ def test_sparse_and_half_precision_pushes_go_by_the_stream(shm_server, local, na
 ])
 def test_a_header_the_segment_cannot_carry_is_refused(shm_server, local, stub, name, change, field):
     local.create_optimizer(name, PARAMS)
-    session = local._local.segment(name).session
+    session = _segment_of(local, name).session
     header = _dense_header(name, session)
     change(header)
     code, details = _code(lambda: _header_push(stub, header))
@@ -179,7 +185,7 @@ def test_a_header_the_segment_cannot_carry_is_refused(shm_server, local, stub, n
 
 def test_a_push_from_shared_memory_carries_no_chunks(shm_server, local, stub, name):
     local.create_optimizer(name, PARAMS)
-    session = local._local.segment(name).session
+    session = _segment_of(local, name).session
     code, details = _code(lambda: _header_push(stub, _dense_header(name, session), [b"\0" * 4]))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("chunks")
 
@@ -187,7 +193,7 @@ def test_a_push_from_shared_memory_carries_no_chunks(shm_server, local, stub, na
 def test_sessions_are_bound_to_their_optimizer_and_die_with_close_and_delete(shm_server, local, stub, name):
     local.create_optimizer(name + "-a", PARAMS)
     local.create_optimizer(name + "-b", PARAMS)
-    session = local._local.segment(name + "-a").session
+    session = _segment_of(local, name + "-a").session
     code, details = _code(lambda: _header_push(stub, _dense_header(name + "-b", session)))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("shared_memory_session")
     code, _ = _code(lambda: stub.PullWeights(pb.PullWeightsRequest(optimizer=name + "-b",
@@ -207,10 +213,10 @@ def test_sessions_are_bound_to_their_optimizer_and_die_with_close_and_delete(shm
 def test_a_forgotten_session_is_reopened_transparently(shm_server, local, name):
     optimizer = local.create_optimizer(name, PARAMS)
     optimizer.push(_grads(0))
-    first = local._local.segment(name)
+    first = _segment_of(local, name)
     wait_until(lambda: first.session not in shm_server.built.service.segments._segments, "the idle timeout", 30)
     assert optimizer.push(_grads(1)) == 2 and optimizer.pull().version == 2
-    assert local._local.segment(name) is not first
+    assert _segment_of(local, name) is not first
 
 
 def test_opens_are_bounded_per_optimizer_and_in_all(shm_server, local, stub, name):
@@ -269,7 +275,7 @@ def test_a_caller_without_the_token_opens_nothing_and_moves_no_byte(tmp_path):
     try:
         with Client(running.address, transport="local", token=TOKEN) as owner:
             optimizer = owner.create_optimizer("guarded", PARAMS)
-            segment = owner._local.segment("guarded")
+            segment = _segment_of(owner, "guarded")
             with grpc.insecure_channel(running.address) as channel:
                 stub = pb_grpc.OptimizerServiceStub(channel)
                 code, _ = _code(lambda: stub.OpenSharedMemory(pb.OpenSharedMemoryRequest(optimizer="guarded")))
@@ -310,7 +316,7 @@ def test_non_finite_bytes_in_the_segment_are_refused(shm_server, local, name):
 
 def test_concurrent_pushes_on_one_session_are_refused_not_mixed(shm_server, local, stub, name):
     local.create_optimizer(name, PARAMS)
-    segment = local._local.segment(name)
+    segment = _segment_of(local, name)
     service = shm_server.built.service.segments
     with service.use(segment.session, shm_server.registry.get(name), service._segments[segment.session].owner,
                      "push"):
