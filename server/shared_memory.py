@@ -112,6 +112,7 @@ class SegmentTable:
         self.bytes = 0  # of the open segments
         self._on_count = on_count
         self._segments: dict[str, Segment] = {}
+        self._opening: list[object] = []  # the optimizers of segments being made, counted against the limits
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._reaper: threading.Thread | None = None
@@ -130,11 +131,12 @@ class SegmentTable:
         gradients_offset = PAGE  # the nonce's page
         weights_offset = gradients_offset + _pages(layout.nbytes)
         size = weights_offset + _pages(layout.nbytes)
-        with self._lock:
-            if len(self._segments) >= self.max_segments:
+        with self._lock:  # the segment's share of the limits is taken first; the file is made outside the lock
+            if len(self._segments) + len(self._opening) >= self.max_segments:
                 raise ResourceExhausted(f"optimizer: this server holds its limit of {self.max_segments} "
                                         "shared-memory segments; close one or retry later")
-            mine = sum(1 for s in self._segments.values() if s.optimizer is optimizer)
+            mine = sum(1 for s in self._segments.values() if s.optimizer is optimizer) + sum(
+                1 for opening in self._opening if opening is optimizer)
             if mine >= self.max_per_optimizer:
                 raise ResourceExhausted(f"optimizer: {name!r} holds its limit of {self.max_per_optimizer} "
                                         "shared-memory segments; close one or retry later")
@@ -142,8 +144,17 @@ class SegmentTable:
                 raise ResourceExhausted(f"optimizer: a {size}-byte segment would exceed this server's limit of "
                                         f"{self.max_bytes} bytes of shared-memory segments (shm_max_bytes; "
                                         f"{self.bytes} held); close one or retry later")
-            segment = self._create(optimizer, name, layout, owner, size, gradients_offset, weights_offset)
             self.bytes += size
+            self._opening.append(optimizer)
+        try:
+            segment = self._create(optimizer, name, layout, owner, size, gradients_offset, weights_offset)
+        except BaseException:
+            with self._lock:
+                self.bytes -= size
+                self._opening.remove(optimizer)
+            raise
+        with self._lock:
+            self._opening.remove(optimizer)
             self._segments[segment.session] = segment
             self._on_count(len(self._segments))
         self._start_reaper()

@@ -351,6 +351,26 @@ def test_sync_rounds_over_shared_memory_keep_each_workers_gradient(shm_server, n
             client.close()
 
 
+def test_threads_of_one_client_push_at_once_each_through_a_segment_or_the_stream(shm_server, local, name):
+    optimizer = local.create_optimizer(name, PARAMS)
+    errors = []
+
+    def work(worker: int) -> None:
+        try:
+            for seq in range(5):
+                optimizer.push(_grads(worker * 10 + seq), worker_id=f"w{worker}", seq=seq)
+        except Exception as err:  # reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert errors == [] and optimizer.info().version == 30
+    assert 1 <= len(local._local._segments[name]) <= 4
+
+
 DEAD_CLIENT = textwrap.dedent("""
     import sys, time, numpy as np
     from optserve.client import Client
