@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from optserve.client import bulk
 from optserve.client.security import TLS, as_tls, make_channel
+from optserve.client.shared_memory import LocalTransport
 from optserve.wire.chunks import CHUNK_BYTES, encode_stream, stream_message_parser
 from optserve.wire.dtypes import data_type_of, to_bfloat16
 from optserve.wire.layout import ChunkBuffer
@@ -182,6 +183,8 @@ class Client:
     shared memory when the server shares this host, else the bulk channel.
     """
 
+    _local: LocalTransport | None = None  # the same-host path ("auto", "local"); None: the stream only
+
     def __init__(self, address: str, timeout: float = 30.0, *, chunk_bytes: int = CHUNK_BYTES,
                  tls: bool | str | TLS | None = None, token: str | None = None, transport: str = "auto"):
         if transport not in TRANSPORTS:
@@ -204,6 +207,8 @@ class Client:
         self._pull = self._channel.unary_stream(path + "PullWeights",
                                                 request_serializer=pb.PullWeightsRequest.SerializeToString,
                                                 response_deserializer=stream_message_parser(pb.PullWeightsResponse))
+        # "auto" and "local": tensor bytes through shared memory when the server shares this host
+        self._local = LocalTransport(self, required=transport == "local") if transport in ("auto", "local") else None
         try:
             self._wait_until_serving(timeout)
         except BaseException:
@@ -260,7 +265,9 @@ class Client:
         self._call(self._stub.DeleteOptimizer, lambda: pb.DeleteOptimizerRequest(name=name))
 
     def close(self) -> None:
-        """Closes the connection."""
+        """Closes the connection, freeing its shared-memory segments and bulk channels first."""
+        if self._local is not None:
+            self._local.close()
         if self._bulk is not None:
             self._bulk.close()
         self._channel.close()
@@ -273,6 +280,10 @@ class Client:
 
     def _send_push(self, header: pb.PushHeader, arrays: list[np.ndarray], retry: frozenset) -> pb.PushGradientsResponse:
         """Sends one push by the client's transport; the answer, or OptserveError."""
+        if self._local is not None:  # None from it: not on the server's host ("auto"), or a sparse push
+            reply = self._local.push(header, arrays, retry)
+            if reply is not None:
+                return reply
         if self._bulk is not None and not self._bulk.disabled:
             reply = self._call(lambda _, **call: bulk.push(self._bulk, self._push, header, arrays, **call),
                                lambda: None, retry)
@@ -280,8 +291,16 @@ class Client:
                 return reply
         return self._call(self._push, lambda: encode_stream(header, arrays, self.chunk_bytes), retry)
 
-    def _fetch_pull(self, request: pb.PullWeightsRequest, into: "Weights | None", timeout: float | None) -> "Weights":
-        """Runs one pull by the client's transport (retried on UNAVAILABLE: reads are safe to repeat)."""
+    def _fetch_pull(self, request: pb.PullWeightsRequest, into: "Weights | None", timeout: float | None,
+                    copy: bool = True) -> "Weights":
+        """Runs one pull by the client's transport (retried on UNAVAILABLE: reads are safe to repeat).
+
+        `copy` False: through shared memory, the tensors are views of the segment, valid until the next pull.
+        """
+        if self._local is not None:
+            weights = self._local.pull(request, _pulled_layout, into, timeout, copy)
+            if weights is not None:
+                return weights
         if self._bulk is not None and not self._bulk.disabled:
             weights = self._call(
                 lambda _, **call: bulk.pull(self._bulk, self._pull, request, **call,
@@ -380,7 +399,7 @@ class Optimizer:
         return PushResult.from_wire(self.client._send_push(header, arrays, retry))
 
     def pull(self, ema: bool = False, names: Iterable[str] = (), *, min_version: int | None = None,
-             timeout: float | None = None, into: Weights | None = None) -> Weights:
+             timeout: float | None = None, into: Weights | None = None, copy: bool = True) -> Weights:
         """The current weights (or, with `ema=True`, their moving average).
 
         `names` picks a subset of tensors; all of them when empty. Every tensor
@@ -393,8 +412,26 @@ class Optimizer:
         buffer costs a page fault per 4 KiB on first touch); its arrays and
         the returned ones share that memory. A pull that fails part way leaves
         `into` partly overwritten. InvalidArgumentError (a ValueError) if the tensors differ.
+
+        `copy=False` skips the one copy out of a same-host segment: the
+        returned tensors are then views of it, overwritten by this client's
+        next pull of this optimizer (over the stream it changes nothing).
         """
-        return self._pull(pb.STATE_KIND_EMA if ema else pb.STATE_KIND_WEIGHTS, names, min_version, timeout, into)
+        return self._pull(pb.STATE_KIND_EMA if ema else pb.STATE_KIND_WEIGHTS, names, min_version, timeout, into,
+                          copy)
+
+    def gradient_buffers(self) -> dict[str, np.ndarray]:
+        """Writable float32 arrays, one per tensor, to compute gradients into: a push of exactly these copies nothing.
+
+        Over shared memory they are views of this optimizer's segment, whose
+        bytes the next push sends (another push of other arrays overwrites
+        them); without one (another host, transport "network"), plain arrays.
+        """
+        local = self.client._local
+        views = None if local is None else local.gradient_buffers(self.name)
+        if views is None:
+            return {name: np.zeros(shape, np.float32) for name, (shape, _) in self.info().tensors.items()}
+        return views
 
     def pull_slot(self, slot: str, names: Iterable[str] = ()) -> Weights:
         """Adam's state: slot "m" (first moment), "v" (second) or "vhat" (AMSGrad max)."""
@@ -403,11 +440,11 @@ class Optimizer:
         return self._pull(_SLOTS[slot], names)
 
     def _pull(self, kind: int, names: Iterable[str], min_version: int | None = None,
-              timeout: float | None = None, into: Weights | None = None) -> Weights:
+              timeout: float | None = None, into: Weights | None = None, copy: bool = True) -> Weights:
         if into is not None and getattr(into, "_buffer", None) is None:
-            raise InvalidArgumentError("into: must be the Weights returned by an earlier pull")
+            raise InvalidArgumentError("into: must be the Weights returned by an earlier pull (with copy=True)")
         request = pb.PullWeightsRequest(optimizer=self.name, kind=kind, names=list(names), min_version=min_version)
-        return self.client._fetch_pull(request, into, timeout)
+        return self.client._fetch_pull(request, into, timeout, copy)
 
     def info(self) -> OptimizerInfo:
         """Iterations, version, config with defaults, tensor shapes and device."""
@@ -428,18 +465,26 @@ class Optimizer:
         return f"Optimizer({self.name!r} at {self.client.address})"
 
 
+def _pulled_layout(header: pb.PullHeader, into: Weights | None) -> tuple[list[tuple[int, ...]], list[int]]:
+    """The shapes and byte sizes of a pull's tensors; InvalidArgumentError if `into` holds others."""
+    shapes = [tuple(t.shape) for t in header.tensors]
+    if into is not None:
+        pulled = [(t.name, shape) for t, shape in zip(header.tensors, shapes)]
+        if pulled != [(name, array.shape) for name, array in into.items()]:
+            raise InvalidArgumentError(
+                f"into: holds tensors {[(n, a.shape) for n, a in into.items()]}, the pull sent {pulled}")
+    return shapes, [4 * int(np.prod(shape, dtype=np.int64)) for shape in shapes]
+
+
 def _read_weights(responses: Iterator[pb.PullWeightsResponse], into: Weights | None = None,
                   receive: Callable[[ChunkBuffer], None] | None = None) -> Weights:
     """A pull's tensors: the header, then the bytes from the chunks, or from `receive(buffer)` (a bulk channel)."""
     header = next(responses).header
-    shapes = [tuple(t.shape) for t in header.tensors]
-    nbytes = [4 * int(np.prod(shape, dtype=np.int64)) for shape in shapes]
-    if into is not None:
-        pulled = [(t.name, shape) for t, shape in zip(header.tensors, shapes)]
-        if pulled != [(name, array.shape) for name, array in into.items()]:
-            responses.cancel()
-            raise InvalidArgumentError(
-                f"into: holds tensors {[(n, a.shape) for n, a in into.items()]}, the pull sent {pulled}")
+    try:
+        shapes, nbytes = _pulled_layout(header, into)
+    except InvalidArgumentError:
+        responses.cancel()
+        raise
     buffer = ChunkBuffer(nbytes, _protocol_error, None if into is None else into._buffer)
     if receive is not None:
         receive(buffer)

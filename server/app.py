@@ -57,6 +57,7 @@ class OptserveServer:
     security: ServerSecurity | None = None
     metrics_port: int | None = None  # where /metrics is served, once open
     bulk: BulkListener | None = None  # the bulk channels' listener; None with --bulk-port -1
+    service: OptimizerService | None = None
 
     def open(self, options: ServerOptions | None = None) -> None:
         """Starts /metrics (if asked), restores the data dir, then reports SERVING and starts checkpointing."""
@@ -83,6 +84,8 @@ class OptserveServer:
             self.bulk.close()
         if self.admission is not None:
             self.admission.close()
+        if self.service is not None:
+            self.service.segments.close()
         return self.registry.save_all()
 
 
@@ -116,7 +119,8 @@ def create_server(options: ServerOptions, interceptors: Sequence[grpc.ServerInte
                             options.stream_idle_timeout)
         log.info("bulk channels on %s:%d (%s)", options.host, bulk.port, "TLS" if bulk.tls else "plaintext")
         registry.metrics.bulk_channels.set_function(bulk.open_channels)
-    add_service(OptimizerService(registry, options, admission, bulk), server)
+    servicer = OptimizerService(registry, options, admission, bulk)
+    add_service(servicer, server)
     health_servicer = health.HealthServicer(  # Watch holds no thread: it answers from set()
         experimental_non_blocking=True, experimental_thread_pool=None)
     for service in ("", SERVICE_NAME):
@@ -124,7 +128,7 @@ def create_server(options: ServerOptions, interceptors: Sequence[grpc.ServerInte
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     log.info("bound %s:%d: %s", options.host, port, security.description)
-    return OptserveServer(server, port, registry, health_servicer, admission, security, bulk=bulk)
+    return OptserveServer(server, port, registry, health_servicer, admission, security, bulk=bulk, service=servicer)
 
 
 def serve(options: ServerOptions) -> int:

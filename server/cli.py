@@ -45,6 +45,14 @@ SERVE_FLAGS: dict[str, tuple[Any, str]] = {  # field -> (type, or a tuple of cho
     "metrics_port": (int, "serve Prometheus metrics on this port (0 picks one; default: off); HTTPS with the "
                           "TLS flags, bearer token with --token-file"),
     "metrics_host": (str, "address /metrics binds; off loopback it needs TLS or --insecure"),
+    "shm_dir": (str, "directory (a tmpfs) for same-host shared-memory segments, files of mode 0600 with random "
+                     "names; '' turns the same-host path off"),
+    "shm_idle_timeout": (float, "seconds a same-host segment may go unused before it is freed (a dead "
+                                "client's segments are reclaimed after this)"),
+    "shm_max_segments": (int, "same-host segments open at once"),
+    "shm_max_segments_per_optimizer": (int, "of --shm-max-segments, those of one optimizer"),
+    "shm_max_bytes": (int, "bytes all same-host segments may hold (each twice its optimizer's tensors); unset: "
+                           "half of --max-inflight-bytes"),
     "log_format": (("text", "json"), "log lines for people or for log pipelines"),
     "log_level": (("DEBUG", "INFO", "WARNING", "ERROR"), "least severe log lines shown"),
     "tls_cert": (str, "PEM certificate chain; with --tls-key, serve TLS"),

@@ -21,6 +21,7 @@ from optserve.server.modes import DEFAULT_SYNC_TIMEOUT, Gradient, TrainingMode
 
 if TYPE_CHECKING:  # the optimizer module imports this one
     from optserve.server.optimizer import OptimizerInfo
+    from optserve.server.shared_memory import Segment
     from optserve.server.traffic import ClientTraffic
 from optserve.v1 import optserve_pb2 as pb
 
@@ -185,18 +186,7 @@ def decode_gradients(
     `into` supplies the buffer the gradients are received into (see `_read_arrays`);
     `receive`, when the bytes come by another path than the chunks, fills it.
     """
-    if not header.gradients:
-        raise InvalidArgument("gradients: empty push; send one gradient for every tensor")
-    for index, spec in enumerate(header.gradients):  # no tensor has such a name
-        _refuse_long_name(spec.name, f"gradients[{index}].name")
-    names = [spec.name for spec in header.gradients]
-    _refuse_duplicates(names, "gradients")
-    for name in names:
-        if name not in shapes:
-            raise NotFound(f"gradients[{name!r}]: optimizer {header.optimizer!r} has no tensor {name!r}")
-    missing = [name for name in shapes if name not in set(names)]
-    if missing:
-        raise InvalidArgument(f"gradients: missing {missing}; every push carries a gradient for every tensor")
+    _check_gradient_names(header, shapes)
     layout = []  # (name, dtype, shape) of each byte range, in stream order
     for spec in header.gradients:
         layout.extend(_gradient_layout(spec, shapes[spec.name]))
@@ -210,6 +200,50 @@ def decode_gradients(
         _check_indices(indices, shapes[spec.name][0], f"gradients[{spec.name!r}].indices")
         grads[spec.name] = (indices, rows)
     return grads
+
+
+def check_segment_push(header: pb.PushHeader, shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Checks the header of a push from a same-host segment: every gradient dense float32 of its tensor's shape.
+
+    (The segment's gradient region holds nothing else, each tensor at its `FlatLayout` offset.)
+    """
+    _check_gradient_names(header, shapes)
+    for spec in header.gradients:
+        field = f"gradients[{spec.name!r}]"
+        if spec.sparse:
+            raise InvalidArgument(f"{field}.sparse: a push from shared memory carries dense gradients only; "
+                                  "send sparse ones in the stream")
+        if spec.dtype != pb.DATA_TYPE_FLOAT32:
+            raise InvalidArgument(f"{field}.dtype: a push from shared memory carries float32 only, got "
+                                  f"{dtype_name(spec.dtype)}")
+        got = _shape(spec.shape, f"{field}.shape")
+        if got != shapes[spec.name]:
+            raise InvalidArgument(f"{field}.shape: expected {list(shapes[spec.name])}, got {list(got)}")
+
+
+def _check_gradient_names(header: pb.PushHeader, shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """A push names every tensor of the optimizer once, and nothing else."""
+    if not header.gradients:
+        raise InvalidArgument("gradients: empty push; send one gradient for every tensor")
+    for index, spec in enumerate(header.gradients):  # no tensor has such a name
+        _refuse_long_name(spec.name, f"gradients[{index}].name")
+    names = [spec.name for spec in header.gradients]
+    _refuse_duplicates(names, "gradients")
+    for name in names:
+        if name not in shapes:
+            raise NotFound(f"gradients[{name!r}]: optimizer {header.optimizer!r} has no tensor {name!r}")
+    missing = [name for name in shapes if name not in set(names)]
+    if missing:
+        raise InvalidArgument(f"gradients: missing {missing}; every push carries a gradient for every tensor")
+
+
+def segment_to_wire(segment: "Segment") -> pb.SharedMemorySegment:
+    """The wire form of a same-host segment, for the client to map."""
+    return pb.SharedMemorySegment(
+        session=segment.session, path=str(segment.path), size=segment.size, nonce=segment.nonce,
+        gradients_offset=segment.gradients_offset, weights_offset=segment.weights_offset,
+        tensors=[pb.TensorSpec(name=n, dtype=pb.DATA_TYPE_FLOAT32, shape=s) for n, s in segment.layout.shapes.items()],
+        idle_timeout_seconds=segment.idle_timeout)
 
 
 def encode_pull(version: int, iterations: int, tensors: Sequence[tuple[str, np.ndarray]],

@@ -16,10 +16,12 @@ class ServerProcess:
     thread, so the child never blocks on a full pipe.
     """
 
-    def __init__(self, extra_args: Sequence[str] = (), log: TextIO | None = None, start_timeout: float = 120.0):
+    def __init__(self, extra_args: Sequence[str] = (), log: TextIO | None = None, start_timeout: float = 120.0,
+                 prefix: Sequence[str] = ()):
+        """`prefix` runs before the command (e.g. a namespace wrapper that ends with exec "$@")."""
         self._log = log if log is not None else sys.stderr
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "optserve.server.cli", "serve", "--port", "0", *extra_args],
+            [*prefix, sys.executable, "-m", "optserve.server.cli", "serve", "--port", "0", *extra_args],
             stderr=subprocess.PIPE, text=True,
         )
         self.lines: list[str] = []

@@ -52,6 +52,9 @@ class Metrics:
         self.inflight_bytes = prom.Gauge("optserve_inflight_bytes",
                                          "receive-buffer bytes held by requests in flight and open sync rounds "
                                          "(limit: max_inflight_bytes)", registry=self.registry)
+        self.shared_memory_segments = prom.Gauge("optserve_shared_memory_segments",
+                                                 "same-host shared-memory segments open (limit: shm_max_segments)",
+                                                 registry=self.registry)
         self.calls_held = prom.Gauge("optserve_calls_in_progress",
                                      "calls in progress per budget (stream, waiting, reflection, watch, reading)", ["budget"],
                                      registry=self.registry)

@@ -34,5 +34,10 @@ class ServerOptions:
     insecure: bool = False  # allow plaintext on a non-loopback host
     metrics_port: int | None = None  # serve Prometheus metrics over HTTP here (0 picks a port); None: off
     metrics_host: str = "127.0.0.1"  # address /metrics binds; HTTPS when TLS is configured, and tokens apply
+    shm_dir: str = "/dev/shm"  # where same-host segments are created; "" turns the same-host path off
+    shm_idle_timeout: float = 60.0  # seconds a same-host segment may go unused before it is freed
+    shm_max_segments: int = 256  # same-host segments open at once, in all
+    shm_max_segments_per_optimizer: int = 32  # of those, for one optimizer
+    shm_max_bytes: int | None = None  # bytes of all same-host segments; None: half of max_inflight_bytes
     log_format: str = "text"  # "text" or "json"
     log_level: str = "INFO"

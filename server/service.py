@@ -6,6 +6,7 @@ that maps them; anything unexpected becomes INTERNAL with its traceback logged.
 """
 
 import contextlib
+import hashlib
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -25,6 +26,7 @@ from optserve.server.errors import FailedPrecondition, InvalidArgument, Optserve
 from optserve.server.options import ServerOptions
 from optserve.server.optimizer import Optimizer
 from optserve.server.registry import Registry
+from optserve.server.shared_memory import SegmentTable
 from optserve.server.traffic import Traffic
 from optserve.v1 import optserve_pb2 as pb
 from optserve.v1 import optserve_pb2_grpc as pb_grpc
@@ -50,6 +52,10 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
         self._buffers = BufferPool(MemoryBudget(limit, registry.metrics.inflight_bytes.set))
         log.info("requests in flight may hold %d bytes of tensors (max_inflight_bytes)", limit)
         self._admission = admission  # the budgets of calls that wait
+        self.segments = SegmentTable(options.shm_dir, options.shm_idle_timeout, options.shm_max_segments,
+                                     options.shm_max_segments_per_optimizer,
+                                     options.shm_max_bytes if options.shm_max_bytes is not None else limit // 2,
+                                     registry.metrics.shared_memory_segments.set)
         self._waker = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="optserve-waker")
         self._traffic = Traffic()  # which transport each client uses, for `optserve status`
 
@@ -71,7 +77,9 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
         return pb.ListOptimizersResponse(optimizers=[self._info(o) for o in self._registry.list()])
 
     def DeleteOptimizer(self, request, context) -> pb.DeleteOptimizerResponse:
+        optimizer = self._registry.get(request.name)
         self._registry.delete(request.name)
+        self.segments.forget(optimizer)
         self._traffic.forget(request.name)
         log.info("deleted optimizer %r", request.name)
         return pb.DeleteOptimizerResponse()
@@ -79,8 +87,6 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
     def PushGradients(self, request_iterator, context) -> pb.PushGradientsResponse:
         header, chunks = codec.split_push(request_iterator)
         transport = _TRANSPORT_OF[header.WhichOneof("source")]
-        if transport == "shared_memory":  # the same-host path plugs in here
-            raise FailedPrecondition(f"{header.WhichOneof('source')}: this server has no {transport} transport")
         # A bulk channel is taken first: any refusal before its bytes are all in closes it (they cannot be skipped).
         bulk = self._take_bulk(header.bulk) if transport == "bulk" else None
         try:
@@ -100,8 +106,11 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
                 if waits:
                     holds.enter_context(self._admission.admit("waiting", context.peer()))
                 lease = holds.enter_context(self._buffers.lease("gradients"))
-                grads = codec.decode_gradients(header, chunks, optimizer.shapes, self._options.max_request_bytes,
-                                               into=lease.reserve, receive=None if bulk is None else bulk.receive)
+                if transport == "shared_memory":
+                    grads = self._segment_gradients(header, chunks, optimizer, context, lease, holds)
+                else:
+                    grads = codec.decode_gradients(header, chunks, optimizer.shapes, self._options.max_request_bytes,
+                                                   into=lease.reserve, receive=None if bulk is None else bulk.receive)
                 if bulk is not None:
                     bulk.end()  # every byte is in: the channel is free for the next transfer
                 self._count(optimizer.name, context, transport,
@@ -125,22 +134,26 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
         kind = codec.decode_state_kind(request.kind)
         optimizer = self._registry.get(request.optimizer)
         transport = _TRANSPORT_OF[request.WhichOneof("destination")]
-        if transport == "shared_memory":  # the same-host path plugs in here
-            raise FailedPrecondition(f"{request.WhichOneof('destination')}: this server has no {transport} transport")
         min_version = request.min_version if request.HasField("min_version") else None
         # The snapshot's buffer goes back to the pool once sent: each message is a copy of its bytes.
         # Not charged to the in-flight budget: its size is the optimizer's own, not the caller's to declare.
         with contextlib.ExitStack() as holds:
             if min_version is not None:
                 holds.enter_context(self._admission.admit("waiting", context.peer()))
-            lease = holds.enter_context(self._buffers.lease("pull", charged=False))
+            if transport == "shared_memory":  # one copy, out of the state into the segment; the reply is the header
+                segment = holds.enter_context(self.segments.use(
+                    request.shared_memory_session, optimizer, _caller(context), "pull"))
+                into = segment.weights_into
+            else:
+                lease = holds.enter_context(self._buffers.lease("pull", charged=False))
+                into = lambda nbytes: lease.reserve(nbytes, nbytes)  # noqa: E731
             version, iterations, arrays = optimizer.pull(
-                kind, request.names, min_version, _wait_budget(context),
-                into=lambda nbytes: lease.reserve(nbytes, nbytes),
+                kind, request.names, min_version, _wait_budget(context), into=into,
                 cancelled=None if min_version is None else self._cancellation(context, optimizer))
-            if transport != "bulk":
+            if transport != "bulk":  # the bytes go in the chunks, or are in the segment already
                 self._count(optimizer.name, context, transport, sent=_nbytes(a for _, a in arrays))
-                yield from codec.encode_pull(version, iterations, arrays)
+                yield from codec.encode_pull(version, iterations, arrays, chunks=transport == "grpc")
+                del arrays  # views of the segment: gone before it may be freed
                 return
             bulk = self._take_bulk(request.bulk)
             try:  # the reply carries the header alone; the bytes go framed on the channel
@@ -183,6 +196,28 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
             self._registry.metrics.bytes_sent.labels(optimizer, transport).inc(sent)
         self._traffic.count(optimizer, context.peer(), transport, received, sent)
 
+    def OpenSharedMemory(self, request, context) -> pb.SharedMemorySegment:
+        optimizer = self._registry.get(codec.validate_name(request.optimizer, "optimizer"))
+        segment = self.segments.open(optimizer, optimizer.name, optimizer.shapes, _caller(context))
+        return codec.segment_to_wire(segment)
+
+    def CloseSharedMemory(self, request, context) -> pb.CloseSharedMemoryResponse:
+        self.segments.close_session(request.session, _caller(context))
+        return pb.CloseSharedMemoryResponse()
+
+    def _segment_gradients(self, header: pb.PushHeader, chunks: Iterator, optimizer: Optimizer,
+                           context: grpc.ServicerContext, lease, holds: contextlib.ExitStack) -> dict:
+        """A push's gradients from its segment, copied into `lease` first: checks, log and step see those bytes.
+
+        The segment stays held (one push at a time on it) until the push returns.
+        """
+        if next(chunks, None) is not None:
+            raise InvalidArgument("chunks: a push from shared memory is the header alone")
+        segment = holds.enter_context(self.segments.use(header.shared_memory_session, optimizer, _caller(context),
+                                                        "push"))
+        codec.check_segment_push(header, optimizer.shapes)  # before a byte is copied
+        return segment.layout.views(segment.copy_gradients(lease.reserve))
+
     def _cancellation(self, context: grpc.ServicerContext, optimizer: Optimizer) -> threading.Event:
         """An event set when the call ends (cancelled, its client gone), which also wakes the call's wait.
 
@@ -198,6 +233,17 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
         if not context.add_callback(on_end):  # ended already
             cancelled.set()
         return cancelled
+
+
+def _caller(context: grpc.ServicerContext) -> str:
+    """A digest of who calls: the bearer token sent and the client certificate's identities (mTLS)."""
+    digest = hashlib.sha256()
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            digest.update(b"token:" + (value.encode() if isinstance(value, str) else value) + b"\0")
+    for identity in context.peer_identities() or ():
+        digest.update(b"peer:" + identity + b"\0")
+    return digest.hexdigest()
 
 
 def _nbytes(arrays) -> int:

@@ -40,7 +40,7 @@ def test_metrics_endpoint_reports_steps_refusals_staleness_norm_bytes_and_timeou
     server = RunningServer(ServerOptions(host="127.0.0.1", port=0, metrics_port=0), restore=False)
     server.built.open(ServerOptions(host="127.0.0.1", port=0, metrics_port=0))
     try:
-        with Client(server.address, timeout=30, transport="grpc") as client:
+        with Client(server.address, timeout=30, transport="grpc") as client:  # bytes counted as "grpc"
             opt = client.create_optimizer("m", {"w": np.zeros(4, np.float32)}, {"learning_rate": 0.1},
                                           max_staleness=1)
             opt.push({"w": np.array([3, 4, 0, 0], np.float32)}, base_version=0)
