@@ -180,4 +180,18 @@ def test_the_trace_does_not_grow_with_dense_tensors():
         return len(jax.make_jaxpr(run.__wrapped__, static_argnums=4)(
             state, grads.dense, {}, blocks, None).jaxpr.eqns)
 
-    assert equations(3) == equations(300)
+    assert equations(20) == equations(300)  # from 16 blocks on (a whole group of them), so every table is used
+
+
+def test_per_tensor_sums_cover_whole_groups_straddling_blocks_and_the_tail():
+    """Tensors spanning whole groups of blocks, sharing groups, empty, and ending the buffer mid-group."""
+    sizes = [5000, 3, 0, 16 * 16 * 3, 17, 1, 40_000, 250]
+    layout = FlatLayout({f"t{i}": (size,) for i, size in enumerate(sizes)})
+    rng = np.random.default_rng(7)
+    flat = np.full(layout.size, np.nan, np.float32)  # the padding of a gradient buffer may hold anything
+    for view in layout.views(flat).values():
+        view[:] = rng.normal(size=view.shape)
+    segments = adam._Segments(layout, adam._block_tables(layout))
+    got = np.asarray(jax.jit(segments.square_sums)(jax.numpy.asarray(flat)))
+    want = [np.sum(np.square(view, dtype=np.float64)) for view in layout.views(flat).values()]
+    np.testing.assert_allclose(got, want, rtol=1e-5)
