@@ -232,3 +232,14 @@ def test_a_round_sum_is_the_flat_gradient_written_into_the_last_rounds_buffer():
             np.testing.assert_array_equal(combined[name], want / np.float32(3))
         assert set(combined.sparse) == {"table"} and combined["table"][1].shape == (9, 3)
         del combined  # its host views keep XLA from writing the next sum in place
+
+
+@pytest.mark.parametrize("sizes", [[4096], [4096, 32, 16 * 300]], ids=["one", "three"])
+def test_sums_of_a_layout_without_padding_read_the_buffer_as_it_is(sizes: list[int]) -> None:
+    layout = FlatLayout({f"t{i}": (size,) for i, size in enumerate(sizes)})
+    flat = np.random.default_rng(1).normal(size=layout.size).astype(np.float32)
+    segments = adam._Segments(layout, adam._block_tables(layout))
+    assert segments.inside() is True  # no padding: nothing to mask
+    want = [np.sum(np.square(view, dtype=np.float64)) for view in layout.views(flat).values()]
+    np.testing.assert_allclose(np.asarray(jax.jit(segments.square_sums)(jax.numpy.asarray(flat))), want, rtol=1e-5)
+    np.testing.assert_allclose(float(jax.jit(segments.square_total)(jax.numpy.asarray(flat))), sum(want), rtol=1e-5)

@@ -319,6 +319,7 @@ class _Segments:
         self.layout, self.blocks = layout, blocks
         self.names = list(layout.shapes)
         self.shape = (layout.size // BLOCK, BLOCK)
+        self.padded = layout.size != sum(layout.sizes.values())  # some tensor leaves part of its last block
 
     def column(self, per_tensor: Array) -> Array:
         """(tensors,) values -> (blocks, 1), each block the value of its tensor."""
@@ -337,8 +338,10 @@ class _Segments:
             return bool(flags) and flags[0]
         return self.column(jnp.asarray(np.array(flags)))
 
-    def inside(self) -> Array:
-        """(blocks, BLOCK) bool: elements that belong to a tensor, not padding."""
+    def inside(self) -> Array | bool:
+        """(blocks, BLOCK) bool: elements that belong to a tensor, not padding (True: no padding)."""
+        if not self.padded:
+            return True
         lane = jax.lax.broadcasted_iota(jnp.int32, self.shape, 1)
         return lane < self.blocks.valid[:, None]
 
@@ -375,6 +378,8 @@ class _Segments:
 
     def square_sums(self, flat: Array, mask: Array | bool = True) -> Array:
         """(tensors,): the sum of squares of each tensor's elements of `flat` where `mask` (blocks, 1), 0 in the padding."""
+        if len(self.names) == 1 and mask is True and not self.padded:  # one reduce straight over the buffer
+            return jnp.sum(jnp.square(flat.astype(jnp.float32)), keepdims=True)
         rows = self.rows(flat)
 
         def square(lane: int) -> Array:
@@ -383,6 +388,12 @@ class _Segments:
             return x * x
 
         return self.block_totals(self.lane_sums(square))
+
+    def square_total(self, flat: Array, mask: Array | bool = True) -> Array:
+        """(): the sum of squares of `flat` where `mask`, 0 in the padding."""
+        if mask is True and not self.padded:  # one reduce straight over the buffer
+            return jnp.sum(jnp.square(flat.astype(jnp.float32)))
+        return jnp.sum(self.square_sums(flat, mask))
 
     def block_totals(self, blocks: Array) -> Array:
         """(blocks,) -> (tensors,): the sum of each tensor's blocks (by whole groups, and straddling blocks)."""
@@ -404,7 +415,7 @@ def _clip(config: AdamConfig, segments: _Segments, g: Array, squares: Callable[[
     """tf-keras `_clip_gradients`: clipnorm (per tensor), else global_clipnorm, else clipvalue.
 
     `g` is the dense part, zero outside the dense tensors; `squares()` its
-    sum of squares per tensor, (tensors,). Sparse gradients are clipped on
+    sum of squares per tensor, (tensors,), and `squares(total=True)` their sum. Sparse gradients are clipped on
     their raw value rows, before duplicates are summed, as TF does on
     `IndexedSlices`.
     """
@@ -415,7 +426,7 @@ def _clip(config: AdamConfig, segments: _Segments, g: Array, squares: Callable[[
                    for name, s in sparse.items()}
     if config.global_clipnorm is not None:  # tf.clip_by_global_norm; NaN for a non-finite norm
         c = f32_constant(config.global_clipnorm)
-        norm = jnp.sqrt(sum((jnp.sum(jnp.square(s.values)) for s in sparse.values()), jnp.sum(squares())))
+        norm = jnp.sqrt(sum((jnp.sum(jnp.square(s.values)) for s in sparse.values()), squares(total=True)))
         scale = c * jnp.minimum(1 / norm, 1 / c) + (norm - norm)
         return g * scale, {name: s._replace(values=s.values * scale) for name, s in sparse.items()}
     if config.clipvalue is not None:
@@ -424,11 +435,11 @@ def _clip(config: AdamConfig, segments: _Segments, g: Array, squares: Callable[[
     return g, sparse
 
 
-def _dense_squares(segments: _Segments, dense: Array | None, is_dense: Array | bool) -> Array:
-    """(tensors,): each dense gradient's sum of squares (0 for the others), read from the raw buffer."""
+def _dense_squares(segments: _Segments, dense: Array | None, is_dense: Array | bool, total: bool = False) -> Array:
+    """(tensors,): each dense gradient's sum of squares (0 for the others), read from the raw buffer; or their sum."""
     if dense is None or is_dense is False:
-        return jnp.zeros(len(segments.names), jnp.float32)
-    return segments.square_sums(dense, is_dense)
+        return jnp.zeros(() if total else len(segments.names), jnp.float32)
+    return segments.square_total(dense, is_dense) if total else segments.square_sums(dense, is_dense)
 
 
 def _scatter_sparse(layout: FlatLayout, g: Array, sparse: dict[str, SparseGrad]) -> Array:
@@ -533,7 +544,7 @@ def _apply(config: AdamConfig, decayed: frozenset[str], state: AdamState, dense:
     else:
         g = segments.where_rows(inside & is_dense, dense.astype(jnp.float32), 0)
     sparse = {name: s._replace(values=s.values.astype(jnp.float32)) for name, s in sparse.items()}
-    g, sparse = _clip(config, segments, g, lambda: _dense_squares(segments, dense, is_dense), sparse)
+    g, sparse = _clip(config, segments, g, functools.partial(_dense_squares, segments, dense, is_dense), sparse)
     if sparse:
         g = _scatter_sparse(layout, segments.where(is_dense, g, 0), sparse)
     is_sparse = segments.mask(frozenset(sparse))
