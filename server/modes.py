@@ -6,15 +6,17 @@ The registry decides when to use them, under its lock.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from optserve.server.engine import aggregate
+from optserve.server.engine import adam, aggregate
 from optserve.server.errors import FailedPrecondition, InvalidArgument
+from optserve.wire.layout import FlatLayout
 
 Gradient = np.ndarray | tuple[np.ndarray, np.ndarray]  # dense, or sparse (indices, rows)
 
@@ -115,46 +117,86 @@ class DedupTable:
                 self.record(worker, seq, PushResult(version, iterations))
 
 
+class RoundGradients(Mapping[str, "Gradient"]):
+    """A sync round's gradient: the dense tensors' sums in one flat device buffer, the sparse ones on the host.
+
+    `flat` is in the optimizer's layout (its padding, and the segments of
+    the sparse tensors, hold anything) or None when every tensor is sparse;
+    the step takes it as it is. As a mapping (for the log and the metrics)
+    a dense tensor is a read-only host view of `flat`, valid until the next
+    round reuses the buffer.
+    """
+
+    def __init__(self, layout: FlatLayout, flat: jax.Array | None, sparse: dict[str, tuple[np.ndarray, np.ndarray]]):
+        self.layout, self.flat, self.sparse = layout, flat, sparse
+        self._host: np.ndarray | None = None
+
+    def __getitem__(self, name: str) -> Gradient:
+        if name in self.sparse:
+            return self.sparse[name]
+        if name not in self.layout.shapes or self.flat is None:
+            raise KeyError(name)
+        if self._host is None:
+            self._host = np.asarray(self.flat)
+        offset = self.layout.offsets[name]
+        return self._host[offset:offset + self.layout.sizes[name]].reshape(self.layout.shapes[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.layout.shapes)
+
+    def __len__(self) -> int:
+        return len(self.layout.shapes)
+
+    def block_until_ready(self) -> RoundGradients:
+        """Waits for the sum (what `jax.block_until_ready` calls on an object it does not know)."""
+        if self.flat is not None:
+            self.flat.block_until_ready()
+        return self
+
+
 class RoundSum:
     """Combines each sync round's gradients in sorted worker-id order, dense ones on the device.
 
     The fixed order makes the float32 sum, and so the step, independent of
-    arrival order. Dense gradients are summed by `engine.aggregate` into
-    device buffers that the next round reuses (donated, so XLA writes in
-    place). Sparse gradients are concatenated on the host (the engine sums
-    their duplicate rows, as Keras's IndexedSlices all-reduce does); a tensor
-    that some workers sent dense and others sparse is densified. "mean"
-    divides by the number of gradients in the round.
+    arrival order. The dense gradients are summed by `engine.aggregate` as
+    one flat buffer per worker, in the optimizer's layout (the worker's own
+    receive buffer when its push arrived in that layout, else a copy), into
+    the flat device buffer that the previous round's sum used (donated, so
+    XLA writes in place): the result is the step's flat gradient as it is.
+    Sparse gradients are concatenated on the host (the engine sums their
+    duplicate rows, as Keras's IndexedSlices all-reduce does); a tensor that
+    some workers sent dense and others sparse is densified. "mean" divides by
+    the number of gradients in the round.
     """
 
-    def __init__(self, how: str, shapes: Mapping[str, tuple[int, ...]]):
+    def __init__(self, how: str, layout: FlatLayout):
         self._mean = how == "mean"
-        self._shapes = dict(shapes)
-        self._buffers: dict[str, jax.Array] = {}  # the last round's dense sums, donated to the next
+        self._layout = layout
+        self._buffer: jax.Array | None = None  # the last round's flat sum, donated to the next
 
-    def combine(self, contributions: Mapping[str, Mapping[str, Gradient]]) -> dict[str, Gradient | jax.Array]:
-        """The round's gradient per tensor: a device array for dense tensors, host (indices, values) for sparse."""
+    def combine(self, contributions: Mapping[str, Mapping[str, Gradient]]) -> RoundGradients:
+        """The round's gradient: the dense tensors' sums in one flat device buffer, the sparse ones on the host."""
         workers = sorted(contributions)
-        combined: dict[str, Gradient | jax.Array] = {}
+        shapes = self._layout.shapes
+        sparse: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         dense: list[str] = []
-        for name in self._shapes:
+        for name in shapes:
             grads = [contributions[w][name] for w in workers]
             if all(isinstance(g, tuple) for g in grads):
                 values = np.concatenate([g[1].astype(np.float32) for g in grads])
                 indices = np.concatenate([g[0].astype(np.int64) for g in grads])
-                combined[name] = (indices, values / np.float32(len(workers)) if self._mean else values)
+                sparse[name] = (indices, values / np.float32(len(workers)) if self._mean else values)
             else:
                 dense.append(name)
-        if dense:
-            self._buffers.update(aggregate.zeros_like_shapes(
-                {name: self._shapes[name] for name in dense if name not in self._buffers}))
-            sums = aggregate.sum_in_order(
-                {name: self._buffers[name] for name in dense},
-                [{name: _dense(contributions[w][name], self._shapes[name]) for name in dense} for w in workers],
-                self._mean)
-            self._buffers.update(sums)
-            combined.update(sums)
-        return combined
+        if not dense:
+            return RoundGradients(self._layout, None, sparse)
+        flats = [adam.flat_grads(self._layout, {name: _dense(contributions[w][name], shapes[name]) for name in dense}
+                                 ).dense for w in workers]
+        if self._buffer is None:
+            self._buffer = jnp.zeros(self._layout.size, jnp.float32)
+        self._buffer = aggregate.sum_in_order({"flat": self._buffer}, [{"flat": f} for f in flats],
+                                              self._mean)["flat"]
+        return RoundGradients(self._layout, self._buffer, sparse)
 
 
 def _dense(grad: Gradient, shape: tuple[int, ...]) -> np.ndarray:

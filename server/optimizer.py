@@ -32,7 +32,7 @@ from optserve.server.errors import (
     ResourceExhausted,
 )
 from optserve.server.metrics import Metrics
-from optserve.server.modes import DedupTable, Gradient, PushResult, RoundSum, TrainingMode
+from optserve.server.modes import DedupTable, Gradient, PushResult, RoundGradients, RoundSum, TrainingMode
 from optserve.server.storage import Checkpoint, LogRecord, OptimizerStore, StorageError
 from optserve.wire.dtypes import FLOAT32
 from optserve.wire.layout import ChunkBuffer, padded_bytes
@@ -102,7 +102,7 @@ class Optimizer:
         self._round_holds: list[Callable[[], None]] = []  # sync: releases the buffers the round's gradients view
         self._round_magnitudes: dict[str, list[overflow.Magnitude]] = {}  # sync: worker_id -> its gradients' sizes
         self._round_timer: threading.Timer | None = None
-        self._round_sum = RoundSum(training_mode.aggregation, self.shapes)
+        self._round_sum = RoundSum(training_mode.aggregation, self.layout)
         self._dropped_round = -1  # sync: the version of the last round that could not be logged or was refused
         self._dropped_error: OptserveError = ResourceExhausted("the data dir is full")  # why it was dropped
         self._round_generation = 0  # sync: rounds closed (applied or dropped) so far
@@ -428,6 +428,8 @@ class Optimizer:
     def _device_grads(self, grads: Mapping[str, Gradient]) -> adam.FlatGrads:
         """Every tensor's gradient as the step takes it: the dense ones in one flat buffer (no copy when the
         push arrived in `self.layout`), the sparse ones padded to their bucket."""
+        if isinstance(grads, RoundGradients):  # a sync round's sum: already one flat device buffer
+            return adam.FlatGrads(grads.flat, {name: adam.sparse_grad(*g) for name, g in grads.sparse.items()})
         return adam.flat_grads(self.layout, {name: _to_device(grads[name]) for name in self.shapes})
 
     def _step_with(self, grads: Mapping[str, Gradient]) -> None:
@@ -478,7 +480,7 @@ class Optimizer:
         workers = [(w, s) for w, s in sorted(self._round_seqs.items()) if s is not None]
         try:
             combined = self._round_sum.combine(self._round)
-            jax.block_until_ready(combined)  # the sums are done reading the gradients' buffers
+            combined.block_until_ready()  # the sum is done reading the gradients' buffers
             self._apply(combined, workers, overflow.combined(list(self._round_magnitudes.values())))
         except (ResourceExhausted, InvalidArgument) as err:
             # the log is full, or the aggregate step would make the state non-finite: every push of the

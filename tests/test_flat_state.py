@@ -180,4 +180,66 @@ def test_the_trace_does_not_grow_with_dense_tensors():
         return len(jax.make_jaxpr(run.__wrapped__, static_argnums=4)(
             state, grads.dense, {}, blocks, None).jaxpr.eqns)
 
-    assert equations(3) == equations(300)
+    assert equations(20) == equations(300)  # from 16 blocks on (a whole group of them), so every table is used
+
+
+def test_per_tensor_sums_cover_whole_groups_straddling_blocks_and_the_tail():
+    """Tensors spanning whole groups of blocks, sharing groups, empty, and ending the buffer mid-group."""
+    sizes = [5000, 3, 0, 16 * 16 * 3, 17, 1, 40_000, 250]
+    layout = FlatLayout({f"t{i}": (size,) for i, size in enumerate(sizes)})
+    rng = np.random.default_rng(7)
+    flat = np.full(layout.size, np.nan, np.float32)  # the padding of a gradient buffer may hold anything
+    for view in layout.views(flat).values():
+        view[:] = rng.normal(size=view.shape)
+    segments = adam._Segments(layout, adam._block_tables(layout))
+    got = np.asarray(jax.jit(segments.square_sums)(jax.numpy.asarray(flat)))
+    want = [np.sum(np.square(view, dtype=np.float64)) for view in layout.views(flat).values()]
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_a_round_sum_is_the_flat_gradient_written_into_the_last_rounds_buffer():
+    """Workers' flat views (or copies) summed in worker order into one reused buffer; densified where mixed."""
+    from optserve.server.modes import RoundSum
+
+    layout = FlatLayout({"a": (5,), "b": (3, 2), "table": (4, 3)})
+    rng = np.random.default_rng(3)
+
+    def worker(k: int) -> dict:
+        flat = aligned_empty(layout.nbytes).view(np.float32)  # a receive buffer in the layout
+        grads = dict(layout.views(flat))
+        for view in grads.values():
+            view[:] = rng.normal(size=view.shape)
+        grads["table"] = (np.array([0, 3, 0]), rng.normal(size=(3, 3)).astype(np.float32))
+        return grads
+
+    rounds = RoundSum("mean", layout)
+    address = None
+    for _ in range(3):
+        contributions = {f"w{k}": worker(k) for k in (2, 0, 1)}
+        contributions["w1"]["a"] = (np.array([4]), np.ones((1,), np.float32))  # sparse here, dense elsewhere
+        combined = rounds.combine(contributions)
+        if address is None:
+            address = combined.flat.unsafe_buffer_pointer()
+        assert combined.flat.unsafe_buffer_pointer() == address
+        for name in ("a", "b"):
+            want = np.zeros(layout.shapes[name], np.float32)
+            for w in sorted(contributions):
+                grad = contributions[w][name]
+                if isinstance(grad, tuple):
+                    grad = np.zeros(layout.shapes[name], np.float32)
+                    np.add.at(grad, contributions[w][name][0], contributions[w][name][1])
+                want = want + grad
+            np.testing.assert_array_equal(combined[name], want / np.float32(3))
+        assert set(combined.sparse) == {"table"} and combined["table"][1].shape == (9, 3)
+        del combined  # its host views keep XLA from writing the next sum in place
+
+
+@pytest.mark.parametrize("sizes", [[4096], [4096, 32, 16 * 300]], ids=["one", "three"])
+def test_sums_of_a_layout_without_padding_read_the_buffer_as_it_is(sizes: list[int]) -> None:
+    layout = FlatLayout({f"t{i}": (size,) for i, size in enumerate(sizes)})
+    flat = np.random.default_rng(1).normal(size=layout.size).astype(np.float32)
+    segments = adam._Segments(layout, adam._block_tables(layout))
+    assert segments.inside() is True  # no padding: nothing to mask
+    want = [np.sum(np.square(view, dtype=np.float64)) for view in layout.views(flat).values()]
+    np.testing.assert_allclose(np.asarray(jax.jit(segments.square_sums)(jax.numpy.asarray(flat))), want, rtol=1e-5)
+    np.testing.assert_allclose(float(jax.jit(segments.square_total)(jax.numpy.asarray(flat))), sum(want), rtol=1e-5)

@@ -16,6 +16,7 @@ epsilon to the square root of the *uncorrected* second moment (the paper's
 ``epsilon / sqrt(1 - beta_2**t)`` here, not `epsilon`.
 """
 
+import functools
 import re
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import NamedTuple
@@ -274,10 +275,18 @@ def _step_size(config: AdamConfig, lr: Array, k: Array) -> Array:
 
 
 class _Blocks(NamedTuple):
-    """Per-block tables of a layout (host-made once per layout, passed as arguments, not baked-in constants)."""
+    """Per-block tables of a layout (host-made once per layout, passed as arguments, not baked-in constants).
 
-    segment: Array  # int32 (size // BLOCK,): the tensor (index in layout order) each block belongs to
-    valid: Array  # int32 (size // BLOCK,): elements of the block inside its tensor (BLOCK, but in a last block)
+    For per-tensor sums, blocks are also taken BLOCK at a time in groups: a
+    group inside one tensor is summed as a whole, the blocks of a group that
+    straddles tensors (or the buffer's end) one by one.
+    """
+
+    segment: Array  # int32 (blocks,): the tensor (index in layout order) each block belongs to
+    valid: Array  # int32 (blocks,): elements of the block inside its tensor (BLOCK, but in a last block)
+    group_segment: Array  # int32 (blocks // BLOCK,): the tensor holding the whole group, else the tensor count
+    edges: Array  # int32 (n,): the blocks of the groups that straddle
+    edge_segment: Array  # int32 (n,): their tensors
 
 
 def _block_tables(layout: FlatLayout) -> _Blocks:
@@ -287,50 +296,113 @@ def _block_tables(layout: FlatLayout) -> _Blocks:
     valid = np.full(layout.size // BLOCK, BLOCK, np.int32)
     used = blocks > 0
     valid[np.cumsum(blocks)[used] - 1] = sizes[used] - BLOCK * (blocks[used] - 1)
-    return _Blocks(jnp.asarray(segment), jnp.asarray(valid))
+    groups = segment[:segment.size // BLOCK * BLOCK].reshape(-1, BLOCK)  # the blocks after the last whole group
+    whole = (groups == groups[:, :1]).all(axis=1)                        # are edges
+    edges = np.flatnonzero(np.concatenate([np.repeat(~whole, BLOCK), np.ones(segment.size % BLOCK, bool)]))
+    edges = edges.astype(np.int32)
+    return _Blocks(*map(jnp.asarray, (segment, valid, np.where(whole, groups[:, 0], len(sizes)).astype(np.int32),
+                                      edges, segment[edges])))
 
 
 class _Segments:
-    """Per-tensor values spread over the (blocks, BLOCK) view of a flat buffer, while tracing."""
+    """Per-tensor values over the (blocks, BLOCK) view of a flat buffer, while tracing.
+
+    Per-tensor values become (blocks, 1) columns and every operation mixing
+    them with full-size values runs in the (blocks, BLOCK) shape, then is
+    flattened: so XLA computes it inside each fusion that consumes it rather
+    than materialising a full-size temporary (on the CPU each one costs a
+    fresh mapping of the buffer's pages), and the state stays 1-D, which XLA
+    needs to update it in place.
+    """
 
     def __init__(self, layout: FlatLayout, blocks: _Blocks):
         self.layout, self.blocks = layout, blocks
         self.names = list(layout.shapes)
         self.shape = (layout.size // BLOCK, BLOCK)
+        self.padded = layout.size != sum(layout.sizes.values())  # some tensor leaves part of its last block
 
-    def spread(self, per_tensor: Array) -> Array:
-        """(tensors,) values -> (size,), each element the value of its tensor.
+    def column(self, per_tensor: Array) -> Array:
+        """(tensors,) values -> (blocks, 1), each block the value of its tensor."""
+        if len(self.names) == 1:
+            return jnp.broadcast_to(per_tensor, (self.shape[0], 1))
+        return per_tensor[self.blocks.segment][:, None]
 
-        Built in the (blocks, BLOCK) shape, then flattened: the state itself
-        stays 1-D, which XLA needs to update it in place.
-        """
-        return jnp.broadcast_to(per_tensor[self.blocks.segment][:, None], self.shape).reshape(-1)
+    def rows(self, flat: Array) -> Array:
+        """(size,) -> (blocks, BLOCK), a view."""
+        return flat.reshape(self.shape)
 
     def mask(self, names: Collection[str]) -> Array | bool:
-        """Where the tensors `names` lie (a bool (size,), or a Python bool when all or none do)."""
+        """Where the tensors `names` lie: a bool (blocks, 1), or a Python bool when all or none do."""
         flags = [name in names for name in self.names]
         if all(flags) or not any(flags):
             return bool(flags) and flags[0]
-        return self.spread(jnp.asarray(np.array(flags)))
+        return self.column(jnp.asarray(np.array(flags)))
 
-    def inside(self) -> Array:
-        """(size,) bool: elements that belong to a tensor, not padding."""
+    def inside(self) -> Array | bool:
+        """(blocks, BLOCK) bool: elements that belong to a tensor, not padding (True: no padding)."""
+        if not self.padded:
+            return True
         lane = jax.lax.broadcasted_iota(jnp.int32, self.shape, 1)
-        return (lane < self.blocks.valid[:, None]).reshape(-1)
+        return lane < self.blocks.valid[:, None]
 
-    def sums(self, values: Array) -> Array:
-        """(size,) -> (tensors,): the sum over each tensor's elements (blocks first, then tensors)."""
-        return jax.ops.segment_sum(jnp.sum(values.reshape(self.shape), axis=1), self.blocks.segment,
-                                   num_segments=len(self.names), indices_are_sorted=True)
+    def where(self, mask: Array | bool, yes: Array, no: Array | float) -> Array:
+        """jnp.where over flat buffers with a (blocks, 1) or (blocks, BLOCK) mask; free for a Python bool mask.
 
+        Runs in 1-D (the mask flattened), so that an output slot read
+        elementwise stays updated in place.
+        """
+        if mask is True:
+            return yes
+        if mask is False:
+            return jnp.broadcast_to(jnp.asarray(no, yes.dtype), yes.shape) if np.ndim(no) == 0 else no
+        return jnp.where(jnp.broadcast_to(mask, self.shape).reshape(-1), yes, no)
 
-def _where(mask: Array | bool, yes: Array, no: Array) -> Array:
-    """jnp.where that costs nothing when the mask is a known Python bool."""
-    if mask is True:
-        return yes
-    if mask is False:
-        return no
-    return jnp.where(mask, yes, no)
+    def where_rows(self, mask: Array | bool, yes: Array, no: float) -> Array:
+        """Like `where` but in the (blocks, BLOCK) shape: for a value many fusions read (XLA repeats it in each)."""
+        if mask is True:
+            return yes
+        return jnp.where(mask, self.rows(yes), no).reshape(-1)
+
+    def lane_sums(self, lane_value: Callable[[int], Array]) -> Array:
+        """(blocks,): the sum over each block's lanes of `lane_value(lane)`, a (blocks,) value of that lane.
+
+        Each lane's value is computed from its strided column and the lanes
+        are added in a tree, which XLA emits as one loop over the buffers; a
+        reduce op over the rows (or one masked producer shared by the lanes)
+        would first be materialised in full.
+        """
+        parts = [lane_value(lane) for lane in range(BLOCK)]
+        while len(parts) > 1:
+            parts = [parts[i] + parts[i + 1] for i in range(0, len(parts), 2)]
+        return parts[0]
+
+    def square_sums(self, flat: Array, mask: Array | bool = True) -> Array:
+        """(tensors,): the sum of squares of each tensor's elements of `flat` where `mask` (blocks, 1), 0 in the padding."""
+        if len(self.names) == 1 and mask is True and not self.padded:  # one reduce straight over the buffer
+            return jnp.sum(jnp.square(flat.astype(jnp.float32)), keepdims=True)
+        rows = self.rows(flat)
+
+        def square(lane: int) -> Array:
+            keep = lane < self.blocks.valid if mask is True else (lane < self.blocks.valid) & mask[:, 0]
+            x = jnp.where(keep, rows[:, lane].astype(jnp.float32), 0)
+            return x * x
+
+        return self.block_totals(self.lane_sums(square))
+
+    def square_total(self, flat: Array, mask: Array | bool = True) -> Array:
+        """(): the sum of squares of `flat` where `mask`, 0 in the padding."""
+        if mask is True and not self.padded:  # one reduce straight over the buffer
+            return jnp.sum(jnp.square(flat.astype(jnp.float32)))
+        return jnp.sum(self.square_sums(flat, mask))
+
+    def block_totals(self, blocks: Array) -> Array:
+        """(blocks,) -> (tensors,): the sum of each tensor's blocks (by whole groups, and straddling blocks)."""
+        count = len(self.names)
+        groups = blocks[:blocks.shape[0] // BLOCK * BLOCK].reshape(-1, BLOCK)
+        group_sums = self.lane_sums(lambda lane: groups[:, lane])
+        return (jax.ops.segment_sum(group_sums, self.blocks.group_segment, num_segments=count)
+                + jax.ops.segment_sum(blocks[self.blocks.edges], self.blocks.edge_segment, num_segments=count,
+                                      indices_are_sorted=True))
 
 
 def _clip_norm(x: Array, c: Array, norm: Array) -> Array:
@@ -338,28 +410,36 @@ def _clip_norm(x: Array, c: Array, norm: Array) -> Array:
     return x * c / jnp.maximum(norm, c)
 
 
-def _clip(config: AdamConfig, segments: _Segments, g: Array, sparse: dict[str, SparseGrad],
-          ) -> tuple[Array, dict[str, SparseGrad]]:
+def _clip(config: AdamConfig, segments: _Segments, g: Array, squares: Callable[[], Array],
+          sparse: dict[str, SparseGrad]) -> tuple[Array, dict[str, SparseGrad]]:
     """tf-keras `_clip_gradients`: clipnorm (per tensor), else global_clipnorm, else clipvalue.
 
-    `g` is the dense part, zero outside the dense tensors. Sparse gradients
-    are clipped on their raw value rows, before duplicates are summed, as TF
-    does on `IndexedSlices`.
+    `g` is the dense part, zero outside the dense tensors; `squares()` its
+    sum of squares per tensor, (tensors,), and `squares(total=True)` their sum. Sparse gradients are clipped on
+    their raw value rows, before duplicates are summed, as TF does on
+    `IndexedSlices`.
     """
     if config.clipnorm is not None:
         c = f32_constant(config.clipnorm)
-        g = g * c / segments.spread(jnp.maximum(jnp.sqrt(segments.sums(g * g)), c))
+        g = (segments.rows(g) * c / segments.column(jnp.maximum(jnp.sqrt(squares()), c))).reshape(-1)
         return g, {name: s._replace(values=_clip_norm(s.values, c, jnp.sqrt(jnp.sum(s.values * s.values))))
                    for name, s in sparse.items()}
     if config.global_clipnorm is not None:  # tf.clip_by_global_norm; NaN for a non-finite norm
         c = f32_constant(config.global_clipnorm)
-        norm = jnp.sqrt(sum((jnp.sum(jnp.square(s.values)) for s in sparse.values()), jnp.sum(jnp.square(g))))
+        norm = jnp.sqrt(sum((jnp.sum(jnp.square(s.values)) for s in sparse.values()), squares(total=True)))
         scale = c * jnp.minimum(1 / norm, 1 / c) + (norm - norm)
         return g * scale, {name: s._replace(values=s.values * scale) for name, s in sparse.items()}
     if config.clipvalue is not None:
         c = f32_constant(config.clipvalue)
         return jnp.clip(g, -c, c), {name: s._replace(values=jnp.clip(s.values, -c, c)) for name, s in sparse.items()}
     return g, sparse
+
+
+def _dense_squares(segments: _Segments, dense: Array | None, is_dense: Array | bool, total: bool = False) -> Array:
+    """(tensors,): each dense gradient's sum of squares (0 for the others), read from the raw buffer; or their sum."""
+    if dense is None or is_dense is False:
+        return jnp.zeros(() if total else len(segments.names), jnp.float32)
+    return segments.square_total(dense, is_dense) if total else segments.square_sums(dense, is_dense)
 
 
 def _scatter_sparse(layout: FlatLayout, g: Array, sparse: dict[str, SparseGrad]) -> Array:
@@ -380,7 +460,7 @@ def _scatter_sparse(layout: FlatLayout, g: Array, sparse: dict[str, SparseGrad])
     return g.at[jnp.concatenate(indices)].add(jnp.concatenate(values), mode="drop")
 
 
-def _moment(moment: Array, target: Array, rate: float, sparse: Array | bool) -> Array:
+def _moment(segments: _Segments, moment: Array, target: Array, rate: float, sparse: Array | bool) -> Array:
     """moment + (target - moment) * rate, in the float order of tf-keras's dense or sparse branch.
 
     `rate` (1 - beta) is taken in double, then float32. The sparse branch
@@ -388,7 +468,7 @@ def _moment(moment: Array, target: Array, rate: float, sparse: Array | bool) -> 
     adding the zeros of the densified gradient elsewhere is exact.
     """
     rate = f32_constant(rate)
-    return _where(sparse, (moment + -moment * rate) + target * rate, moment + (target - moment) * rate)
+    return segments.where(sparse, (moment + -moment * rate) + target * rate, moment + (target - moment) * rate)
 
 
 def _adam_update(param: Array, m: Array, denominator_v: Array, alpha: Array, epsilon: float) -> Array:
@@ -462,25 +542,25 @@ def _apply(config: AdamConfig, decayed: frozenset[str], state: AdamState, dense:
     if dense is None or is_dense is False:
         g = jnp.zeros(layout.size, jnp.float32)
     else:
-        g = jnp.where(inside & is_dense, dense.astype(jnp.float32), 0)
+        g = segments.where_rows(inside & is_dense, dense.astype(jnp.float32), 0)
     sparse = {name: s._replace(values=s.values.astype(jnp.float32)) for name, s in sparse.items()}
-    g, sparse = _clip(config, segments, g, sparse)
+    g, sparse = _clip(config, segments, g, functools.partial(_dense_squares, segments, dense, is_dense), sparse)
     if sparse:
-        g = _scatter_sparse(layout, _where(is_dense, g, jnp.zeros_like(g)), sparse)
+        g = _scatter_sparse(layout, segments.where(is_dense, g, 0), sparse)
     is_sparse = segments.mask(frozenset(sparse))
 
     param, m, v, vhat, ema = (None if getattr(state, slot) is None else getattr(state, slot).flat for slot in SLOTS)
     old = param, m, v, vhat, ema
     if config.weight_decay is not None:
-        param = _where(segments.mask(decayed), param - param * f32_constant(config.weight_decay) * lr, param)
-    m = _moment(m, g, 1 - config.beta_1, is_sparse)
-    v = _moment(v, jnp.square(g), 1 - config.beta_2, is_sparse)
+        param = segments.where(segments.mask(decayed), param - param * f32_constant(config.weight_decay) * lr, param)
+    m = _moment(segments, m, g, 1 - config.beta_1, is_sparse)
+    v = _moment(segments, v, jnp.square(g), 1 - config.beta_2, is_sparse)
     if config.amsgrad:
         vhat = jnp.maximum(vhat, v)
     # padding: g is 0 there, so the moments stay 0, but theta could turn 0 * inf (decay, lr) or 0 / 0
     # (epsilon 0) into NaN, and pass it on to the average: it is kept 0 by a select against 0 (one against
     # the old values would cost XLA a copy of each slot, as it no longer updates them in place)
-    param = jnp.where(inside, _adam_update(param, m, vhat if config.amsgrad else v, alpha, config.epsilon), 0)
+    param = segments.where(inside, _adam_update(param, m, vhat if config.amsgrad else v, alpha, config.epsilon), 0)
     if config.use_ema:
         ema = _moving_average(ema, param, config.ema_momentum)
     iterations = _saturating_increment(k)
@@ -489,19 +569,19 @@ def _apply(config: AdamConfig, decayed: frozenset[str], state: AdamState, dense:
     if present is None:
         new = [param, m, v, vhat, ema]
     else:  # tensors missing from `grads` keep their values (at the price of those copies)
-        new = [None if x is None else jnp.where(updated, x, before) for x, before in zip((param, m, v, vhat, ema), old)]
+        new = [None if x is None else segments.where(updated, x, before) for x, before in zip((param, m, v, vhat, ema), old)]
     return AdamState(iterations, *(None if x is None else Tensors(x, layout) for x in new))
 
 
 def _finite_per_tensor(segments: _Segments, state: AdamState) -> Array:
     """(tensors,) bool in layout order: every value of the tensor in every slot is finite."""
-    finite = None
-    for slot in SLOTS:
-        tensors = getattr(state, slot)
-        if tensors is not None:
-            ok = jnp.isfinite(tensors.flat)
-            finite = ok if finite is None else finite & ok
-    return segments.sums((~finite).astype(jnp.int32)) == 0
+    slots = [segments.rows(getattr(state, slot).flat) for slot in SLOTS if getattr(state, slot) is not None]
+
+    def bad(lane: int) -> Array:
+        ok = functools.reduce(jnp.logical_and, [jnp.isfinite(rows[:, lane]) for rows in slots])
+        return (~ok).astype(jnp.int32)
+
+    return segments.block_totals(segments.lane_sums(bad)) == 0
 
 
 class _Step:
