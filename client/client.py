@@ -183,8 +183,6 @@ class Client:
     shared memory when the server shares this host, else the bulk channel.
     """
 
-    _local: LocalTransport | None = None  # the same-host path ("auto", "local"); None: the stream only
-
     def __init__(self, address: str, timeout: float = 30.0, *, chunk_bytes: int = CHUNK_BYTES,
                  tls: bool | str | TLS | None = None, token: str | None = None, transport: str = "auto"):
         if transport not in TRANSPORTS:

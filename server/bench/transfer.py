@@ -180,6 +180,7 @@ def _codec_times(init: np.ndarray, grad: np.ndarray, push_options: dict, reps: i
     client = Client.__new__(Client)  # the real client code on calls that stand in for the channel
     client.address, client.timeout, client.chunk_bytes = "in-process", CLIENT_TIMEOUT, CHUNK_BYTES
     client._push, client._pull = loopback.push, loopback.pull
+    client._local = client._bulk = None  # the chunk stream only: the codec is what this times
     opt = Optimizer(client, "round-trip")
     opt.push({"w": grad}, **push_options)
     reused = opt.pull()
