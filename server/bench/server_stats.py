@@ -35,7 +35,9 @@ def measure_memory(peak_params: int, growth_params: int, growth_pushes: int) -> 
         proc = psutil.Process(server.process.pid)
         sampler = _RssSampler(proc)
         idle = proc.memory_info().rss
-        with Client(server.address, timeout=CLIENT_TIMEOUT) as client:
+        # "network": the server's own memory; a same-host client would add its segments (2 x the model, mapped
+        # by both processes), which the versus section's shared-memory rows show instead
+        with Client(server.address, timeout=CLIENT_TIMEOUT, transport="network") as client:
             grads = {"w": rng.standard_normal(peak_params, dtype=np.float32) * np.float32(1e-3)}
             opt = client.create_optimizer("peak", {"w": np.zeros(peak_params, np.float32)})
             for _ in range(3):
