@@ -17,8 +17,10 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from optserve.client import bulk
+from optserve.client.errors import InvalidArgumentError, OptserveError, protocol_error
 from optserve.client.security import TLS, as_tls, make_channel
 from optserve.client.shared_memory import LocalTransport
+from optserve.client.weights import Weights
 from optserve.wire.chunks import CHUNK_BYTES, encode_stream, stream_message_parser
 from optserve.wire.dtypes import data_type_of, to_bfloat16
 from optserve.wire.layout import ChunkBuffer
@@ -49,31 +51,6 @@ _READ_RETRY = frozenset({grpc.StatusCode.UNAVAILABLE})  # reads are safe to repe
 _PUSH_RETRY = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})  # with (worker_id, seq)
 
 
-class OptserveError(grpc.RpcError):
-    """A failed call: `code()` is the grpc.StatusCode, `details()` the server's message."""
-
-    def __init__(self, code: grpc.StatusCode, details: str):
-        super().__init__(f"{code.name}: {details}")
-        self._code = code
-        self._details = details
-
-    def code(self) -> grpc.StatusCode:
-        return self._code
-
-    def details(self) -> str:
-        return self._details
-
-
-class InvalidArgumentError(OptserveError, ValueError):
-    """A request the client refuses before sending it: code INVALID_ARGUMENT, the message names the field.
-
-    Also a ValueError, as these refusals were before.
-    """
-
-    def __init__(self, details: str):
-        super().__init__(grpc.StatusCode.INVALID_ARGUMENT, details)
-
-
 class IndexedSlices(NamedTuple):
     """A sparse gradient, as Keras's IndexedSlices: rows of a tensor's first axis.
 
@@ -95,21 +72,6 @@ class PushResult(int):
         result = cls(reply.version)
         result.iterations, result.duplicate = reply.iterations, reply.duplicate
         return result
-
-
-class Weights(dict):
-    """Tensors by name, from one version of an optimizer.
-
-    The tensors of a pulled `Weights` are views of one aligned buffer, which
-    `pull(into=...)` can fill again instead of allocating a new one.
-    """
-
-    def __init__(self, tensors: Mapping[str, np.ndarray], version: int, iterations: int,
-                 buffer: np.ndarray | None = None):
-        super().__init__(tensors)
-        self.version = version
-        self.iterations = iterations
-        self._buffer = buffer  # the buffer every tensor views; None for Weights not made by a pull
 
 
 @dataclass(frozen=True)
@@ -303,7 +265,7 @@ class Client:
             weights = self._call(
                 lambda _, **call: bulk.pull(self._bulk, self._pull, request, **call,
                                             read=lambda responses, receive: _read_weights(responses, into, receive),
-                                            error=_protocol_error),
+                                            error=protocol_error),
                 lambda: None, _READ_RETRY, timeout)
             if weights is not None:
                 return weights
@@ -483,20 +445,16 @@ def _read_weights(responses: Iterator[pb.PullWeightsResponse], into: Weights | N
     except InvalidArgumentError:
         responses.cancel()
         raise
-    buffer = ChunkBuffer(nbytes, _protocol_error, None if into is None else into._buffer)
+    buffer = ChunkBuffer(nbytes, protocol_error, None if into is None else into._buffer)
     if receive is not None:
         receive(buffer)
     for message in responses:
         buffer.write(message.chunk)
     if buffer.filled != buffer.total:
-        raise _protocol_error(f"pull ended after {buffer.filled} of {buffer.total} bytes")
+        raise protocol_error(f"pull ended after {buffer.filled} of {buffer.total} bytes")
     tensors = {spec.name: buffer.view(i, spec.dtype, shape)
                for i, (spec, shape) in enumerate(zip(header.tensors, shapes))}
     return Weights(tensors, header.version, header.iterations, buffer.data)
-
-
-def _protocol_error(message: str) -> OptserveError:
-    return OptserveError(grpc.StatusCode.DATA_LOSS, message)
 
 
 def _is_sparse(grad: Any) -> bool:

@@ -14,11 +14,13 @@ import mmap
 import os
 import stat
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import grpc
 import numpy as np
 
+from optserve.client.errors import OptserveError, protocol_error
+from optserve.client.weights import Weights
 from optserve.wire.chunks import encode_stream
 from optserve.wire.layout import ALIGNMENT, ChunkBuffer, FlatLayout, aligned_empty, padded_bytes
 from optserve.v1 import optserve_pb2 as pb
@@ -121,8 +123,6 @@ class LocalTransport:
 
     def push(self, header: pb.PushHeader, arrays: list[np.ndarray], retry: frozenset) -> pb.PushGradientsResponse | None:
         """Sends a push through a segment; None when it must go by the stream (sparse, or no segment free)."""
-        from optserve.client.client import OptserveError
-
         for attempt in range(2):  # a session the server forgot (restart, idle timeout) is reopened once
             segment = self._acquire(header.optimizer, "push")
             if segment is None:
@@ -147,8 +147,6 @@ class LocalTransport:
     def pull(self, request: pb.PullWeightsRequest, check: Callable, into, timeout: float | None,
              copy: bool):
         """Runs a pull through a segment; None when there is none free. `check(header, into)` gives the sizes."""
-        from optserve.client.client import OptserveError, Weights, _protocol_error
-
         for attempt in range(2):
             segment = self._acquire(request.optimizer, "pull")
             if segment is None:
@@ -163,7 +161,7 @@ class LocalTransport:
                 try:
                     slots, buffer = segment.read(header, sizes, copy, None if into is None else into._buffer)
                 except ValueError as err:
-                    raise _protocol_error(str(err)) from None
+                    raise protocol_error(str(err)) from None
                 tensors = {spec.name: slots.view(i, spec.dtype, shape)
                            for i, (spec, shape) in enumerate(zip(header.tensors, shapes))}
                 return Weights(tensors, header.version, header.iterations, buffer)
@@ -228,7 +226,6 @@ class LocalTransport:
 
     def _open(self, optimizer: str) -> ClientSegment | None:
         """A new segment, or None (and, where it cannot work, NOT_SAME_HOST remembered); "local" raises instead."""
-        from optserve.client.client import OptserveError
 
         try:
             reply = self._client._call(self._client._stub.OpenSharedMemory,
@@ -254,7 +251,6 @@ class LocalTransport:
 
     def _unusable(self, optimizer: str, why: str) -> None:
         """Under the lock: "local" raises; "auto" remembers the stream is the way."""
-        from optserve.client.client import OptserveError
 
         if self._required:
             raise OptserveError(grpc.StatusCode.FAILED_PRECONDITION,
@@ -289,13 +285,12 @@ def _forgotten(err) -> bool:
 
 def _header_only(pull: Callable) -> Callable:
     """A pull whose reply is the header alone (the bytes are in the segment)."""
-    from optserve.client.client import _protocol_error
 
     def call(request, **kwargs) -> pb.PullHeader:
         responses = pull(request, **kwargs)
         header = next(responses).header
         for message in responses:
-            raise _protocol_error(f"a pull through shared memory sent a {message.WhichOneof('part')} after its header")
+            raise protocol_error(f"a pull through shared memory sent a {message.WhichOneof('part')} after its header")
         return header
 
     return call
