@@ -95,6 +95,63 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
             if bulk is not None:
                 bulk.end()
 
+    def PullWeights(self, request, context) -> Iterator[pb.PullWeightsResponse]:
+        kind = codec.decode_state_kind(request.kind)
+        optimizer = self._registry.get(request.optimizer)
+        transport = _TRANSPORT_OF[request.WhichOneof("destination")]
+        min_version = request.min_version if request.HasField("min_version") else None
+        # The snapshot's buffer goes back to the pool once sent: each message is a copy of its bytes.
+        # Not charged to the in-flight budget: its size is the optimizer's own, not the caller's to declare.
+        with contextlib.ExitStack() as holds:
+            if min_version is not None:
+                holds.enter_context(self._admission.admit("waiting", context.peer()))
+            if transport == "shared_memory":  # one copy, out of the state into the segment; the reply is the header
+                segment = holds.enter_context(self.segments.use(
+                    request.shared_memory_session, optimizer, _caller(context), "pull"))
+                into = segment.weights_into
+            else:
+                lease = holds.enter_context(self._buffers.lease("pull", charged=False))
+                into = lambda nbytes: lease.reserve(nbytes, nbytes)  # noqa: E731
+            version, iterations, arrays = optimizer.pull(
+                kind, request.names, min_version, _wait_budget(context), into=into,
+                cancelled=None if min_version is None else self._cancellation(context, optimizer))
+            if transport != "bulk":  # the bytes go in the chunks, or are in the segment already
+                self._count(optimizer.name, context, transport, sent=_nbytes(a for _, a in arrays))
+                yield from codec.encode_pull(version, iterations, arrays, chunks=transport == "grpc")
+                del arrays  # views of the segment: gone before it may be freed
+                return
+            bulk = self._take_bulk(request.bulk)
+            try:  # the reply carries the header alone; the bytes go framed on the channel
+                yield from codec.encode_pull(version, iterations, arrays, chunks=False)
+                bulk.send(a for _, a in arrays)
+            finally:
+                bulk.end()
+            self._count(optimizer.name, context, transport, sent=_nbytes(a for _, a in arrays))
+
+    def FinalizeOptimizer(self, request, context) -> pb.OptimizerInfo:
+        optimizer = self._registry.get(request.name)
+        optimizer.finalize()
+        return self._info(optimizer)
+
+    def SaveOptimizer(self, request, context) -> pb.SaveOptimizerResponse:
+        return pb.SaveOptimizerResponse(version=self._registry.get(request.name).save())
+
+    def OpenSharedMemory(self, request, context) -> pb.SharedMemorySegment:
+        optimizer = self._registry.get(codec.validate_name(request.optimizer, "optimizer"))
+        segment = self.segments.open(optimizer, optimizer.name, optimizer.shapes, _caller(context))
+        return codec.segment_to_wire(segment)
+
+    def CloseSharedMemory(self, request, context) -> pb.CloseSharedMemoryResponse:
+        self.segments.close_session(request.session, _caller(context))
+        return pb.CloseSharedMemoryResponse()
+
+    def OpenBulkChannel(self, request, context) -> pb.BulkChannel:
+        if self._bulk is None:
+            raise FailedPrecondition("bulk: this server has no bulk listener (--bulk-port -1); send tensor bytes "
+                                     "in the gRPC stream")
+        channel, ticket = self._bulk.issue()
+        return pb.BulkChannel(channel=channel, ticket=ticket, port=self._bulk.port, tls=self._bulk.tls)
+
     def _push(self, header: pb.PushHeader, chunks: Iterator, transport: str, bulk: Transfer | None,
               context) -> pb.PushGradientsResponse:
         optimizer = self._registry.get(header.optimizer)
@@ -130,81 +187,6 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
         return pb.PushGradientsResponse(version=result.version, iterations=result.iterations,
                                         duplicate=result.duplicate)
 
-    def PullWeights(self, request, context) -> Iterator[pb.PullWeightsResponse]:
-        kind = codec.decode_state_kind(request.kind)
-        optimizer = self._registry.get(request.optimizer)
-        transport = _TRANSPORT_OF[request.WhichOneof("destination")]
-        min_version = request.min_version if request.HasField("min_version") else None
-        # The snapshot's buffer goes back to the pool once sent: each message is a copy of its bytes.
-        # Not charged to the in-flight budget: its size is the optimizer's own, not the caller's to declare.
-        with contextlib.ExitStack() as holds:
-            if min_version is not None:
-                holds.enter_context(self._admission.admit("waiting", context.peer()))
-            if transport == "shared_memory":  # one copy, out of the state into the segment; the reply is the header
-                segment = holds.enter_context(self.segments.use(
-                    request.shared_memory_session, optimizer, _caller(context), "pull"))
-                into = segment.weights_into
-            else:
-                lease = holds.enter_context(self._buffers.lease("pull", charged=False))
-                into = lambda nbytes: lease.reserve(nbytes, nbytes)  # noqa: E731
-            version, iterations, arrays = optimizer.pull(
-                kind, request.names, min_version, _wait_budget(context), into=into,
-                cancelled=None if min_version is None else self._cancellation(context, optimizer))
-            if transport != "bulk":  # the bytes go in the chunks, or are in the segment already
-                self._count(optimizer.name, context, transport, sent=_nbytes(a for _, a in arrays))
-                yield from codec.encode_pull(version, iterations, arrays, chunks=transport == "grpc")
-                del arrays  # views of the segment: gone before it may be freed
-                return
-            bulk = self._take_bulk(request.bulk)
-            try:  # the reply carries the header alone; the bytes go framed on the channel
-                yield from codec.encode_pull(version, iterations, arrays, chunks=False)
-                bulk.send(a for _, a in arrays)
-            finally:
-                bulk.end()
-            self._count(optimizer.name, context, transport, sent=_nbytes(a for _, a in arrays))
-
-    def OpenBulkChannel(self, request, context) -> pb.BulkChannel:
-        if self._bulk is None:
-            raise FailedPrecondition("bulk: this server has no bulk listener (--bulk-port -1); send tensor bytes "
-                                     "in the gRPC stream")
-        channel, ticket = self._bulk.issue()
-        return pb.BulkChannel(channel=channel, ticket=ticket, port=self._bulk.port, tls=self._bulk.tls)
-
-    def _take_bulk(self, transfer: pb.BulkTransfer) -> Transfer:
-        """The named bulk channel for this transfer; FAILED_PRECONDITION on a server without bulk channels."""
-        if self._bulk is None:
-            raise FailedPrecondition("bulk: this server has no bulk listener (--bulk-port -1)")
-        return self._bulk.take(transfer.channel, transfer.transfer)
-
-    def FinalizeOptimizer(self, request, context) -> pb.OptimizerInfo:
-        optimizer = self._registry.get(request.name)
-        optimizer.finalize()
-        return self._info(optimizer)
-
-    def SaveOptimizer(self, request, context) -> pb.SaveOptimizerResponse:
-        return pb.SaveOptimizerResponse(version=self._registry.get(request.name).save())
-
-    def _info(self, optimizer: Optimizer) -> pb.OptimizerInfo:
-        return codec.info_to_wire(optimizer.info(), self._traffic.clients(optimizer.name))
-
-    def _count(self, optimizer: str, context: grpc.ServicerContext, transport: str, received: int = 0,
-               sent: int = 0) -> None:
-        """Counts tensor bytes moved, in the metrics (per transport) and in the per-client table."""
-        if received:
-            self._registry.metrics.bytes_received.labels(optimizer, transport).inc(received)
-        if sent:
-            self._registry.metrics.bytes_sent.labels(optimizer, transport).inc(sent)
-        self._traffic.count(optimizer, context.peer(), transport, received, sent)
-
-    def OpenSharedMemory(self, request, context) -> pb.SharedMemorySegment:
-        optimizer = self._registry.get(codec.validate_name(request.optimizer, "optimizer"))
-        segment = self.segments.open(optimizer, optimizer.name, optimizer.shapes, _caller(context))
-        return codec.segment_to_wire(segment)
-
-    def CloseSharedMemory(self, request, context) -> pb.CloseSharedMemoryResponse:
-        self.segments.close_session(request.session, _caller(context))
-        return pb.CloseSharedMemoryResponse()
-
     def _segment_gradients(self, header: pb.PushHeader, chunks: Iterator, optimizer: Optimizer,
                            context: grpc.ServicerContext, lease, holds: contextlib.ExitStack) -> dict:
         """A push's gradients from its segment, copied into `lease` first: checks, log and step see those bytes.
@@ -217,6 +199,24 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
                                                         "push"))
         codec.check_segment_push(header, optimizer.shapes)  # before a byte is copied
         return segment.layout.views(segment.copy_gradients(lease.reserve))
+
+    def _take_bulk(self, transfer: pb.BulkTransfer) -> Transfer:
+        """The named bulk channel for this transfer; FAILED_PRECONDITION on a server without bulk channels."""
+        if self._bulk is None:
+            raise FailedPrecondition("bulk: this server has no bulk listener (--bulk-port -1)")
+        return self._bulk.take(transfer.channel, transfer.transfer)
+
+    def _info(self, optimizer: Optimizer) -> pb.OptimizerInfo:
+        return codec.info_to_wire(optimizer.info(), self._traffic.clients(optimizer.name))
+
+    def _count(self, optimizer: str, context: grpc.ServicerContext, transport: str, received: int = 0,
+               sent: int = 0) -> None:
+        """Counts tensor bytes moved, in the metrics (per transport) and in the per-client table."""
+        if received:
+            self._registry.metrics.bytes_received.labels(optimizer, transport).inc(received)
+        if sent:
+            self._registry.metrics.bytes_sent.labels(optimizer, transport).inc(sent)
+        self._traffic.count(optimizer, context.peer(), transport, received, sent)
 
     def _cancellation(self, context: grpc.ServicerContext, optimizer: Optimizer) -> threading.Event:
         """An event set when the call ends (cancelled, its client gone), which also wakes the call's wait.
