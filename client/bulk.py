@@ -30,6 +30,8 @@ from optserve.v1 import optserve_pb2 as pb
 log = logging.getLogger("optserve.client")
 
 MAX_IDLE = 8  # idle channels kept for reuse
+CONNECT_SECONDS = 3.0  # a listener that does not answer by then is taken as unreachable (a port not published)
+RETRY_SECONDS = 60.0  # after that, calls go in the gRPC stream for this long before a channel is tried again
 _NO_BULK = frozenset({grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNIMPLEMENTED})  # the server has none
 
 
@@ -106,6 +108,7 @@ class BulkPool:
         self._idle: list[Connection] = []
         self._lock = threading.Lock()
         self.disabled = self._host is None  # no bulk channel to be had: the stream carries the bytes
+        self._retry_at = 0.0  # time.monotonic() before which no channel is tried (the listener was unreachable)
         self.opened = 0  # channels opened, for tests
 
     def checkout(self, timeout: float) -> Connection | None:
@@ -116,7 +119,7 @@ class BulkPool:
                 if not connection.stale():
                     return connection
                 connection.close()
-            if self.disabled:
+            if self.disabled or time.monotonic() < self._retry_at:
                 return None
         try:
             reply = self._open_channel(timeout)
@@ -129,10 +132,11 @@ class BulkPool:
                 return None  # this call goes in the stream
             raise
         try:
-            connection = self._connect(reply, timeout)
-        except (OSError, ValueError) as err:
-            log.warning("cannot open a bulk channel to %s:%d (%s); this call goes in the gRPC stream",
-                        self._host, reply.port, err)
+            connection = self._connect(reply, min(timeout, CONNECT_SECONDS))
+        except (OSError, ValueError) as err:  # not answering (a container's unpublished port), refused, TLS failed
+            self._retry_at = time.monotonic() + RETRY_SECONDS
+            log.warning("cannot open a bulk channel to %s:%d (%s); tensor bytes go in the gRPC stream for the "
+                        "next %g s", self._host, reply.port, err, RETRY_SECONDS)
             return None
         self.opened += 1
         return connection

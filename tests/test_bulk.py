@@ -180,6 +180,30 @@ def test_a_server_without_bulk_channels_refuses_them_and_clients_use_the_stream(
         assert received(running, name, "bulk") == 0 and received(running, name, "grpc") == 2 * GRADS["w"].nbytes
 
 
+def test_an_unreachable_bulk_listener_costs_one_short_try_then_the_stream_carries_the_bytes(
+        server: RunningServer, name: str):
+    """As behind a container's unpublished port: the listener the server announces cannot be reached."""
+    with socket.socket() as unused:  # a port on this host that nothing listens on
+        unused.bind(("127.0.0.1", 0))
+        closed_port = unused.getsockname()[1]
+    with Client(server.address, transport="network") as client:
+        opened = []
+
+        def announce_a_dead_port(timeout: float) -> pb.BulkChannel:
+            reply = open_ticket(server.address)
+            reply.port = closed_port
+            opened.append(reply)
+            return reply
+
+        client._bulk._open_channel = announce_a_dead_port
+        opt = client.create_optimizer(name, PARAMS, {"learning_rate": 0.5})
+        for _ in range(3):
+            opt.push(GRADS)
+        assert opt.pull().version == 3
+        assert len(opened) == 1, "after the failed connect, calls must go in the stream without trying again"
+    assert received(server, name, "bulk") == 0 and received(server, name, "grpc") == 4 * GRADS["w"].nbytes
+
+
 def test_the_grpc_transport_opens_no_channel(server: RunningServer, name: str):
     with Client(server.address, transport="grpc") as client:
         opt = client.create_optimizer(name, PARAMS)

@@ -359,25 +359,27 @@ def test_the_worker_image_has_the_demo_extra_and_no_server_extra() -> None:
 
 
 def test_ports_agree_between_the_images_compose_and_kubernetes() -> None:
-    grpc_port, metrics_port = 50051, 9090
+    grpc_port, bulk_port, metrics_port = 50051, 50052, 9090  # bulk: a fixed port a container can publish
     for name in SERVER_IMAGES:
         argv = entrypoint(name)
-        assert (int(flag(argv, "--port")), int(flag(argv, "--metrics-port"))) == (grpc_port, metrics_port)
-        assert final(name, "EXPOSE") == [f"{grpc_port} {metrics_port}"]
+        assert (int(flag(argv, "--port")), int(flag(argv, "--bulk-port")), int(flag(argv, "--metrics-port"))) == (
+            grpc_port, bulk_port, metrics_port)
+        assert final(name, "EXPOSE") == [f"{grpc_port} {bulk_port} {metrics_port}"]
         assert host_port(healthcheck(name)[2]) == ("127.0.0.1", grpc_port)
 
     services = compose()["services"]
     published = {int(mapping.rsplit(":", 1)[1]) for mapping in services["server"]["ports"]}
-    assert published == {grpc_port, metrics_port}
+    assert published == {grpc_port, bulk_port, metrics_port}
     assert host_port(services["server"]["healthcheck"]["test"][3]) == ("127.0.0.1", grpc_port)
     for worker in ("worker-a", "worker-b"):
         assert host_port(flag(services[worker]["command"], "--address")) == ("server", grpc_port)
 
     container = server_container()
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
-    assert ports == {"grpc": grpc_port, "metrics": metrics_port}
+    assert ports == {"grpc": grpc_port, "bulk": bulk_port, "metrics": metrics_port}
     command = container["command"]
-    assert (int(flag(command, "--port")), int(flag(command, "--metrics-port"))) == (grpc_port, metrics_port)
+    assert (int(flag(command, "--port")), int(flag(command, "--bulk-port")), int(flag(command, "--metrics-port"))) == (
+        grpc_port, bulk_port, metrics_port)
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["grpc"]["port"] == grpc_port, probe
     annotations = statefulset()["spec"]["template"]["metadata"]["annotations"]
