@@ -216,9 +216,7 @@ def check_segment_push(header: pb.PushHeader, shapes: Mapping[str, tuple[int, ..
         if spec.dtype != pb.DATA_TYPE_FLOAT32:
             raise InvalidArgument(f"{field}.dtype: a push from shared memory carries float32 only, got "
                                   f"{dtype_name(spec.dtype)}")
-        got = _shape(spec.shape, f"{field}.shape")
-        if got != shapes[spec.name]:
-            raise InvalidArgument(f"{field}.shape: expected {list(shapes[spec.name])}, got {list(got)}")
+        _gradient_layout(spec, shapes[spec.name])  # the shape, checked as for a push in the stream
 
 
 def _check_gradient_names(header: pb.PushHeader, shapes: Mapping[str, tuple[int, ...]]) -> None:
