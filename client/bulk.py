@@ -185,10 +185,7 @@ def push(pool: BulkPool, method: Any, header: pb.PushHeader, arrays: Sequence[np
         connection = pool.checkout(max(deadline - time.monotonic(), 0.001))
         if connection is None:
             return None
-        number = connection.next_transfer()
-        sent = pb.PushHeader()
-        sent.CopyFrom(header)
-        sent.bulk.channel, sent.bulk.transfer = connection.channel, number
+        sent, number = _naming_transfer(header, connection)
         call = method.future(encode_stream(sent, ()), timeout=max(deadline - time.monotonic(), 0.001),
                              wait_for_ready=wait_for_ready)
         # A refusal (before or while the server reads) must not leave the send blocked on a channel nobody reads.
@@ -226,10 +223,7 @@ def pull(pool: BulkPool, method: Any, request: pb.PullWeightsRequest, timeout: f
         connection = pool.checkout(max(deadline - time.monotonic(), 0.001))
         if connection is None:
             return None
-        number = connection.next_transfer()
-        sent = pb.PullWeightsRequest()
-        sent.CopyFrom(request)
-        sent.bulk.channel, sent.bulk.transfer = connection.channel, number
+        sent, number = _naming_transfer(request, connection)
         responses = method(sent, timeout=max(deadline - time.monotonic(), 0.001), wait_for_ready=wait_for_ready)
         try:
             result = read(responses, lambda buffer: _receive(connection, number, buffer, deadline, responses, error))
@@ -245,6 +239,15 @@ def pull(pool: BulkPool, method: Any, request: pb.PullWeightsRequest, timeout: f
         pool.checkin(connection)
         return result
     raise AssertionError("unreachable")
+
+
+def _naming_transfer(message: Any, connection: Connection) -> tuple[Any, int]:
+    """A copy of a PushHeader or PullWeightsRequest naming the connection's next transfer, and its number."""
+    number = connection.next_transfer()
+    sent = type(message)()
+    sent.CopyFrom(message)
+    sent.bulk.channel, sent.bulk.transfer = connection.channel, number
+    return sent, number
 
 
 def _receive(connection: Connection, number: int, buffer: ChunkBuffer, deadline: float, responses: Any,
