@@ -27,6 +27,15 @@ class RunningServer:
         self.built.shutdown(grace=None)
 
 
+def serving(**options) -> Iterator[RunningServer]:
+    """A RunningServer on 127.0.0.1 with these ServerOptions, stopped when the generator closes."""
+    running = RunningServer(ServerOptions(host="127.0.0.1", port=0, **options))
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
 
 def wait_until(condition, what: str, timeout: float = 60.0) -> None:
     """Polls `condition` (bounded in time) until it holds."""

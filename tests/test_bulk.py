@@ -23,12 +23,11 @@ from hypothesis import strategies as st
 from optserve.client import TLS, Client, IndexedSlices, OptserveError
 from optserve.client.client import Optimizer
 from optserve.server import bulk as server_bulk
-from optserve.server.options import ServerOptions
 from optserve.v1 import optserve_pb2 as pb
 from optserve.v1 import optserve_pb2_grpc as pb_grpc
 from optserve.wire.chunks import encode_stream
 from optserve.wire.frames import ACK, FRAME, TICKET_BYTES
-from tests.conftest import RunningServer, wait_until
+from tests.conftest import RunningServer, serving, wait_until
 from tests.test_security import TOKENS, Pki, pki, token_file  # noqa: F401 (fixtures)
 
 SHAPE = (2, 3)
@@ -36,18 +35,10 @@ PARAMS = {"w": np.arange(6, dtype=np.float32).reshape(SHAPE)}
 GRADS = {"w": np.ones(SHAPE, np.float32)}
 
 
-def _serve(**options) -> Iterator[RunningServer]:
-    running = RunningServer(ServerOptions(host="127.0.0.1", port=0, **options))
-    try:
-        yield running
-    finally:
-        running.stop()
-
-
 @pytest.fixture
 def own_server() -> Iterator[RunningServer]:
     """A server of its own: the test counts its channels and handshakes."""
-    yield from _serve()
+    yield from serving()
 
 
 def received(server: RunningServer, name: str, transport: str) -> float:
@@ -168,7 +159,7 @@ def test_concurrent_callers_get_a_channel_each(server: RunningServer, name: str)
 
 
 def test_a_server_without_bulk_channels_refuses_them_and_clients_use_the_stream(name: str):
-    for running in _serve(bulk_port=-1):
+    for running in serving(bulk_port=-1):
         with pytest.raises(grpc.RpcError) as refused:
             open_ticket(running.address)
         assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -229,7 +220,7 @@ def test_a_channel_the_server_closed_while_idle_is_reopened_transparently(server
 
 
 def test_a_tls_server_serves_its_bulk_channels_over_tls(pki: Pki, name: str):  # noqa: F811
-    for running in _serve(tls_cert=str(pki.server_cert), tls_key=str(pki.server_key)):
+    for running in serving(tls_cert=str(pki.server_cert), tls_key=str(pki.server_key)):
         with Client(running.address, tls=TLS(ca=pki.ca), transport="network") as client:
             opt = client.create_optimizer(name, PARAMS, {"learning_rate": 0.5})
             opt.push(GRADS)
@@ -254,7 +245,7 @@ def open_ticket_tls(address: str, pki: Pki, cert: bool) -> pb.BulkChannel:  # no
 
 def test_mtls_bulk_channels_need_a_client_certificate(pki: Pki, name: str):  # noqa: F811
     options = dict(tls_cert=str(pki.server_cert), tls_key=str(pki.server_key), tls_client_ca=str(pki.ca))
-    for running in _serve(**options):
+    for running in serving(**options):
         tls = TLS(ca=pki.ca, cert=pki.client_cert, key=pki.client_key)
         with Client(running.address, tls=tls, transport="network") as client:
             opt = client.create_optimizer(name, PARAMS, {"learning_rate": 0.5})
@@ -277,7 +268,7 @@ def test_mtls_bulk_channels_need_a_client_certificate(pki: Pki, name: str):  # n
 
 
 def test_a_caller_without_the_token_moves_no_byte(token_file, name: str):  # noqa: F811
-    for running in _serve(token_file=str(token_file)):
+    for running in serving(token_file=str(token_file)):
         with Client(running.address, token=TOKENS[0], transport="network") as client:
             opt = client.create_optimizer(name, PARAMS, {"learning_rate": 0.5})
             opt.push(GRADS)
@@ -477,7 +468,7 @@ def test_a_big_push_refused_before_its_bytes_are_read_gets_its_status(client: Cl
 
 @pytest.fixture(scope="module")
 def limited_server() -> Iterator[RunningServer]:
-    yield from _serve(max_request_bytes=1 << 20, max_inflight_bytes=512 << 10)
+    yield from serving(max_request_bytes=1 << 20, max_inflight_bytes=512 << 10)
 
 
 @pytest.mark.parametrize("rows, limit", [

@@ -33,7 +33,7 @@ from optserve.server.app import create_server
 from optserve.server.launch import ServerProcess
 from optserve.server.options import ServerOptions
 from optserve.server.security import SecurityConfigError, TokenInterceptor, is_loopback, load_tokens
-from tests.conftest import RunningServer
+from tests.conftest import RunningServer, serving
 
 TOKENS = ("first-token-0123456789", "second-token-abcdefghij")
 PARAMS = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
@@ -113,34 +113,26 @@ def token_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _running(**options) -> Iterator[RunningServer]:
-    running = RunningServer(ServerOptions(host="127.0.0.1", port=0, **options))
-    try:
-        yield running
-    finally:
-        running.stop()
-
-
 @pytest.fixture(scope="module")
 def tls_server(pki: Pki) -> Iterator[RunningServer]:
-    yield from _running(tls_cert=str(pki.server_cert), tls_key=str(pki.server_key))
+    yield from serving(tls_cert=str(pki.server_cert), tls_key=str(pki.server_key))
 
 
 @pytest.fixture(scope="module")
 def mtls_server(pki: Pki) -> Iterator[RunningServer]:
-    yield from _running(tls_cert=str(pki.server_cert), tls_key=str(pki.server_key), tls_client_ca=str(pki.ca))
+    yield from serving(tls_cert=str(pki.server_cert), tls_key=str(pki.server_key), tls_client_ca=str(pki.ca))
 
 
 @pytest.fixture(scope="module")
 def token_server(token_file: Path) -> Iterator[RunningServer]:
     """Plaintext on loopback with two accepted tokens: the client sends them through its interceptor."""
-    yield from _running(token_file=str(token_file))
+    yield from serving(token_file=str(token_file))
 
 
 @pytest.fixture(scope="module")
 def tls_token_server(pki: Pki, token_file: Path) -> Iterator[RunningServer]:
     """TLS with tokens: the client sends them as call credentials."""
-    yield from _running(tls_cert=str(pki.server_cert), tls_key=str(pki.server_key), token_file=str(token_file))
+    yield from serving(tls_cert=str(pki.server_cert), tls_key=str(pki.server_key), token_file=str(token_file))
 
 
 def round_trip(client: Client, name: str) -> None:
