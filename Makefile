@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test proto bench clean
+.PHONY: demo test test-containers proto bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# Builds the images of docker/ with podman and runs them (tests/test_containers.py): needs root,
+# installs podman, runc and debootstrap when missing. Not part of `make test`.
+test-containers: $(STAMP)
+	sh docker/test-containers.sh
 
 # The full run holds optserve against PyTorch RPC and Ray: the peers extra installs them (tests never need it).
 bench: $(STAMP)

@@ -13,6 +13,8 @@
 #
 # $PYTHON picks the interpreter that creates the venv (default python3). pip
 # reads its usual configuration (pip.conf, PIP_* variables); no cache is kept.
+# What the server never runs is then removed from the venv: pip and setuptools
+# (nothing installs at run time) and the packages' own test suites.
 set -eu
 
 if [ $# -lt 1 ]; then
@@ -31,6 +33,8 @@ fi
 
 "${PYTHON:-python3}" -m venv "$venv"
 "$venv/bin/python" -m pip install --no-cache-dir --quiet "$requirement" "$@"
+"$venv/bin/python" -m pip uninstall --yes --quiet pip setuptools
+find "$venv"/lib/python3*/site-packages -depth -type d -name tests -exec rm -rf {} +
 
 # Fails the build now, not the container later, if the command does not start.
 "$venv/bin/optserve" --help >/dev/null

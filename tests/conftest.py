@@ -12,6 +12,12 @@ from optserve.server.options import ServerOptions
 from optserve.server.registry import Registry
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--containers", action="store_true",
+                     help="run tests/test_containers.py: build and run the images with podman (root; "
+                          "`make test-containers`)")
+
+
 class RunningServer:
     """An in-process server bound to 127.0.0.1 on a free port; serving unless `restore` is False."""
 
