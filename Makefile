@@ -22,6 +22,7 @@ test: $(STAMP)
 # Builds the images of docker/ with podman and runs them (tests/test_containers.py): needs root,
 # installs podman, runc and debootstrap when missing. Not part of `make test`.
 test-containers: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[containers]"
 	sh docker/test-containers.sh
 
 # The full run holds optserve against PyTorch RPC and Ray: the peers extra installs them (tests never need it).

@@ -16,6 +16,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--containers", action="store_true",
                      help="run tests/test_containers.py: build and run the images with podman (root; "
                           "`make test-containers`)")
+    parser.addoption("--images", metavar="SERVER,WORKER",
+                     help="with --containers: test these built images (kept) instead of building docker/ anew")
 
 
 class RunningServer:

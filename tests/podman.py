@@ -3,10 +3,12 @@
 No image registry is reachable from the development machines, so the base image is made
 here with debootstrap and `podman import`, and kept (it takes minutes) under a tag that
 names its recipe. Everything else a test builds or runs carries the label RUN_LABEL and is
-removed by `remove_everything_labelled`. Every podman call is bounded in time.
+removed by `remove_labelled`. Every podman call is bounded in time.
 """
 
+import atexit
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -18,7 +20,7 @@ import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNTIME = "/usr/bin/runc"  # crun refuses the rlimits of these machines; runc does not
+RUNTIME = "runc"  # crun refuses the rlimits of these machines; runc does not
 PACKAGES = ("podman", "runc", "debootstrap")
 SUITE = "bookworm"  # Debian 12: Python 3.11, as python:3.11-slim-bookworm
 MIRROR = os.environ.get("DEBOOTSTRAP_MIRROR", "http://deb.debian.org/debian")
@@ -37,18 +39,22 @@ class Unavailable(Exception):
     """Why the container tests cannot run on this machine (not a failure of the images)."""
 
 
-def podman(*args: str, timeout: float, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess:
-    """Runs `podman --runtime runc ARGS` within `timeout` seconds; raises with its output when it fails and `check`."""
-    run = subprocess.run(["podman", "--runtime", RUNTIME, *args], capture_output=True, text=True, timeout=timeout,
-                         input=input)
+def podman(*args: str, timeout: float, check: bool = True) -> subprocess.CompletedProcess:
+    """Runs `podman ARGS` (with `engine_env`) within `timeout` seconds; raises with its output when it fails and `check`."""
+    return run_tool(["podman", *args], timeout=timeout, check=check)
+
+
+def run_tool(argv: list[str], timeout: float, check: bool = True) -> subprocess.CompletedProcess:
+    """Runs a podman-driven command (podman, podman-compose) under `engine_env`, bounded by `timeout`."""
+    run = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=engine_env())
     if check and run.returncode != 0:
-        raise AssertionError(f"podman {' '.join(args)} exited {run.returncode}:\n{run.stdout[-3000:]}"
+        raise AssertionError(f"{' '.join(argv)[:300]} exited {run.returncode}:\n{run.stdout[-3000:]}"
                              f"\n{run.stderr[-3000:]}")
     return run
 
 
-def ulimits() -> list[str]:
-    """--ulimit flags within the host's own limits: runc refuses podman's defaults here.
+def ulimits() -> tuple[str, str]:
+    """nofile and nproc limits within the host's own: runc refuses podman's defaults here.
 
     nproc goes no higher than kernel.pid_max (no more processes can exist): these machines
     refuse an nproc above it even where the host's own limit is higher.
@@ -57,7 +63,22 @@ def ulimits() -> list[str]:
     nofile = resource.getrlimit(resource.RLIMIT_NOFILE)
     nproc = [pid_max if n == resource.RLIM_INFINITY else min(n, pid_max)
              for n in resource.getrlimit(resource.RLIMIT_NPROC)]
-    return ["--ulimit", f"nofile={nofile[0]}:{nofile[1]}", "--ulimit", f"nproc={nproc[0]}:{nproc[1]}"]
+    return f"nofile={nofile[0]}:{nofile[1]}", f"nproc={nproc[0]}:{nproc[1]}"
+
+
+@functools.cache
+def engine_env() -> dict[str, str]:
+    """This process's environment plus CONTAINERS_CONF: runc and `ulimits` for every container podman starts.
+
+    One file read by podman, podman-compose and `podman kube play` alike (the last has no
+    --ulimit flag); it replaces the host's containers.conf for these calls only.
+    """
+    folder = Path(tempfile.mkdtemp(prefix="optserve-podman-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    conf = folder / "containers.conf"
+    conf.write_text(f"[containers]\ndefault_ulimits = {json.dumps(list(ulimits()))}\n"
+                    f"[engine]\nruntime = \"{RUNTIME}\"\n")
+    return {**os.environ, "CONTAINERS_CONF": str(conf)}
 
 
 def check_prerequisites() -> None:
@@ -65,7 +86,7 @@ def check_prerequisites() -> None:
     if os.geteuid() != 0:
         raise Unavailable("the container tests need root (rootful podman with runc); run `make test-containers` "
                           "as root")
-    missing = [tool for tool, path in (("podman", "podman"), ("runc", RUNTIME), ("debootstrap", "debootstrap"))
+    missing = [tool for tool, path in (("podman", "podman"), ("runc", "runc"), ("debootstrap", "debootstrap"))
                if shutil.which(path) is None]
     if missing:
         raise Unavailable(f"not installed: {', '.join(missing)} (`make test-containers` installs them with apt-get)")
@@ -114,9 +135,9 @@ def new_run_id() -> str:
     return uuid.uuid4().hex[:10]
 
 
-def remove_everything_labelled(run_id: str) -> list[str]:
-    """Removes the containers, volumes, networks, pods and images of one run; returns what it could not remove."""
-    label = f"label={RUN_LABEL}={run_id}"
+def remove_labelled(key_value: str) -> list[str]:
+    """Removes the pods, containers, volumes, networks and images labelled KEY=VALUE; returns what it could not."""
+    label = f"label={key_value}"
     left = []
     for kind, listing, removal in (
             ("pod", ["pod", "ps", "-q", "--filter", label], ["pod", "rm", "-f", "-t", "5"]),

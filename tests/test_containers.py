@@ -6,23 +6,29 @@ ports on 127.0.0.1 only. Everything else it makes is removed at the end, and eve
 bounded. `make test` skips it: it needs neither root nor podman.
 """
 
+import copy
 import inspect
 import json
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from optserve.client import Client
 from tests.podman import (
-    RUN_LABEL, Unavailable, build, check_prerequisites, image_size, new_run_id, podman, remove_everything_labelled,
-    ulimits,
+    RUN_LABEL, Unavailable, build, check_prerequisites, image_size, new_run_id, podman, remove_labelled, run_tool,
 )
 
+DOCKER = Path(__file__).resolve().parents[1] / "docker"
+K8S = DOCKER / "k8s"
 DATA_DIR = "/var/lib/optserve"  # the image's --data-dir and VOLUME
 USER = "10001"  # the images' USER
 SHAPES = {"dense/kernel": (64, 32), "dense/bias": (32,), "embedding": (100, 16)}
@@ -79,13 +85,16 @@ def run_id(request: pytest.FixtureRequest) -> Iterator[str]:
         pytest.fail(f"the container tests cannot run here: {why}")
     value = new_run_id()
     yield value
-    left = remove_everything_labelled(value)
+    left = remove_labelled(f"{RUN_LABEL}={value}")
     assert not left, f"could not remove {left} (label {RUN_LABEL}={value})"
 
 
 @pytest.fixture(scope="module")
-def images(run_id: str) -> dict[str, str]:
-    """The server and worker images, built from this tree on the local base."""
+def images(run_id: str, request: pytest.FixtureRequest) -> dict[str, str]:
+    """The server and worker images, built from this tree on the local base (or those given by --images)."""
+    if given := request.config.getoption("--images"):
+        server, worker = given.split(",")
+        return {"Dockerfile": server, "Dockerfile.worker": worker}
     built = {}
     for dockerfile, tag in (("Dockerfile", f"localhost/optserve-test:cpu-{run_id}"),
                             ("Dockerfile.worker", f"localhost/optserve-test-worker:{run_id}")):
@@ -95,16 +104,12 @@ def images(run_id: str) -> dict[str, str]:
     return built
 
 
-class ServerContainer:
-    """A server container on a named volume, its gRPC and bulk ports published on 127.0.0.1."""
+class Container:
+    """A container podman runs (by `podman run`, podman-compose or `podman kube play`), by name."""
 
-    def __init__(self, image: str, run_id: str, volume: str, port: int, bulk_port: int):
-        self.name = f"optserve-test-{new_run_id()}"
-        self.address = f"127.0.0.1:{port}"
-        # The bulk port is the same inside and out: clients dial the gRPC host at the port the server names.
-        podman("run", "-d", "--name", self.name, "--label", f"{RUN_LABEL}={run_id}", *ulimits(), "--read-only",
-               "-p", f"127.0.0.1:{port}:50051", "-p", f"127.0.0.1:{bulk_port}:{bulk_port}",
-               "-v", f"{volume}:{DATA_DIR}", image, "--bulk-port", str(bulk_port), timeout=120)
+    def __init__(self, name: str, address: str = ""):
+        self.name = name
+        self.address = address  # where the host reaches its gRPC port, if published
 
     def state(self) -> dict:
         return json.loads(podman("inspect", "--format", "{{json .State}}", self.name, timeout=60).stdout)
@@ -133,6 +138,16 @@ class ServerContainer:
         return state
 
 
+def start_server(image: str, run_id: str, volume: str, port: int, bulk_port: int) -> Container:
+    """A server container on a named volume, its gRPC and bulk ports published on 127.0.0.1."""
+    server = Container(f"optserve-test-{new_run_id()}", f"127.0.0.1:{port}")
+    # The bulk port is the same inside and out: clients dial the gRPC host at the port the server names.
+    podman("run", "-d", "--name", server.name, "--label", f"{RUN_LABEL}={run_id}", "--read-only",
+           "-p", f"127.0.0.1:{port}:50051", "-p", f"127.0.0.1:{bulk_port}:{bulk_port}",
+           "-v", f"{volume}:{DATA_DIR}", image, "--bulk-port", str(bulk_port), timeout=120)
+    return server
+
+
 @pytest.fixture(scope="module")
 def volume(run_id: str) -> str:
     name = f"optserve-test-{run_id}"
@@ -146,8 +161,8 @@ def ports() -> tuple[int, int]:
 
 
 @pytest.fixture(scope="module")
-def first_server(images, run_id, volume, ports) -> ServerContainer:
-    server = ServerContainer(images["Dockerfile"], run_id, volume, *ports)
+def first_server(images, run_id, volume, ports) -> Container:
+    server = start_server(images["Dockerfile"], run_id, volume, *ports)
     server.wait_healthy()
     return server
 
@@ -182,7 +197,7 @@ def test_every_acknowledged_push_survives_sigkill_exactly_once_and_sigterm_check
 
     # Pushes from a worker container (the worker image, on the host's network to reach 127.0.0.1).
     worker = podman("run", "--rm", "--network", "host", "--read-only", "--label", f"{RUN_LABEL}={run_id}",
-                    *ulimits(), images["Dockerfile.worker"], "python", "-c", WORKER_SCRIPT, address, "killed",
+                    images["Dockerfile.worker"], "python", "-c", WORKER_SCRIPT, address, "killed",
                     "container", str(CONTAINER_PUSHES), timeout=300)
     assert json.loads(worker.stdout.splitlines()[-1]) == [[seq, False] for seq in range(1, CONTAINER_PUSHES + 1)]
 
@@ -208,7 +223,7 @@ def test_every_acknowledged_push_survives_sigkill_exactly_once_and_sigterm_check
     killed = first_server.wait_exited(timeout=60)
     assert killed["ExitCode"] == 137, killed
     assert len(acknowledged) < HOST_PUSHES, "the run ended before the SIGKILL: nothing was cut"
-    second = ServerContainer(images["Dockerfile"], run_id, volume, *ports)
+    second = start_server(images["Dockerfile"], run_id, volume, *ports)
     second.wait_healthy()
     pusher.join(timeout=300)
     assert not pusher.is_alive(), f"host pushes still running 300 s after the restart ({len(acknowledged)} done)"
@@ -224,6 +239,7 @@ def test_every_acknowledged_push_survives_sigkill_exactly_once_and_sigterm_check
             assert retry.duplicate and int(retry) == versions[seq - 1]
         info = optimizer.info()
         assert info.version == info.iterations == CONTAINER_PUSHES + HOST_PUSHES
+        assert "bulk" in {c["transport"] for c in info.clients}  # the published bulk port carried the pushes
 
         # The reference: the same pushes, once each, in the same image, never interrupted.
         reference = client.create_optimizer("reference", initial_params(), CONFIG)
@@ -247,3 +263,161 @@ def test_every_acknowledged_push_survives_sigkill_exactly_once_and_sigterm_check
         manifest = json.loads((mountpoint / name / "manifest.json").read_text())
         assert manifest["checkpoints"][0]["version"] == version, (name, manifest)
         assert (mountpoint / name / manifest["checkpoints"][0]["file"]).stat().st_uid == int(USER)
+
+
+# ------------------------------------------------------------- Kubernetes and compose
+
+
+def statefulset_pod(image: str, volume: str, grpc_port: int, run_id: str) -> dict:
+    """docker/k8s's StatefulSet's pod template as a Pod for `podman kube play`: IMAGE, the claim as VOLUME,
+    gRPC published on 127.0.0.1:GRPC_PORT (the other ports unpublished)."""
+    statefulset = next(doc for doc in yaml.safe_load_all((K8S / "statefulset.yaml").read_text()) if doc)
+    template = copy.deepcopy(statefulset["spec"]["template"])
+    spec = template["spec"]
+    (container,) = spec["containers"]
+    container["image"] = image
+    for port in container["ports"]:
+        if port["name"] == "grpc":
+            port.update(hostPort=grpc_port, hostIP="127.0.0.1")
+    (claim,) = statefulset["spec"]["volumeClaimTemplates"]
+    spec["volumes"].append({"name": claim["metadata"]["name"], "persistentVolumeClaim": {"claimName": volume}})
+    return {"apiVersion": "v1", "kind": "Pod", "spec": spec,
+            "metadata": {"name": f"optserve-test-{run_id}", "labels": {**template["metadata"]["labels"],
+                                                                        RUN_LABEL: run_id}}}
+
+
+def wait_serving(server: Container, service: str, deadline: float) -> None:
+    """Polls the gRPC health service of SERVER for SERVICE, as kubelet's gRPC probe does, until SERVING."""
+    with grpc.insecure_channel(server.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while True:
+            assert server.state()["Running"], f"{server.name} exited:\n{server.logs()}"
+            try:
+                request = health_pb2.HealthCheckRequest(service=service)
+                if health.Check(request, timeout=5).status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            assert time.monotonic() < deadline, f"health of {service!r} not SERVING:\n{server.logs()}"
+            time.sleep(1)
+
+
+def test_the_statefulsets_pod_template_runs_with_podman_kube_play(images, run_id, tmp_path) -> None:
+    """The StatefulSet's pod as a Pod: its gRPC probes answer SERVING, its volume is at --data-dir."""
+    volume, port = f"optserve-test-kube-{run_id}", free_port()
+    podman("volume", "create", "--label", f"{RUN_LABEL}={run_id}", volume, timeout=60)
+    pod = statefulset_pod(images["Dockerfile"], volume, port, run_id)
+    (container,) = pod["spec"]["containers"]
+    manifest = tmp_path / "pod.yaml"
+    manifest.write_text(yaml.safe_dump(pod))
+    before = kube_infrastructure()
+    try:
+        podman("kube", "play", str(manifest), timeout=180)
+        server = Container(f"{pod['metadata']['name']}-{container['name']}", f"127.0.0.1:{port}")
+        startup = container["startupProbe"]
+        deadline = time.monotonic() + min(240, startup["periodSeconds"] * startup["failureThreshold"])
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert container[probe]["grpc"]["port"] == 50051  # the containerPort published above
+            wait_serving(server, container[probe]["grpc"].get("service", ""), deadline)
+
+        (inspected,) = json.loads(podman("inspect", server.name, timeout=60).stdout)
+        data_dir = container["command"][container["command"].index("--data-dir") + 1]
+        mounts = {mount["Destination"]: mount for mount in inspected["Mounts"]}
+        assert mounts[data_dir]["Type"] == "volume" and mounts[data_dir]["Name"] == volume, mounts
+        assert inspected["HostConfig"]["ReadonlyRootfs"] is True  # readOnlyRootFilesystem
+        user = str(pod["spec"]["securityContext"]["runAsUser"])
+        assert podman("exec", server.name, "id", "-u", timeout=60).stdout.split() == [user]
+        with Client(server.address, timeout=120) as client:
+            client.create_optimizer("kube", initial_params(), CONFIG).save()
+        mountpoint = Path(podman("volume", "inspect", "--format", "{{.Mountpoint}}", volume,
+                                 timeout=60).stdout.strip())
+        assert (mountpoint / "kube" / "manifest.json").is_file(), sorted(p.name for p in mountpoint.iterdir())
+    finally:
+        podman("kube", "down", str(manifest), timeout=120, check=False)
+        for kind, name in kube_infrastructure() - before:  # what kube play made for itself on first use
+            podman(*{"image": ["rmi"], "network": ["network", "rm"]}[kind], name, timeout=60)
+
+
+def kube_infrastructure() -> set[tuple[str, str]]:
+    """The network and pause images `podman kube play` makes for itself on first use, where they exist."""
+    found = {("image", image) for image in podman("images", "-q", "--filter", "reference=localhost/podman-pause",
+                                                   timeout=60).stdout.split()}
+    if podman("network", "exists", "podman-default-kube-network", timeout=60, check=False).returncode == 0:
+        found.add(("network", "podman-default-kube-network"))
+    return found
+
+
+def compose_command(project: str, files: list[Path]) -> list[str]:
+    """podman-compose on FILES as project PROJECT (its containers, network and volumes carry that name)."""
+    argv = [str(Path(sys.executable).with_name("podman-compose")), "-p", project]
+    for file in files:
+        argv += ["-f", str(file)]
+    return argv
+
+
+def test_compose_brings_up_a_healthy_server_whose_demo_workers_train_and_down_keeps_the_volume(
+        images, run_id, tmp_path) -> None:
+    """docker/compose.yaml as it is, on the images built here, with the host ports moved to free ones."""
+    services = yaml.safe_load((DOCKER / "compose.yaml").read_text())["services"]
+    workers = [name for name in services if name != "server"]
+    port = free_port()
+    # !override replaces a list where compose would merge it: the file's fixed host ports would
+    # collide with anything else on this machine; the demos run fewer steps than the default.
+    override = {"server": f'    image: {images["Dockerfile"]}\n    ports: !override ["127.0.0.1:{port}:50051"]\n'}
+    for name in workers:
+        command = json.dumps([*services[name]["command"], "--steps", "20"])
+        override[name] = f'    image: {images["Dockerfile.worker"]}\n    command: !override {command}\n'
+    overrides = tmp_path / "override.yaml"
+    overrides.write_text("services:\n" + "".join(f"  {name}:\n{text}" for name, text in override.items()))
+    project = f"optserve-test-{run_id}"
+    compose = compose_command(project, [DOCKER / "compose.yaml", overrides])
+    try:
+        run_tool([*compose, "up", "-d", "--no-build"], timeout=300)
+        server = Container(f"{project}_server_1", f"127.0.0.1:{port}")
+        server.wait_healthy()
+        for name in workers:
+            worker = Container(f"{project}_{name}_1")
+            state = worker.wait_exited(timeout=400)
+            assert state["ExitCode"] == 0, f"{name}: {state}\n{worker.logs()}"
+            logs = worker.logs()
+            assert "[sync] held-out accuracy" in logs and "[async] held-out accuracy" in logs, logs
+        run_tool([*compose, "down"], timeout=300)
+        volume = f"{project}_{next(iter(yaml.safe_load((DOCKER / 'compose.yaml').read_text())['volumes']))}"
+        assert podman("volume", "exists", volume, timeout=60, check=False).returncode == 0, f"down removed {volume}"
+    finally:
+        run_tool([*compose, "down", "-v", "-t", "5"], timeout=300, check=False)
+        remove_labelled(f"io.podman.compose.project={project}")
+
+
+def test_the_sharded_compose_file_brings_up_3_healthy_shards_each_on_its_own_volume(images, run_id, tmp_path):
+    """docker/compose.sharded.yaml's shards, host ports moved to free ones (each bulk port the same inside and out)."""
+    services = yaml.safe_load((DOCKER / "compose.sharded.yaml").read_text())["services"]
+    shards = sorted(name for name in services if name.startswith("shard-"))
+    ports = {name: (free_port(), free_port()) for name in shards}
+    overrides = tmp_path / "override.yaml"
+    overrides.write_text("services:\n" + "".join(
+        f"  {name}:\n    image: {images['Dockerfile']}\n    command: [--bulk-port, '{bulk}']\n"
+        f"    ports: !override ['127.0.0.1:{port}:50051', '127.0.0.1:{bulk}:{bulk}']\n"
+        for name, (port, bulk) in ports.items()))
+    project = f"optserve-test-sharded-{run_id}"
+    compose = compose_command(project, [DOCKER / "compose.sharded.yaml", overrides])
+    try:
+        run_tool([*compose, "up", "-d", "--no-build", *shards], timeout=300)
+        volumes = set()
+        for name in shards:
+            shard = Container(f"{project}_{name}_1", f"127.0.0.1:{ports[name][0]}")
+            shard.wait_healthy()
+            (inspected,) = json.loads(podman("inspect", shard.name, timeout=60).stdout)
+            (mount,) = [m for m in inspected["Mounts"] if m["Destination"] == DATA_DIR]
+            volumes.add(mount["Name"])
+            with Client(shard.address, timeout=120, transport="network") as client:  # through its bulk port
+                optimizer = client.create_optimizer(f"on-{name}", initial_params(), CONFIG)
+                assert int(optimizer.push(gradients(name, 1), worker_id=name, seq=1)) == 1
+                assert {c["transport"] for c in optimizer.info().clients} == {"grpc", "bulk"}  # create, push
+        assert len(volumes) == len(shards), volumes
+        run_tool([*compose, "down"], timeout=300)
+        for volume in volumes:
+            assert podman("volume", "exists", volume, timeout=60, check=False).returncode == 0, f"down removed {volume}"
+    finally:
+        run_tool([*compose, "down", "-v", "-t", "5"], timeout=300, check=False)
+        remove_labelled(f"io.podman.compose.project={project}")

@@ -33,6 +33,7 @@ from optserve.client import Client
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
 K8S = DOCKER / "k8s"
+SHARDED = DOCKER / "k8s-sharded"  # an overlay of K8S: the server as 3 shards
 SERVER_IMAGES = ("Dockerfile", "Dockerfile.cuda")
 DOCKERFILES = (*SERVER_IMAGES, "Dockerfile.worker")
 SERVICE = "optserve.v1.OptimizerService"  # the gRPC service whose health the server reports
@@ -252,13 +253,137 @@ def test_compose_and_every_kubernetes_manifest_parse_as_yaml() -> None:
         assert doc["apiVersion"] and doc["metadata"]["name"]
 
 
-def test_kustomize_builds_the_manifests() -> None:
+@functools.cache
+def kustomized(folder: Path) -> tuple[dict, ...]:
+    """What `kubectl kustomize FOLDER` applies (skips the test where kubectl is missing)."""
     if shutil.which("kubectl") is None:
-        pytest.skip("kubectl is not installed here: `kubectl kustomize docker/k8s` not checked")
-    run = subprocess.run(["kubectl", "kustomize", str(K8S)], capture_output=True, text=True, timeout=60)
+        pytest.skip(f"kubectl is not installed here: `kubectl kustomize {folder.relative_to(ROOT)}` not checked")
+    run = subprocess.run(["kubectl", "kustomize", str(folder)], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
-    built = list(yaml.safe_load_all(run.stdout))
+    return tuple(doc for doc in yaml.safe_load_all(run.stdout) if doc)
+
+
+def test_kustomize_builds_the_manifests() -> None:
+    built = kustomized(K8S)
     assert sorted(doc["kind"] for doc in built) == sorted(doc["kind"] for doc in k8s_objects())
+
+
+# The oldest and newest Kubernetes whose API schemas kubernetes-validate carries (offline, in the package).
+KUBERNETES_VERSIONS = ("1.25", "1.37")
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_every_manifest_passes_the_kubernetes_api_schemas(version: str) -> None:
+    """Each object, as written and as each kustomization builds it, against the real OpenAPI schemas (strict)."""
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    objects = [*k8s_objects()]
+    if shutil.which("kubectl") is not None:
+        objects += [*kustomized(K8S), *kustomized(SHARDED)]
+    for doc in objects:
+        where = f"{doc['kind']}/{doc['metadata']['name']}"
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as err:
+            pytest.fail(f"{where} against Kubernetes {version}: {err.message} at {list(err.path)}")
+
+
+def test_the_schema_check_refuses_a_misspelt_or_mistyped_field() -> None:
+    """The validation above can fail: strict mode refuses unknown fields and wrong types."""
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    misspelt = json.loads(json.dumps(statefulset()))
+    misspelt["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["grpc"]["servce"] = SERVICE
+    mistyped = json.loads(json.dumps(statefulset()))
+    mistyped["spec"]["replicas"] = "3"
+    for broken in (misspelt, mistyped):
+        with pytest.raises(kubernetes_validate.ValidationError):
+            kubernetes_validate.validate(broken, KUBERNETES_VERSIONS[-1], strict=True)
+
+
+# ------------------------------------------------------- scale-out: shards in Kubernetes and compose
+
+
+def sharded(kind: str) -> list[dict]:
+    return [doc for doc in kustomized(SHARDED) if doc["kind"] == kind]
+
+
+def test_the_sharded_statefulset_runs_one_pod_and_one_volume_per_shard_behind_the_headless_service() -> None:
+    (shards,) = sharded("StatefulSet")
+    assert shards["spec"]["replicas"] == 3 and shards["spec"]["podManagementPolicy"] == "Parallel"
+    assert len(shards["spec"]["volumeClaimTemplates"]) == 1  # a claim per pod: data-optserve-0, -1, -2
+    assert shards["spec"]["template"] == statefulset()["spec"]["template"], "the shards run the server as it is"
+    (headless,) = sharded("Service")  # no ClusterIP Service: it would route to any one shard
+    assert headless["spec"]["clusterIP"] == "None" and shards["spec"]["serviceName"] == headless["metadata"]["name"]
+    assert headless["spec"]["publishNotReadyAddresses"] is True  # every shard in the answer, even restarting
+    assert headless["spec"]["selector"].items() <= shards["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_the_sharded_demo_job_dials_the_headless_dns_name_and_waits_for_every_shard() -> None:
+    (shards,) = sharded("StatefulSet")
+    (headless,) = sharded("Service")
+    service, replicas = headless["metadata"]["name"], shards["spec"]["replicas"]
+    port = next(p["port"] for p in headless["spec"]["ports"] if p["name"] == "grpc")
+    (job,) = sharded("Job")
+    spec = job["spec"]["template"]["spec"]
+    (demo,) = spec["containers"]
+    assert flag(demo["command"], "--address") == f"dns:///{service}.$(POD_NAMESPACE).svc:{port}"
+    env = {variable["name"]: variable for variable in demo["env"]}
+    assert env["POD_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    (wait,) = spec["initContainers"]
+    script = wait["command"][wait["command"].index("-c") + 1]
+    loop = re.match(r"for (\w+) in ([\d ]+); do (.*); done$", script)
+    assert loop and loop.group(2).split() == [str(i) for i in range(replicas)], script
+    (health,) = [argv for argv in shell_commands(loop.group(3)) if argv[:2] == ["optserve", "health"]]
+    assert health[2] == f"{shards['metadata']['name']}-${loop.group(1)}.{service}:{port}"
+    for argv in (demo["command"], health):
+        run = subprocess.run([sys.executable, "-m", "optserve.server.cli", *argv[1:], "--help"],
+                             capture_output=True, text=True, timeout=60, env=ENV, cwd=ROOT)
+        assert run.returncode == 0, f"{shlex.join(argv)}\n{run.stderr}"
+
+
+@functools.cache
+def sharded_compose() -> dict:
+    return yaml.safe_load((DOCKER / "compose.sharded.yaml").read_text())
+
+
+def test_the_sharded_compose_file_runs_3_shards_each_on_its_own_volume_and_ports() -> None:
+    services = sharded_compose()["services"]
+    shards = sorted(name for name in services if name.startswith("shard-"))
+    assert shards == ["shard-0", "shard-1", "shard-2"]
+    image_argv = entrypoint("Dockerfile")
+    volumes, host_ports = set(), []
+    for name in shards:
+        shard = services[name]
+        assert shard["build"] == compose()["services"]["server"]["build"]
+        assert shard["healthcheck"] == compose()["services"]["server"]["healthcheck"]
+        assert seconds(shard["stop_grace_period"]) > float(flag(image_argv, "--grace"))
+        (mount,) = shard["volumes"]
+        volume, target = mount.split(":")
+        assert target == flag(image_argv, "--data-dir") and volume in sharded_compose()["volumes"]
+        volumes.add(volume)
+        argv = [*image_argv, *shard.get("command", [])]  # compose appends command to the image's entrypoint
+        run = subprocess.run([sys.executable, "-m", "optserve.server.cli", *argv[1:], "--help"],
+                             capture_output=True, text=True, timeout=60, env=ENV, cwd=ROOT)
+        assert run.returncode == 0, f"{name}: {run.stderr}"
+        published = dict(reversed(mapping.rsplit(":", 1)) for mapping in shard["ports"])
+        # The bulk port is the same inside and out: a client dials it at the shard's own host.
+        bulk = flag(argv, "--bulk-port")
+        assert published[bulk] == f"127.0.0.1:{bulk}" and published["50051"].startswith("127.0.0.1:")
+        host_ports += [int(host.rsplit(":", 1)[1]) for host in published.values()]
+    assert len(volumes) == len(shards) and len(set(host_ports)) == len(host_ports)
+
+
+def test_the_sharded_compose_workers_name_every_shard_in_order_and_wait_for_all() -> None:
+    services = sharded_compose()["services"]
+    shards = sorted(name for name in services if name.startswith("shard-"))
+    workers = [name for name in services if name not in shards]
+    tags = []
+    for name in workers:
+        worker = services[name]
+        assert worker["image"] == compose()["services"]["worker-a"]["image"]
+        assert worker["depends_on"] == {shard: {"condition": "service_healthy"} for shard in shards}
+        assert flag(worker["command"], "--address").split(",") == [f"{shard}:50051" for shard in shards]
+        tags.append(flag(worker["command"], "--tag"))
+    assert len(workers) == 2 and len(set(tags)) == len(tags)
 
 
 def test_the_deploy_files_run_the_expected_optserve_commands() -> None:
