@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
                       help="which modes to run, one after the other (default %(default)s)")
     demo.add_argument("--max-staleness", type=int, default=4, help="async staleness bound (default %(default)s)")
     demo.add_argument("--plot", default="optserve-demo.png", help="where to write the PNG plot (default %(default)s)")
-    demo.add_argument("--address", help="use this running server instead of starting one")
+    demo.add_argument("--address", help="use this running server instead of starting one: HOST:PORT, a "
+                                         "dns:/// name, or the shards of one sharded server, HOST:PORT,HOST:PORT,...")
     demo.add_argument("--tag", default="", help="suffix of the optimizer names, so several demos can share a server")
 
     bench = commands.add_parser("bench", help="measure side by side in one run and print a table")
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 
         modes = ("sync", "async") if args.mode == "both" else (args.mode,)
         return run_demo(workers=args.workers, steps=args.steps, modes=modes, max_staleness=args.max_staleness,
-                        plot=args.plot, address=args.address, tag=args.tag)
+                        plot=args.plot, address=_demo_address(args.address), tag=args.tag)
     if args.command == "bench":
         from optserve.server.bench import run_bench
 
@@ -179,6 +180,11 @@ def _parse_env(name: str, value: str, kind: Any) -> Any:
         return kind(value)
     except ValueError:
         raise SystemExit(f"optserve: {name}={value!r}: expected {kind.__name__}") from None
+
+
+def _demo_address(text: str | None) -> str | list[str] | None:
+    """--address as Client takes it: several comma-separated shards become a list, in their order."""
+    return text.split(",") if text and "," in text else text
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -39,7 +39,7 @@ EVAL_POINTS = 20  # held-out evaluations per phase
 
 
 def run_demo(workers: int = 4, steps: int = 200, modes: tuple[str, ...] = ("sync", "async"), max_staleness: int = 4,
-             plot: str = "optserve-demo.png", address: str | None = None, tag: str = "") -> int:
+             plot: str = "optserve-demo.png", address: str | list[str] | None = None, tag: str = "") -> int:
     """Runs the demo; returns a process exit status."""
     server = None if address else ServerProcess(log=io.StringIO())  # keeps the bars readable
     histories = {}
@@ -56,7 +56,7 @@ def run_demo(workers: int = 4, steps: int = 200, modes: tuple[str, ...] = ("sync
     return 0 if server is None or server.process.returncode == 0 else 1
 
 
-def _train(address: str, mode: str, workers: int, steps: int, max_staleness: int, tag: str) -> dict:
+def _train(address: str | list[str], mode: str, workers: int, steps: int, max_staleness: int, tag: str) -> dict:
     """One phase: create the optimizer, run the workers, follow the versions, report."""
     x_train, y_train, x_test, y_test = _digits()
     name = f"digits-{mode}-{tag}" if tag else f"digits-{mode}"
@@ -98,7 +98,7 @@ def _train(address: str, mode: str, workers: int, steps: int, max_staleness: int
     return history
 
 
-def _worker(address: str, name: str, mode: str, index: int, workers: int, pushes: int, refused) -> None:
+def _worker(address: str | list[str], name: str, mode: str, index: int, workers: int, pushes: int, refused) -> None:
     """A worker process: pull, compute a gradient on its own shard, push; exactly once per seq."""
     x_train, y_train, _, _ = _digits()
     x_shard, y_shard = x_train[index::workers], y_train[index::workers]
