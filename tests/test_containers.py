@@ -9,7 +9,6 @@ bounded. `make test` skips it: it needs neither root nor podman.
 import copy
 import inspect
 import json
-import socket
 import sys
 import threading
 import time
@@ -26,9 +25,8 @@ from optserve.client import Client
 from tests.podman import (
     RUN_LABEL, Unavailable, build, check_prerequisites, image_size, new_run_id, podman, remove_labelled, run_tool,
 )
+from tests.test_deploy import DOCKER, free_port, statefulset
 
-DOCKER = Path(__file__).resolve().parents[1] / "docker"
-K8S = DOCKER / "k8s"
 DATA_DIR = "/var/lib/optserve"  # the image's --data-dir and VOLUME
 USER = "10001"  # the images' USER
 SHAPES = {"dense/kernel": (64, 32), "dense/bias": (32,), "embedding": (100, 16)}
@@ -63,12 +61,6 @@ print(json.dumps([[int(r), r.duplicate] for r in results]))
 
 def initial_params() -> dict[str, np.ndarray]:
     return {name: np.full(shape, 0.5, np.float32) for name, shape in SHAPES.items()}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -271,15 +263,14 @@ def test_every_acknowledged_push_survives_sigkill_exactly_once_and_sigterm_check
 def statefulset_pod(image: str, volume: str, grpc_port: int, run_id: str) -> dict:
     """docker/k8s's StatefulSet's pod template as a Pod for `podman kube play`: IMAGE, the claim as VOLUME,
     gRPC published on 127.0.0.1:GRPC_PORT (the other ports unpublished)."""
-    statefulset = next(doc for doc in yaml.safe_load_all((K8S / "statefulset.yaml").read_text()) if doc)
-    template = copy.deepcopy(statefulset["spec"]["template"])
+    template = copy.deepcopy(statefulset()["spec"]["template"])
     spec = template["spec"]
     (container,) = spec["containers"]
     container["image"] = image
     for port in container["ports"]:
         if port["name"] == "grpc":
             port.update(hostPort=grpc_port, hostIP="127.0.0.1")
-    (claim,) = statefulset["spec"]["volumeClaimTemplates"]
+    (claim,) = statefulset()["spec"]["volumeClaimTemplates"]
     spec["volumes"].append({"name": claim["metadata"]["name"], "persistentVolumeClaim": {"claimName": volume}})
     return {"apiVersion": "v1", "kind": "Pod", "spec": spec,
             "metadata": {"name": f"optserve-test-{run_id}", "labels": {**template["metadata"]["labels"],
