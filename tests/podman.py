@@ -21,7 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNTIME = "runc"  # crun refuses the rlimits of these machines; runc does not
-PACKAGES = ("podman", "runc", "debootstrap")
+TOOLS = ("podman", "runc", "debootstrap")  # Debian packages of the same names (docker/test-containers.sh)
 SUITE = "bookworm"  # Debian 12: Python 3.11, as python:3.11-slim-bookworm
 MIRROR = os.environ.get("DEBOOTSTRAP_MIRROR", "http://deb.debian.org/debian")
 BASE_PACKAGES = ("python3", "python3-venv", "ca-certificates")
@@ -86,8 +86,7 @@ def check_prerequisites() -> None:
     if os.geteuid() != 0:
         raise Unavailable("the container tests need root (rootful podman with runc); run `make test-containers` "
                           "as root")
-    missing = [tool for tool, path in (("podman", "podman"), ("runc", "runc"), ("debootstrap", "debootstrap"))
-               if shutil.which(path) is None]
+    missing = [tool for tool in TOOLS if shutil.which(tool) is None]
     if missing:
         raise Unavailable(f"not installed: {', '.join(missing)} (`make test-containers` installs them with apt-get)")
 
