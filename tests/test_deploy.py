@@ -782,3 +782,13 @@ def test_the_compose_and_kubernetes_demo_commands_train_side_by_side_from_the_wo
                 process.kill()
                 process.wait()
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["demo-a.png", "demo-b.png", "demo-k8s.png"]
+
+
+def test_the_demo_hands_the_shards_of_a_compose_worker_to_the_client_as_a_list_in_order() -> None:
+    from optserve.server.cli import _demo_address
+
+    for name in ("worker-a", "worker-b"):
+        address = flag(sharded_compose()["services"][name]["command"], "--address")
+        assert _demo_address(address) == ["shard-0:50051", "shard-1:50051", "shard-2:50051"]
+    for one in ("server:50051", "dns:///optserve-headless.default.svc:50051", None):
+        assert _demo_address(one) == one  # one server, or every address behind a DNS name
