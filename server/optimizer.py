@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from optserve.server import overflow, patterns
-from optserve.server.engine import adam
+from optserve.server.engine import pipeline
 from optserve.server.engine.config import AdamConfig, parse_config
 from optserve.server.errors import (
     Aborted,
@@ -68,14 +68,14 @@ class Optimizer:
     """One named optimizer: Adam state on the device, and the rules that turn pushes into steps."""
 
     def __init__(self, name: str, config: AdamConfig, non_finite_policy: str, training_mode: TrainingMode,
-                 state: adam.AdamState, version: int = 0, store: OptimizerStore | None = None,
+                 state: pipeline.OptimizerState, version: int = 0, store: OptimizerStore | None = None,
                  on_step: Callable[["Optimizer"], None] = lambda optimizer: None, metrics: Metrics | None = None,
                  excluded_from_decay: Collection[str] | None = None):
         self.name = name
         self.config = config
         self.non_finite_policy = non_finite_policy
         self.training_mode = training_mode
-        self.layout = adam.layout_of(state)  # of every slot, and of the flat gradient a push can arrive in
+        self.layout = pipeline.layout_of(state)  # of every slot, and of the flat gradient a push can arrive in
         self.shapes = dict(self.layout.shapes)
         self.rounds_closed_by_timeout = 0
         self.saved_version = -1 if store is None else version
@@ -84,10 +84,10 @@ class Optimizer:
         # the names weight decay skips: as a checkpoint recorded them, else matched with a time bound
         self._excluded = _excluded_from_decay(config, list(self.shapes), excluded_from_decay)
         decayed = [name for name in self.shapes if name not in self._excluded]
-        self._step = adam.make_step(config, list(self.shapes), decayed)  # in place: Keras's numbers
+        self._step = pipeline.make_step(config, list(self.shapes), decayed)  # in place: Keras's numbers
         # "refuse": a step that might overflow (see `overflow`) runs on a copy and is refused whole if it does
         self._checked = non_finite_policy == "refuse"
-        self._checked_step = adam.make_checked_step(config, list(self.shapes), decayed) if self._checked else None
+        self._checked_step = pipeline.make_checked_step(config, list(self.shapes), decayed) if self._checked else None
         self._bounds: overflow.Bounds | None = None  # of the state's magnitudes; None: to be measured
         self._store = store
         self._lock = threading.Lock()
@@ -224,7 +224,7 @@ class Optimizer:
             self._check_alive()
             if self.config.use_ema:
                 self._log(LogRecord("finalize", self._version + 1))
-                self._state = adam.finalize(self._state)
+                self._state = pipeline.finalize(self._state)
                 self._bounds = None
                 self._bump_version()
 
@@ -245,7 +245,7 @@ class Optimizer:
         """Re-applies a logged change through the same step, as on restore."""
         with self._lock:
             if record.kind == "finalize":
-                self._state = adam.finalize(self._state)
+                self._state = pipeline.finalize(self._state)
                 self._bounds = None
                 self._bump_version()
             else:
@@ -269,7 +269,7 @@ class Optimizer:
             shapes=dict(self.shapes),
             device=f"{device.platform}:{device.id}",
             non_finite_policy=self.non_finite_policy,
-            next_learning_rate=adam.learning_rate_at(self.config, iterations),
+            next_learning_rate=pipeline.learning_rate_at(self.config, iterations),
             training_mode=self.training_mode,
             pending_gradients=pending,
             saved_version=self.saved_version,
@@ -300,7 +300,7 @@ class Optimizer:
                  for slot, tensors in checkpoint.slots.items()}
         try:
             optimizer = cls(meta["name"], parse_config(meta["config"]), meta["non_finite_policy"],
-                            TrainingMode(**meta["training_mode"]), adam.restore(meta["iterations"], slots),
+                            TrainingMode(**meta["training_mode"]), pipeline.restore(meta["iterations"], slots),
                             meta["version"], store, excluded_from_decay=meta.get("excluded_from_weight_decay"),
                             **hooks)
         except InvalidArgument as err:  # a checkpoint without the matched names, whose pattern now runs out of time
@@ -321,7 +321,7 @@ class Optimizer:
             "dedup": self._dedup.to_json(),
             "excluded_from_weight_decay": sorted(self._excluded),  # matched once, at create
         }
-        return Checkpoint(meta, adam.export(self._state))
+        return Checkpoint(meta, pipeline.export(self._state))
 
     def _count_accepted(self, staleness: int | None) -> None:
         self._push_times.append(time.monotonic())
@@ -413,7 +413,7 @@ class Optimizer:
         self._bounds = bounds
         return PushResult(self._version, self._iterations)
 
-    def _checked_state(self, grads: Mapping[str, Gradient]) -> adam.AdamState:
+    def _checked_state(self, grads: Mapping[str, Gradient]) -> pipeline.OptimizerState:
         """The state after a step, computed beside the current one; INVALID_ARGUMENT if any value is non-finite."""
         state, finite = self._checked_step(self._state, self._device_grads(grads))
         finite = np.asarray(finite)
@@ -425,14 +425,14 @@ class Optimizer:
                 f"the state as it was")
         return state
 
-    def _device_grads(self, grads: Mapping[str, Gradient]) -> adam.FlatGrads:
+    def _device_grads(self, grads: Mapping[str, Gradient]) -> pipeline.FlatGrads:
         """Every tensor's gradient as the step takes it: the dense ones in one flat buffer (no copy when the
         push arrived in `self.layout`), the sparse ones padded to their bucket."""
         if isinstance(grads, RoundGradients):  # a sync round's sum: already one flat device buffer
-            return adam.FlatGrads(grads.flat, {name: adam.sparse_grad(*g) for name, g in grads.sparse.items()},
+            return pipeline.FlatGrads(grads.flat, {name: pipeline.sparse_grad(*g) for name, g in grads.sparse.items()},
                                   grads.present)
         # a push with missing SKIP carries some tensors only: the step leaves the others as they are
-        return adam.flat_grads(self.layout, {name: _to_device(grads[name]) for name in self.shapes if name in grads})
+        return pipeline.flat_grads(self.layout, {name: _to_device(grads[name]) for name in self.shapes if name in grads})
 
     def _step_with(self, grads: Mapping[str, Gradient]) -> None:
         """Re-applies a logged (so acknowledged) step as it was applied then."""
@@ -440,7 +440,7 @@ class Optimizer:
         self._bounds = None
         self._commit(self._step(self._state, self._device_grads(grads)), grads, started)
 
-    def _commit(self, state: adam.AdamState, grads: Mapping[str, Gradient], started: float) -> None:
+    def _commit(self, state: pipeline.OptimizerState, grads: Mapping[str, Gradient], started: float) -> None:
         """Makes `state` the optimizer's state: one more step and version."""
         self._state = state
         jax.block_until_ready(self._state)
@@ -542,9 +542,9 @@ def _excluded_from_decay(config: AdamConfig, names: list[str], known: Collection
     return patterns.excluded_names(config.exclude_from_weight_decay, names)
 
 
-def _to_device(grad: Gradient | jax.Array) -> np.ndarray | jax.Array | adam.SparseGrad:
-    """A sparse gradient padded onto the device; a dense one as it is (`adam.flat_grads` lays it out)."""
+def _to_device(grad: Gradient | jax.Array) -> np.ndarray | jax.Array | pipeline.SparseGrad:
+    """A sparse gradient padded onto the device; a dense one as it is (`pipeline.flat_grads` lays it out)."""
     if isinstance(grad, tuple):
-        return adam.sparse_grad(*grad)
+        return pipeline.sparse_grad(*grad)
     return grad
 

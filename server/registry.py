@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from optserve.server import overflow
-from optserve.server.engine import adam
+from optserve.server.engine import pipeline
 from optserve.server.engine.config import parse_config
 from optserve.server.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from optserve.server.metrics import Metrics
@@ -78,7 +78,7 @@ class Registry:
             if self.persistence is not None:
                 store = OptimizerStore(self.persistence.data_dir / name, self.persistence.durability)
             optimizer = Optimizer(name, adam_config, non_finite_policy, training_mode,
-                                  adam.init(params, adam_config), store=store, on_step=self._note_step,
+                                  pipeline.init(params, adam_config), store=store, on_step=self._note_step,
                                   metrics=self.metrics)
             if store is not None:
                 store.create(optimizer.checkpoint())  # on failure it removes only what it made

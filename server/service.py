@@ -60,7 +60,7 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
         self._traffic = Traffic()  # which transport each client uses, for `optserve status`
 
     def CreateOptimizer(self, request_iterator, context) -> pb.OptimizerInfo:
-        with self._buffers.lease("tensors", reuse=False) as lease:  # engine.adam.init copies the tensors out
+        with self._buffers.lease("tensors", reuse=False) as lease:  # engine.pipeline.init copies the tensors out
             request = codec.decode_create(request_iterator, self._options.max_request_bytes,
                                           self._options.max_tensor_bytes, self._options.max_tensors,
                                           into=lease.reserve)

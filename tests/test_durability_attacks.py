@@ -14,7 +14,7 @@ import pytest
 
 from optserve.client import Client, OptserveError
 from optserve.server import storage
-from optserve.server.engine import adam, parse_config
+from optserve.server.engine import pipeline, parse_config
 from optserve.server.options import ServerOptions
 from tests.conftest import RunningServer, wait_until
 from tests.test_durability import CONFIG, INIT, Server, assert_state_equals, grads_for, reference
@@ -159,7 +159,7 @@ def test_tensor_names_of_every_character_class_survive_a_restart_bit_for_bit(dat
         opt.push(grads[2])  # in the log only
     server.kill()
     engine = parse_config(config)
-    state, step = adam.init(params, engine), adam.make_step(engine, list(params))
+    state, step = pipeline.init(params, engine), pipeline.make_step(engine, list(params))
     for g in grads:
         state = step(state, g)
     server.start()
