@@ -1,4 +1,4 @@
-"""One optimizer: its Adam state on the device, and the rules that turn pushes into steps.
+"""One optimizer: its state (any tf-keras class) on the device, and the rules that turn pushes into steps.
 
 Each optimizer applies one change at a time under its own lock, and a pull
 copies its tensors under the same lock, so it never sees half of a step.
@@ -20,7 +20,8 @@ import numpy as np
 
 from optserve.server import overflow, patterns
 from optserve.server.engine import pipeline
-from optserve.server.engine.config import AdamConfig, parse_config
+from optserve.server.engine.config import AdamConfig, OptimizerConfig, parse_config
+from optserve.server.engine.optimizers import core_of
 from optserve.server.errors import (
     Aborted,
     Cancelled,
@@ -35,13 +36,12 @@ from optserve.server.metrics import Metrics
 from optserve.server.modes import DedupTable, Gradient, PushResult, RoundGradients, RoundSum, TrainingMode
 from optserve.server.storage import Checkpoint, LogRecord, OptimizerStore, StorageError
 from optserve.wire.dtypes import FLOAT32
-from optserve.wire.layout import ChunkBuffer, padded_bytes
+from optserve.wire.layout import ChunkBuffer, FlatLayout, padded_bytes
 
 
 log = logging.getLogger("optserve.optimizer")
 
 NON_FINITE_POLICIES = ("refuse", "apply")
-STATE_KINDS = {"weights": "params", "ema": "ema", "m": "m", "v": "v", "vhat": "vhat"}  # pull kind -> engine slot
 _INT32_MAX = 2**31 - 1  # the engine's iteration counter saturates here
 RATE_WINDOW = 10.0  # seconds over which pushes per second are counted
 
@@ -52,6 +52,8 @@ class OptimizerInfo:
     name: str
     iterations: int
     version: int
+    optimizer: str  # the tf-keras class, e.g. "RMSprop"
+    slots: list[str]  # the class's slots by tf-keras name, in build order
     config: dict[str, Any]
     shapes: dict[str, tuple[int, ...]]
     device: str
@@ -65,9 +67,9 @@ class OptimizerInfo:
 
 
 class Optimizer:
-    """One named optimizer: Adam state on the device, and the rules that turn pushes into steps."""
+    """One named optimizer: its state on the device, and the rules that turn pushes into steps."""
 
-    def __init__(self, name: str, config: AdamConfig, non_finite_policy: str, training_mode: TrainingMode,
+    def __init__(self, name: str, config: OptimizerConfig, non_finite_policy: str, training_mode: TrainingMode,
                  state: pipeline.OptimizerState, version: int = 0, store: OptimizerStore | None = None,
                  on_step: Callable[["Optimizer"], None] = lambda optimizer: None, metrics: Metrics | None = None,
                  excluded_from_decay: Collection[str] | None = None):
@@ -167,7 +169,7 @@ class Optimizer:
     def pull(self, kind: str, names: Sequence[str], min_version: int | None = None, timeout: float | None = None,
              into: Callable[[int], np.ndarray] | None = None,
              cancelled: threading.Event | None = None) -> tuple[int, int, list[tuple[str, np.ndarray]]]:
-        """Copies one kind of state tensor out (see STATE_KINDS) as one snapshot.
+        """Copies one kind of state tensor out as one snapshot: "weights", "ema" or a slot by tf-keras name.
 
         Waits (on a condition, not by polling) up to `timeout` seconds for
         `min_version`, or until `cancelled` is set (CANCELLED). Returns
@@ -178,42 +180,50 @@ class Optimizer:
         """
         if kind == "ema" and not self.config.use_ema:
             raise FailedPrecondition(f"kind: optimizer {self.name!r} keeps no EMA weights (use_ema is false)")
-        if kind == "vhat" and not self.config.amsgrad:
+        if kind == "vhat" and isinstance(self.config, AdamConfig) and not self.config.amsgrad:
             raise FailedPrecondition(f"kind: optimizer {self.name!r} keeps no vhat (amsgrad is false)")
-        names = list(names) or list(self.shapes)
+        if kind not in ("weights", "ema") and kind not in self._state.slots:
+            raise FailedPrecondition(f"slot: optimizer {self.name!r} ({self.config.class_name}) has no slot {kind!r}; "
+                                     f"its slots are {list(self._state.slots)}")
+        layout = self.layout if kind in ("weights", "ema") else self._state.slots[kind].layout
+        names = list(names) or list(layout.shapes)
         for name in names:
             if name not in self.shapes:
                 raise NotFound(f"names[{name!r}]: optimizer {self.name!r} has no tensor {name!r}")
+            if name not in layout.shapes:
+                raise InvalidArgument(f"names[{name!r}]: slot {kind!r} exists for tensors of rank >= 2 only")
         if len(set(names)) != len(names):
             raise InvalidArgument("names: a tensor is named twice")
         with self._lock:
             if min_version is not None:
                 self._wait_for(min_version, timeout, "min_version", cancelled=cancelled)
             self._check_alive()
-            source = np.asarray(getattr(self._state, STATE_KINDS[kind]).flat)  # on the CPU: no copy
-            return self._version, self._iterations, self._copy_out(source, names, into)
+            tensors = {"weights": self._state.params, "ema": self._state.ema}.get(kind) or self._state.slots[kind]
+            source = np.asarray(tensors.flat)  # on the CPU: no copy
+            return self._version, self._iterations, self._copy_out(source, layout, names, into)
 
-    def _copy_out(self, source: np.ndarray, names: list[str], into: Callable[[int], np.ndarray] | None,
+    @staticmethod
+    def _copy_out(source: np.ndarray, layout: FlatLayout, names: list[str], into: Callable[[int], np.ndarray] | None,
                   ) -> list[tuple[str, np.ndarray]]:
-        """The tensors `names` of a flat slot, copied once: into fresh arrays, or into `into`'s buffer.
+        """The tensors `names` of a flat slot in `layout`, copied once: into fresh arrays, or into `into`'s buffer.
 
         `into`'s buffer holds the tensors as a ChunkBuffer lays them out in the
         order of `names`; for every tensor in creation order that is the flat
         layout itself, so the whole slot is one copy.
         """
-        views = self.layout.views(source, names)
+        views = layout.views(source, names)
         if into is None:
             return [(name, np.array(views[name])) for name in names]
-        sizes = [4 * self.layout.sizes[name] for name in names]
+        sizes = [4 * layout.sizes[name] for name in names]
         buffer = into(padded_bytes(sizes))
-        if names == list(self.shapes):
-            flat = buffer[:self.layout.nbytes].view(np.float32)
+        if names == list(layout.shapes):
+            flat = buffer[:layout.nbytes].view(np.float32)
             np.copyto(flat, source)
-            return list(self.layout.views(flat).items())
+            return list(layout.views(flat).items())
         slots = ChunkBuffer(sizes, InvalidArgument, buffer)
         arrays = []
         for index, name in enumerate(names):
-            array = slots.view(index, FLOAT32, self.shapes[name])
+            array = slots.view(index, FLOAT32, layout.shapes[name])
             np.copyto(array, views[name])
             arrays.append((name, array))
         return arrays
@@ -265,6 +275,8 @@ class Optimizer:
             name=self.name,
             iterations=iterations,
             version=version,
+            optimizer=self.config.class_name,
+            slots=list(self._state.slots),
             config=self.config.to_keras_dict(),
             shapes=dict(self.shapes),
             device=f"{device.platform}:{device.id}",
@@ -299,8 +311,10 @@ class Optimizer:
         slots = {slot: {name: tensors[name] for name in meta["names"] if name in tensors}  # in creation order
                  for slot, tensors in checkpoint.slots.items()}
         try:
-            optimizer = cls(meta["name"], parse_config(meta["config"]), meta["non_finite_policy"],
-                            TrainingMode(**meta["training_mode"]), pipeline.restore(meta["iterations"], slots),
+            config = parse_config(meta["config"], meta.get("optimizer", "Adam"))  # data dirs before the family: Adam
+            scalars = {**core_of(config).scalars, **meta.get("scalars", {})}
+            optimizer = cls(meta["name"], config, meta["non_finite_policy"], TrainingMode(**meta["training_mode"]),
+                            pipeline.restore(meta["iterations"], slots, scalars),
                             meta["version"], store, excluded_from_decay=meta.get("excluded_from_weight_decay"),
                             **hooks)
         except InvalidArgument as err:  # a checkpoint without the matched names, whose pattern now runs out of time
@@ -312,7 +326,9 @@ class Optimizer:
         """The complete state as of now, as a checkpoint holds it (under the lock, or before it is shared)."""
         meta = {
             "name": self.name,
+            "optimizer": self.config.class_name,
             "config": self.config.to_keras_dict(),
+            "scalars": pipeline.export_scalars(self._state),  # optimizer-wide state (Nadam: u_product)
             "non_finite_policy": self.non_finite_policy,
             "training_mode": self.training_mode.to_dict(),
             "names": list(self.shapes),
@@ -533,7 +549,7 @@ class Optimizer:
             raise NotFound(f"optimizer {self.name!r} was deleted")
 
 
-def _excluded_from_decay(config: AdamConfig, names: list[str], known: Collection[str] | None) -> frozenset[str]:
+def _excluded_from_decay(config: OptimizerConfig, names: list[str], known: Collection[str] | None) -> frozenset[str]:
     """The tensors weight decay skips: `known` (from a checkpoint), else matched by `patterns` with a time bound."""
     if config.weight_decay is None or not config.exclude_from_weight_decay:
         return frozenset()

@@ -15,7 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from optserve.client import Client, IndexedSlices, OptserveError
-from optserve.server.engine import pipeline, parse_config
+from optserve.server.engine import parse_config, pipeline
 from optserve.server.launch import ServerProcess
 from optserve.server.options import ServerOptions
 from optserve.v1 import optserve_pb2 as pb

@@ -14,7 +14,7 @@ import pytest
 
 from optserve.client import Client, OptserveError
 from optserve.server import storage
-from optserve.server.engine import pipeline, parse_config
+from optserve.server.engine import parse_config, pipeline
 from optserve.server.options import ServerOptions
 from tests.conftest import RunningServer, wait_until
 from tests.test_durability import CONFIG, INIT, Server, assert_state_equals, grads_for, reference

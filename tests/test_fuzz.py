@@ -32,7 +32,7 @@ from hypothesis.extra import numpy as hnp
 from optserve.client import Client, IndexedSlices, InvalidArgumentError
 from optserve.wire.chunks import stream_message_parser
 from optserve.wire.dtypes import data_type_of
-from optserve.server.engine import pipeline, parse_config
+from optserve.server.engine import parse_config, pipeline
 from optserve.server.launch import ServerProcess
 from optserve.v1 import optserve_pb2 as pb
 from optserve.v1 import optserve_pb2_grpc as pb_grpc

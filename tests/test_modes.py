@@ -10,7 +10,7 @@ import pytest
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from optserve.client import Client, IndexedSlices, OptserveError
-from optserve.server.engine import pipeline, parse_config
+from optserve.server.engine import parse_config, pipeline
 from optserve.server.options import ServerOptions
 from tests.conftest import RunningServer
 from tests.test_bad_input import assert_same_state, expect_error, snapshot, snapshot_weights

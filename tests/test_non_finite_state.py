@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from optserve.client import Client, IndexedSlices, OptserveError
-from optserve.server.engine import pipeline, parse_config
+from optserve.server.engine import parse_config, pipeline
 from tests.test_bad_input import assert_same_state, expect_error, snapshot
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from optserve.server import overflow
-from optserve.server.engine import pipeline, parse_config
+from optserve.server.engine import parse_config, pipeline
 
 CONFIGS = [{}, {"amsgrad": True, "use_ema": True, "ema_overwrite_frequency": 3}, {"global_clipnorm": 1.0},
            {"clipnorm": 0.5, "weight_decay": 0.1}, {"clipvalue": 2.0, "learning_rate": 10.0},

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from optserve.client import Client, IndexedSlices, InvalidArgumentError
-from optserve.server.engine import pipeline, parse_config
+from optserve.server.engine import parse_config, pipeline
 from optserve.server.launch import ServerProcess
 from optserve.v1 import optserve_pb2 as pb
 from optserve.wire.chunks import encode_stream

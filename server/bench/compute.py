@@ -125,7 +125,7 @@ def _step_row(params: int, layout: str, sizes: Sequence[int], reps: int, bandwid
     import jax.numpy as jnp
     import optax
 
-    from optserve.server.engine import pipeline, parse_config
+    from optserve.server.engine import parse_config, pipeline
 
     rng = np.random.default_rng(1)
     names = [f"t{i:03d}" for i in range(len(sizes))]
