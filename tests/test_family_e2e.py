@@ -5,9 +5,7 @@ that start at `initial_accumulator_value`, sparse rows), Nadam (its
 optimizer-wide `u_product`) and Adafactor (factored slots of other shapes).
 """
 
-import hashlib
 import io
-import json
 import signal
 import threading
 from pathlib import Path
@@ -17,10 +15,10 @@ import numpy as np
 import pytest
 
 from optserve.client import Client, IndexedSlices
-from optserve.server import storage
 from optserve.server.launch import ServerProcess
 from tests.test_bad_input import assert_same_state, expect_error
 from tests.test_durability import free_port
+from tests.test_durability_attacks import rewrite_as_format_1
 
 INIT = {"emb": np.linspace(-1, 1, 24, dtype=np.float32).reshape(8, 3), "w": np.full((3, 4), 0.5, np.float32),
         "b": np.array([0.1, -0.2, 0.3], np.float32)}
@@ -194,20 +192,12 @@ def test_an_adam_data_dir_from_before_the_family_still_restores(tmp_path: Path) 
             twin.push(grads(2))
             after = adam_state(twin)
         assert process.stop() == 0
-        folder = data_dir / "old"
-        manifest = json.loads((folder / "manifest.json").read_text())
-        entry = manifest["checkpoints"][-1]
-        loaded, _, _ = storage.OptimizerStore(folder, "wal").load()
-        meta = {k: v for k, v in loaded.meta.items() if k not in ("optimizer", "scalars")}
-        meta["config"] = {k: v for k, v in meta["config"].items() if k != "adaptive_epsilon"}
-        arrays = {f"{slot}/{name}": value for slot, tensors in loaded.slots.items() for name, value in tensors.items()}
-        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
-        old = folder / entry["file"]
-        with open(old, "wb") as f:
-            np.savez(f, **arrays)
-        old_manifest = {"format": 1, "checkpoints": [{"file": entry["file"], "version": entry["version"],
-                                                       "sha256": hashlib.sha256(old.read_bytes()).hexdigest()}]}
-        (folder / "manifest.json").write_text(json.dumps(old_manifest))
+
+        def before_the_family(meta: dict) -> dict:
+            meta = {k: v for k, v in meta.items() if k not in ("optimizer", "scalars")}
+            return {**meta, "config": {k: v for k, v in meta["config"].items() if k != "adaptive_epsilon"}}
+
+        rewrite_as_format_1(data_dir / "old", before_the_family)
         process = ServerProcess(args, log=io.StringIO())
         with Client(f"127.0.0.1:{port}", timeout=60) as client:
             opt = client.optimizer("old")

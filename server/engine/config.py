@@ -117,12 +117,18 @@ class AdadeltaConfig(OptimizerConfig):
 
 
 @dataclass(frozen=True)
-class AdamConfig(OptimizerConfig):
-    class_name: ClassVar[str] = "Adam"
-    name: str = "Adam"
+class _MomentsConfig(OptimizerConfig):
+    """The arguments of the classes with two moment decay rates and an epsilon (Adam, Adamax, Nadam)."""
+
     beta_1: float = 0.9
     beta_2: float = 0.999
     epsilon: float = 1e-7
+
+
+@dataclass(frozen=True)
+class AdamConfig(_MomentsConfig):
+    class_name: ClassVar[str] = "Adam"
+    name: str = "Adam"
     amsgrad: bool = False
     adaptive_epsilon: bool = False  # tf-keras 2.21: epsilon * sqrt(1 - beta_2**t), PyTorch's and optax's placement
 
@@ -135,21 +141,15 @@ class AdamWConfig(AdamConfig):
 
 
 @dataclass(frozen=True)
-class AdamaxConfig(OptimizerConfig):
+class AdamaxConfig(_MomentsConfig):
     class_name: ClassVar[str] = "Adamax"
     name: str = "Adamax"
-    beta_1: float = 0.9
-    beta_2: float = 0.999
-    epsilon: float = 1e-7
 
 
 @dataclass(frozen=True)
-class NadamConfig(OptimizerConfig):
+class NadamConfig(_MomentsConfig):
     class_name: ClassVar[str] = "Nadam"
     name: str = "Nadam"
-    beta_1: float = 0.9
-    beta_2: float = 0.999
-    epsilon: float = 1e-7
 
 
 @dataclass(frozen=True)
