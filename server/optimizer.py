@@ -10,7 +10,6 @@ and checked.
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -18,10 +17,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from optserve.server import overflow, patterns
+from optserve.server import journal, overflow, patterns
 from optserve.server.engine import pipeline
-from optserve.server.engine.config import AdamConfig, OptimizerConfig, parse_config
-from optserve.server.engine.optimizers import core_of
+from optserve.server.engine.config import AdamConfig, OptimizerConfig
 from optserve.server.errors import (
     Aborted,
     Cancelled,
@@ -29,11 +27,12 @@ from optserve.server.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
-    OptserveError,
     ResourceExhausted,
 )
 from optserve.server.metrics import Metrics
-from optserve.server.modes import DedupTable, Gradient, PushResult, RoundGradients, RoundSum, TrainingMode
+from optserve.server.modes import DedupTable, Gradient, PushResult, RoundGradients, TrainingMode
+from optserve.server.push_rate import PushRate
+from optserve.server.rounds import SyncRound
 from optserve.server.storage import Checkpoint, LogRecord, OptimizerStore, StorageError
 from optserve.wire.dtypes import FLOAT32
 from optserve.wire.layout import ChunkBuffer, FlatLayout, padded_bytes
@@ -43,7 +42,6 @@ log = logging.getLogger("optserve.optimizer")
 
 NON_FINITE_POLICIES = ("refuse", "apply")
 _INT32_MAX = 2**31 - 1  # the engine's iteration counter saturates here
-RATE_WINDOW = 10.0  # seconds over which pushes per second are counted
 
 @dataclass(frozen=True)
 class OptimizerInfo:
@@ -62,7 +60,7 @@ class OptimizerInfo:
     training_mode: TrainingMode
     pending_gradients: int  # sync: gradients in the open round
     saved_version: int  # version of the newest checkpoint; -1 without a data dir
-    pushes_per_second: float  # accepted pushes over the last RATE_WINDOW seconds
+    pushes_per_second: float  # accepted pushes per second over the last push_rate.WINDOW seconds
     last_push_age: float | None  # seconds since the last accepted push; None before the first
 
 
@@ -99,19 +97,10 @@ class Optimizer:
         self._iterations = int(state.iterations)
         self._deleted = False
         self._dedup = DedupTable()
-        self._round: dict[str, Mapping[str, Gradient]] = {}  # sync: worker_id -> gradients, for self._version
-        self._round_seqs: dict[str, int | None] = {}  # sync: worker_id -> seq of its gradient in the round
-        self._round_holds: list[Callable[[], None]] = []  # sync: releases the buffers the round's gradients view
-        self._round_magnitudes: dict[str, list[overflow.Magnitude]] = {}  # sync: worker_id -> its gradients' sizes
-        self._round_timer: threading.Timer | None = None
-        self._round_sum = RoundSum(training_mode.aggregation, self.layout)
-        self._dropped_round = -1  # sync: the version of the last round that could not be logged or was refused
-        self._dropped_error: OptserveError = ResourceExhausted("the data dir is full")  # why it was dropped
-        self._round_generation = 0  # sync: rounds closed (applied or dropped) so far
-        self._dropped_generation = -1  # sync: the generation of the last dropped round
+        self._round = SyncRound(training_mode.aggregation, self.layout)  # sync: the round for self._version
         self._on_step = on_step  # told after every step, under the lock (it must not block)
         self._metrics = metrics or Metrics()
-        self._push_times: deque[float] = deque(maxlen=1024)  # monotonic times of recent accepted pushes
+        self._push_rate = PushRate()
 
     @property
     def version(self) -> int:
@@ -159,7 +148,7 @@ class Optimizer:
                     self._dedup.record(worker_id, seq, result)
                 self._count_accepted(staleness)
                 return result
-            generation = self._round_generation  # of the round this gradient joins
+            generation = self._round.generation  # of the round this gradient joins
             result = self._add_to_round(worker_id, seq, grads, retain, magnitudes)
             self._count_accepted(staleness)
             self._wait_for(result.version, timeout, "the round of this push", generation=generation,
@@ -268,9 +257,7 @@ class Optimizer:
         with self._lock:
             version, iterations, pending = self._version, self._iterations, len(self._round)
             device = self._state.params.flat.devices().pop()
-            now = time.monotonic()
-            recent = sum(1 for t in self._push_times if now - t <= RATE_WINDOW)
-            last_push_age = now - self._push_times[-1] if self._push_times else None
+            pushes_per_second, last_push_age = self._push_rate.per_second(), self._push_rate.last_age()
         return OptimizerInfo(
             name=self.name,
             iterations=iterations,
@@ -285,7 +272,7 @@ class Optimizer:
             training_mode=self.training_mode,
             pending_gradients=pending,
             saved_version=self.saved_version,
-            pushes_per_second=recent / RATE_WINDOW,
+            pushes_per_second=pushes_per_second,
             last_push_age=last_push_age,
         )
 
@@ -298,49 +285,32 @@ class Optimizer:
             if self._store is not None:
                 self._store.delete() if delete_files else self._store.close()
             self._deleted = True
-            self._cancel_round_timer()
-            self._round, self._round_seqs = {}, {}
-            self._release_round()
+            self._round.close()
             self._version_changed.notify_all()
 
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Checkpoint, store: OptimizerStore, **hooks: Any) -> "Optimizer":
         """The optimizer a checkpoint describes; its later log records are replayed with `replay`."""
-        meta = checkpoint.meta
-        slots = {slot: {name: tensors[name] for name in meta["names"] if name in tensors}  # in creation order
-                 for slot, tensors in checkpoint.slots.items()}
         try:
-            config = parse_config(meta["config"], meta.get("optimizer", "Adam"))  # data dirs before the family: Adam
-            scalars = {**core_of(config).scalars, **meta.get("scalars", {})}
-            optimizer = cls(meta["name"], config, meta["non_finite_policy"], TrainingMode(**meta["training_mode"]),
-                            pipeline.restore(meta["iterations"], slots, scalars),
-                            meta["version"], store, excluded_from_decay=meta.get("excluded_from_weight_decay"),
+            contents = journal.contents_of(checkpoint)
+            optimizer = cls(contents.name, contents.config, contents.non_finite_policy, contents.training_mode,
+                            contents.state, contents.version, store, excluded_from_decay=contents.excluded_from_decay,
                             **hooks)
         except InvalidArgument as err:  # a checkpoint without the matched names, whose pattern now runs out of time
-            raise StorageError(f"{store.directory}: cannot restore optimizer {meta['name']!r}: {err}") from None
-        optimizer._dedup.load_json(meta["dedup"])
+            raise StorageError(f"{store.directory}: cannot restore optimizer {checkpoint.meta['name']!r}: {err}"
+                               ) from None
+        optimizer._dedup.load_json(contents.dedup)
         return optimizer
 
     def checkpoint(self) -> Checkpoint:
         """The complete state as of now, as a checkpoint holds it (under the lock, or before it is shared)."""
-        meta = {
-            "name": self.name,
-            "optimizer": self.config.class_name,
-            "config": self.config.to_keras_dict(),
-            "scalars": pipeline.export_scalars(self._state),  # optimizer-wide state (Nadam: u_product)
-            "non_finite_policy": self.non_finite_policy,
-            "training_mode": self.training_mode.to_dict(),
-            "names": list(self.shapes),
-            "iterations": self._iterations,
-            "version": self._version,
-            "dedup": self._dedup.to_json(),
-            "excluded_from_weight_decay": sorted(self._excluded),  # matched once, at create
-        }
-        return Checkpoint(meta, pipeline.export(self._state))
+        return journal.checkpoint_of(journal.Contents(
+            self.name, self.config, self.non_finite_policy, self.training_mode, self._state, self._iterations,
+            self._version, self._dedup.to_json(), sorted(self._excluded)))
 
     def _count_accepted(self, staleness: int | None) -> None:
-        self._push_times.append(time.monotonic())
+        self._push_rate.accepted()
         self._metrics.pushes.labels(self.name, "accepted").inc()
         if staleness is not None:
             self._metrics.staleness.labels(self.name).observe(staleness)
@@ -384,7 +354,7 @@ class Optimizer:
         retries) does not count as dropped for it.
         """
         def dropped() -> bool:
-            return self._dropped_round == version and generation in (None, self._dropped_generation)
+            return self._round.was_dropped(version, generation)
 
         def ended() -> bool:
             return cancelled is not None and cancelled.is_set()
@@ -396,8 +366,8 @@ class Optimizer:
             raise Cancelled(f"{what}: the call ended (cancelled, or its client went away) while waiting for "
                             f"version {version}")
         if self._version < version and dropped():
-            raise type(self._dropped_error)(f"{what}: the round for version {version} was dropped: "
-                                            f"{self._dropped_error}")
+            error = self._round.dropped_error
+            raise type(error)(f"{what}: the round for version {version} was dropped: {error}")
         if not reached:
             raise DeadlineExceeded(f"{what}: optimizer {self.name!r} is at version {self._version}, "
                                    f"not yet {version}, after {timeout:.3g} s")
@@ -473,72 +443,48 @@ class Optimizer:
                       retain: Callable[[], Callable[[], None]] | None = None,
                       magnitudes: list[overflow.Magnitude] | None = None) -> PushResult:
         """Sync mode, under the lock: one worker's gradient joins the open round (which holds its memory)."""
-        if worker_id in self._round:
-            raise Aborted(f"worker_id: {worker_id!r} has pushed for version {self._version} already; "
-                          f"wait for version {self._version + 1}")
+        self._round.add(worker_id, seq, grads, self._version, retain, magnitudes)
         result = PushResult(self._version + 1, self._iterations)
-        if retain is not None:
-            self._round_holds.append(retain())
-        self._round[worker_id], self._round_seqs[worker_id] = grads, seq
-        self._round_magnitudes[worker_id] = magnitudes or []
         if seq is not None:
             self._dedup.record(worker_id, seq, result)
         if len(self._round) >= self.training_mode.num_workers:
             self._close_round()
-        elif self._round_timer is None:
-            self._round_timer = threading.Timer(self.training_mode.sync_timeout, self._close_round_on_timeout,
-                                                args=(self._version,))
-            self._round_timer.daemon = True
-            self._round_timer.start()
+        else:
+            self._round.start_timer(self.training_mode.sync_timeout, self._close_round_on_timeout, self._version)
         return result
 
     def _close_round(self) -> None:
         """Applies one step on the round's aggregate, under the lock."""
-        self._cancel_round_timer()
-        workers = [(w, s) for w, s in sorted(self._round_seqs.items()) if s is not None]
+        self._round.cancel_timer()
+        workers = self._round.sequenced()
         try:
-            combined = self._round_sum.combine(self._round)
-            combined.block_until_ready()  # the sum is done reading the gradients' buffers
-            self._apply(combined, workers, overflow.combined(list(self._round_magnitudes.values())))
+            combined, magnitudes = self._round.combine()
+            self._apply(combined, workers, magnitudes)
         except (ResourceExhausted, InvalidArgument) as err:
             # the log is full, or the aggregate step would make the state non-finite: every push of the
             # round is refused with that error, and retries start over
             for worker_id, seq in workers:
                 self._dedup.forget(worker_id, seq)
-            self._dropped_round, self._dropped_error = self._version + 1, err
-            self._dropped_generation = self._round_generation
+            self._round.drop(self._version + 1, err)
             raise
         finally:
-            self._round, self._round_seqs, self._round_magnitudes = {}, {}, {}
-            self._round_generation += 1
-            self._release_round()
+            self._round.close()
             self._version_changed.notify_all()
-
-    def _release_round(self) -> None:
-        """Gives back the memory of the gradients the round held (consumed, or dropped with the round)."""
-        holds, self._round_holds = self._round_holds, []
-        for release in holds:
-            release()
 
     def _close_round_on_timeout(self, round_version: int) -> None:
         with self._lock:
-            if self._deleted or self._version != round_version or not self._round:
+            if self._deleted or self._version != round_version or not len(self._round):
                 return
             log.warning("optimizer %r: sync round for version %d closed by timeout after %.3g s with %d of %d "
                         "gradients (workers %s)", self.name, round_version + 1, self.training_mode.sync_timeout,
-                        len(self._round), self.training_mode.num_workers, sorted(self._round))
+                        len(self._round), self.training_mode.num_workers, self._round.workers())
             self.rounds_closed_by_timeout += 1
             self._metrics.rounds_timed_out.labels(self.name).inc()
-            self._round_timer = None
+            self._round.timer_fired()
             try:
                 self._close_round()
             except (ResourceExhausted, InvalidArgument) as err:
                 log.error("optimizer %r: sync round for version %d dropped: %s", self.name, round_version + 1, err)
-
-    def _cancel_round_timer(self) -> None:
-        if self._round_timer is not None:
-            self._round_timer.cancel()
-            self._round_timer = None
 
     def _bump_version(self) -> None:
         self._version += 1
