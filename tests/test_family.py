@@ -137,3 +137,45 @@ def test_choosing_the_class_refuses_what_does_not_name_one(raw: dict, optimizer,
     with pytest.raises(InvalidArgument) as caught:
         parse_optimizer(raw, optimizer)
     assert str(caught.value).startswith(message), str(caught.value)
+
+
+RNG = np.random.default_rng(3)
+WHOLE = {"a": RNG.normal(size=(6, 4)).astype(np.float32), "b": RNG.normal(size=5).astype(np.float32)}
+GRADS = [{"a": RNG.normal(size=(6, 4)).astype(np.float32) * 3, "b": RNG.normal(size=5).astype(np.float32) * 3}
+         for _ in range(3)]
+
+
+def _split_run(config: dict, own: dict, grads: list[dict], extra=lambda k: None) -> dict:
+    """`own`'s tensors stepped alone on `grads`, with `extra(k)` the other shards' NormInputs at step k."""
+    parsed = parse_config(config)
+    state = pipeline.init(own, parsed)
+    step = pipeline.make_step(parsed, list(own))
+    for k, g in enumerate(grads):
+        state = step(state, {n: g[n] for n in own}, extra(k))
+    return {n: np.asarray(state.params[n]) for n in own}
+
+
+def test_norm_inputs_make_global_clipnorm_span_the_other_shards() -> None:
+    config = {"learning_rate": 0.1, "global_clipnorm": 1.0}
+    whole = _split_run(config, WHOLE, GRADS)
+    mine = {"a": WHOLE["a"]}
+    shard = _split_run(config, mine, GRADS, lambda k: pipeline.NormInputs(total=float(np.sum(GRADS[k]["b"] ** 2))))
+    np.testing.assert_allclose(shard["a"], whole["a"], rtol=2e-6, atol=1e-7)
+    zeros = _split_run(config, mine, GRADS, lambda k: pipeline.NormInputs())  # zeros: as without
+    np.testing.assert_array_equal(zeros["a"], _split_run(config, mine, GRADS)["a"])
+    assert not np.allclose(zeros["a"], whole["a"])
+
+
+def test_norm_inputs_make_clipnorm_span_a_tensor_split_by_rows() -> None:
+    config = {"learning_rate": 0.1, "clipnorm": 1.0}
+    whole = _split_run(config, WHOLE, GRADS)
+    rows = {"a": WHOLE["a"][:4], "b": WHOLE["b"]}
+    shard_grads = [{"a": g["a"][:4], "b": g["b"]} for g in GRADS]
+    others = lambda k: pipeline.NormInputs(per_tensor=np.array([np.sum(GRADS[k]["a"][4:] ** 2), 0.0], np.float32))  # noqa: E731
+    shard = _split_run(config, rows, shard_grads, others)
+    np.testing.assert_allclose(shard["a"], whole["a"][:4], rtol=2e-6, atol=1e-7)
+    np.testing.assert_allclose(shard["b"], whole["b"], rtol=2e-6, atol=1e-7)
+    parsed = parse_config(config)
+    with pytest.raises(InvalidArgument, match=r"norm_inputs.per_tensor: must have shape \(2,\)"):
+        pipeline.make_step(parsed, ["a", "b"])(pipeline.init(rows, parsed), {"b": GRADS[0]["b"]},
+                                                pipeline.NormInputs(per_tensor=np.zeros(3, np.float32)))

@@ -131,6 +131,16 @@ class FlatGrads(NamedTuple):
 RESERVED = ("params", "ema")  # names of `export`'s entries that are not slots
 
 
+class NormInputs(NamedTuple):
+    """Sums of squares of gradients that other shards hold, for clipping as if one optimizer held them all.
+
+    Zeros (or no `NormInputs`) mean this state holds every gradient: tf-keras's own clipping.
+    """
+
+    total: Array | float = 0.0  # float32 (): added to the global sum of squares before global_clipnorm
+    per_tensor: Array | None = None  # float32 (tensors,), layout order: added to each tensor's own before clipnorm
+
+
 def layout_of(state: OptimizerState) -> FlatLayout:
     """The layout every slot of `state` shares."""
     return state.params.layout
@@ -456,22 +466,30 @@ def _clip_norm(x: Array, c: Array, norm: Array) -> Array:
 
 
 def _clip(config: OptimizerConfig, segments: Segments, g: Array, squares: Callable[[], Array],
-          sparse: dict[str, SparseGrad]) -> tuple[Array, dict[str, SparseGrad]]:
+          sparse: dict[str, SparseGrad], others: NormInputs | None = None) -> tuple[Array, dict[str, SparseGrad]]:
     """tf-keras `_clip_gradients`: clipnorm (per tensor), else global_clipnorm, else clipvalue.
 
     `g` is the dense part, zero outside the dense tensors; `squares()` its
     sum of squares per tensor, (tensors,), and `squares(total=True)` their sum. Sparse gradients are clipped on
     their raw value rows, before duplicates are summed, as TF does on
-    `IndexedSlices`.
+    `IndexedSlices`. `others` adds the sums of squares of other shards' gradients to the norms.
     """
     if config.clipnorm is not None:
         c = f32_constant(config.clipnorm)
-        g = (segments.rows(g) * c / segments.column(jnp.maximum(jnp.sqrt(squares()), c))).reshape(-1)
-        return g, {name: s._replace(values=_clip_norm(s.values, c, jnp.sqrt(jnp.sum(s.values * s.values))))
-                   for name, s in sparse.items()}
+        extra = None if others is None else others.per_tensor
+        own = squares() if extra is None else squares() + extra
+        g = (segments.rows(g) * c / segments.column(jnp.maximum(jnp.sqrt(own), c))).reshape(-1)
+        index = {name: i for i, name in enumerate(segments.names)}
+
+        def sparse_norm(name: str, s: SparseGrad) -> Array:
+            total = jnp.sum(s.values * s.values)
+            return jnp.sqrt(total if extra is None else total + extra[index[name]])
+
+        return g, {name: s._replace(values=_clip_norm(s.values, c, sparse_norm(name, s))) for name, s in sparse.items()}
     if config.global_clipnorm is not None:  # tf.clip_by_global_norm; NaN for a non-finite norm
         c = f32_constant(config.global_clipnorm)
-        norm = jnp.sqrt(sum((jnp.sum(jnp.square(s.values)) for s in sparse.values()), squares(total=True)))
+        total = sum((jnp.sum(jnp.square(s.values)) for s in sparse.values()), squares(total=True))
+        norm = jnp.sqrt(total if others is None else total + others.total)
         scale = c * jnp.minimum(1 / norm, 1 / c) + (norm - norm)
         return g * scale, {name: s._replace(values=s.values * scale) for name, s in sparse.items()}
     if config.clipvalue is not None:
@@ -546,13 +564,14 @@ def _check_grads(known: frozenset[str], layout: FlatLayout, grads: FlatGrads) ->
 
 
 def _apply(config: OptimizerConfig, decayed: frozenset[str], state: OptimizerState, dense: Array | None,
-           sparse: dict[str, SparseGrad], blocks: _Blocks, present: frozenset[str] | None) -> OptimizerState:
+           sparse: dict[str, SparseGrad], blocks: _Blocks, present: frozenset[str] | None,
+           others: NormInputs | None = None) -> OptimizerState:
     """One tf-keras `apply_gradients` call (spec/keras-adam.md §2.1, with §1 and §3), over flat buffers.
 
     With k = state.iterations:
       1. lr = schedule(k), or the float32 constant;
       2. clip: clipnorm per tensor, else global_clipnorm, else clipvalue
-         (sparse: on the raw value rows);
+         (sparse: on the raw value rows); `others` adds other shards' sums of squares;
       3. sum duplicate sparse rows into their segment of the dense gradient;
       4. weight decay for the tensors in `decayed`: theta -= theta * wd * lr;
       5. the class's `update_step` (its `Core.update`), with t = k + 1;
@@ -577,7 +596,8 @@ def _apply(config: OptimizerConfig, decayed: frozenset[str], state: OptimizerSta
     else:
         g = segments.where_rows(inside & is_dense, dense.astype(jnp.float32), 0)
     sparse = {name: s._replace(values=s.values.astype(jnp.float32)) for name, s in sparse.items()}
-    g, sparse = _clip(config, segments, g, functools.partial(_dense_squares, segments, dense, is_dense), sparse)
+    g, sparse = _clip(config, segments, g, functools.partial(_dense_squares, segments, dense, is_dense), sparse,
+                      others)
     touched: Array | bool = True
     if sparse:
         g, rows = _scatter_sparse(layout, segments.where(is_dense, g, 0), sparse)
@@ -642,8 +662,9 @@ class _Step:
         self._checked = checked
 
         def run(state: OptimizerState, dense: Array | None, sparse: dict[str, SparseGrad], blocks: _Blocks,
-                present: frozenset[str] | None) -> OptimizerState | tuple[OptimizerState, Array]:
-            new = _apply(config, decayed, state, dense, sparse, blocks, present)
+                others: NormInputs | None, present: frozenset[str] | None,
+                ) -> OptimizerState | tuple[OptimizerState, Array]:
+            new = _apply(config, decayed, state, dense, sparse, blocks, present, others)
             if not checked:
                 return new
             return new, _finite_per_tensor(Segments(layout_of(state), blocks), new)
@@ -653,7 +674,8 @@ class _Step:
         self._run = run
         self._tables: tuple[FlatLayout, _Blocks] | None = None
 
-    def __call__(self, state: OptimizerState, grads: Mapping[str, Grad] | FlatGrads):
+    def __call__(self, state: OptimizerState, grads: Mapping[str, Grad] | FlatGrads,
+                 norm_inputs: NormInputs | None = None):
         layout = layout_of(state)
         if not isinstance(grads, FlatGrads):
             for name in grads:
@@ -663,7 +685,9 @@ class _Step:
         _check_grads(self._known, layout, grads)
         if self._tables is None or self._tables[0] != layout:
             self._tables = layout, _block_tables(layout)
-        return self._run(state, grads.dense, dict(grads.sparse), self._tables[1], present=grads.present)
+        if norm_inputs is not None:
+            norm_inputs = _checked_norm_inputs(norm_inputs, len(layout.shapes))
+        return self._run(state, grads.dense, dict(grads.sparse), self._tables[1], norm_inputs, present=grads.present)
 
     def _cache_size(self) -> int:
         """Compiled variants so far (jitted only): one per layout, set of sparse tensors, dtype and bucket."""
@@ -697,12 +721,14 @@ def make_step(config: OptimizerConfig, names: Sequence[str], decayed: Collection
         `optserve.server.patterns` computed with a time bound).
 
     Returns:
-      `step(state, grads)`, where `grads` is `FlatGrads` in the state's
-      layout, or maps some or all of `names` to a dense gradient (any float
-      dtype, cast to float32; copied into one flat buffer unless already
-      laid out) or a `SparseGrad`. It raises `InvalidArgument` for an
-      unknown name, a wrong shape or a non-float dtype, before touching the
-      state.
+      `step(state, grads, norm_inputs=None)`, where `grads` is `FlatGrads` in
+      the state's layout, or maps some or all of `names` to a dense gradient
+      (any float dtype, cast to float32; copied into one flat buffer unless
+      already laid out) or a `SparseGrad`; `norm_inputs` (a `NormInputs`)
+      adds the sums of squares of gradients that other shards hold to the
+      global norm and to each tensor's own before clipping. It raises
+      `InvalidArgument` for an unknown name, a wrong shape or a non-float
+      dtype, before touching the state.
     """
     return _Step(config, names, decayed, checked=False)
 
@@ -718,6 +744,16 @@ def make_checked_step(config: OptimizerConfig, names: Sequence[str], decayed: Co
     second copy of the state during the step and no in-place update.
     """
     return _Step(config, names, decayed, checked=True)
+
+
+def _checked_norm_inputs(norm_inputs: NormInputs, tensors: int) -> NormInputs:
+    """`norm_inputs` as float32 device values; InvalidArgument for a per-tensor vector of the wrong length."""
+    per_tensor = norm_inputs.per_tensor
+    if per_tensor is not None:
+        per_tensor = jnp.asarray(per_tensor, jnp.float32)
+        if per_tensor.shape != (tensors,):
+            raise InvalidArgument(f"norm_inputs.per_tensor: must have shape ({tensors},), got {per_tensor.shape}")
+    return NormInputs(jnp.asarray(norm_inputs.total, jnp.float32), per_tensor)
 
 
 def _decayed(config: OptimizerConfig, names: Sequence[str], decayed: Collection[str] | None) -> frozenset[str]:
