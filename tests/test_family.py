@@ -179,3 +179,24 @@ def test_norm_inputs_make_clipnorm_span_a_tensor_split_by_rows() -> None:
     with pytest.raises(InvalidArgument, match=r"norm_inputs.per_tensor: must have shape \(2,\)"):
         pipeline.make_step(parsed, ["a", "b"])(pipeline.init(rows, parsed), {"b": GRADS[0]["b"]},
                                                 pipeline.NormInputs(per_tensor=np.zeros(3, np.float32)))
+
+
+@pytest.mark.parametrize("class_name", list(CONFIG_CLASSES))
+def test_a_tensor_without_gradient_is_left_as_tf_keras_leaves_it_in_every_class(class_name: str) -> None:
+    """The present tensors step as an optimizer of them alone would; the absent one moves by no bit."""
+    config = parse_config({"use_ema": True, "ema_overwrite_frequency": 2}, class_name)
+    params = {"a": WHOLE["a"], "b": WHOLE["b"], "e": np.ones((4, 3), np.float32)}
+    step = pipeline.make_step(config, list(params))
+    state = step(pipeline.init(params, config), {**GRADS[0], "e": np.full((4, 3), 0.5, np.float32)})
+    before = pipeline.export(state)
+    sub = pipeline.restore(1, {slot: {n: v for n, v in tensors.items() if n != "b"} for slot, tensors in before.items()},
+                           pipeline.export_scalars(state))
+    partial = {"a": GRADS[1]["a"], "e": pipeline.sparse_grad(np.array([0, 2, 2]), np.ones((3, 3), np.float32))}
+    after = pipeline.export(step(state, partial))
+    want = pipeline.export(pipeline.make_step(config, ["a", "e"])(sub, partial))
+    for slot in after:
+        if "b" in before[slot]:
+            np.testing.assert_array_equal(after[slot]["b"], before[slot]["b"], err_msg=f"{slot}/b moved")
+        for name in want[slot]:
+            np.testing.assert_allclose(after[slot][name], want[slot][name], rtol=1e-6, atol=1e-7,
+                                       err_msg=f"{slot}/{name}")
