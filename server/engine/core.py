@@ -38,7 +38,7 @@ class Context(NamedTuple):
     k: Array  # int32 (): iterations before this step; Keras's local_step is k + 1
     g: Array  # float32 (size,): clipped gradient, sparse rows summed in place, 0 elsewhere and in padding
     is_sparse: Array | bool  # where the tensors whose gradient is sparse lie ((blocks, 1) or a Python bool)
-    touched: Array | bool  # float32-layout bool (size,): elements a gradient reaches (a sparse one: its rows)
+    touched: Array | bool  # bool (size,), or True: elements a gradient reaches (a sparse one: its rows only)
     present: frozenset[str]  # the tensors that have a gradient this step
 
 
