@@ -28,6 +28,7 @@ from optserve.v1 import optserve_pb2 as pb
 from optserve.v1 import optserve_pb2_grpc as pb_grpc
 
 _NON_FINITE = {"refuse": pb.NON_FINITE_POLICY_REFUSE, "apply": pb.NON_FINITE_POLICY_APPLY}
+_MISSING = {"refuse": pb.MISSING_GRADIENTS_REFUSE, "skip": pb.MISSING_GRADIENTS_SKIP}
 _SLOTS = {"m": pb.STATE_KIND_FIRST_MOMENT, "v": pb.STATE_KIND_SECOND_MOMENT, "vhat": pb.STATE_KIND_VHAT}
 _MODES = {"async": pb.MODE_ASYNC, "sync": pb.MODE_SYNC}
 _AGGREGATIONS = {"mean": pb.AGGREGATION_MEAN, "sum": pb.AGGREGATION_SUM}
@@ -81,7 +82,7 @@ class OptimizerInfo:
     name: str
     iterations: int
     version: int
-    config: dict[str, Any]  # Keras Adam arguments, defaults filled in
+    config: dict[str, Any]  # the class's Keras arguments, defaults filled in
     tensors: dict[str, tuple[tuple[int, ...], str]]  # name -> (shape, dtype)
     device: str
     non_finite_policy: str
@@ -94,6 +95,8 @@ class OptimizerInfo:
     # connections that moved its tensors recently, most recent first: peer, transport ("grpc",
     # "shared_memory" or "bulk"), bytes_received, bytes_sent, last_seen_age (seconds)
     clients: tuple[dict[str, Any], ...] = ()
+    optimizer: str = "Adam"  # the tf-keras class, e.g. "RMSprop"
+    slots: tuple[str, ...] = ()  # the class's slots by tf-keras name, for `pull_slot`
 
     @classmethod
     def from_wire(cls, info: pb.OptimizerInfo) -> "OptimizerInfo":
@@ -123,6 +126,8 @@ class OptimizerInfo:
             clients=tuple({"peer": c.peer, "transport": c.transport, "bytes_received": c.bytes_received,
                            "bytes_sent": c.bytes_sent, "last_seen_age": c.last_seen_age_seconds}
                           for c in info.clients),
+            optimizer=info.optimizer or "Adam",  # a server from before the family serves Adam only
+            slots=tuple(info.slots),
         )
 
 
@@ -179,11 +184,17 @@ class Client:
         self, name: str, params: Mapping[str, Any], config: Mapping[str, Any] | None = None, *,
         mode: str = "async", num_workers: int = 1, backup_workers: int = 0, aggregation: str = "mean",
         sync_timeout: float = 60.0, max_staleness: int | None = None, non_finite_policy: str = "refuse",
+        optimizer: str | None = None,
     ) -> "Optimizer":
-        """Creates an optimizer from initial weights and Keras Adam arguments.
+        """Creates an optimizer from initial weights and a tf-keras optimizer's arguments.
 
-        `params` maps tensor names to arrays (cast to float32); `config` takes
-        any tf-keras `Adam` keyword argument, or an `Adam.get_config()` dict.
+        `params` maps tensor names to arrays (cast to float32). `optimizer` is
+        the tf-keras class ("SGD", "RMSprop", "Adagrad", "Adadelta", "Adam",
+        "AdamW", "Adamax", "Nadam", "Ftrl", "Lion", "Adafactor"; default
+        "Adam"); `config` takes its keyword arguments, its `get_config()`
+        dict, or the optimizer as `tf_keras.optimizers.serialize(opt)` (or
+        Keras 3's `keras.optimizers.serialize`) writes it, which names its
+        class itself (then `optimizer` may be left out).
         `mode` "async" applies every push as one step (`max_staleness` bounds
         how many versions behind its `base_version` may be); "sync" applies one
         step per round of `num_workers` gradients (of `num_workers +
@@ -202,6 +213,7 @@ class Client:
             config_json=json.dumps(dict(config or {})),
             tensors=[pb.TensorSpec(name=k, dtype=pb.DATA_TYPE_FLOAT32, shape=a.shape) for k, a in arrays.items()],
             non_finite_policy=_NON_FINITE[non_finite_policy],
+            optimizer=optimizer or "",
             training_mode=pb.TrainingMode(
                 mode=_MODES[mode], num_workers=num_workers, backup_workers=backup_workers,
                 aggregation=_AGGREGATIONS[aggregation], sync_timeout_seconds=sync_timeout,
@@ -318,8 +330,8 @@ class Optimizer:
         self.name = name
 
     def push(self, grads: Mapping[str, Any], *, worker_id: str = "", seq: int | None = None,
-             base_version: int | None = None, wire_dtype: str | None = None) -> PushResult:
-        """Sends one gradient for every tensor; returns the version that includes it.
+             base_version: int | None = None, wire_dtype: str | None = None, missing: str = "refuse") -> PushResult:
+        """Sends one gradient for every tensor (or some, with `missing="skip"`); returns the version that includes it.
 
         `grads` holds, per tensor, an array of the tensor's shape or a sparse
         gradient: an `IndexedSlices` of this module or TensorFlow's `tf.IndexedSlices`
@@ -333,8 +345,14 @@ class Optimizer:
         applied again. `base_version` is the version the gradient was computed
         from (required in sync mode and with max_staleness). The answer comes
         once the step is applied (sync: when the round closes) and, on a server
-        with a write-ahead log, durable.
+        with a write-ahead log, durable. `missing="skip"` lets `grads` leave
+        tensors out: as tf-keras does for a variable whose gradient is None,
+        the step leaves them exactly as they are (weights, slots, EMA), while
+        it still counts as one step; "refuse" (the default) makes the server
+        refuse such a push.
         """
+        if missing not in _MISSING:
+            raise InvalidArgumentError(f"missing: must be one of {sorted(_MISSING)}, got {missing!r}")
         if wire_dtype not in (None, "float32", "float16", "bfloat16"):
             raise InvalidArgumentError(f"wire_dtype: must be float32, float16 or bfloat16, got {wire_dtype!r}")
         specs, arrays = [], []
@@ -354,7 +372,7 @@ class Optimizer:
                                          index_dtype=_data_type(indices.dtype, f"gradients[{name!r}].indices")))
             arrays += [indices, values]
         header = pb.PushHeader(optimizer=self.name, gradients=specs, worker_id=worker_id, seq=seq,
-                               base_version=base_version)
+                               base_version=base_version, missing=_MISSING[missing])
         retry = _PUSH_RETRY if worker_id and seq is not None else frozenset()
         return PushResult.from_wire(self.client._send_push(header, arrays, retry))
 
@@ -394,16 +412,27 @@ class Optimizer:
         return views
 
     def pull_slot(self, slot: str, names: Iterable[str] = ()) -> Weights:
-        """Adam's state: slot "m" (first moment), "v" (second) or "vhat" (AMSGrad max)."""
-        if slot not in _SLOTS:
-            raise InvalidArgumentError(f"slot: must be one of {sorted(_SLOTS)}, got {slot!r}")
-        return self._pull(_SLOTS[slot], names)
+        """One slot of the optimizer's class by its tf-keras name (`info().slots`).
+
+        Adam: "m" (first moment), "v" (second) or "vhat" (AMSGrad max); SGD "m";
+        RMSprop "velocity", "momentum", "average_gradient"; Adagrad
+        "accumulator"; Adadelta "accumulated_grad", "accumulated_delta_var";
+        Adamax "m", "u"; Nadam "m", "v"; Ftrl "accumulator", "linear"; Lion
+        "m"; Adafactor "r", "c" (tensors of rank >= 2 only), "v".
+        FAILED_PRECONDITION for a slot the class does not keep.
+        """
+        if not isinstance(slot, str) or not slot or slot in ("weights", "ema"):
+            raise InvalidArgumentError(f"slot: must be a slot's tf-keras name, got {slot!r}")
+        if slot in _SLOTS:  # Adam's own kinds, which every server understands
+            return self._pull(_SLOTS[slot], names)
+        return self._pull(pb.STATE_KIND_UNSPECIFIED, names, slot=slot)
 
     def _pull(self, kind: int, names: Iterable[str], min_version: int | None = None,
-              timeout: float | None = None, into: Weights | None = None, copy: bool = True) -> Weights:
+              timeout: float | None = None, into: Weights | None = None, copy: bool = True, slot: str = "") -> Weights:
         if into is not None and getattr(into, "_buffer", None) is None:
             raise InvalidArgumentError("into: must be the Weights returned by an earlier pull (with copy=True)")
-        request = pb.PullWeightsRequest(optimizer=self.name, kind=kind, names=list(names), min_version=min_version)
+        request = pb.PullWeightsRequest(optimizer=self.name, kind=kind, names=list(names), min_version=min_version,
+                                        slot=slot)
         return self.client._fetch_pull(request, into, timeout, copy)
 
     def info(self) -> OptimizerInfo:

@@ -59,6 +59,7 @@ class CreateRequest:
     params: dict[str, np.ndarray]
     non_finite_policy: str  # "refuse" or "apply"
     training_mode: TrainingMode
+    optimizer: str = ""  # the tf-keras class; "" means the serialized config's, else Adam
 
 
 def validate_name(name: str, field: str = "name") -> str:
@@ -104,7 +105,8 @@ def decode_create(requests: Iterator[pb.CreateOptimizerRequest], max_bytes: int,
     params = {tensor_name: array for (tensor_name, _, _), array in zip(layout, arrays)}
     if header.non_finite_policy not in NON_FINITE_POLICIES:
         raise InvalidArgument(f"non_finite_policy: unknown value {header.non_finite_policy}")
-    return CreateRequest(name, config, params, NON_FINITE_POLICIES[header.non_finite_policy], training_mode)
+    return CreateRequest(name, config, params, NON_FINITE_POLICIES[header.non_finite_policy], training_mode,
+                         header.optimizer)
 
 
 def decode_training_mode(wire: pb.TrainingMode) -> TrainingMode:
@@ -136,10 +138,21 @@ def training_mode_to_wire(mode: TrainingMode) -> pb.TrainingMode:
 
 
 def decode_state_kind(kind: int) -> str:
-    """The domain name of a pull's StateKind (see optimizer.STATE_KINDS)."""
+    """The domain name of a pull's StateKind: "weights", "ema" or a slot name (see `Optimizer.pull`)."""
     if kind not in STATE_KINDS:
         raise InvalidArgument(f"kind: unknown state kind {kind}")
     return STATE_KINDS[kind]
+
+
+def decode_pull_kind(request: pb.PullWeightsRequest) -> str:
+    """What a pull reads: its `slot` by tf-keras name, else its `kind`."""
+    if not request.slot:
+        return decode_state_kind(request.kind)
+    if request.kind != pb.STATE_KIND_UNSPECIFIED:
+        raise InvalidArgument("slot: set either slot or kind, not both")
+    if request.slot in ("weights", "ema"):
+        raise InvalidArgument(f"slot: {request.slot!r} is not a slot; use kind WEIGHTS or EMA")
+    return request.slot
 
 
 def info_to_wire(info: "OptimizerInfo", clients: Sequence["ClientTraffic"] = ()) -> pb.OptimizerInfo:
@@ -150,6 +163,8 @@ def info_to_wire(info: "OptimizerInfo", clients: Sequence["ClientTraffic"] = ())
         iterations=info.iterations,
         version=info.version,
         config_json=json.dumps(info.config),
+        optimizer=info.optimizer,
+        slots=info.slots,
         tensors=[pb.TensorSpec(name=n, dtype=pb.DATA_TYPE_FLOAT32, shape=s) for n, s in info.shapes.items()],
         device=info.device,
         non_finite_policy=_POLICY_TO_WIRE[info.non_finite_policy],
@@ -219,10 +234,23 @@ def check_segment_push(header: pb.PushHeader, shapes: Mapping[str, tuple[int, ..
         _gradient_layout(spec, shapes[spec.name])  # the shape, checked as for a push in the stream
 
 
+_MISSING_FROM_WIRE = {pb.MISSING_GRADIENTS_UNSPECIFIED: "refuse", pb.MISSING_GRADIENTS_REFUSE: "refuse",
+                      pb.MISSING_GRADIENTS_SKIP: "skip"}
+
+
+def missing_policy(header: pb.PushHeader) -> str:
+    """What the push does with the tensors it has no gradient for: "refuse" or "skip"."""
+    if header.missing not in _MISSING_FROM_WIRE:
+        raise InvalidArgument(f"missing: unknown value {header.missing}; use REFUSE or SKIP")
+    return _MISSING_FROM_WIRE[header.missing]
+
+
 def _check_gradient_names(header: pb.PushHeader, shapes: Mapping[str, tuple[int, ...]]) -> None:
-    """A push names every tensor of the optimizer once, and nothing else."""
+    """A push names each tensor of the optimizer at most once, and nothing else: every one, unless `missing` is SKIP."""
+    skip = missing_policy(header) == "skip"
     if not header.gradients:
-        raise InvalidArgument("gradients: empty push; send one gradient for every tensor")
+        raise InvalidArgument("gradients: empty push; send a gradient for at least one tensor" if skip
+                              else "gradients: empty push; send one gradient for every tensor")
     for index, spec in enumerate(header.gradients):  # no tensor has such a name
         _refuse_long_name(spec.name, f"gradients[{index}].name")
     names = [spec.name for spec in header.gradients]
@@ -231,8 +259,9 @@ def _check_gradient_names(header: pb.PushHeader, shapes: Mapping[str, tuple[int,
         if name not in shapes:
             raise NotFound(f"gradients[{name!r}]: optimizer {header.optimizer!r} has no tensor {name!r}")
     missing = [name for name in shapes if name not in set(names)]
-    if missing:
-        raise InvalidArgument(f"gradients: missing {missing}; every push carries a gradient for every tensor")
+    if missing and not skip:
+        raise InvalidArgument(f"gradients: missing {missing}; every push carries a gradient for every tensor "
+                              "(or sets missing SKIP to leave those tensors as they are)")
 
 
 def segment_to_wire(segment: "Segment") -> pb.SharedMemorySegment:

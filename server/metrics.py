@@ -26,7 +26,7 @@ class Metrics:
         self.enabled = enabled
         self.registry = prom.CollectorRegistry()
         label = ["optimizer"]
-        self.steps = prom.Counter("optserve_steps", "Adam steps applied", label, registry=self.registry)
+        self.steps = prom.Counter("optserve_steps", "steps applied", label, registry=self.registry)
         self.pushes = prom.Counter("optserve_pushes", "pushes accepted; outcome is accepted (new) or duplicate (a retry answered)",
                                    [*label, "outcome"], registry=self.registry)
         self.refused = prom.Counter("optserve_pushes_refused", "pushes refused, by reason (the status code)",
