@@ -61,6 +61,8 @@ SERVE_FLAGS: dict[str, tuple[Any, str]] = {  # field -> (type, or a tuple of cho
     "token_file": (str, "bearer tokens, one per line (# comments); every call but health and reflection must "
                         "send 'authorization: Bearer <token>'"),
     "insecure": (bool, "allow plaintext on a non-loopback --host"),
+    "devices": (str, "local devices (accelerators, or CPU devices) each optimizer's state is sharded over: a "
+                     "count, or 'all'; large tensors are split across them, small ones placed whole"),
 }
 SERVE_EPILOG = """Every flag can also be set by an environment variable OPTSERVE_<FLAG> (e.g. OPTSERVE_PORT=50051,
 OPTSERVE_INSECURE=true) or by a key in the TOML file of --config (e.g. port = 50051 or [serve] port = 50051).
@@ -186,6 +188,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         from optserve.server.admission import LimitsConfigError
         from optserve.server.app import serve
+        from optserve.server.engine.devices import DevicesConfigError
         from optserve.server.logs import configure
         from optserve.server.security import SecurityConfigError
     except ImportError as err:
@@ -194,7 +197,7 @@ def _serve(args: argparse.Namespace) -> int:
     configure(options.log_level, options.log_format)
     try:
         return serve(options)
-    except (SecurityConfigError, LimitsConfigError) as err:
+    except (SecurityConfigError, LimitsConfigError, DevicesConfigError) as err:
         print(f"optserve serve: {err}", file=sys.stderr)
         return 2
 

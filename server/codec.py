@@ -161,6 +161,10 @@ def info_to_wire(info: "OptimizerInfo", clients: Sequence["ClientTraffic"] = ())
         last_push_age_seconds=info.last_push_age,
         clients=[pb.ClientTraffic(peer=c.peer, transport=c.transport, bytes_received=c.bytes_received,
                                   bytes_sent=c.bytes_sent, last_seen_age_seconds=now - c.last_seen) for c in clients],
+        placement=pb.StatePlacement(
+            flat_size=info.flat_size, tensor_offsets=info.tensor_offsets,
+            slots=[pb.SlotPlacement(slot=kind, shards=[pb.StateShard(device=d, start=a, stop=b) for d, a, b in spans])
+                   for kind, spans in (info.shards or {}).items()]),
     )
 
 

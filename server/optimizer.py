@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from optserve.server import overflow, patterns
-from optserve.server.engine import adam
+from optserve.server.engine import adam, devices
 from optserve.server.engine.config import AdamConfig, parse_config
 from optserve.server.errors import (
     Aborted,
@@ -62,6 +62,9 @@ class OptimizerInfo:
     saved_version: int  # version of the newest checkpoint; -1 without a data dir
     pushes_per_second: float  # accepted pushes over the last RATE_WINDOW seconds
     last_push_age: float | None  # seconds since the last accepted push; None before the first
+    flat_size: int = 0  # elements of each slot's flat buffer, padding included
+    tensor_offsets: tuple[int, ...] = ()  # each tensor's first element in it, in creation order
+    shards: dict[str, list[tuple[str, int, int]]] | None = None  # pull kind -> (device, start, stop) per shard
 
 
 class Optimizer:
@@ -206,7 +209,7 @@ class Optimizer:
             return [(name, np.array(views[name])) for name in names]
         sizes = [4 * self.layout.sizes[name] for name in names]
         buffer = into(padded_bytes(sizes))
-        if names == list(self.shapes):
+        if names == list(self.shapes) and self.layout.packed:
             flat = buffer[:self.layout.nbytes].view(np.float32)
             np.copyto(flat, source)
             return list(self.layout.views(flat).items())
@@ -257,7 +260,8 @@ class Optimizer:
         """The optimizer's metadata as of now."""
         with self._lock:
             version, iterations, pending = self._version, self._iterations, len(self._round)
-            device = self._state.params.flat.devices().pop()
+            shards = {kind: devices.shards(getattr(self._state, slot).flat) for kind, slot in STATE_KINDS.items()
+                      if getattr(self._state, slot) is not None}
             now = time.monotonic()
             recent = sum(1 for t in self._push_times if now - t <= RATE_WINDOW)
             last_push_age = now - self._push_times[-1] if self._push_times else None
@@ -267,7 +271,7 @@ class Optimizer:
             version=version,
             config=self.config.to_keras_dict(),
             shapes=dict(self.shapes),
-            device=f"{device.platform}:{device.id}",
+            device=",".join(sorted({device for device, _, _ in shards["weights"]}, key=_device_order)),
             non_finite_policy=self.non_finite_policy,
             next_learning_rate=adam.learning_rate_at(self.config, iterations),
             training_mode=self.training_mode,
@@ -275,6 +279,9 @@ class Optimizer:
             saved_version=self.saved_version,
             pushes_per_second=recent / RATE_WINDOW,
             last_push_age=last_push_age,
+            flat_size=self.layout.size,
+            tensor_offsets=tuple(self.layout.offsets.values()),
+            shards=shards,
         )
 
     def close(self, delete_files: bool = False) -> None:
@@ -293,14 +300,19 @@ class Optimizer:
 
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: Checkpoint, store: OptimizerStore, **hooks: Any) -> "Optimizer":
-        """The optimizer a checkpoint describes; its later log records are replayed with `replay`."""
+    def from_checkpoint(cls, checkpoint: Checkpoint, store: OptimizerStore,
+                        placement: devices.Placement | None = None, **hooks: Any) -> "Optimizer":
+        """The optimizer a checkpoint describes; its later log records are replayed with `replay`.
+
+        `placement` spreads the state over a server's devices (None: jax's default device).
+        """
         meta = checkpoint.meta
         slots = {slot: {name: tensors[name] for name in meta["names"] if name in tensors}  # in creation order
                  for slot, tensors in checkpoint.slots.items()}
         try:
             optimizer = cls(meta["name"], parse_config(meta["config"]), meta["non_finite_policy"],
-                            TrainingMode(**meta["training_mode"]), adam.restore(meta["iterations"], slots),
+                            TrainingMode(**meta["training_mode"]),
+                            adam.restore(meta["iterations"], slots, devices.layout_for(placement, slots["params"])),
                             meta["version"], store, excluded_from_decay=meta.get("excluded_from_weight_decay"),
                             **hooks)
         except InvalidArgument as err:  # a checkpoint without the matched names, whose pattern now runs out of time
@@ -538,6 +550,11 @@ def _excluded_from_decay(config: AdamConfig, names: list[str], known: Collection
     if known is not None:
         return frozenset(known) & frozenset(names)
     return patterns.excluded_names(config.exclude_from_weight_decay, names)
+
+
+def _device_order(device: str) -> tuple[str, int]:
+    platform, _, index = device.partition(":")
+    return platform, int(index or 0)
 
 
 def _to_device(grad: Gradient | jax.Array) -> np.ndarray | jax.Array | adam.SparseGrad:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from optserve.server import overflow
-from optserve.server.engine import adam
+from optserve.server.engine import adam, devices
 from optserve.server.engine.config import parse_config
 from optserve.server.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from optserve.server.metrics import Metrics
@@ -42,8 +42,9 @@ class Registry:
     """The named optimizers of one server, and their persistence when it has a data dir."""
 
     def __init__(self, persistence: Persistence | None = None, max_optimizers: int = 1000,
-                 metrics: Metrics | None = None):
+                 metrics: Metrics | None = None, placement: devices.Placement | None = None):
         self.persistence = persistence
+        self.placement = placement  # the local devices every optimizer's state is spread over; None: one
         self.max_optimizers = max_optimizers
         self.metrics = metrics or Metrics()
         self._lock = threading.Lock()
@@ -77,9 +78,9 @@ class Registry:
             store = None
             if self.persistence is not None:
                 store = OptimizerStore(self.persistence.data_dir / name, self.persistence.durability)
-            optimizer = Optimizer(name, adam_config, non_finite_policy, training_mode,
-                                  adam.init(params, adam_config), store=store, on_step=self._note_step,
-                                  metrics=self.metrics)
+            state = adam.init(params, adam_config, devices.layout_for(self.placement, params))
+            optimizer = Optimizer(name, adam_config, non_finite_policy, training_mode, state, store=store,
+                                  on_step=self._note_step, metrics=self.metrics)
             if store is not None:
                 store.create(optimizer.checkpoint())  # on failure it removes only what it made
             with self._lock:
@@ -142,7 +143,8 @@ class Registry:
             return
         for store in list_stores(self.persistence.data_dir, self.persistence.durability):
             checkpoint, records, lost = store.load(self.persistence.accept_log_loss)
-            optimizer = Optimizer.from_checkpoint(checkpoint, store, on_step=self._note_step, metrics=self.metrics)
+            optimizer = Optimizer.from_checkpoint(checkpoint, store, self.placement, on_step=self._note_step,
+                                                  metrics=self.metrics)
             for record in records:
                 optimizer.replay(record)
             store.start_log(optimizer.version)

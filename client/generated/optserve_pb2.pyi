@@ -107,7 +107,7 @@ class TrainingMode(_message.Message):
     def __init__(self, mode: _Optional[_Union[Mode, str]] = ..., num_workers: _Optional[int] = ..., backup_workers: _Optional[int] = ..., aggregation: _Optional[_Union[Aggregation, str]] = ..., sync_timeout_seconds: _Optional[float] = ..., max_staleness: _Optional[int] = ...) -> None: ...
 
 class OptimizerInfo(_message.Message):
-    __slots__ = ("name", "iterations", "version", "config_json", "tensors", "device", "non_finite_policy", "next_learning_rate", "training_mode", "pending_gradients", "saved_version", "pushes_per_second", "last_push_age_seconds", "clients")
+    __slots__ = ("name", "iterations", "version", "config_json", "tensors", "device", "non_finite_policy", "next_learning_rate", "training_mode", "pending_gradients", "saved_version", "pushes_per_second", "last_push_age_seconds", "clients", "placement")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ITERATIONS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -122,6 +122,7 @@ class OptimizerInfo(_message.Message):
     PUSHES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     LAST_PUSH_AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     CLIENTS_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_FIELD_NUMBER: _ClassVar[int]
     name: str
     iterations: int
     version: int
@@ -136,7 +137,8 @@ class OptimizerInfo(_message.Message):
     pushes_per_second: float
     last_push_age_seconds: float
     clients: _containers.RepeatedCompositeFieldContainer[ClientTraffic]
-    def __init__(self, name: _Optional[str] = ..., iterations: _Optional[int] = ..., version: _Optional[int] = ..., config_json: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., device: _Optional[str] = ..., non_finite_policy: _Optional[_Union[NonFinitePolicy, str]] = ..., next_learning_rate: _Optional[float] = ..., training_mode: _Optional[_Union[TrainingMode, _Mapping]] = ..., pending_gradients: _Optional[int] = ..., saved_version: _Optional[int] = ..., pushes_per_second: _Optional[float] = ..., last_push_age_seconds: _Optional[float] = ..., clients: _Optional[_Iterable[_Union[ClientTraffic, _Mapping]]] = ...) -> None: ...
+    placement: StatePlacement
+    def __init__(self, name: _Optional[str] = ..., iterations: _Optional[int] = ..., version: _Optional[int] = ..., config_json: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., device: _Optional[str] = ..., non_finite_policy: _Optional[_Union[NonFinitePolicy, str]] = ..., next_learning_rate: _Optional[float] = ..., training_mode: _Optional[_Union[TrainingMode, _Mapping]] = ..., pending_gradients: _Optional[int] = ..., saved_version: _Optional[int] = ..., pushes_per_second: _Optional[float] = ..., last_push_age_seconds: _Optional[float] = ..., clients: _Optional[_Iterable[_Union[ClientTraffic, _Mapping]]] = ..., placement: _Optional[_Union[StatePlacement, _Mapping]] = ...) -> None: ...
 
 class ClientTraffic(_message.Message):
     __slots__ = ("peer", "transport", "bytes_received", "bytes_sent", "last_seen_age_seconds")
@@ -347,3 +349,31 @@ class BulkChannel(_message.Message):
     port: int
     tls: bool
     def __init__(self, channel: _Optional[str] = ..., ticket: _Optional[bytes] = ..., port: _Optional[int] = ..., tls: _Optional[bool] = ...) -> None: ...
+
+class StatePlacement(_message.Message):
+    __slots__ = ("flat_size", "tensor_offsets", "slots")
+    FLAT_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    flat_size: int
+    tensor_offsets: _containers.RepeatedScalarFieldContainer[int]
+    slots: _containers.RepeatedCompositeFieldContainer[SlotPlacement]
+    def __init__(self, flat_size: _Optional[int] = ..., tensor_offsets: _Optional[_Iterable[int]] = ..., slots: _Optional[_Iterable[_Union[SlotPlacement, _Mapping]]] = ...) -> None: ...
+
+class SlotPlacement(_message.Message):
+    __slots__ = ("slot", "shards")
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    slot: str
+    shards: _containers.RepeatedCompositeFieldContainer[StateShard]
+    def __init__(self, slot: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[StateShard, _Mapping]]] = ...) -> None: ...
+
+class StateShard(_message.Message):
+    __slots__ = ("device", "start", "stop")
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    device: str
+    start: int
+    stop: int
+    def __init__(self, device: _Optional[str] = ..., start: _Optional[int] = ..., stop: _Optional[int] = ...) -> None: ...

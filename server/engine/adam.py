@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-from optserve.server.engine import schedules
+from optserve.server.engine import devices, schedules
 from optserve.server.engine.config import AdamConfig
 from optserve.server.engine.schedules import f32_constant
 from optserve.server.errors import InvalidArgument
@@ -162,27 +162,34 @@ def _host_flat(layout: FlatLayout, tensors: Mapping[str, np.ndarray | Array]) ->
 
 
 def _slot(layout: FlatLayout, tensors: Mapping[str, np.ndarray | Array] | None) -> Tensors | None:
-    """A slot on jax's default device holding `tensors` (None for no tensors, an unused slot)."""
+    """A slot holding `tensors` on the layout's devices (None for no tensors, an unused slot)."""
     if not tensors:
         return None
-    return Tensors(jnp.array(_host_flat(layout, tensors), copy=True), layout)
+    return Tensors(devices.put(_host_flat(layout, tensors), layout), layout)
 
 
-def init(params: Mapping[str, np.ndarray | Array], config: AdamConfig) -> AdamState:
+def _zeros(layout: FlatLayout) -> Tensors:
+    return Tensors(devices.put(np.zeros(layout.size, np.float32), layout), layout)
+
+
+def init(params: Mapping[str, np.ndarray | Array], config: AdamConfig, layout: FlatLayout | None = None) -> AdamState:
     """A fresh state for `params` (laid out in their order), copied as float32 onto jax's default device.
+
+    `layout` (of `params`' shapes, in their order) places the tensors
+    otherwise, e.g. a `devices.ShardedLayout` spreads every slot over a mesh.
 
     As in tf-keras (`add_variable_from_reference(var, "average", initial_value=var)`),
     the moving averages start as a copy of the initial parameters; Keras 3
     starts them at the first updated value instead (spec/keras-adam.md §2.3).
     """
-    layout = FlatLayout({name: np.shape(value) for name, value in params.items()})
-    theta = _slot(layout, params) or Tensors(jnp.zeros(0, jnp.float32), layout)
+    layout = layout or FlatLayout({name: np.shape(value) for name, value in params.items()})
+    theta = _slot(layout, params) or _zeros(layout)
     return AdamState(
         iterations=jnp.zeros((), jnp.int32),
         params=theta,
-        m=Tensors(jnp.zeros(layout.size, jnp.float32), layout),
-        v=Tensors(jnp.zeros(layout.size, jnp.float32), layout),
-        vhat=Tensors(jnp.zeros(layout.size, jnp.float32), layout) if config.amsgrad else None,
+        m=_zeros(layout),
+        v=_zeros(layout),
+        vhat=_zeros(layout) if config.amsgrad else None,
         ema=Tensors(jnp.array(theta.flat, copy=True), layout) if config.use_ema else None,
     )
 
@@ -197,9 +204,13 @@ def export(state: AdamState) -> dict[str, dict[str, np.ndarray]]:
     return slots
 
 
-def restore(iterations: int, slots: Mapping[str, Mapping[str, np.ndarray]]) -> AdamState:
-    """The state that `export` captured, back on jax's default device, flat in the order of `slots["params"]`."""
-    layout = FlatLayout({name: np.shape(value) for name, value in slots["params"].items()})
+def restore(iterations: int, slots: Mapping[str, Mapping[str, np.ndarray]], layout: FlatLayout | None = None,
+            ) -> AdamState:
+    """The state that `export` captured, back on jax's default device, flat in the order of `slots["params"]`.
+
+    `layout` places it otherwise, as for `init`.
+    """
+    layout = layout or FlatLayout({name: np.shape(value) for name, value in slots["params"].items()})
     return AdamState(iterations=jnp.asarray(iterations, jnp.int32),
                      **{slot: _slot(layout, slots.get(slot)) for slot in SLOTS})  # no entry: an unused slot
 
@@ -233,7 +244,7 @@ def flat_grads(layout: FlatLayout, grads: Mapping[str, Grad | np.ndarray]) -> Fl
             if not jnp.issubdtype(dense[name].dtype, jnp.floating):
                 raise InvalidArgument(f"gradients[{name!r}].dtype: must be a float type, got {dense[name].dtype}")
             np.copyto(view, dense[name], casting="unsafe")
-    return FlatGrads(jax.device_put(flat), sparse, present)
+    return FlatGrads(devices.put(flat, layout), sparse, present)
 
 
 def _flat_view(layout: FlatLayout, dense: Mapping[str, np.ndarray]) -> np.ndarray | None:
@@ -290,12 +301,14 @@ class _Blocks(NamedTuple):
 
 
 def _block_tables(layout: FlatLayout) -> _Blocks:
+    """The tables of `layout`; a block of padding between tensors (or after them) counts as the tensor before
+    it with no valid element, as the padding of a tensor's last block does."""
     sizes = np.array([layout.sizes[name] for name in layout.shapes], np.int64)
-    blocks = -(-sizes // BLOCK)
-    segment = np.repeat(np.arange(len(sizes), dtype=np.int32), blocks)
-    valid = np.full(layout.size // BLOCK, BLOCK, np.int32)
-    used = blocks > 0
-    valid[np.cumsum(blocks)[used] - 1] = sizes[used] - BLOCK * (blocks[used] - 1)
+    offsets = np.array([layout.offsets[name] for name in layout.shapes], np.int64)
+    starts = np.arange(layout.size // BLOCK, dtype=np.int64) * BLOCK
+    segment = np.maximum(np.searchsorted(offsets, starts, side="right") - 1, 0).astype(np.int32)
+    valid = np.clip(offsets[segment] + sizes[segment] - starts, 0, BLOCK).astype(np.int32) if sizes.size \
+        else np.zeros(0, np.int32)
     groups = segment[:segment.size // BLOCK * BLOCK].reshape(-1, BLOCK)  # the blocks after the last whole group
     whole = (groups == groups[:, :1]).all(axis=1)                        # are edges
     edges = np.flatnonzero(np.concatenate([np.repeat(~whole, BLOCK), np.ones(segment.size % BLOCK, bool)]))
@@ -570,7 +583,7 @@ def _apply(config: AdamConfig, decayed: frozenset[str], state: AdamState, dense:
         new = [param, m, v, vhat, ema]
     else:  # tensors missing from `grads` keep their values (at the price of those copies)
         new = [None if x is None else segments.where(updated, x, before) for x, before in zip((param, m, v, vhat, ema), old)]
-    return AdamState(iterations, *(None if x is None else Tensors(x, layout) for x in new))
+    return AdamState(iterations, *(None if x is None else Tensors(devices.constrain(x, layout), layout) for x in new))
 
 
 def _finite_per_tensor(segments: _Segments, state: AdamState) -> Array:
