@@ -110,17 +110,17 @@ def _placement(address: str, name: str) -> pb.OptimizerInfo:
         return pb_grpc.OptimizerServiceStub(channel).GetOptimizer(pb.GetOptimizerRequest(name=name), timeout=30)
 
 
-def _assert_spread(info: pb.OptimizerInfo, slots: set[str]) -> None:
-    """Every slot is cut into DEVICES contiguous shards on distinct devices; small tensors lie in one shard."""
+def _assert_spread(info: pb.OptimizerInfo, slots: set[str], count: int = DEVICES) -> None:
+    """Every slot is cut into `count` contiguous shards on distinct devices; small tensors lie in one shard."""
     placement = info.placement
     assert {slot.slot for slot in placement.slots} == slots
     size = placement.flat_size
     for slot in placement.slots:
         spans = [(shard.start, shard.stop) for shard in slot.shards]
-        assert len({shard.device for shard in slot.shards}) == DEVICES, f"{slot.slot}: {slot.shards}"
-        assert spans == [(i * size // DEVICES, (i + 1) * size // DEVICES) for i in range(DEVICES)], slot.slot
-    assert info.device == ",".join(f"cpu:{i}" for i in range(DEVICES))
-    shard = size // DEVICES
+        assert len({shard.device for shard in slot.shards}) == count, f"{slot.slot}: {slot.shards}"
+        assert spans == [(i * size // count, (i + 1) * size // count) for i in range(count)], slot.slot
+    assert info.device == ",".join(f"cpu:{i}" for i in range(count))
+    shard = size // count
     for spec, start in zip(info.tensors, placement.tensor_offsets, strict=True):
         count = int(np.prod(spec.shape, dtype=np.int64))
         if 0 < count <= shard * devices.SPLIT_FRACTION:
@@ -196,7 +196,7 @@ def _run(address: str, name: str, params: dict, steps: list[dict], mode: dict | 
         return {kind: dict(opt.pull(ema=kind == "ema").items()) for kind in ("weights", "ema")}
 
 
-def test_a_spread_server_computes_what_one_device_does_and_restores_its_data_dir_spread(
+def test_a_spread_server_computes_what_one_device_does_and_its_data_dir_restores_over_other_devices(
         four_devices: None, server_one_device: ServerProcess, tmp_path: Path) -> None:
     rng = np.random.default_rng(12)
     params = _mixed_model(rng)
@@ -215,11 +215,11 @@ def test_a_spread_server_computes_what_one_device_does_and_restores_its_data_dir
     embedding = list(info.tensors).index(next(t for t in info.tensors if t.name == "embedding"))
     start, shard = info.placement.tensor_offsets[embedding], info.placement.flat_size // DEVICES
     assert {offset // shard for offset in range(start, start + 4096 * 64, BLOCK)} == set(range(DEVICES))
-    with ServerProcess(["--devices", str(DEVICES), "--data-dir", str(data_dir)], log=open(os.devnull, "w")) as server:
+    with ServerProcess(["--devices", "2", "--data-dir", str(data_dir)], log=open(os.devnull, "w")) as server:
         with Client(server.address) as client:
             opt = client.optimizer("mixed")
             got = {kind: dict(opt.pull(ema=kind == "ema").items()) for kind in ("weights", "ema")}
-        _assert_spread(_placement(server.address, "mixed"), {"weights", "m", "v", "ema"})
+        _assert_spread(_placement(server.address, "mixed"), {"weights", "m", "v", "ema"}, count=2)
     for kind in ("weights", "ema"):
         for name, value in want[kind].items():
             np.testing.assert_allclose(got[kind][name], value, rtol=2e-6, atol=1e-7, err_msg=f"{kind} {name}")
