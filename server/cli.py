@@ -94,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--peers", action=argparse.BooleanOptionalAction, default=None,
                        help="run PyTorch RPC and Ray beside optserve (default: in a full run, not with --quick; "
                             "needs optserve[peers])")
+    bench.add_argument("--scale-out-rate", type=float, metavar="MBIT",
+                       help="rate of every link in the scale-out section, Mbit/s each way (default: 300; the "
+                            "section needs root and iproute2's ip and tc, else it is skipped)")
 
     for name, text in [("status", "print a table of a server's optimizers"),
                        ("health", "exit 0 if a server's service is SERVING (for probes), 1 otherwise")]:
@@ -119,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         from optserve.server.bench import run_bench
 
-        return run_bench(quick=args.quick, json_path=args.json, plot_path=args.plot, peers=args.peers)
+        return run_bench(quick=args.quick, json_path=args.json, plot_path=args.plot, peers=args.peers,
+                         scale_out_rate_mbit=args.scale_out_rate)
     if args.command == "status":
         return _status(args)
     return _health(args)
