@@ -8,7 +8,7 @@ which carries the gRPC status code and the server's message.
 import json
 import random
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -94,6 +94,10 @@ class OptimizerInfo:
     # connections that moved its tensors recently, most recent first: peer, transport ("grpc",
     # "shared_memory" or "bulk"), bytes_received, bytes_sent, last_seen_age (seconds)
     clients: tuple[dict[str, Any], ...] = ()
+    # a shard of a logical optimizer over several servers: index, count, digest, max_shard_bytes and
+    # pieces [(name, tensor, shard, row_start, row_stop, tensor_shape)]; None for a one-server optimizer
+    shard: dict[str, Any] | None = None
+    shards: tuple["OptimizerInfo", ...] = ()  # a sharded client's info: each shard's own, in shard order
 
     @classmethod
     def from_wire(cls, info: pb.OptimizerInfo) -> "OptimizerInfo":
@@ -123,11 +127,12 @@ class OptimizerInfo:
             clients=tuple({"peer": c.peer, "transport": c.transport, "bytes_received": c.bytes_received,
                            "bytes_sent": c.bytes_sent, "last_seen_age": c.last_seen_age_seconds}
                           for c in info.clients),
+            shard=_shard_from_wire(info.shard) if info.HasField("shard") else None,
         )
 
 
 class Client:
-    """A connection to one optserve server.
+    """A connection to one optserve server (or, given a list of addresses or a "dns:///" name, to several).
 
     The constructor waits up to `timeout` seconds for the server to report
     SERVING on the gRPC health service (a server restoring its data dir reports
@@ -143,7 +148,18 @@ class Client:
 
     `transport` (see TRANSPORTS) chooses how tensor bytes travel; "auto" takes
     shared memory when the server shares this host, else the bulk channel.
+
+    `Client(["h0:50051", "h1:50051"])` and `Client("dns:///name:50051")` (every
+    address of the name) return a `ShardedClient` (optserve.client.sharded):
+    the same API over one logical optimizer spread over those servers.
     """
+
+    def __new__(cls, address: "str | Sequence[str]" = "", *args: Any, **kwargs: Any):
+        if cls is Client and (not isinstance(address, str) or address.startswith("dns:///")):
+            from optserve.client.sharded import ShardedClient  # it builds on this module
+
+            return ShardedClient(address, *args, **kwargs)
+        return super().__new__(cls)
 
     def __init__(self, address: str, timeout: float = 30.0, *, chunk_bytes: int = CHUNK_BYTES,
                  tls: bool | str | TLS | None = None, token: str | None = None, transport: str = "auto"):
@@ -179,6 +195,7 @@ class Client:
         self, name: str, params: Mapping[str, Any], config: Mapping[str, Any] | None = None, *,
         mode: str = "async", num_workers: int = 1, backup_workers: int = 0, aggregation: str = "mean",
         sync_timeout: float = 60.0, max_staleness: int | None = None, non_finite_policy: str = "refuse",
+        shard: pb.ShardDescription | None = None,
     ) -> "Optimizer":
         """Creates an optimizer from initial weights and Keras Adam arguments.
 
@@ -190,7 +207,8 @@ class Client:
         backup_workers` workers), combined by `aggregation` ("mean" or "sum"),
         closing a round early `sync_timeout` seconds after its first gradient.
         `non_finite_policy` is "refuse" (NaN/Inf gradients are refused) or
-        "apply" (as Keras: they reach the weights).
+        "apply" (as Keras: they reach the weights). `shard` makes it one shard
+        of a logical optimizer (`params` its pieces); a ShardedClient sets it.
         """
         for value, allowed, what in [(non_finite_policy, _NON_FINITE, "non_finite_policy"), (mode, _MODES, "mode"),
                                      (aggregation, _AGGREGATIONS, "aggregation")]:
@@ -206,6 +224,7 @@ class Client:
                 mode=_MODES[mode], num_workers=num_workers, backup_workers=backup_workers,
                 aggregation=_AGGREGATIONS[aggregation], sync_timeout_seconds=sync_timeout,
                 max_staleness=max_staleness),
+            shard=shard,
         )
         self._call(self._create, lambda: encode_stream(header, arrays.values(), self.chunk_bytes))
         return Optimizer(self, name)
@@ -318,7 +337,8 @@ class Optimizer:
         self.name = name
 
     def push(self, grads: Mapping[str, Any], *, worker_id: str = "", seq: int | None = None,
-             base_version: int | None = None, wire_dtype: str | None = None) -> PushResult:
+             base_version: int | None = None, wire_dtype: str | None = None,
+             norm_inputs: pb.NormInputs | None = None) -> PushResult:
         """Sends one gradient for every tensor; returns the version that includes it.
 
         `grads` holds, per tensor, an array of the tensor's shape or a sparse
@@ -333,7 +353,8 @@ class Optimizer:
         applied again. `base_version` is the version the gradient was computed
         from (required in sync mode and with max_staleness). The answer comes
         once the step is applied (sync: when the round closes) and, on a server
-        with a write-ahead log, durable.
+        with a write-ahead log, durable. `norm_inputs` (on a shard) carries the
+        other shards' sums of squares for the clip; a ShardedClient sets it.
         """
         if wire_dtype not in (None, "float32", "float16", "bfloat16"):
             raise InvalidArgumentError(f"wire_dtype: must be float32, float16 or bfloat16, got {wire_dtype!r}")
@@ -354,7 +375,7 @@ class Optimizer:
                                          index_dtype=_data_type(indices.dtype, f"gradients[{name!r}].indices")))
             arrays += [indices, values]
         header = pb.PushHeader(optimizer=self.name, gradients=specs, worker_id=worker_id, seq=seq,
-                               base_version=base_version)
+                               base_version=base_version, norm_inputs=norm_inputs)
         retry = _PUSH_RETRY if worker_id and seq is not None else frozenset()
         return PushResult.from_wire(self.client._send_push(header, arrays, retry))
 
@@ -423,6 +444,12 @@ class Optimizer:
 
     def __repr__(self) -> str:
         return f"Optimizer({self.name!r} at {self.client.address})"
+
+
+def _shard_from_wire(shard: pb.ShardDescription) -> dict[str, Any]:
+    return {"index": shard.index, "count": shard.count, "digest": shard.digest, "max_shard_bytes": shard.max_shard_bytes,
+            "pieces": [(p.name, p.tensor, p.shard, p.row_start, p.row_stop, tuple(p.tensor_shape))
+                       for p in shard.pieces]}
 
 
 def _pulled_layout(header: pb.PullHeader, into: Weights | None) -> tuple[list[tuple[int, ...]], list[int]]:

@@ -33,6 +33,7 @@ from optserve.server.errors import (
 )
 from optserve.server.metrics import Metrics
 from optserve.server.modes import DedupTable, Gradient, PushResult, RoundGradients, RoundSum, TrainingMode
+from optserve.server.sharding import Shard, ShardNorms, engine_norm_inputs
 from optserve.server.storage import Checkpoint, LogRecord, OptimizerStore, StorageError
 from optserve.wire.dtypes import FLOAT32
 from optserve.wire.layout import ChunkBuffer, padded_bytes
@@ -62,6 +63,7 @@ class OptimizerInfo:
     saved_version: int  # version of the newest checkpoint; -1 without a data dir
     pushes_per_second: float  # accepted pushes over the last RATE_WINDOW seconds
     last_push_age: float | None  # seconds since the last accepted push; None before the first
+    shard: Shard | None = None  # its place in a logical optimizer over several servers; None: on its own
     flat_size: int = 0  # elements of each slot's flat buffer, padding included
     tensor_offsets: tuple[int, ...] = ()  # each tensor's first element in it, in creation order
     shards: dict[str, list[tuple[str, int, int]]] | None = None  # pull kind -> (device, start, stop) per shard
@@ -73,8 +75,9 @@ class Optimizer:
     def __init__(self, name: str, config: AdamConfig, non_finite_policy: str, training_mode: TrainingMode,
                  state: adam.AdamState, version: int = 0, store: OptimizerStore | None = None,
                  on_step: Callable[["Optimizer"], None] = lambda optimizer: None, metrics: Metrics | None = None,
-                 excluded_from_decay: Collection[str] | None = None):
+                 excluded_from_decay: Collection[str] | None = None, shard: Shard | None = None):
         self.name = name
+        self.shard = shard
         self.config = config
         self.non_finite_policy = non_finite_policy
         self.training_mode = training_mode
@@ -121,7 +124,7 @@ class Optimizer:
     def push(self, grads: Mapping[str, Gradient], worker_id: str = "", seq: int | None = None,
              base_version: int | None = None, timeout: float | None = None,
              retain: Callable[[], Callable[[], None]] | None = None,
-             cancelled: threading.Event | None = None) -> PushResult:
+             cancelled: threading.Event | None = None, norms: ShardNorms | None = None) -> PushResult:
         """Accepts one gradient for every tensor; see proto `PushHeader` for the arguments.
 
         Async: applies one Adam step now. Sync: adds the gradient to the open
@@ -132,7 +135,8 @@ class Optimizer:
         keeps them after a caller that stopped waiting); it returns the
         function that gives it back once the round is applied or dropped.
         A wait ends early with CANCELLED once `cancelled` is set (its gradient
-        stays in the round).
+        stays in the round). `norms`: on a shard, the other shards' sums of
+        squares of this gradient, for the clip.
         """
         if seq is not None and not worker_id:
             raise InvalidArgument("worker_id: required with seq")
@@ -143,6 +147,9 @@ class Optimizer:
             raise InvalidArgument("base_version: required in sync mode (the version of the round)")
         if self.training_mode.max_staleness is not None and base_version is None:
             raise InvalidArgument("base_version: required when max_staleness is set")
+        if sync and norms is not None:
+            raise InvalidArgument("norm_inputs: a sync round clips its combined gradient; its pushes carry none")
+        norm_inputs = None if sync else engine_norm_inputs(self.shard, self.config, list(self.shapes), norms)
         magnitudes = self._refuse_non_finite(grads)
         with self._lock:
             self._check_alive()
@@ -155,7 +162,8 @@ class Optimizer:
             self._check_base_version(base_version)
             staleness = None if base_version is None else self._version - base_version
             if not sync:
-                result = self._apply(grads, [(worker_id, seq)] if seq is not None else [], magnitudes)
+                result = self._apply(grads, [(worker_id, seq)] if seq is not None else [], magnitudes, norms,
+                                     norm_inputs)
                 if seq is not None:
                     self._dedup.record(worker_id, seq, result)
                 self._count_accepted(staleness)
@@ -252,7 +260,7 @@ class Optimizer:
                 self._bounds = None
                 self._bump_version()
             else:
-                self._step_with(record.grads)
+                self._step_with(record.grads, record.norms)
             for worker_id, seq in record.workers:
                 self._dedup.record(worker_id, seq, PushResult(self._version, self._iterations))
 
@@ -279,6 +287,7 @@ class Optimizer:
             saved_version=self.saved_version,
             pushes_per_second=recent / RATE_WINDOW,
             last_push_age=last_push_age,
+            shard=self.shard,
             flat_size=self.layout.size,
             tensor_offsets=tuple(self.layout.offsets.values()),
             shards=shards,
@@ -314,7 +323,7 @@ class Optimizer:
                             TrainingMode(**meta["training_mode"]),
                             adam.restore(meta["iterations"], slots, devices.layout_for(placement, slots["params"])),
                             meta["version"], store, excluded_from_decay=meta.get("excluded_from_weight_decay"),
-                            **hooks)
+                            shard=Shard.from_dict(meta["shard"]) if meta.get("shard") else None, **hooks)
         except InvalidArgument as err:  # a checkpoint without the matched names, whose pattern now runs out of time
             raise StorageError(f"{store.directory}: cannot restore optimizer {meta['name']!r}: {err}") from None
         optimizer._dedup.load_json(meta["dedup"])
@@ -332,6 +341,7 @@ class Optimizer:
             "version": self._version,
             "dedup": self._dedup.to_json(),
             "excluded_from_weight_decay": sorted(self._excluded),  # matched once, at create
+            "shard": None if self.shard is None else self.shard.to_dict(),
         }
         return Checkpoint(meta, adam.export(self._state))
 
@@ -399,7 +409,8 @@ class Optimizer:
                                    f"not yet {version}, after {timeout:.3g} s")
 
     def _apply(self, grads: Mapping[str, Gradient], workers: list[tuple[str, int]],
-               magnitudes: list[overflow.Magnitude] | None = None) -> PushResult:
+               magnitudes: list[overflow.Magnitude] | None = None, norms: ShardNorms | None = None,
+               norm_inputs: adam.NormInputs | None = None) -> PushResult:
         """Logs, then applies, one Adam step, under the lock.
 
         Under "refuse", a step that `overflow` cannot prove finite from the
@@ -408,26 +419,26 @@ class Optimizer:
         refused step, or a log write that fails, changes nothing.
         """
         started = time.perf_counter()
-        record = LogRecord("step", self._version + 1, workers, dict(grads))
+        record = LogRecord("step", self._version + 1, workers, dict(grads), norms)
         bounds = None
         if self._checked:
             if self._bounds is None:
                 self._bounds = overflow.bounds_of(self._state)
             bounds = overflow.next_bounds(self.config, self._iterations, self._bounds, magnitudes or [])
         if self._checked and bounds is None:
-            state = self._checked_state(grads)
+            state = self._checked_state(grads, norm_inputs)
             self._log(record)
             bounds = overflow.bounds_of(state)
         else:
             self._log(record)
-            state = self._step(self._state, self._device_grads(grads))
+            state = self._step(self._state, self._device_grads(grads), norm_inputs)
         self._commit(state, grads, started)
         self._bounds = bounds
         return PushResult(self._version, self._iterations)
 
-    def _checked_state(self, grads: Mapping[str, Gradient]) -> adam.AdamState:
+    def _checked_state(self, grads: Mapping[str, Gradient], norm_inputs: adam.NormInputs | None) -> adam.AdamState:
         """The state after a step, computed beside the current one; INVALID_ARGUMENT if any value is non-finite."""
-        state, finite = self._checked_step(self._state, self._device_grads(grads))
+        state, finite = self._checked_step(self._state, self._device_grads(grads), norm_inputs)
         finite = np.asarray(finite)
         if not finite.all():
             bad = [name for name, ok in zip(self.shapes, finite) if not ok]
@@ -444,11 +455,12 @@ class Optimizer:
             return adam.FlatGrads(grads.flat, {name: adam.sparse_grad(*g) for name, g in grads.sparse.items()})
         return adam.flat_grads(self.layout, {name: _to_device(grads[name]) for name in self.shapes})
 
-    def _step_with(self, grads: Mapping[str, Gradient]) -> None:
+    def _step_with(self, grads: Mapping[str, Gradient], norms: ShardNorms | None = None) -> None:
         """Re-applies a logged (so acknowledged) step as it was applied then."""
         started = time.perf_counter()
         self._bounds = None
-        self._commit(self._step(self._state, self._device_grads(grads)), grads, started)
+        norm_inputs = None if norms is None else engine_norm_inputs(self.shard, self.config, list(self.shapes), norms)
+        self._commit(self._step(self._state, self._device_grads(grads), norm_inputs), grads, started)
 
     def _commit(self, state: adam.AdamState, grads: Mapping[str, Gradient], started: float) -> None:
         """Makes `state` the optimizer's state: one more step and version."""

@@ -22,6 +22,7 @@ from optserve.server.errors import AlreadyExists, InvalidArgument, NotFound, Res
 from optserve.server.metrics import Metrics
 from optserve.server.modes import TrainingMode
 from optserve.server.optimizer import NON_FINITE_POLICIES, Optimizer
+from optserve.server.sharding import Shard, check_create, excluded_from_decay
 from optserve.server.storage import OptimizerStore, list_stores
 
 log = logging.getLogger("optserve.registry")
@@ -57,8 +58,11 @@ class Registry:
         self._checkpoint_due = threading.Event()
 
     def create(self, name: str, config: Mapping[str, Any], params: Mapping[str, np.ndarray],
-               non_finite_policy: str = "refuse", training_mode: TrainingMode = TrainingMode()) -> Optimizer:
+               non_finite_policy: str = "refuse", training_mode: TrainingMode = TrainingMode(),
+               shard: Shard | None = None) -> Optimizer:
         """Creates an optimizer (and its first checkpoint); ALREADY_EXISTS if the name is taken.
+
+        `shard`: the optimizer is that shard of a logical optimizer; `params` are its pieces.
 
         The name is held from the check until the optimizer is served (or the
         create failed): a create or delete of the same name meanwhile waits.
@@ -67,6 +71,11 @@ class Registry:
             raise InvalidArgument(f"non_finite_policy: must be one of {NON_FINITE_POLICIES}")
         self._check_ready()
         adam_config = parse_config(config)
+        excluded = None
+        if shard is not None:
+            check_create(shard, {tensor: np.shape(values) for tensor, values in params.items()}, adam_config,
+                         training_mode)
+            excluded = excluded_from_decay(adam_config, shard)  # on the logical names, not the pieces'
         if non_finite_policy == "refuse":
             for tensor, values in params.items():
                 if not overflow.all_finite(np.asarray(values)):
@@ -80,7 +89,8 @@ class Registry:
                 store = OptimizerStore(self.persistence.data_dir / name, self.persistence.durability)
             state = adam.init(params, adam_config, devices.layout_for(self.placement, params))
             optimizer = Optimizer(name, adam_config, non_finite_policy, training_mode, state, store=store,
-                                  on_step=self._note_step, metrics=self.metrics)
+                                  on_step=self._note_step, metrics=self.metrics, excluded_from_decay=excluded,
+                                  shard=shard)
             if store is not None:
                 store.create(optimizer.checkpoint())  # on failure it removes only what it made
             with self._lock:

@@ -65,7 +65,8 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
                                           self._options.max_tensor_bytes, self._options.max_tensors,
                                           into=lease.reserve)
             optimizer = self._registry.create(
-                request.name, request.config, request.params, request.non_finite_policy, request.training_mode)
+                request.name, request.config, request.params, request.non_finite_policy, request.training_mode,
+                request.shard)
         self._count(request.name, context, "grpc", received=_nbytes(request.params.values()))
         log.info("created optimizer %r: %d tensors", request.name, len(request.params))
         return self._info(optimizer)
@@ -180,6 +181,7 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
                     timeout=_wait_budget(context),
                     retain=lease.retain,
                     cancelled=self._cancellation(context, optimizer) if waits else None,
+                    norms=codec.decode_norm_inputs(header),
                 )
         except OptserveError as err:  # counted per optimizer only once the optimizer is known to exist
             self._registry.metrics.refused.labels(optimizer.name, err.code.lower()).inc()

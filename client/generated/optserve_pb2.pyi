@@ -107,7 +107,7 @@ class TrainingMode(_message.Message):
     def __init__(self, mode: _Optional[_Union[Mode, str]] = ..., num_workers: _Optional[int] = ..., backup_workers: _Optional[int] = ..., aggregation: _Optional[_Union[Aggregation, str]] = ..., sync_timeout_seconds: _Optional[float] = ..., max_staleness: _Optional[int] = ...) -> None: ...
 
 class OptimizerInfo(_message.Message):
-    __slots__ = ("name", "iterations", "version", "config_json", "tensors", "device", "non_finite_policy", "next_learning_rate", "training_mode", "pending_gradients", "saved_version", "pushes_per_second", "last_push_age_seconds", "clients", "placement")
+    __slots__ = ("name", "iterations", "version", "config_json", "tensors", "device", "non_finite_policy", "next_learning_rate", "training_mode", "pending_gradients", "saved_version", "pushes_per_second", "last_push_age_seconds", "clients", "shard", "placement")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ITERATIONS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -122,6 +122,7 @@ class OptimizerInfo(_message.Message):
     PUSHES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     LAST_PUSH_AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     CLIENTS_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_FIELD_NUMBER: _ClassVar[int]
     name: str
     iterations: int
@@ -137,8 +138,9 @@ class OptimizerInfo(_message.Message):
     pushes_per_second: float
     last_push_age_seconds: float
     clients: _containers.RepeatedCompositeFieldContainer[ClientTraffic]
+    shard: ShardDescription
     placement: StatePlacement
-    def __init__(self, name: _Optional[str] = ..., iterations: _Optional[int] = ..., version: _Optional[int] = ..., config_json: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., device: _Optional[str] = ..., non_finite_policy: _Optional[_Union[NonFinitePolicy, str]] = ..., next_learning_rate: _Optional[float] = ..., training_mode: _Optional[_Union[TrainingMode, _Mapping]] = ..., pending_gradients: _Optional[int] = ..., saved_version: _Optional[int] = ..., pushes_per_second: _Optional[float] = ..., last_push_age_seconds: _Optional[float] = ..., clients: _Optional[_Iterable[_Union[ClientTraffic, _Mapping]]] = ..., placement: _Optional[_Union[StatePlacement, _Mapping]] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., iterations: _Optional[int] = ..., version: _Optional[int] = ..., config_json: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., device: _Optional[str] = ..., non_finite_policy: _Optional[_Union[NonFinitePolicy, str]] = ..., next_learning_rate: _Optional[float] = ..., training_mode: _Optional[_Union[TrainingMode, _Mapping]] = ..., pending_gradients: _Optional[int] = ..., saved_version: _Optional[int] = ..., pushes_per_second: _Optional[float] = ..., last_push_age_seconds: _Optional[float] = ..., clients: _Optional[_Iterable[_Union[ClientTraffic, _Mapping]]] = ..., shard: _Optional[_Union[ShardDescription, _Mapping]] = ..., placement: _Optional[_Union[StatePlacement, _Mapping]] = ...) -> None: ...
 
 class ClientTraffic(_message.Message):
     __slots__ = ("peer", "transport", "bytes_received", "bytes_sent", "last_seen_age_seconds")
@@ -155,18 +157,20 @@ class ClientTraffic(_message.Message):
     def __init__(self, peer: _Optional[str] = ..., transport: _Optional[str] = ..., bytes_received: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., last_seen_age_seconds: _Optional[float] = ...) -> None: ...
 
 class CreateOptimizerHeader(_message.Message):
-    __slots__ = ("name", "config_json", "tensors", "non_finite_policy", "training_mode")
+    __slots__ = ("name", "config_json", "tensors", "non_finite_policy", "training_mode", "shard")
     NAME_FIELD_NUMBER: _ClassVar[int]
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     NON_FINITE_POLICY_FIELD_NUMBER: _ClassVar[int]
     TRAINING_MODE_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
     name: str
     config_json: str
     tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     non_finite_policy: NonFinitePolicy
     training_mode: TrainingMode
-    def __init__(self, name: _Optional[str] = ..., config_json: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., non_finite_policy: _Optional[_Union[NonFinitePolicy, str]] = ..., training_mode: _Optional[_Union[TrainingMode, _Mapping]] = ...) -> None: ...
+    shard: ShardDescription
+    def __init__(self, name: _Optional[str] = ..., config_json: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., non_finite_policy: _Optional[_Union[NonFinitePolicy, str]] = ..., training_mode: _Optional[_Union[TrainingMode, _Mapping]] = ..., shard: _Optional[_Union[ShardDescription, _Mapping]] = ...) -> None: ...
 
 class CreateOptimizerRequest(_message.Message):
     __slots__ = ("header", "chunk")
@@ -203,7 +207,7 @@ class DeleteOptimizerResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class PushHeader(_message.Message):
-    __slots__ = ("optimizer", "gradients", "worker_id", "seq", "base_version", "shared_memory_session", "bulk")
+    __slots__ = ("optimizer", "gradients", "worker_id", "seq", "base_version", "shared_memory_session", "bulk", "norm_inputs")
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     GRADIENTS_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -211,6 +215,7 @@ class PushHeader(_message.Message):
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_SESSION_FIELD_NUMBER: _ClassVar[int]
     BULK_FIELD_NUMBER: _ClassVar[int]
+    NORM_INPUTS_FIELD_NUMBER: _ClassVar[int]
     optimizer: str
     gradients: _containers.RepeatedCompositeFieldContainer[GradientSpec]
     worker_id: str
@@ -218,7 +223,8 @@ class PushHeader(_message.Message):
     base_version: int
     shared_memory_session: str
     bulk: BulkTransfer
-    def __init__(self, optimizer: _Optional[str] = ..., gradients: _Optional[_Iterable[_Union[GradientSpec, _Mapping]]] = ..., worker_id: _Optional[str] = ..., seq: _Optional[int] = ..., base_version: _Optional[int] = ..., shared_memory_session: _Optional[str] = ..., bulk: _Optional[_Union[BulkTransfer, _Mapping]] = ...) -> None: ...
+    norm_inputs: NormInputs
+    def __init__(self, optimizer: _Optional[str] = ..., gradients: _Optional[_Iterable[_Union[GradientSpec, _Mapping]]] = ..., worker_id: _Optional[str] = ..., seq: _Optional[int] = ..., base_version: _Optional[int] = ..., shared_memory_session: _Optional[str] = ..., bulk: _Optional[_Union[BulkTransfer, _Mapping]] = ..., norm_inputs: _Optional[_Union[NormInputs, _Mapping]] = ...) -> None: ...
 
 class BulkTransfer(_message.Message):
     __slots__ = ("channel", "transfer")
@@ -349,6 +355,51 @@ class BulkChannel(_message.Message):
     port: int
     tls: bool
     def __init__(self, channel: _Optional[str] = ..., ticket: _Optional[bytes] = ..., port: _Optional[int] = ..., tls: _Optional[bool] = ...) -> None: ...
+
+class ShardPiece(_message.Message):
+    __slots__ = ("name", "tensor", "shard", "row_start", "row_stop", "tensor_shape")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    ROW_START_FIELD_NUMBER: _ClassVar[int]
+    ROW_STOP_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    tensor: str
+    shard: int
+    row_start: int
+    row_stop: int
+    tensor_shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., tensor: _Optional[str] = ..., shard: _Optional[int] = ..., row_start: _Optional[int] = ..., row_stop: _Optional[int] = ..., tensor_shape: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ShardDescription(_message.Message):
+    __slots__ = ("index", "count", "pieces", "max_shard_bytes", "digest")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    PIECES_FIELD_NUMBER: _ClassVar[int]
+    MAX_SHARD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    count: int
+    pieces: _containers.RepeatedCompositeFieldContainer[ShardPiece]
+    max_shard_bytes: int
+    digest: str
+    def __init__(self, index: _Optional[int] = ..., count: _Optional[int] = ..., pieces: _Optional[_Iterable[_Union[ShardPiece, _Mapping]]] = ..., max_shard_bytes: _Optional[int] = ..., digest: _Optional[str] = ...) -> None: ...
+
+class NormInputs(_message.Message):
+    __slots__ = ("global_square_sum", "tensor_square_sums")
+    class TensorSquareSumsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    GLOBAL_SQUARE_SUM_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_SQUARE_SUMS_FIELD_NUMBER: _ClassVar[int]
+    global_square_sum: float
+    tensor_square_sums: _containers.ScalarMap[str, float]
+    def __init__(self, global_square_sum: _Optional[float] = ..., tensor_square_sums: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class StatePlacement(_message.Message):
     __slots__ = ("flat_size", "tensor_offsets", "slots")

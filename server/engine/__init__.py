@@ -7,6 +7,7 @@ numerics follow spec/keras-adam.md.
 
 from optserve.server.engine.adam import (
     AdamState,
+    NormInputs,
     SparseGrad,
     finalize,
     init,
@@ -19,6 +20,7 @@ from optserve.server.engine.config import AdamConfig, parse_config
 __all__ = [
     "AdamConfig",
     "AdamState",
+    "NormInputs",
     "SparseGrad",
     "finalize",
     "init",

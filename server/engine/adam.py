@@ -116,6 +116,18 @@ class FlatGrads(NamedTuple):
     present: frozenset[str] | None = None  # the tensors that have a gradient; None: every tensor
 
 
+class NormInputs(NamedTuple):
+    """Sums of squares of gradient parts held elsewhere (other shards), added to the local ones before clipping.
+
+    A shard of a logical optimizer sees only its pieces of the gradient; with
+    these the clip uses the whole gradient's norms, as Keras does: the global
+    norm for `global_clipnorm`, each split tensor's norm for `clipnorm`.
+    """
+
+    global_square_sum: Array  # float32 (): the other shards' part of the global sum of squares
+    tensor_square_sums: Array  # float32 (tensors,) in layout order: the sum of squares of each tensor's other pieces
+
+
 SLOTS = ("params", "m", "v", "vhat", "ema")  # the Tensors fields of AdamState
 
 
@@ -424,22 +436,31 @@ def _clip_norm(x: Array, c: Array, norm: Array) -> Array:
 
 
 def _clip(config: AdamConfig, segments: _Segments, g: Array, squares: Callable[[], Array],
-          sparse: dict[str, SparseGrad]) -> tuple[Array, dict[str, SparseGrad]]:
+          sparse: dict[str, SparseGrad], norm_inputs: NormInputs | None = None,
+          ) -> tuple[Array, dict[str, SparseGrad]]:
     """tf-keras `_clip_gradients`: clipnorm (per tensor), else global_clipnorm, else clipvalue.
 
     `g` is the dense part, zero outside the dense tensors; `squares()` its
     sum of squares per tensor, (tensors,), and `squares(total=True)` their sum. Sparse gradients are clipped on
     their raw value rows, before duplicates are summed, as TF does on
-    `IndexedSlices`.
+    `IndexedSlices`. `norm_inputs` (a shard's) adds the sums of squares of
+    the gradient's parts held elsewhere before the norms are taken.
     """
     if config.clipnorm is not None:
         c = f32_constant(config.clipnorm)
-        g = (segments.rows(g) * c / segments.column(jnp.maximum(jnp.sqrt(squares()), c))).reshape(-1)
-        return g, {name: s._replace(values=_clip_norm(s.values, c, jnp.sqrt(jnp.sum(s.values * s.values))))
-                   for name, s in sparse.items()}
+        if norm_inputs is None:
+            dense_squares, extra = squares(), {name: 0 for name in sparse}
+        else:
+            offsets = norm_inputs.tensor_square_sums
+            dense_squares = squares() + offsets
+            extra = {name: offsets[segments.names.index(name)] for name in sparse}
+        g = (segments.rows(g) * c / segments.column(jnp.maximum(jnp.sqrt(dense_squares), c))).reshape(-1)
+        return g, {name: s._replace(values=_clip_norm(
+            s.values, c, jnp.sqrt(jnp.sum(s.values * s.values) + extra[name]))) for name, s in sparse.items()}
     if config.global_clipnorm is not None:  # tf.clip_by_global_norm; NaN for a non-finite norm
         c = f32_constant(config.global_clipnorm)
-        norm = jnp.sqrt(sum((jnp.sum(jnp.square(s.values)) for s in sparse.values()), squares(total=True)))
+        total = sum((jnp.sum(jnp.square(s.values)) for s in sparse.values()), squares(total=True))
+        norm = jnp.sqrt(total if norm_inputs is None else total + norm_inputs.global_square_sum)
         scale = c * jnp.minimum(1 / norm, 1 / c) + (norm - norm)
         return g * scale, {name: s._replace(values=s.values * scale) for name, s in sparse.items()}
     if config.clipvalue is not None:
@@ -526,13 +547,15 @@ def _check_grads(known: frozenset[str], layout: FlatLayout, grads: FlatGrads) ->
 
 
 def _apply(config: AdamConfig, decayed: frozenset[str], state: AdamState, dense: Array | None,
-           sparse: dict[str, SparseGrad], blocks: _Blocks, present: frozenset[str] | None) -> AdamState:
+           sparse: dict[str, SparseGrad], blocks: _Blocks, present: frozenset[str] | None,
+           norm_inputs: NormInputs | None = None) -> AdamState:
     """One tf-keras `apply_gradients` call (spec/keras-adam.md §2.1, with §1 and §3), over flat buffers.
 
     With k = state.iterations:
       1. lr = schedule(k), or the float32 constant;
       2. clip: clipnorm per tensor, else global_clipnorm, else clipvalue
-         (sparse: on the raw value rows);
+         (sparse: on the raw value rows; with `norm_inputs`, the norms of
+         the whole gradient, parts held by other shards included);
       3. sum duplicate sparse rows into their segment of the dense gradient;
       4. weight decay for the tensors in `decayed`: theta -= theta * wd * lr;
       5. Adam with t = k + 1 (AMSGrad: divide by sqrt of the running max of v);
@@ -557,7 +580,8 @@ def _apply(config: AdamConfig, decayed: frozenset[str], state: AdamState, dense:
     else:
         g = segments.where_rows(inside & is_dense, dense.astype(jnp.float32), 0)
     sparse = {name: s._replace(values=s.values.astype(jnp.float32)) for name, s in sparse.items()}
-    g, sparse = _clip(config, segments, g, functools.partial(_dense_squares, segments, dense, is_dense), sparse)
+    g, sparse = _clip(config, segments, g, functools.partial(_dense_squares, segments, dense, is_dense), sparse,
+                      norm_inputs)
     if sparse:
         g = _scatter_sparse(layout, segments.where(is_dense, g, 0), sparse)
     is_sparse = segments.mask(frozenset(sparse))
@@ -606,8 +630,9 @@ class _Step:
         self._checked = checked
 
         def run(state: AdamState, dense: Array | None, sparse: dict[str, SparseGrad], blocks: _Blocks,
-                present: frozenset[str] | None) -> AdamState | tuple[AdamState, Array]:
-            new = _apply(config, decayed, state, dense, sparse, blocks, present)
+                norm_inputs: NormInputs | None, present: frozenset[str] | None,
+                ) -> AdamState | tuple[AdamState, Array]:
+            new = _apply(config, decayed, state, dense, sparse, blocks, present, norm_inputs)
             if not checked:
                 return new
             return new, _finite_per_tensor(_Segments(layout_of(state), blocks), new)
@@ -617,7 +642,7 @@ class _Step:
         self._run = run
         self._tables: tuple[FlatLayout, _Blocks] | None = None
 
-    def __call__(self, state: AdamState, grads: Mapping[str, Grad] | FlatGrads):
+    def __call__(self, state: AdamState, grads: Mapping[str, Grad] | FlatGrads, norm_inputs: NormInputs | None = None):
         layout = layout_of(state)
         if not isinstance(grads, FlatGrads):
             for name in grads:
@@ -627,7 +652,10 @@ class _Step:
         _check_grads(self._known, layout, grads)
         if self._tables is None or self._tables[0] != layout:
             self._tables = layout, _block_tables(layout)
-        return self._run(state, grads.dense, dict(grads.sparse), self._tables[1], present=grads.present)
+        if norm_inputs is not None and np.shape(norm_inputs.tensor_square_sums) != (len(layout.shapes),):
+            raise InvalidArgument(f"norm_inputs.tensor_square_sums: must hold {len(layout.shapes)} values, one per "
+                                  f"tensor, got shape {np.shape(norm_inputs.tensor_square_sums)}")
+        return self._run(state, grads.dense, dict(grads.sparse), self._tables[1], norm_inputs, present=grads.present)
 
     def _cache_size(self) -> int:
         """Compiled variants so far (jitted only): one per layout, set of sparse tensors, dtype and bucket."""
@@ -661,12 +689,13 @@ def make_step(config: AdamConfig, names: Sequence[str], decayed: Collection[str]
         `optserve.server.patterns` computed with a time bound).
 
     Returns:
-      `step(state, grads)`, where `grads` is `FlatGrads` in the state's
+      `step(state, grads, norm_inputs=None)`, where `grads` is `FlatGrads` in the state's
       layout, or maps some or all of `names` to a dense gradient (any float
       dtype, cast to float32; copied into one flat buffer unless already
       laid out) or a `SparseGrad`. It raises `InvalidArgument` for an
       unknown name, a wrong shape or a non-float dtype, before touching the
-      state.
+      state. `norm_inputs` (a `NormInputs`, for one shard of a logical
+      optimizer) adds other shards' sums of squares to the clip's norms.
     """
     return _Step(config, names, decayed, checked=False)
 
