@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                        help="run PyTorch RPC and Ray beside optserve (default: in a full run, not with --quick; "
                             "needs optserve[peers])")
     bench.add_argument("--scale-out-rate", type=float, metavar="MBIT",
-                       help="rate of every link in the scale-out section, Mbit/s each way (default: 300; the "
+                       help="rate of every link in the scale-out section, Mbit/s each way (default: 200; the "
                             "section needs root and iproute2's ip and tc, else it is skipped)")
 
     for name, text in [("status", "print a table of a server's optimizers"),

@@ -155,13 +155,14 @@ def test_a_peer_whose_package_is_missing_says_so(monkeypatch: pytest.MonkeyPatch
     assert peer_servers.missing("ray").startswith("not installed: ray")
 
 
-def test_the_scale_out_model_is_dealt_evenly_over_every_shard_count() -> None:
-    from optserve.server.bench.scaleout import deal, model
+def test_the_scale_out_model_spreads_evenly_over_every_shard_count() -> None:
+    from optserve.server.bench.scaleout import model
+    from optserve.wire.placement import place
 
     shapes = model(2_000_003, 24)
     assert sum(shape[0] for shape in shapes.values()) == 2_000_003 and len(shapes) == 24
     for shards in (1, 2, 3):
-        parts = deal(shapes, shards)
-        assert sorted(name for part in parts for name in part) == sorted(shapes)  # each tensor on one shard
-        loads = [sum(shapes[name][0] for name in part) for part in parts]
+        table = place(shapes, shards)
+        assert all(piece.whole for piece in table.pieces)  # no tensor split: the bench measures links
+        loads = table.loads()
         assert max(loads) <= 1.01 * sum(loads) / shards, loads

@@ -73,7 +73,7 @@ class Plan:
     scale_out_params: int = 2_000_000  # parameters of the model each worker pushes whole (over the shards)
     scale_out_tensors: int = 24
     scale_out_seconds: float = 8.0  # each worker's pushing time per shard count
-    scale_out_rate_mbit: float = 300.0  # every link's rate, each way (see README: why not 1 Gbit/s here)
+    scale_out_rate_mbit: float = 200.0  # every link's rate, each way (README: why not 1 Gbit/s on 2 cores)
 
 
 QUICK = Plan(bandwidth_bytes=128 * MB, bandwidth_reps=3, step_params=(1_000_000,), step_reps=5,

@@ -3,14 +3,10 @@
 Servers and workers each run in their own network namespace (`netns`),
 joined by veth links that `tc` limits to `rate_mbit` each way, so a server's
 link, not this machine's cores, bounds what one shard can take in, as in a
-cluster. Each worker pushes the whole model's gradient, its tensors dealt
-by size over the shards, one push per shard at once, as fast as it can; the
-figure is the aggregate of whole-model pushes per second. Without root or
-`ip`/`tc` the section is skipped and says why.
-
-Until the sharded `Client([addresses])` is in this branch, a worker holds one
-plain `Client` per shard and pushes each shard its part (`deal`); this is
-what such a client sends, but it is a stand-in, named so in the report.
+cluster. Each worker is a sharded `Client([addresses])` pushing the whole
+model's gradient (the client sends each shard its pieces at once) as fast as
+it can; the figure is the aggregate of whole-model pushes per second.
+Without root or `ip`/`tc` the section is skipped and says why.
 
 `python -m optserve.server.bench.scaleout create|worker ...` is the code that
 runs inside a namespace (the bench process has no address there).
@@ -25,7 +21,6 @@ import sys
 import time
 import zlib
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -35,26 +30,19 @@ from optserve.server.bench.common import MB, make_target
 from optserve.server.launch import ServerProcess
 
 NAME = "scale-out"
-CLIENT = "one plain Client per shard, each pushing that shard's part (stand-in for the sharded client)"
+CLIENT = "Client([addresses]) over the bulk channels (transport='network'), one logical optimizer"
 START_TIMEOUT = 120.0  # seconds a worker may take to start and warm up
 TARGET = 2.5  # aggregate pushes/s at 3 shards against 1
 
 
 def model(params: int, tensors: int) -> dict[str, tuple[int, ...]]:
-    """`tensors` float32 tensors of `params` elements in all, equal but for the first, in creation order."""
+    """`tensors` float32 tensors of `params` elements in all, equal but for the first, in creation order.
+
+    Each is far below the sharded client's default `max_shard_bytes`, so it is placed whole, and 24 equal
+    tensors spread evenly over 1, 2 or 3 shards: the links, not the placement, set the rate.
+    """
     size = params // tensors
     return {f"layer_{i:02d}": (size + (params - size * tensors if i == 0 else 0),) for i in range(tensors)}
-
-
-def deal(shapes: dict[str, tuple[int, ...]], shards: int) -> list[list[str]]:
-    """The tensors of each shard: largest first, each onto the shard with the fewest elements so far."""
-    parts: list[list[str]] = [[] for _ in range(shards)]
-    loads = [0] * shards
-    for name in sorted(shapes, key=lambda n: (-int(np.prod(shapes[n])), n)):
-        least = loads.index(min(loads))
-        parts[least].append(name)
-        loads[least] += int(np.prod(shapes[name]))
-    return [[name for name in shapes if name in part] for part in parts]  # creation order within a shard
 
 
 def measure_scale_out(shard_counts: Sequence[int], workers: int, params: int, tensors: int, seconds: float,
@@ -162,44 +150,28 @@ def _last_line(text: str) -> str:
 # --- inside a namespace ----------------------------------------------------------
 
 
-def _clients(addresses: list[str]):
+def _client(addresses: list[str]):
     from optserve.client import Client
 
-    return [Client(address, timeout=120, transport="network") for address in addresses]
+    return Client(addresses, timeout=120, transport="network")
 
 
 def _create(args: argparse.Namespace) -> None:
-    """Creates each shard's part of the model and pushes one zero gradient to compile its step."""
-    addresses = args.addresses.split(",")
-    shapes = model(args.params, args.tensors)
-    for client, part in zip(_clients(addresses), deal(shapes, len(addresses))):
-        with client:
-            params = {name: np.zeros(shapes[name], np.float32) for name in part}
-            opt = client.create_optimizer(NAME, params, {"learning_rate": 1e-3})
-            opt.push(params)
+    """Creates the logical optimizer over the shards and pushes one zero gradient to compile each shard's step."""
+    params = {name: np.zeros(shape, np.float32) for name, shape in model(args.params, args.tensors).items()}
+    with _client(args.addresses.split(",")) as client:
+        opt = client.create_optimizer(NAME, params, {"learning_rate": 1e-3})
+        opt.push(params)
 
 
 def _worker(args: argparse.Namespace) -> None:
     """Warms up, says ready, waits for "go" on stdin, then pushes whole gradients for `seconds`; prints a report."""
-    addresses = args.addresses.split(",")
-    shapes = model(args.params, args.tensors)
     rng = np.random.default_rng(zlib.crc32(args.worker_id.encode()))
-    clients = _clients(addresses)
-    parts = deal(shapes, len(addresses))
-    grads = [{name: rng.normal(0, 1e-3, shapes[name]).astype(np.float32) for name in part} for part in parts]
-    optimizers = [client.optimizer(NAME) for client in clients]
-    seq = 0
-
-    def push_all(pool: ThreadPoolExecutor) -> None:
-        nonlocal seq
-        futures = [pool.submit(opt.push, grad, worker_id=args.worker_id, seq=seq)
-                   for opt, grad in zip(optimizers, grads)]
-        for future in futures:
-            future.result()
-        seq += 1
-
-    with ThreadPoolExecutor(len(addresses)) as pool:
-        push_all(pool)  # warm-up: connections, bulk channels
+    grads = {name: rng.normal(0, 1e-3, shape).astype(np.float32)
+             for name, shape in model(args.params, args.tensors).items()}
+    with _client(args.addresses.split(",")) as client:
+        opt = client.optimizer(NAME)
+        opt.push(grads, worker_id=args.worker_id, seq=0)  # warm-up: connections, bulk channels
         print(json.dumps({"ready": True}), flush=True)
         if sys.stdin.readline().strip() != "go":
             return
@@ -207,11 +179,9 @@ def _worker(args: argparse.Namespace) -> None:
         latencies = []
         while time.time() - start < args.seconds:
             began = time.perf_counter()
-            push_all(pool)
+            opt.push(grads, worker_id=args.worker_id, seq=len(latencies) + 1)
             latencies.append(time.perf_counter() - began)
         end = time.time()
-    for client in clients:
-        client.close()
     print(json.dumps({"pushes": len(latencies), "start": start, "end": end,
                       "median_ms": statistics.median(latencies) * 1e3}), flush=True)
 
