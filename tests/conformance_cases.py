@@ -86,3 +86,23 @@ def assert_close(got: np.ndarray, want: np.ndarray, what: str) -> None:
         f"{what}: worst element {tuple(int(i) for i in worst)}: got {got[worst]!r}, want {want[worst]!r} "
         f"(|diff| {abs(got[worst] - want[worst]):.3g})"
     )
+
+
+def wire_grads(step_grads: dict[str, np.ndarray | SparseArrays]) -> dict:
+    """One step's gradients as a client pushes them: sparse ones as `IndexedSlices`."""
+    from optserve.client import IndexedSlices
+
+    return {name: IndexedSlices(indices=grad[0], values=grad[1]) if isinstance(grad, tuple) else grad
+            for name, grad in step_grads.items()}
+
+
+def assert_state_after_step(opt: Any, case: Case, k: int) -> None:
+    """The weights an optimizer handle pulls (and their EMA, if the case keeps one) are the case's after step k + 1."""
+    weights = opt.pull()
+    for var, want in case.expect[k].items():
+        assert_close(weights[var], want, f"{case.name}: {var} after step {k + 1}")
+    if case.has_ema:
+        ema = opt.pull(ema=True)
+        assert ema.version == weights.version, f"{case.name}: EMA of version {ema.version}, weights of {weights.version}"
+        for var, want in case.ema[k].items():
+            assert_close(ema[var], want, f"{case.name}: EMA of {var} after step {k + 1}")

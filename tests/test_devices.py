@@ -22,7 +22,7 @@ from optserve.server.launch import ServerProcess
 from optserve.v1 import optserve_pb2 as pb
 from optserve.v1 import optserve_pb2_grpc as pb_grpc
 from optserve.wire.layout import FlatLayout
-from tests.conformance_cases import assert_close, case_names, load_case
+from tests.conformance_cases import assert_close, assert_state_after_step, case_names, load_case, wire_grads
 
 DEVICES = 4
 BLOCK = devices.BLOCK
@@ -127,10 +127,6 @@ def _assert_spread(info: pb.OptimizerInfo, slots: set[str], count: int = DEVICES
             assert start // shard == (start + count - 1) // shard, f"{spec.name} straddles two devices"
 
 
-def _wire(grads: dict) -> dict:
-    return {name: IndexedSlices(indices=g[0], values=g[1]) if isinstance(g, tuple) else g for name, g in grads.items()}
-
-
 @pytest.mark.parametrize("case_name", case_names())
 def test_every_conformance_case_matches_tf_keras_on_a_server_spread_over_four_devices(
         spread_server: ServerProcess, case_name: str) -> None:
@@ -143,14 +139,8 @@ def test_every_conformance_case_matches_tf_keras_on_a_server_spread_over_four_de
                 {"vhat"} if info.config["amsgrad"] else set())
             _assert_spread(_placement(spread_server.address, opt.name), slots)  # as created
             for k in range(case.steps):
-                assert opt.push(_wire(case.grads[k])) == k + 1
-                weights = opt.pull()
-                for var, want in case.expect[k].items():
-                    assert_close(weights[var], want, f"{case_name}: {var} after step {k + 1}")
-                if case.has_ema:
-                    ema = opt.pull(ema=True)
-                    for var, want in case.ema[k].items():
-                        assert_close(ema[var], want, f"{case_name}: EMA of {var} after step {k + 1}")
+                assert opt.push(wire_grads(case.grads[k])) == k + 1
+                assert_state_after_step(opt, case, k)
             for slot in slots - {"weights", "ema"}:
                 got = opt.pull_slot(slot)
                 for var, values in case.slots.items():

@@ -15,6 +15,7 @@ runs inside a namespace (the bench process has no address there).
 import argparse
 import json
 import os
+import selectors
 import statistics
 import subprocess
 import sys
@@ -129,8 +130,6 @@ def _run_workers(hosts: list[netns.Host], common: list[str], seconds: float) -> 
 
 def _read_report(proc: subprocess.Popen, timeout: float) -> dict:
     """The worker's next JSON line; its error when it ends or stays silent for `timeout` s."""
-    import selectors
-
     with selectors.DefaultSelector() as selector:
         selector.register(proc.stdout, selectors.EVENT_READ)
         if not selector.select(timeout):
