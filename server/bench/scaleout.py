@@ -9,7 +9,8 @@ it can; the figure is the aggregate of whole-model pushes per second.
 Without root or `ip`/`tc` the section is skipped and says why.
 
 `python -m optserve.server.bench.scaleout create|worker ...` is the code that
-runs inside a namespace (the bench process has no address there).
+runs inside a namespace (the bench process has no address there); `... measure
+--rate MBIT` runs the section alone.
 """
 
 import argparse
@@ -31,6 +32,7 @@ from optserve.server.bench.common import MB, make_target
 from optserve.server.launch import ServerProcess
 
 NAME = "scale-out"
+MODULE = "optserve.server.bench.scaleout"  # run inside the namespaces: create, worker
 CLIENT = "Client([addresses]) over the bulk channels (transport='network'), one logical optimizer"
 START_TIMEOUT = 120.0  # seconds a worker may take to start and warm up
 TARGET = 2.5  # aggregate pushes/s at 3 shards against 1
@@ -85,7 +87,7 @@ def _measure(servers: list[netns.Host], workers: list[netns.Host], params: int, 
                                            start_timeout=START_TIMEOUT))
         addresses = ",".join(f"{host.address}:{process.port}" for host, process in zip(servers, processes))
         common = ["--addresses", addresses, "--params", str(params), "--tensors", str(tensors)]
-        created = subprocess.run(workers[0].command([sys.executable, "-m", __name__, "create", *common]),
+        created = subprocess.run(workers[0].command([sys.executable, "-m", MODULE, "create", *common]),
                                  capture_output=True, text=True, timeout=START_TIMEOUT)
         if created.returncode != 0:
             return {**row, "error": _last_line(created.stderr)}
@@ -108,7 +110,7 @@ def _measure(servers: list[netns.Host], workers: list[netns.Host], params: int, 
 
 def _run_workers(hosts: list[netns.Host], common: list[str], seconds: float) -> list[dict]:
     """Starts a worker in each host, waits for all to be warm, releases them at once, collects their reports."""
-    procs = [subprocess.Popen(host.command([sys.executable, "-m", __name__, "worker", *common,
+    procs = [subprocess.Popen(host.command([sys.executable, "-m", MODULE, "worker", *common,
                                             "--worker-id", host.name, "--seconds", str(seconds)]),
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for host in hosts]
@@ -188,6 +190,10 @@ def _worker(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m optserve.server.bench.scaleout")
     commands = parser.add_subparsers(dest="command", required=True)
+    measure = commands.add_parser("measure", help="run the section alone, with the full run's sizes, and print it")
+    measure.add_argument("--rate", type=float, default=200.0, help="Mbit/s of every link (default %(default)s)")
+    measure.add_argument("--params", type=int, default=2_000_000)
+    measure.add_argument("--seconds", type=float, default=8.0)
     for command in ("create", "worker"):
         sub = commands.add_parser(command)
         sub.add_argument("--addresses", required=True, help="HOST:PORT of every shard, comma-separated")
@@ -197,6 +203,11 @@ def main(argv: list[str] | None = None) -> int:
             sub.add_argument("--worker-id", required=True)
             sub.add_argument("--seconds", type=float, required=True)
     args = parser.parse_args(argv)
+    if args.command == "measure":
+        from optserve.server.bench.report import print_scale_out
+
+        print_scale_out(measure_scale_out((1, 2, 3), 3, args.params, 24, args.seconds, args.rate))
+        return 0
     try:
         (_create if args.command == "create" else _worker)(args)
     except Exception as err:
