@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from optserve.client import Client, IndexedSlices
+from optserve.client import Client, IndexedSlices, OptserveError
 from optserve.server.engine import devices
 from optserve.server.launch import ServerProcess
 from optserve.v1 import optserve_pb2 as pb
@@ -235,6 +235,39 @@ def test_a_sync_round_on_a_spread_server_steps_once_on_the_mean(spread_server: S
         client.delete_optimizer("sync-reference")
     for name in params:
         np.testing.assert_allclose(got[name], want[name], rtol=2e-6, atol=1e-7, err_msg=name)
+
+
+def _every_slot(opt) -> dict[str, dict[str, np.ndarray]]:
+    return {"weights": dict(opt.pull()), "ema": dict(opt.pull(ema=True)), "m": dict(opt.pull_slot("m")),
+            "v": dict(opt.pull_slot("v"))}
+
+
+@pytest.mark.parametrize("bad, code, fragment", [
+    ({"dense_0/bias": np.zeros(31, np.float32)}, grpc.StatusCode.INVALID_ARGUMENT, "dense_0/bias"),
+    ({"dense_1/kernel": np.full((64, 32), np.nan, np.float32)}, grpc.StatusCode.INVALID_ARGUMENT, "NaN"),
+    ({"embedding": IndexedSlices(indices=np.array([4096]), values=np.ones((1, 64), np.float32))},
+     grpc.StatusCode.INVALID_ARGUMENT, "embedding"),
+])
+def test_a_refused_push_leaves_every_slot_of_a_spread_state_as_it_was(spread_server: ServerProcess, bad: dict,
+                                                                      code: grpc.StatusCode, fragment: str) -> None:
+    rng = np.random.default_rng(5)
+    params = _mixed_model(rng)
+    with Client(spread_server.address) as client:
+        opt = client.create_optimizer("refused", params, CONFIG)
+        try:
+            opt.push(_steps(rng, params, 1)[0])
+            before = _every_slot(opt)
+            grads = {**_steps(rng, params, 1)[0], **bad}
+            with pytest.raises(OptserveError) as caught:
+                opt.push(grads, worker_id="w", seq=1)
+            assert caught.value.code() == code and fragment in caught.value.details(), caught.value.details()
+            after = _every_slot(opt)
+            for kind, tensors in before.items():
+                for name, value in tensors.items():
+                    assert np.array_equal(after[kind][name], value), f"{kind} {name} changed"
+            assert opt.info().version == 1
+        finally:
+            client.delete_optimizer("refused")
 
 
 def test_a_server_asked_for_more_devices_than_it_has_exits_naming_the_flag(four_devices: None) -> None:
