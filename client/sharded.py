@@ -255,6 +255,7 @@ class ShardedOptimizer:
         self._pieces = {piece.name: piece for piece in table.pieces}
         info = parts[0].info()
         self._sync = info.training_mode["mode"] == "sync"
+        self._refuse_non_finite = info.non_finite_policy == "refuse"
         config = info.config
         self._clip = "clipnorm" if config.get("clipnorm") is not None else \
             "global_clipnorm" if config.get("global_clipnorm") is not None else None
@@ -272,6 +273,12 @@ class ShardedOptimizer:
         `base_version` is a logical version; each shard checks it against its own.
         """
         parts = self._split(grads)
+        if self._refuse_non_finite:  # refused here, or the shards without the NaN would apply the push
+            for name, grad in grads.items():
+                values = np.asarray(grad.values if _is_sparse(grad) else grad)
+                if values.dtype.kind == "f" and not np.isfinite(values).all():
+                    raise InvalidArgumentError(f"gradients[{name!r}]: contains NaN or Inf (this optimizer's "
+                                               f"non_finite_policy is 'refuse')")
         norms = self._norm_inputs(parts, wire_dtype) if self._clip else [None] * len(parts)
 
         def send(index: int) -> PushResult:
