@@ -263,45 +263,51 @@ def test_max_staleness_counts_logical_versions(sharded, name) -> None:
         sharded.delete_optimizer(name)
 
 
-def test_sync_rounds_over_shards_match_one_server_and_pulls_see_one_round(sharded, single, name) -> None:
+def _sync_round(opts: list, round_: int, workers: int = 2) -> None:
+    """Sync round `round_` on each optimizer of `opts`: `workers` threads push one gradient each."""
+    for target in opts:
+        errors = []
+
+        def work(worker: int) -> None:
+            try:
+                target.push(grads_for(10 * round_ + worker), worker_id=f"w{worker}", seq=round_, base_version=round_)
+            except OptserveError as err:
+                errors.append(err)
+
+        threads = [threading.Thread(target=work, args=(w,)) for w in range(workers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert not errors and not any(t.is_alive() for t in threads), errors
+
+
+@pytest.mark.parametrize("config", [
+    {"learning_rate": 0.1, "use_ema": True},
+    {"learning_rate": 0.1, "global_clipnorm": 0.5},
+    {"learning_rate": 0.1, "clipnorm": 0.5, "use_ema": True},
+], ids=["plain", "global_clipnorm", "clipnorm"])
+def test_sync_rounds_over_shards_match_one_server_and_pulls_see_one_round(sharded, single, name, config) -> None:
     settings = dict(mode="sync", num_workers=2, sync_timeout=30.0)
-    opt = sharded.create_optimizer(name, PARAMS, {"learning_rate": 0.1, "use_ema": True},
-                                   max_shard_bytes=SMALL, **settings)
-    ref = single.create_optimizer(name, PARAMS, {"learning_rate": 0.1, "use_ema": True}, **settings)
+    opt = sharded.create_optimizer(name, PARAMS, config, max_shard_bytes=SMALL, **settings)
+    ref = single.create_optimizer(name, PARAMS, config, **settings)
     try:
         for round_ in range(3):
-            for target in (opt, ref):
-                errors = []
-
-                def work(worker: int) -> None:
-                    try:
-                        target.push(grads_for(10 * round_ + worker), worker_id=f"w{worker}", seq=round_,
-                                    base_version=round_)
-                    except OptserveError as err:
-                        errors.append(err)
-
-                threads = [threading.Thread(target=work, args=(w,)) for w in range(2)]
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join(timeout=60)
-                assert not errors and not any(t.is_alive() for t in threads)
+            _sync_round([opt, ref], round_)
             pulled = opt.pull(min_version=round_ + 1)
             assert pulled.versions == (round_ + 1,) * 3
         same_weights(opt.pull(), ref.pull())
-        same_weights(opt.pull(ema=True), ref.pull(ema=True))
+        if config.get("use_ema"):
+            same_weights(opt.pull(ema=True), ref.pull(ema=True))
         opt.finalize()
         ref.finalize()
         same_weights(opt.pull(), ref.pull())
-        assert opt.info().version == 4
     finally:
         sharded.delete_optimizer(name)
         single.delete_optimizer(name)
 
 
 @pytest.mark.parametrize("config, settings, fragment", [
-    ({"global_clipnorm": 1.0}, dict(mode="sync", num_workers=2), "cannot clip by global_clipnorm"),
-    ({"clipnorm": 1.0}, dict(mode="sync", num_workers=2), "cannot clip"),
     ({}, dict(mode="sync", num_workers=2, backup_workers=1), "backup_workers"),
 ])
 def test_sync_settings_no_shard_can_serve_exactly_are_refused_and_nothing_is_left(
@@ -411,3 +417,49 @@ def _free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def test_a_two_phase_round_is_prepared_then_committed_once_with_one_set_of_sums(sharded, plain, name) -> None:
+    opt = sharded.create_optimizer(name, PARAMS, {"global_clipnorm": 0.5}, max_shard_bytes=SMALL, mode="sync")
+    try:
+        client = plain[0]
+        shard = client.optimizer(name)
+        grads = {p.name: np.ones(p.shape, np.float32) for p in opt.placement.of_shard(0)}
+        answer = shard.push(grads, worker_id="w", seq=0, base_version=0)
+        assert answer.prepared and int(answer) == 1 and shard.info().version == 0
+        own = answer.round_square_sums.global_square_sum
+        assert own == pytest.approx(sum(np.prod(p.shape) for p in opt.placement.of_shard(0)))
+        expect_error(grpc.StatusCode.ABORTED, "waits for its commit", shard.push, grads, worker_id="x", seq=0,
+                     base_version=0)
+        retried = shard.push(grads, worker_id="w", seq=0, base_version=0)
+        assert retried.prepared and retried.duplicate
+
+        def commit(version: int, total: float | None):
+            request = pb.CommitRoundRequest(optimizer=name, version=version)
+            if total is not None:
+                request.norm_inputs.global_square_sum = total
+            return client._call(client._stub.CommitRound, lambda: request)
+
+        expect_error(grpc.StatusCode.INVALID_ARGUMENT, "norm_inputs: required", commit, 1, None)
+        expect_error(grpc.StatusCode.INVALID_ARGUMENT, "global_square_sum", commit, 1, float("inf"))
+        expect_error(grpc.StatusCode.FAILED_PRECONDITION, "no round for version 2", commit, 2, 1.0)
+        assert shard.info().version == 0  # the refusals applied nothing
+        first = commit(1, 3.0)
+        assert first.version == 1 and not first.duplicate and shard.info().version == 1
+        again = commit(1, 3.0)
+        assert again.duplicate and again.version == 1 and shard.info().version == 1
+        expect_error(grpc.StatusCode.FAILED_PRECONDITION, "committed with other sums", commit, 1, 4.0)
+        after = shard.push(grads, worker_id="w", seq=0, base_version=0)
+        assert after.duplicate and not after.prepared and after.round_square_sums.global_square_sum == own
+    finally:
+        sharded.delete_optimizer(name)
+
+
+def test_an_optimizer_without_two_phase_rounds_refuses_a_commit(single, name) -> None:
+    single.create_optimizer(name, {"w": np.ones(3, np.float32)}, mode="sync")
+    try:
+        request = pb.CommitRoundRequest(optimizer=name, version=1, norm_inputs=pb.NormInputs(global_square_sum=1.0))
+        expect_error(grpc.StatusCode.FAILED_PRECONDITION, "has no two-phase rounds", single._call,
+                     single._stub.CommitRound, lambda: request)
+    finally:
+        single.delete_optimizer(name)
