@@ -88,12 +88,12 @@ class ShardedClient:
         # pool is large (its threads start only as calls need them).
         self._pool = futures.ThreadPoolExecutor(max_workers=64 + 16 * len(self.addresses),
                                                 thread_name_prefix="optserve-shards")
-        self.shards: list[Client] = []
-        try:
-            self.shards = self._each(lambda a: Client(a, timeout, **options), self.addresses)
-        except BaseException:
-            self._pool.shutdown(wait=False)
-            raise
+        outcomes = self._try_each(lambda a: Client(a, timeout, **options), self.addresses)
+        self.shards: list[Client] = [client for ok, client in outcomes if ok]
+        failed = [(address, err) for address, (ok, err) in zip(self.addresses, outcomes) if not ok]
+        if failed:
+            self.close()
+            raise failed[0][1]
 
     def create_optimizer(
         self, name: str, params: Mapping[str, Any], config: Mapping[str, Any] | None = None, *,

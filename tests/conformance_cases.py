@@ -2,6 +2,7 @@
 
 import json
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -66,6 +67,46 @@ def load_case(name: str) -> Case:
         final={n: arrays[f"final/{n}"] for n in names},
         slots={n: {s: arrays[f"slots/{n}/{s}"] for s in slot_names if f"slots/{n}/{s}" in arrays} for n in names},
     )
+
+
+def replay_steps(opt: Any, case: Case, push: Callable[[int, dict], int]) -> Any:
+    """Replays every step of `case` through an optimizer handle, checking lr, weights and EMA after each.
+
+    `push(k, grads)` sends step k's gradients (IndexedSlices for the sparse
+    ones) and returns the version. Returns the info read before the last step.
+    """
+    from optserve.client import IndexedSlices  # the loader itself needs no client
+
+    for k in range(case.steps):
+        info = opt.info()
+        assert info.iterations == k
+        np.testing.assert_allclose(info.next_learning_rate, case.lr[k], rtol=1e-6, err_msg=f"lr at step {k + 1}")
+        grads = {name: IndexedSlices(*grad) if isinstance(grad, tuple) else grad for name, grad in case.grads[k].items()}
+        assert push(k, grads) == k + 1
+        weights = opt.pull()
+        assert weights.version == k + 1 and weights.iterations == case.iterations[k]
+        for var, want in case.expect[k].items():
+            assert_close(weights[var], want, f"{case.name}: {var} after step {k + 1}")
+        if case.has_ema:
+            ema = opt.pull(ema=True)
+            assert ema.version == k + 1
+            for var, want in case.ema[k].items():
+                assert_close(ema[var], want, f"{case.name}: EMA of {var} after step {k + 1}")
+    return info
+
+
+def assert_slots_and_final(opt: Any, case: Case, amsgrad: bool) -> None:
+    """An optimizer handle that replayed every step of `case`: its Adam slots, then its weights after finalize."""
+    for slot in ("m", "v", "vhat"):
+        if slot == "vhat" and not amsgrad:
+            continue
+        got = opt.pull_slot(slot)
+        for var, slots in case.slots.items():
+            assert_close(got[var], slots[slot], f"{case.name}: slot {slot} of {var}")
+    opt.finalize()
+    final = opt.pull()
+    for var, want in case.final.items():
+        assert_close(final[var], want, f"{case.name}: {var} after finalize")
 
 
 def close(got: np.ndarray, want: np.ndarray) -> bool:

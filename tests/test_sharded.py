@@ -463,3 +463,20 @@ def test_an_optimizer_without_two_phase_rounds_refuses_a_commit(single, name) ->
                      single._stub.CommitRound, lambda: request)
     finally:
         single.delete_optimizer(name)
+
+
+def test_a_list_of_one_address_serves_a_plain_optimizer(addresses, single, name) -> None:
+    config = {"learning_rate": 0.1, "global_clipnorm": 0.5}
+    with Client(addresses[:1]) as one:
+        opt = one.create_optimizer(name, PARAMS, config, max_shard_bytes=SMALL)
+        try:
+            assert opt.info().shard is None and all(p.whole for p in opt.placement.pieces)
+            ref = single.create_optimizer(name, PARAMS, config)
+            opt.push(grads_for(0))
+            ref.push(grads_for(0))
+            same_weights(opt.pull(), ref.pull(), exact=True)
+            with Client(addresses[0]) as plain_client:  # and one-server clients use it as it is
+                assert plain_client.optimizer(name).info().version == 1
+        finally:
+            one.delete_optimizer(name)
+            single.delete_optimizer(name)
