@@ -108,15 +108,16 @@ def three_shards(tmp_path) -> Iterator[list[Shard]]:
             shard.process.stop()
 
 
-def test_a_shard_killed_mid_run_and_restarted_ends_bit_for_bit_as_an_uninterrupted_run(three_shards) -> None:
+@pytest.mark.parametrize("mode", ["async", "sync"])  # sync: one worker, each round two-phase (global_clipnorm)
+def test_a_shard_killed_mid_run_and_restarted_ends_bit_for_bit_as_an_uninterrupted_run(three_shards, mode) -> None:
     addresses = [shard.address for shard in three_shards]
     with Client(addresses, timeout=120.0) as client:
-        calm = client.create_optimizer("calm", INIT, CONFIG, max_shard_bytes=256)
+        calm = client.create_optimizer("calm", INIT, CONFIG, max_shard_bytes=256, mode=mode)
         for seq in range(STEPS):
-            calm.push(grads_for(seq), worker_id="worker", seq=seq)
+            calm.push(grads_for(seq), worker_id="worker", seq=seq, base_version=seq)
         expected = state_of(calm)
 
-        opt = client.create_optimizer("killed", INIT, CONFIG, max_shard_bytes=256)
+        opt = client.create_optimizer("killed", INIT, CONFIG, max_shard_bytes=256, mode=mode)
         assert len(opt.placement.of_tensor("emb")) > 1
         victim = three_shards[1]
         progress = threading.Event()
@@ -134,7 +135,8 @@ def test_a_shard_killed_mid_run_and_restarted_ends_bit_for_bit_as_an_uninterrupt
         for seq in range(STEPS):
             if seq == STEPS // 3:
                 progress.set()
-            result = opt.push(grads_for(seq), worker_id="worker", seq=seq)  # the client retries across the restart
+            # the client retries across the restart
+            result = opt.push(grads_for(seq), worker_id="worker", seq=seq, base_version=seq)
             assert int(result) == seq + 1
             duplicates += result.duplicate
         killer.join(timeout=180)
