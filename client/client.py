@@ -66,11 +66,16 @@ class PushResult(int):
 
     iterations: int  # Adam steps applied at that version
     duplicate: bool  # a retry of an already accepted (worker_id, seq), answered, not applied again
+    # a shard's two-phase sync round (see optserve.client.sharded): closed, waiting for its commit
+    prepared: bool = False
+    round_square_sums: pb.NormInputs | None = None  # that round's own sums of squares on the shard
 
     @classmethod
     def from_wire(cls, reply: pb.PushGradientsResponse) -> "PushResult":
         result = cls(reply.version)
         result.iterations, result.duplicate = reply.iterations, reply.duplicate
+        result.prepared = reply.prepared
+        result.round_square_sums = reply.round_square_sums if reply.HasField("round_square_sums") else None
         return result
 
 

@@ -24,6 +24,7 @@ import grpc
 import numpy as np
 
 from optserve.client.client import (
+    _PUSH_RETRY,
     _SLOTS,
     Client,
     IndexedSlices,
@@ -43,6 +44,7 @@ from optserve.wire.layout import ChunkBuffer, padded_bytes
 from optserve.wire.placement import DEFAULT_MAX_SHARD_BYTES, Piece, Placement
 
 SYNC_PULL_TRIES = 8  # sync: pulls of lagging shards at most, before a pull gives up finding one round on all
+COMMIT_TRIES = 3  # two-phase sync rounds: commits of one push at most (a restarted shard needs its push again)
 _NOT_FOUND = grpc.StatusCode.NOT_FOUND
 
 
@@ -86,12 +88,12 @@ class ShardedClient:
         # pool is large (its threads start only as calls need them).
         self._pool = futures.ThreadPoolExecutor(max_workers=64 + 16 * len(self.addresses),
                                                 thread_name_prefix="optserve-shards")
-        self.shards: list[Client] = []
-        try:
-            self.shards = self._each(lambda a: Client(a, timeout, **options), self.addresses)
-        except BaseException:
-            self._pool.shutdown(wait=False)
-            raise
+        outcomes = self._try_each(lambda a: Client(a, timeout, **options), self.addresses)
+        self.shards: list[Client] = [client for ok, client in outcomes if ok]
+        failed = [(address, err) for address, (ok, err) in zip(self.addresses, outcomes) if not ok]
+        if failed:
+            self.close()
+            raise failed[0][1]
 
     def create_optimizer(
         self, name: str, params: Mapping[str, Any], config: Mapping[str, Any] | None = None, *,
@@ -255,8 +257,9 @@ class ShardedOptimizer:
         self._pieces = {piece.name: piece for piece in table.pieces}
         info = parts[0].info()
         self._sync = info.training_mode["mode"] == "sync"
+        self._refuse_non_finite = info.non_finite_policy == "refuse"
         config = info.config
-        self._clip = "clipnorm" if config.get("clipnorm") is not None else \
+        self._clip = None if table.count == 1 else "clipnorm" if config.get("clipnorm") is not None else \
             "global_clipnorm" if config.get("global_clipnorm") is not None else None
         self._lock = threading.Lock()
 
@@ -272,6 +275,12 @@ class ShardedOptimizer:
         `base_version` is a logical version; each shard checks it against its own.
         """
         parts = self._split(grads)
+        if self._refuse_non_finite:  # refused here, or the shards without the NaN would apply the push
+            for name, grad in grads.items():
+                values = np.asarray(grad.values if _is_sparse(grad) else grad)
+                if values.dtype.kind == "f" and not np.isfinite(values).all():
+                    raise InvalidArgumentError(f"gradients[{name!r}]: contains NaN or Inf (this optimizer's "
+                                               f"non_finite_policy is 'refuse')")
         norms = self._norm_inputs(parts, wire_dtype) if self._clip else [None] * len(parts)
 
         def send(index: int) -> PushResult:
@@ -283,7 +292,48 @@ class ShardedOptimizer:
         if failed:
             raise self._push_error(outcomes, failed, worker_id, seq)
         results = [result for _, result in outcomes]
+        for _ in range(COMMIT_TRIES):
+            if not any(result.prepared for result in results):
+                break
+            results = self._commit(results, lambda index: send(index), worker_id, seq)
         return _combined_result(results)
+
+    def _commit(self, results: list[PushResult], send: Callable[[int], PushResult], worker_id: str,
+                seq: int | None) -> list[PushResult]:
+        """Commits a two-phase sync round: each prepared shard gets the others' sums of squares, summed in shard order.
+
+        Every worker of the round computes the same sums from the same answers,
+        so their commits are equal: the first applies the round, the others
+        are answered. A shard that lost its prepared round (restarted) gets
+        the push again, and is committed on the next try.
+        """
+        if any(result.round_square_sums is None for result in results):
+            missing = next(i for i, r in enumerate(results) if r.round_square_sums is None)
+            raise OptserveError(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"shard {missing} ({self.client.addresses[missing]}): answered a two-phase round "
+                                f"without its sums of squares (it applied newer rounds since?); pull and push again")
+        totals = [np.float32(r.round_square_sums.global_square_sum) for r in results]
+        pieces = {name: np.float32(value) for r in results for name, value in r.round_square_sums.tensor_square_sums.items()}
+        inputs = self._others(totals, pieces)
+        prepared = [i for i, result in enumerate(results) if result.prepared]
+
+        def commit(index: int) -> PushResult:
+            part = self._parts[index]
+            request = lambda: pb.CommitRoundRequest(optimizer=self.name, version=int(results[index]),  # noqa: E731
+                                                    norm_inputs=inputs[index])
+            return PushResult.from_wire(part.client._call(part.client._stub.CommitRound, request, _PUSH_RETRY))
+
+        committed = dict(zip(prepared, self.client._try_each(commit, prepared)))
+        lost = [i for i, (ok, err) in committed.items()
+                if not ok and err.code() == grpc.StatusCode.FAILED_PRECONDITION and "is prepared" in err.details()]
+        failed = [(i, err) for i, (ok, err) in committed.items() if not ok and i not in lost]
+        if failed:
+            outcomes = [committed.get(i, (True, r)) for i, r in enumerate(results)]
+            raise self._push_error(outcomes, failed, worker_id, seq)
+        results = [committed[i][1] if i in committed and committed[i][0] else r for i, r in enumerate(results)]
+        for index, again in zip(lost, self.client._each(send, lost)):
+            results[index] = again
+        return results
 
     def _push_error(self, outcomes: list, failed: list, worker_id: str, seq: int | None) -> OptserveError:
         """The error of a push some shards refused: which did, and what the others' acknowledgement means."""
@@ -393,18 +443,23 @@ class ShardedOptimizer:
 
     def _norm_inputs(self, parts: list[dict[str, Any]], wire_dtype: str | None) -> list[pb.NormInputs | None]:
         """Per shard, the other shards' sums of squares of the gradient, as the servers will see its values."""
+        if self._sync:  # the round's combined gradient is clipped: its sums come with the prepared answers
+            return [None] * len(parts)
         squares = [{name: _square_sum(grad, wire_dtype) for name, grad in part.items()} for part in parts]
         totals = [np.float32(sum(shard.values(), np.float32(0))) for shard in squares]
+        return self._others(totals, {name: value for shard in squares for name, value in shard.items()})
+
+    def _others(self, totals: list[np.float32], pieces: Mapping[str, np.float32]) -> list[pb.NormInputs]:
+        """Per shard: the sum, in shard order, of the other shards' `totals`, and of each split piece's other pieces."""
         messages = []
-        for index in range(len(parts)):
-            other = np.float32(sum((totals[i] for i in range(len(parts)) if i != index), np.float32(0)))
+        for index in range(len(totals)):
+            other = np.float32(sum((totals[i] for i in range(len(totals)) if i != index), np.float32(0)))
             tensor_sums = {}
             if self._clip == "clipnorm":
-                for name in parts[index]:
-                    piece = self._pieces[name]
+                for piece in self.placement.of_shard(index):
                     if not piece.whole:
-                        tensor_sums[name] = float(np.float32(sum(
-                            (squares[p.shard][p.name] for p in self.placement.of_tensor(piece.tensor) if p.name != name),
+                        tensor_sums[piece.name] = float(np.float32(sum(
+                            (pieces[p.name] for p in self.placement.of_tensor(piece.tensor) if p.name != piece.name),
                             np.float32(0))))
             messages.append(pb.NormInputs(global_square_sum=float(other), tensor_square_sums=tensor_sums))
         return messages

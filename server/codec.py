@@ -17,7 +17,7 @@ from optserve.wire.chunks import encode_stream
 from optserve.wire.dtypes import ITEMSIZE, data_type_of, dtype_name
 from optserve.wire.layout import ChunkBuffer
 from optserve.server.errors import InvalidArgument, NotFound, ResourceExhausted
-from optserve.server.modes import DEFAULT_SYNC_TIMEOUT, Gradient, TrainingMode
+from optserve.server.modes import DEFAULT_SYNC_TIMEOUT, Gradient, PushResult, TrainingMode
 from optserve.server.sharding import Shard, ShardNorms
 from optserve.wire.placement import Piece, Placement
 
@@ -131,12 +131,21 @@ def shard_to_wire(shard: Shard) -> pb.ShardDescription:
                               tensor_shape=p.tensor_shape) for p in table.pieces])
 
 
-def decode_norm_inputs(header: pb.PushHeader) -> ShardNorms | None:
-    """A push's norm_inputs, or None when it has none (checked against the optimizer by `sharding`)."""
-    if not header.HasField("norm_inputs"):
+def decode_norm_inputs(message: pb.PushHeader | pb.CommitRoundRequest) -> ShardNorms | None:
+    """A push's or commit's norm_inputs, or None when it has none (checked against the optimizer by `sharding`)."""
+    if not message.HasField("norm_inputs"):
         return None
-    wire = header.norm_inputs
+    wire = message.norm_inputs
     return ShardNorms(wire.global_square_sum, dict(wire.tensor_square_sums))
+
+
+def push_result_to_wire(result: PushResult) -> pb.PushGradientsResponse:
+    """The wire form of a push's (or a commit's) answer."""
+    sums = result.round_square_sums
+    return pb.PushGradientsResponse(
+        version=result.version, iterations=result.iterations, duplicate=result.duplicate, prepared=result.prepared,
+        round_square_sums=None if sums is None else pb.NormInputs(global_square_sum=sums.global_square_sum,
+                                                                  tensor_square_sums=sums.tensor_square_sums))
 
 
 def decode_training_mode(wire: pb.TrainingMode) -> TrainingMode:

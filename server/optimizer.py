@@ -33,7 +33,7 @@ from optserve.server.errors import (
 )
 from optserve.server.metrics import Metrics
 from optserve.server.modes import DedupTable, Gradient, PushResult, RoundGradients, RoundSum, TrainingMode
-from optserve.server.sharding import Shard, ShardNorms, engine_norm_inputs
+from optserve.server.sharding import Shard, ShardNorms, engine_norm_inputs, round_square_sums, two_phase
 from optserve.server.storage import Checkpoint, LogRecord, OptimizerStore, StorageError
 from optserve.wire.dtypes import FLOAT32
 from optserve.wire.layout import ChunkBuffer, padded_bytes
@@ -45,6 +45,27 @@ NON_FINITE_POLICIES = ("refuse", "apply")
 STATE_KINDS = {"weights": "params", "ema": "ema", "m": "m", "v": "v", "vhat": "vhat"}  # pull kind -> engine slot
 _INT32_MAX = 2**31 - 1  # the engine's iteration counter saturates here
 RATE_WINDOW = 10.0  # seconds over which pushes per second are counted
+
+
+@dataclass(frozen=True)
+class _PreparedRound:
+    """A two-phase sync round, closed and combined, waiting for its commit."""
+
+    version: int  # the version its commit makes
+    grads: RoundGradients
+    workers: list[tuple[str, int]]
+    magnitudes: list[overflow.Magnitude]
+    sums: ShardNorms  # this shard's own sums of squares of the combined gradient
+
+
+@dataclass(frozen=True)
+class _CommittedRound:
+    """The newest committed two-phase round: what a repeated commit or a retried push is answered with."""
+
+    version: int
+    norms: ShardNorms  # the other shards' sums it was committed with
+    sums: ShardNorms  # this shard's own
+    iterations: int
 
 @dataclass(frozen=True)
 class OptimizerInfo:
@@ -112,6 +133,10 @@ class Optimizer:
         self._dropped_round = -1  # sync: the version of the last round that could not be logged or was refused
         self._dropped_error: OptserveError = ResourceExhausted("the data dir is full")  # why it was dropped
         self._round_generation = 0  # sync: rounds closed (applied or dropped) so far
+        # a sync shard that clips by the whole gradient's norm: rounds are prepared, then committed
+        self._two_phase = two_phase(config, training_mode, shard)
+        self._prepared: _PreparedRound | None = None
+        self._committed: _CommittedRound | None = None
         self._dropped_generation = -1  # sync: the generation of the last dropped round
         self._on_step = on_step  # told after every step, under the lock (it must not block)
         self._metrics = metrics or Metrics()
@@ -156,9 +181,10 @@ class Optimizer:
             if seq is not None:
                 done = self._dedup.lookup(worker_id, seq)
                 if done is not None:
-                    self._wait_for(done.version, timeout, "the round of this push", cancelled=cancelled)
+                    self._wait_for(done.version, timeout, "the round of this push", cancelled=cancelled,
+                                   prepared=self._two_phase)
                     self._metrics.pushes.labels(self.name, "duplicate").inc()
-                    return replace(done, duplicate=True)
+                    return self._two_phase_answer(replace(done, duplicate=True))
             self._check_base_version(base_version)
             staleness = None if base_version is None else self._version - base_version
             if not sync:
@@ -168,12 +194,63 @@ class Optimizer:
                     self._dedup.record(worker_id, seq, result)
                 self._count_accepted(staleness)
                 return result
+            if self._prepared is not None:
+                raise Aborted(f"base_version: the round for version {self._prepared.version} is closed and waits "
+                              f"for its commit (CommitRound); retry the pushes of that round, or commit it")
             generation = self._round_generation  # of the round this gradient joins
             result = self._add_to_round(worker_id, seq, grads, retain, magnitudes)
             self._count_accepted(staleness)
             self._wait_for(result.version, timeout, "the round of this push", generation=generation,
-                           cancelled=cancelled)
-            return replace(result, iterations=self._iterations)
+                           cancelled=cancelled, prepared=self._two_phase)
+            return self._two_phase_answer(replace(result, iterations=self._iterations))
+
+    def commit_round(self, version: int, norms: ShardNorms) -> PushResult:
+        """Applies the prepared two-phase round that makes `version`, clipped with the other shards' `norms`.
+
+        The same commit again is answered (`duplicate`); a different one for
+        that round is FAILED_PRECONDITION, as is a commit with no prepared round.
+        """
+        if not self._two_phase:
+            raise FailedPrecondition(f"optimizer: {self.name!r} has no two-phase rounds (only a sync shard that clips "
+                                     f"by the whole gradient's norm has)")
+        norm_inputs = engine_norm_inputs(self.shard, self.config, list(self.shapes), norms)
+        with self._lock:
+            self._check_alive()
+            committed = self._committed
+            if committed is not None and committed.version == version:
+                if committed.norms != norms:
+                    raise FailedPrecondition(f"norm_inputs: the round for version {version} was committed with "
+                                             f"other sums of squares ({committed.norms.to_dict()})")
+                return PushResult(version, committed.iterations, duplicate=True, round_square_sums=committed.sums)
+            prepared = self._prepared
+            if prepared is None or prepared.version != version:
+                if version <= self._version:
+                    raise FailedPrecondition(f"version: the round for version {version} is applied already and "
+                                             f"newer rounds followed (the optimizer is at version {self._version})")
+                raise FailedPrecondition(f"version: no round for version {version} is prepared (the optimizer is at "
+                                         f"version {self._version}); push the round's gradients first")
+            try:
+                result = self._apply(prepared.grads, prepared.workers, prepared.magnitudes, norms, norm_inputs,
+                                     prepared.sums)
+            except (ResourceExhausted, InvalidArgument):
+                for worker_id, seq in prepared.workers:  # every push of the round is refused; retries start over
+                    self._dedup.forget(worker_id, seq)
+                raise
+            finally:
+                self._prepared = None
+                self._version_changed.notify_all()
+            self._committed = _CommittedRound(version, norms, prepared.sums, result.iterations)
+            return replace(result, round_square_sums=prepared.sums)
+
+    def _two_phase_answer(self, result: PushResult) -> PushResult:
+        """Under the lock: a sync push's answer, with its round's sums of squares when the round is two-phase."""
+        prepared, committed = self._prepared, self._committed
+        if prepared is not None and prepared.version == result.version and self._version < result.version:
+            return replace(result, prepared=True, iterations=min(self._iterations + 1, _INT32_MAX),
+                           round_square_sums=prepared.sums)
+        if committed is not None and committed.version == result.version:
+            return replace(result, iterations=committed.iterations, round_square_sums=committed.sums)
+        return result
 
     def pull(self, kind: str, names: Sequence[str], min_version: int | None = None, timeout: float | None = None,
              into: Callable[[int], np.ndarray] | None = None,
@@ -261,6 +338,9 @@ class Optimizer:
                 self._bump_version()
             else:
                 self._step_with(record.grads, record.norms)
+                if record.round_square_sums is not None:
+                    self._committed = _CommittedRound(record.version, record.norms, record.round_square_sums,
+                                                      self._iterations)
             for worker_id, seq in record.workers:
                 self._dedup.record(worker_id, seq, PushResult(self._version, self._iterations))
 
@@ -302,6 +382,7 @@ class Optimizer:
             if self._store is not None:
                 self._store.delete() if delete_files else self._store.close()
             self._deleted = True
+            self._prepared = None
             self._cancel_round_timer()
             self._round, self._round_seqs = {}, {}
             self._release_round()
@@ -382,7 +463,7 @@ class Optimizer:
             self._version_changed.notify_all()
 
     def _wait_for(self, version: int, timeout: float | None, what: str, *, generation: int | None = None,
-                  cancelled: threading.Event | None = None) -> None:
+                  cancelled: threading.Event | None = None, prepared: bool = False) -> None:
         """Waits, under the lock, until the optimizer reaches `version`, the round for it is dropped, or
         `cancelled` is set.
 
@@ -395,9 +476,14 @@ class Optimizer:
         def ended() -> bool:
             return cancelled is not None and cancelled.is_set()
 
+        def is_prepared() -> bool:  # `prepared`: a two-phase round closed for `version` also ends the wait
+            return prepared and self._prepared is not None and self._prepared.version == version
+
         reached = self._version_changed.wait_for(
-            lambda: self._version >= version or self._deleted or dropped() or ended(), timeout)
+            lambda: self._version >= version or self._deleted or dropped() or ended() or is_prepared(), timeout)
         self._check_alive()
+        if is_prepared():
+            return
         if self._version < version and ended():
             raise Cancelled(f"{what}: the call ended (cancelled, or its client went away) while waiting for "
                             f"version {version}")
@@ -410,7 +496,7 @@ class Optimizer:
 
     def _apply(self, grads: Mapping[str, Gradient], workers: list[tuple[str, int]],
                magnitudes: list[overflow.Magnitude] | None = None, norms: ShardNorms | None = None,
-               norm_inputs: adam.NormInputs | None = None) -> PushResult:
+               norm_inputs: adam.NormInputs | None = None, round_sums: ShardNorms | None = None) -> PushResult:
         """Logs, then applies, one Adam step, under the lock.
 
         Under "refuse", a step that `overflow` cannot prove finite from the
@@ -419,7 +505,7 @@ class Optimizer:
         refused step, or a log write that fails, changes nothing.
         """
         started = time.perf_counter()
-        record = LogRecord("step", self._version + 1, workers, dict(grads), norms)
+        record = LogRecord("step", self._version + 1, workers, dict(grads), norms, round_sums)
         bounds = None
         if self._checked:
             if self._bounds is None:
@@ -505,7 +591,12 @@ class Optimizer:
         try:
             combined = self._round_sum.combine(self._round)
             combined.block_until_ready()  # the sum is done reading the gradients' buffers
-            self._apply(combined, workers, overflow.combined(list(self._round_magnitudes.values())))
+            magnitudes = overflow.combined(list(self._round_magnitudes.values()))
+            if self._two_phase:  # its commit applies it, with the other shards' sums of squares
+                self._prepared = _PreparedRound(self._version + 1, combined, workers, magnitudes,
+                                                round_square_sums(self.shard, combined))
+            else:
+                self._apply(combined, workers, magnitudes)
         except (ResourceExhausted, InvalidArgument) as err:
             # the log is full, or the aggregate step would make the state non-finite: every push of the
             # round is refused with that error, and retries start over

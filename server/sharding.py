@@ -10,7 +10,7 @@ into the engine's `NormInputs`.
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -19,9 +19,11 @@ from optserve.server import patterns
 from optserve.server.engine import adam
 from optserve.server.engine.config import AdamConfig
 from optserve.server.errors import FailedPrecondition, InvalidArgument
-from optserve.server.modes import TrainingMode
 from optserve.wire import placement as placements
 from optserve.wire.placement import Piece, Placement
+
+if TYPE_CHECKING:  # modes imports this module
+    from optserve.server.modes import Gradient, TrainingMode
 
 
 @dataclass(frozen=True)
@@ -74,13 +76,11 @@ def check_table(shard: Shard) -> None:
         raise InvalidArgument(f"shard.index: must be in [0, {shard.placement.count}), got {shard.index}")
 
 
-def check_create(shard: Shard, shapes: Mapping[str, Sequence[int]], config: AdamConfig, mode: TrainingMode) -> None:
+def check_create(shard: Shard, shapes: Mapping[str, Sequence[int]], config: AdamConfig, mode: "TrainingMode") -> None:
     """Refuses a shard whose tensors are not its pieces of the table, or settings it cannot serve exactly.
 
     INVALID_ARGUMENT for tensors that differ from the table; FAILED_PRECONDITION
-    for sync mode with backup workers (each shard would pick its own first K)
-    or with a clip that needs the round's whole gradient (its norm is known to
-    no worker and no shard).
+    for sync mode with backup workers (each shard would pick its own first K).
     """
     check_table(shard)
     wanted = [(piece.name, piece.shape) for piece in shard.pieces]
@@ -92,9 +92,26 @@ def check_create(shard: Shard, shapes: Mapping[str, Sequence[int]], config: Adam
     if mode.backup_workers:
         raise FailedPrecondition("training_mode.backup_workers: a sync optimizer over several shards takes no "
                                  "backup workers (each shard would close its round with its own first gradients)")
-    if needs_norm_inputs(config, shard.placement):
-        raise FailedPrecondition("config: a sync optimizer over several shards cannot clip by global_clipnorm, nor "
-                                 "by clipnorm with a split tensor: the round's combined norm is known to no shard")
+
+
+def two_phase(config: AdamConfig, mode: "TrainingMode", shard: Shard | None) -> bool:
+    """Whether this optimizer's sync rounds are prepared, then committed with the other shards' sums of squares.
+
+    The combined round's norm is known to no worker and no shard: each shard
+    reports its part when its round closes, and the commit brings the rest.
+    """
+    return shard is not None and mode.mode == "sync" and needs_norm_inputs(config, shard.placement)
+
+
+def round_square_sums(shard: Shard, grads: Mapping[str, "Gradient"]) -> ShardNorms:
+    """A closed round's own sums of squares: of all its pieces, and of each split piece (float32, in layout order)."""
+    sums = {}
+    for piece in shard.pieces:
+        grad = grads[piece.name]
+        values = grad[1] if isinstance(grad, tuple) else grad
+        sums[piece.name] = np.sum(np.square(np.asarray(values, np.float32)), dtype=np.float32)
+    total = np.float32(sum(sums.values(), np.float32(0)))
+    return ShardNorms(float(total), {piece.name: float(sums[piece.name]) for piece in shard.pieces if not piece.whole})
 
 
 def needs_norm_inputs(config: AdamConfig, placement: Placement) -> bool:

@@ -80,6 +80,7 @@ class LogRecord:
     workers: list[tuple[str, int]] = field(default_factory=list)  # (worker_id, seq) it makes durable
     grads: dict[str, Gradient] = field(default_factory=dict)
     norms: ShardNorms | None = None  # a shard's step: the other shards' sums of squares it clipped with
+    round_square_sums: ShardNorms | None = None  # a two-phase sync round: this shard's own sums of squares
 
 
 class OptimizerStore:
@@ -348,6 +349,8 @@ def _encode_record(record: LogRecord) -> list[memoryview]:
     meta = {"kind": record.kind, "version": record.version, "workers": record.workers, "tensors": tensors}
     if record.norms is not None:
         meta["norms"] = record.norms.to_dict()
+    if record.round_square_sums is not None:
+        meta["round_square_sums"] = record.round_square_sums.to_dict()
     meta = json.dumps(meta).encode()
     payload = [memoryview(struct.pack("<I", len(meta))), memoryview(meta)]
     payload += [memoryview(a.reshape(-1).view(np.uint8)) for a in arrays]
@@ -384,7 +387,8 @@ def _decode_record(payload: bytes | memoryview) -> LogRecord:
             offset += count * ITEMSIZE[data_type]
         grads[tensor["name"]] = tuple(parts) if len(parts) == 2 else parts[0]
     norms = ShardNorms.from_dict(meta["norms"]) if meta.get("norms") else None
-    return LogRecord(meta["kind"], meta["version"], [tuple(w) for w in meta["workers"]], grads, norms)
+    sums = ShardNorms.from_dict(meta["round_square_sums"]) if meta.get("round_square_sums") else None
+    return LogRecord(meta["kind"], meta["version"], [tuple(w) for w in meta["workers"]], grads, norms, sums)
 
 
 @dataclass

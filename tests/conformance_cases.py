@@ -2,6 +2,7 @@
 
 import json
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -68,6 +69,46 @@ def load_case(name: str) -> Case:
     )
 
 
+def replay_steps(opt: Any, case: Case, push: Callable[[int, dict], int]) -> Any:
+    """Replays every step of `case` through an optimizer handle, checking lr, weights and EMA after each.
+
+    `push(k, grads)` sends step k's gradients (IndexedSlices for the sparse
+    ones) and returns the version. Returns the info read before the last step.
+    """
+    from optserve.client import IndexedSlices  # the loader itself needs no client
+
+    for k in range(case.steps):
+        info = opt.info()
+        assert info.iterations == k
+        np.testing.assert_allclose(info.next_learning_rate, case.lr[k], rtol=1e-6, err_msg=f"lr at step {k + 1}")
+        grads = {name: IndexedSlices(*grad) if isinstance(grad, tuple) else grad for name, grad in case.grads[k].items()}
+        assert push(k, grads) == k + 1
+        weights = opt.pull()
+        assert weights.version == k + 1 and weights.iterations == case.iterations[k]
+        for var, want in case.expect[k].items():
+            assert_close(weights[var], want, f"{case.name}: {var} after step {k + 1}")
+        if case.has_ema:
+            ema = opt.pull(ema=True)
+            assert ema.version == k + 1
+            for var, want in case.ema[k].items():
+                assert_close(ema[var], want, f"{case.name}: EMA of {var} after step {k + 1}")
+    return info
+
+
+def assert_slots_and_final(opt: Any, case: Case, amsgrad: bool) -> None:
+    """An optimizer handle that replayed every step of `case`: its Adam slots, then its weights after finalize."""
+    for slot in ("m", "v", "vhat"):
+        if slot == "vhat" and not amsgrad:
+            continue
+        got = opt.pull_slot(slot)
+        for var, slots in case.slots.items():
+            assert_close(got[var], slots[slot], f"{case.name}: slot {slot} of {var}")
+    opt.finalize()
+    final = opt.pull()
+    for var, want in case.final.items():
+        assert_close(final[var], want, f"{case.name}: {var} after finalize")
+
+
 def close(got: np.ndarray, want: np.ndarray) -> bool:
     """|got - want| <= 1e-5 + 1e-5 * |want| everywhere (the README's tolerance), shapes equal."""
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
@@ -87,22 +128,3 @@ def assert_close(got: np.ndarray, want: np.ndarray, what: str) -> None:
         f"(|diff| {abs(got[worst] - want[worst]):.3g})"
     )
 
-
-def wire_grads(step_grads: dict[str, np.ndarray | SparseArrays]) -> dict:
-    """One step's gradients as a client pushes them: sparse ones as `IndexedSlices`."""
-    from optserve.client import IndexedSlices
-
-    return {name: IndexedSlices(indices=grad[0], values=grad[1]) if isinstance(grad, tuple) else grad
-            for name, grad in step_grads.items()}
-
-
-def assert_state_after_step(opt: Any, case: Case, k: int) -> None:
-    """The weights an optimizer handle pulls (and their EMA, if the case keeps one) are the case's after step k + 1."""
-    weights = opt.pull()
-    for var, want in case.expect[k].items():
-        assert_close(weights[var], want, f"{case.name}: {var} after step {k + 1}")
-    if case.has_ema:
-        ema = opt.pull(ema=True)
-        assert ema.version == weights.version, f"{case.name}: EMA of version {ema.version}, weights of {weights.version}"
-        for var, want in case.ema[k].items():
-            assert_close(ema[var], want, f"{case.name}: EMA of {var} after step {k + 1}")

@@ -22,7 +22,7 @@ from optserve.server.launch import ServerProcess
 from optserve.v1 import optserve_pb2 as pb
 from optserve.v1 import optserve_pb2_grpc as pb_grpc
 from optserve.wire.layout import FlatLayout
-from tests.conformance_cases import assert_close, assert_state_after_step, case_names, load_case, wire_grads
+from tests.conformance_cases import assert_slots_and_final, case_names, load_case, replay_steps
 
 DEVICES = 4
 BLOCK = devices.BLOCK
@@ -134,23 +134,13 @@ def test_every_conformance_case_matches_tf_keras_on_a_server_spread_over_four_de
     with Client(spread_server.address) as client:
         opt = client.create_optimizer(f"spread-{case_name}", case.init, case.config)
         try:
-            info = opt.info()
-            slots = {"weights", "m", "v"} | ({"ema"} if case.has_ema else set()) | (
-                {"vhat"} if info.config["amsgrad"] else set())
+            amsgrad = opt.info().config["amsgrad"]
+            slots = {"weights", "m", "v"} | ({"ema"} if case.has_ema else set()) | ({"vhat"} if amsgrad else set())
             _assert_spread(_placement(spread_server.address, opt.name), slots)  # as created
-            for k in range(case.steps):
-                assert opt.push(wire_grads(case.grads[k])) == k + 1
-                assert_state_after_step(opt, case, k)
-            for slot in slots - {"weights", "ema"}:
-                got = opt.pull_slot(slot)
-                for var, values in case.slots.items():
-                    assert_close(got[var], values[slot], f"{case_name}: slot {slot} of {var}")
-            _assert_spread(_placement(spread_server.address, opt.name), slots)
-            opt.finalize()
-            final = opt.pull()
-            for var, want in case.final.items():
-                assert_close(final[var], want, f"{case_name}: {var} after finalize")
-            _assert_spread(_placement(spread_server.address, opt.name), slots)
+            replay_steps(opt, case, lambda k, grads: opt.push(grads))
+            _assert_spread(_placement(spread_server.address, opt.name), slots)  # as the steps left it
+            assert_slots_and_final(opt, case, amsgrad)
+            _assert_spread(_placement(spread_server.address, opt.name), slots)  # after finalize
         finally:
             client.delete_optimizer(opt.name)
 

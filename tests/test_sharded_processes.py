@@ -12,15 +12,11 @@ import pytest
 
 from optserve.client import Client, IndexedSlices, OptserveError
 from optserve.server.launch import ServerProcess
-from tests.conformance_cases import assert_close, case_names, load_case
+from tests.conformance_cases import assert_slots_and_final, case_names, load_case, replay_steps
 from tests.test_durability import free_port
 
 SHARDS = 3
 MAX_SHARD_BYTES = 16  # every tensor of the cases with more than 4 elements is split over the shards
-
-
-def _wire_grads(step_grads: dict) -> dict:
-    return {name: IndexedSlices(*grad) if isinstance(grad, tuple) else grad for name, grad in step_grads.items()}
 
 
 @pytest.fixture(scope="module")
@@ -50,31 +46,15 @@ def test_case_matches_tf_keras_over_three_shards(sharded, case_name: str) -> Non
     try:
         split = [name for name in case.init if len(opt.placement.of_tensor(name)) > 1]
         assert split, "the case must exercise split tensors"
-        for k in range(case.steps):
-            info = opt.info()
-            assert info.iterations == k
-            np.testing.assert_allclose(info.next_learning_rate, case.lr[k], rtol=1e-6, err_msg=f"lr at step {k + 1}")
-            version = opt.push(_wire_grads(case.grads[k]), worker_id="w", seq=k)
-            assert version == k + 1 and version.versions == (k + 1,) * SHARDS
-            weights = opt.pull()
-            assert weights.version == k + 1 and weights.iterations == case.iterations[k]
-            for var, want in case.expect[k].items():
-                assert_close(weights[var], want, f"{case_name}: {var} after step {k + 1}")
-            if case.has_ema:
-                ema = opt.pull(ema=True)
-                for var, want in case.ema[k].items():
-                    assert_close(ema[var], want, f"{case_name}: EMA of {var} after step {k + 1}")
-        for slot in ("m", "v", "vhat"):
-            if slot == "vhat" and not info.config["amsgrad"]:
-                continue
-            got = opt.pull_slot(slot)
-            for var, slots in case.slots.items():
-                assert_close(got[var], slots[slot], f"{case_name}: slot {slot} of {var}")
+
+        def push(k: int, grads: dict) -> int:
+            version = opt.push(grads, worker_id="w", seq=k)
+            assert version.versions == (k + 1,) * SHARDS
+            return version
+
+        info = replay_steps(opt, case, push)
         assert opt.save() == case.steps
-        opt.finalize()
-        final = opt.pull()
-        for var, want in case.final.items():
-            assert_close(final[var], want, f"{case_name}: {var} after finalize")
+        assert_slots_and_final(opt, case, info.config["amsgrad"])
     finally:
         sharded.delete_optimizer(opt.name)
 
@@ -128,15 +108,16 @@ def three_shards(tmp_path) -> Iterator[list[Shard]]:
             shard.process.stop()
 
 
-def test_a_shard_killed_mid_run_and_restarted_ends_bit_for_bit_as_an_uninterrupted_run(three_shards) -> None:
+@pytest.mark.parametrize("mode", ["async", "sync"])  # sync: one worker, each round two-phase (global_clipnorm)
+def test_a_shard_killed_mid_run_and_restarted_ends_bit_for_bit_as_an_uninterrupted_run(three_shards, mode) -> None:
     addresses = [shard.address for shard in three_shards]
     with Client(addresses, timeout=120.0) as client:
-        calm = client.create_optimizer("calm", INIT, CONFIG, max_shard_bytes=256)
+        calm = client.create_optimizer("calm", INIT, CONFIG, max_shard_bytes=256, mode=mode)
         for seq in range(STEPS):
-            calm.push(grads_for(seq), worker_id="worker", seq=seq)
+            calm.push(grads_for(seq), worker_id="worker", seq=seq, base_version=seq)
         expected = state_of(calm)
 
-        opt = client.create_optimizer("killed", INIT, CONFIG, max_shard_bytes=256)
+        opt = client.create_optimizer("killed", INIT, CONFIG, max_shard_bytes=256, mode=mode)
         assert len(opt.placement.of_tensor("emb")) > 1
         victim = three_shards[1]
         progress = threading.Event()
@@ -154,7 +135,8 @@ def test_a_shard_killed_mid_run_and_restarted_ends_bit_for_bit_as_an_uninterrupt
         for seq in range(STEPS):
             if seq == STEPS // 3:
                 progress.set()
-            result = opt.push(grads_for(seq), worker_id="worker", seq=seq)  # the client retries across the restart
+            # the client retries across the restart
+            result = opt.push(grads_for(seq), worker_id="worker", seq=seq, base_version=seq)
             assert int(result) == seq + 1
             duplicates += result.duplicate
         killer.join(timeout=180)

@@ -243,14 +243,18 @@ class PushGradientsRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
 
 class PushGradientsResponse(_message.Message):
-    __slots__ = ("version", "iterations", "duplicate")
+    __slots__ = ("version", "iterations", "duplicate", "prepared", "round_square_sums")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ITERATIONS_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    PREPARED_FIELD_NUMBER: _ClassVar[int]
+    ROUND_SQUARE_SUMS_FIELD_NUMBER: _ClassVar[int]
     version: int
     iterations: int
     duplicate: bool
-    def __init__(self, version: _Optional[int] = ..., iterations: _Optional[int] = ..., duplicate: _Optional[bool] = ...) -> None: ...
+    prepared: bool
+    round_square_sums: NormInputs
+    def __init__(self, version: _Optional[int] = ..., iterations: _Optional[int] = ..., duplicate: _Optional[bool] = ..., prepared: _Optional[bool] = ..., round_square_sums: _Optional[_Union[NormInputs, _Mapping]] = ...) -> None: ...
 
 class PullWeightsRequest(_message.Message):
     __slots__ = ("optimizer", "kind", "names", "min_version", "shared_memory_session", "bulk")
@@ -400,6 +404,16 @@ class NormInputs(_message.Message):
     global_square_sum: float
     tensor_square_sums: _containers.ScalarMap[str, float]
     def __init__(self, global_square_sum: _Optional[float] = ..., tensor_square_sums: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class CommitRoundRequest(_message.Message):
+    __slots__ = ("optimizer", "version", "norm_inputs")
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    NORM_INPUTS_FIELD_NUMBER: _ClassVar[int]
+    optimizer: str
+    version: int
+    norm_inputs: NormInputs
+    def __init__(self, optimizer: _Optional[str] = ..., version: _Optional[int] = ..., norm_inputs: _Optional[_Union[NormInputs, _Mapping]] = ...) -> None: ...
 
 class StatePlacement(_message.Message):
     __slots__ = ("flat_size", "tensor_offsets", "slots")

@@ -630,7 +630,7 @@ class _Step:
         self._checked = checked
 
         def run(state: AdamState, dense: Array | None, sparse: dict[str, SparseGrad], blocks: _Blocks,
-                norm_inputs: NormInputs | None, present: frozenset[str] | None,
+                present: frozenset[str] | None, norm_inputs: NormInputs | None = None,
                 ) -> AdamState | tuple[AdamState, Array]:
             new = _apply(config, decayed, state, dense, sparse, blocks, present, norm_inputs)
             if not checked:
@@ -655,7 +655,8 @@ class _Step:
         if norm_inputs is not None and np.shape(norm_inputs.tensor_square_sums) != (len(layout.shapes),):
             raise InvalidArgument(f"norm_inputs.tensor_square_sums: must hold {len(layout.shapes)} values, one per "
                                   f"tensor, got shape {np.shape(norm_inputs.tensor_square_sums)}")
-        return self._run(state, grads.dense, dict(grads.sparse), self._tables[1], norm_inputs, present=grads.present)
+        return self._run(state, grads.dense, dict(grads.sparse), self._tables[1], present=grads.present,
+                         norm_inputs=norm_inputs)
 
     def _cache_size(self) -> int:
         """Compiled variants so far (jitted only): one per layout, set of sparse tensors, dtype and bucket."""
