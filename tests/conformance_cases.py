@@ -127,4 +127,3 @@ def assert_close(got: np.ndarray, want: np.ndarray, what: str) -> None:
         f"{what}: worst element {tuple(int(i) for i in worst)}: got {got[worst]!r}, want {want[worst]!r} "
         f"(|diff| {abs(got[worst] - want[worst]):.3g})"
     )
-
