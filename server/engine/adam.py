@@ -181,7 +181,7 @@ def _slot(layout: FlatLayout, tensors: Mapping[str, np.ndarray | Array] | None) 
 
 
 def _zeros(layout: FlatLayout) -> Tensors:
-    return Tensors(devices.put(np.zeros(layout.size, np.float32), layout), layout)
+    return Tensors(devices.zeros(layout), layout)
 
 
 def init(params: Mapping[str, np.ndarray | Array], config: AdamConfig, layout: FlatLayout | None = None) -> AdamState:

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax import Array
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -118,6 +119,11 @@ def put(flat: np.ndarray | Array, layout: FlatLayout) -> Array:
     if isinstance(layout, ShardedLayout):
         return jax.device_put(flat, layout.sharding)
     return jax.device_put(flat)
+
+
+def zeros(layout: FlatLayout) -> Array:
+    """A float32 buffer of `layout.size` zeros, made on the devices the layout is sharded over (else the default)."""
+    return jnp.zeros(layout.size, jnp.float32, device=layout.sharding if isinstance(layout, ShardedLayout) else None)
 
 
 def constrain(flat: Array, layout: FlatLayout) -> Array:
