@@ -89,3 +89,15 @@ def test_namespaces_of_a_run_that_died_are_removed_and_live_ones_kept() -> None:
         if (netns.NETNS_DIR / stale).exists():
             subprocess.run(["ip", "netns", "del", stale], timeout=30)
     assert not (netns.NETNS_DIR / stale).exists()
+
+
+def test_the_scale_out_section_is_skipped_saying_why_when_the_links_cannot_be_made(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from optserve.server.bench import scaleout
+
+    monkeypatch.setattr(netns.LinkedHosts, "_shaper", lambda self: ["tbf", "nonsense"])  # tc refuses it
+    before = _namespaces()
+    result = scaleout.measure_scale_out((1, 2), 1, 1000, 2, 0.1, 100)
+    assert result["rows"] == [] and "cannot build the namespaces and links" in result["skipped"]
+    assert "tc" in result["skipped"]
+    assert _ours(_namespaces()) == _ours(before)
