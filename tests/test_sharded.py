@@ -480,3 +480,35 @@ def test_a_list_of_one_address_serves_a_plain_optimizer(addresses, single, name)
         finally:
             one.delete_optimizer(name)
             single.delete_optimizer(name)
+
+
+def test_a_repeated_commit_after_a_checkpointed_restart_is_still_answered_and_checked(tmp_path, name) -> None:
+    port = _free_port("127.0.0.1")
+
+    def start() -> RunningServer:
+        return RunningServer(ServerOptions(host="127.0.0.1", port=port, data_dir=str(tmp_path), bulk_port=-1))
+
+    from optserve.wire.placement import place
+
+    table = place({"w": (8, 2)}, 2, 16)
+    server = start()
+    try:
+        with Client(server.address) as client:
+            client.create_optimizer(name, {p.name: np.ones(p.shape, np.float32) for p in table.of_shard(0)},
+                                    {"global_clipnorm": 1.0}, mode="sync", shard=_shard_header(0, table))
+            shard = client.optimizer(name)
+            grads = {p.name: np.ones(p.shape, np.float32) for p in table.of_shard(0)}
+            assert shard.push(grads, worker_id="w", seq=0, base_version=0).prepared
+            request = pb.CommitRoundRequest(optimizer=name, version=1, norm_inputs=pb.NormInputs(global_square_sum=2.0))
+            assert client._call(client._stub.CommitRound, lambda: request).version == 1
+            shard.save()  # the log starts over: the commit must be in the checkpoint
+        server.stop()
+        server = start()
+        with Client(server.address) as client:
+            again = client._call(client._stub.CommitRound, lambda: request)
+            assert again.duplicate and again.version == 1
+            other = pb.CommitRoundRequest(optimizer=name, version=1, norm_inputs=pb.NormInputs(global_square_sum=3.0))
+            expect_error(grpc.StatusCode.FAILED_PRECONDITION, "committed with other sums", client._call,
+                         client._stub.CommitRound, lambda: other)
+    finally:
+        server.stop()
