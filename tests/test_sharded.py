@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from optserve.client import Client, IndexedSlices, OptserveError
-from optserve.client.sharded import ShardedClient, resolve
+from optserve.client.sharded import ShardedClient, _shard_to_wire, resolve
 from optserve.server.options import ServerOptions
 from optserve.v1 import optserve_pb2 as pb
 from tests.conftest import RunningServer, serving
@@ -330,12 +330,6 @@ def test_a_create_one_shard_refuses_is_rolled_back_on_the_others(sharded, plain,
         plain[1].delete_optimizer(name)
 
 
-def _shard_header(index: int, table) -> pb.ShardDescription:
-    return pb.ShardDescription(index=index, count=table.count, max_shard_bytes=table.max_shard_bytes, pieces=[
-        pb.ShardPiece(name=p.name, tensor=p.tensor, shard=p.shard, row_start=p.start, row_stop=p.stop,
-                      tensor_shape=p.tensor_shape) for p in table.pieces])
-
-
 def test_a_server_refuses_a_shard_whose_tensors_are_not_its_pieces(plain, name) -> None:
     from optserve.wire.placement import place
 
@@ -343,10 +337,10 @@ def test_a_server_refuses_a_shard_whose_tensors_are_not_its_pieces(plain, name) 
     mine = {p.name: np.zeros(p.shape, np.float32) for p in table.of_shard(0)}
     wrong = dict(list(mine.items())[1:])
     expect_error(grpc.StatusCode.INVALID_ARGUMENT, "tensors: shard 0 of the table holds", plain[0].create_optimizer,
-                 name, wrong, shard=_shard_header(0, table))
+                 name, wrong, shard=_shard_to_wire(0, table))
     expect_error(grpc.StatusCode.INVALID_ARGUMENT, "shard.index", plain[0].create_optimizer, name, mine,
-                 shard=_shard_header(5, table))
-    broken = _shard_header(0, table)
+                 shard=_shard_to_wire(5, table))
+    broken = _shard_to_wire(0, table)
     del broken.pieces[1]  # a gap in emb's rows
     expect_error(grpc.StatusCode.INVALID_ARGUMENT, "shard.pieces[1]: rows", plain[0].create_optimizer, name, mine,
                  shard=broken)
@@ -495,7 +489,7 @@ def test_a_repeated_commit_after_a_checkpointed_restart_is_still_answered_and_ch
     try:
         with Client(server.address) as client:
             client.create_optimizer(name, {p.name: np.ones(p.shape, np.float32) for p in table.of_shard(0)},
-                                    {"global_clipnorm": 1.0}, mode="sync", shard=_shard_header(0, table))
+                                    {"global_clipnorm": 1.0}, mode="sync", shard=_shard_to_wire(0, table))
             shard = client.optimizer(name)
             grads = {p.name: np.ones(p.shape, np.float32) for p in table.of_shard(0)}
             assert shard.push(grads, worker_id="w", seq=0, base_version=0).prepared
