@@ -40,7 +40,7 @@ from optserve.client.weights import Weights
 from optserve.v1 import optserve_pb2 as pb
 from optserve.wire import placement as placements
 from optserve.wire.dtypes import FLOAT32
-from optserve.wire.layout import ChunkBuffer, padded_bytes
+from optserve.wire.layout import ChunkBuffer
 from optserve.wire.placement import DEFAULT_MAX_SHARD_BYTES, Piece, Placement
 
 SYNC_PULL_TRIES = 8  # sync: pulls of lagging shards at most, before a pull gives up finding one round on all
@@ -53,7 +53,8 @@ def resolve(target: str | Sequence[str]) -> list[str]:
     if not isinstance(target, str):
         addresses = list(target)
         if not addresses or not all(isinstance(a, str) and a for a in addresses):
-            raise InvalidArgumentError(f"address: a list of shard addresses must hold non-empty strings, got {target!r}")
+            raise InvalidArgumentError(f"address: a list of shard addresses must hold non-empty strings, got "
+                                       f"{target!r}")
         if len(set(addresses)) != len(addresses):
             raise InvalidArgumentError(f"address: a shard address is listed twice in {addresses}")
         return addresses
@@ -313,7 +314,8 @@ class ShardedOptimizer:
                                 f"shard {missing} ({self.client.addresses[missing]}): answered a two-phase round "
                                 f"without its sums of squares (it applied newer rounds since?); pull and push again")
         totals = [np.float32(r.round_square_sums.global_square_sum) for r in results]
-        pieces = {name: np.float32(value) for r in results for name, value in r.round_square_sums.tensor_square_sums.items()}
+        pieces = {name: np.float32(value)
+                  for r in results for name, value in r.round_square_sums.tensor_square_sums.items()}
         inputs = self._others(totals, pieces)
         prepared = [i for i, result in enumerate(results) if result.prepared]
 
@@ -492,9 +494,9 @@ class ShardedOptimizer:
             pulled.update(zip(behind, self.client._each(lambda i: fetch(i, target), behind)))
         else:
             if self._sync and len({w.version for w in pulled.values()}) > 1:
-                raise OptserveError(grpc.StatusCode.ABORTED,
-                                    f"pull: the shards kept moving to new rounds ({[w.version for w in pulled.values()]}"
-                                    f") over {SYNC_PULL_TRIES} tries; pull again")
+                versions = [w.version for w in pulled.values()]
+                raise OptserveError(grpc.StatusCode.ABORTED, f"pull: the shards kept moving to new rounds ({versions}) "
+                                                             f"over {SYNC_PULL_TRIES} tries; pull again")
         sizes = [4 * math.prod(shape) for shape in shapes]
         buffer = ChunkBuffer(sizes, InvalidArgumentError, None if into is None else into._buffer)
         tensors = {name: buffer.view(i, FLOAT32, shape) for i, (name, shape) in enumerate(zip(names, shapes))}
