@@ -284,12 +284,15 @@ class ShardedOptimizer:
                                                f"non_finite_policy is 'refuse')")
         norms = self._norm_inputs(parts, wire_dtype) if self._clip else [None] * len(parts)
 
-        def send(index: int) -> PushResult:
-            return self._parts[index].push(parts[index], worker_id=worker_id, seq=seq, base_version=base_version,
+        def send(index: int, base: int | None = base_version) -> PushResult:
+            return self._parts[index].push(parts[index], worker_id=worker_id, seq=seq, base_version=base,
                                            wire_dtype=wire_dtype, norm_inputs=norms[index])
 
         outcomes = self.client._try_each(send, range(len(parts)))
         failed = [(i, err) for i, (ok, err) in enumerate(outcomes) if not ok]
+        if failed and len(failed) < len(parts) and all(_stale(err) for _, err in failed):
+            outcomes = self._complete_stale(outcomes, failed, send)
+            failed = [(i, err) for i, (ok, err) in enumerate(outcomes) if not ok]
         if failed:
             raise self._push_error(outcomes, failed, worker_id, seq)
         results = [result for _, result in outcomes]
@@ -336,6 +339,22 @@ class ShardedOptimizer:
         for index, again in zip(lost, self.client._each(send, lost)):
             results[index] = again
         return results
+
+    def _complete_stale(self, outcomes: list, failed: list, send: Callable[..., PushResult]) -> list:
+        """Completes an async push that some shards found too stale and the others applied.
+
+        The shards' versions differ while pushes are in flight, so they may
+        judge one `base_version` differently; the push is then completed (those
+        shards applied nothing, so sending it again cannot apply it twice),
+        judged fresh enough by the shards that took it.
+        """
+        stale = [index for index, _ in failed]
+        current = self.client._each(lambda index: self._parts[index].info().version, stale)
+        again = self.client._try_each(lambda pair: send(pair[0], pair[1]), list(zip(stale, current)))
+        outcomes = list(outcomes)
+        for index, outcome in zip(stale, again):
+            outcomes[index] = outcome
+        return outcomes
 
     def _push_error(self, outcomes: list, failed: list, worker_id: str, seq: int | None) -> OptserveError:
         """The error of a push some shards refused: which did, and what the others' acknowledgement means."""
@@ -513,6 +532,11 @@ class ShardedOptimizer:
         result = Weights(tensors, min(known), min(pulled[i].iterations for i in pulled), buffer.data)
         result.versions = versions
         return result
+
+
+def _stale(err: OptserveError) -> bool:
+    """A shard's refusal of a push as more than max_staleness versions behind (it applied nothing)."""
+    return err.code() == grpc.StatusCode.ABORTED and "max_staleness" in err.details()
 
 
 def _combined_result(results: list[PushResult]) -> PushResult:

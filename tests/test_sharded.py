@@ -307,6 +307,23 @@ def test_sync_rounds_over_shards_match_one_server_and_pulls_see_one_round(sharde
         single.delete_optimizer(name)
 
 
+def test_a_push_some_shards_find_too_stale_is_completed_by_them_when_the_others_applied_it(
+        sharded, plain, name) -> None:
+    opt = sharded.create_optimizer(name, PARAMS, max_shard_bytes=SMALL, max_staleness=1)
+    try:
+        ahead = plain[0].optimizer(name)  # shard 0 two versions ahead, as in-flight pushes can leave it
+        for seq in range(2):
+            ahead.push({p.name: np.ones(p.shape, np.float32) for p in opt.placement.of_shard(0)}, base_version=seq)
+        result = opt.push(grads_for(0), worker_id="w", seq=0, base_version=0)
+        assert result.versions == (3, 1, 1) and opt.info().version == 1
+        assert opt.push(grads_for(1), worker_id="w", seq=1, base_version=1).versions == (4, 2, 2)
+        expect_error(grpc.StatusCode.ABORTED, "no shard applied the push", opt.push, grads_for(2), worker_id="w",
+                     seq=2, base_version=0)  # stale on every shard: refused whole
+        assert [s.version for s in opt.info().shards] == [4, 2, 2]
+    finally:
+        sharded.delete_optimizer(name)
+
+
 @pytest.mark.parametrize("config, settings, fragment", [
     ({}, dict(mode="sync", num_workers=2, backup_workers=1), "backup_workers"),
 ])
