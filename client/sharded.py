@@ -290,7 +290,7 @@ class ShardedOptimizer:
 
         outcomes = self.client._try_each(send, range(len(parts)))
         failed = [(i, err) for i, (ok, err) in enumerate(outcomes) if not ok]
-        if failed and len(failed) < len(parts) and all(_stale(err) for _, err in failed):
+        if failed and not self._sync and len(failed) < len(parts) and all(_judged_by_version(e) for _, e in failed):
             outcomes = self._complete_stale(outcomes, failed, send)
             failed = [(i, err) for i, (ok, err) in enumerate(outcomes) if not ok]
         if failed:
@@ -341,12 +341,13 @@ class ShardedOptimizer:
         return results
 
     def _complete_stale(self, outcomes: list, failed: list, send: Callable[..., PushResult]) -> list:
-        """Completes an async push that some shards found too stale and the others applied.
+        """Completes an async push that some shards refused for its `base_version` and the others applied.
 
         The shards' versions differ while pushes are in flight, so they may
-        judge one `base_version` differently; the push is then completed (those
-        shards applied nothing, so sending it again cannot apply it twice),
-        judged fresh enough by the shards that took it.
+        judge one `base_version` differently (too stale, or ahead of a shard
+        that lags); the push is then completed with each refusing shard's
+        current version as its base (those shards applied nothing, so sending
+        it again cannot apply it twice), as the shards that took it judged it.
         """
         stale = [index for index, _ in failed]
         current = self.client._each(lambda index: self._parts[index].info().version, stale)
@@ -534,9 +535,11 @@ class ShardedOptimizer:
         return result
 
 
-def _stale(err: OptserveError) -> bool:
-    """A shard's refusal of a push as more than max_staleness versions behind (it applied nothing)."""
-    return err.code() == grpc.StatusCode.ABORTED and "max_staleness" in err.details()
+def _judged_by_version(err: OptserveError) -> bool:
+    """A shard's refusal of an async push for its base_version alone: too stale, or ahead of the shard."""
+    details = err.details()
+    return (err.code() == grpc.StatusCode.ABORTED and "max_staleness" in details) or (
+        err.code() == grpc.StatusCode.INVALID_ARGUMENT and "is ahead of the current version" in details)
 
 
 def _combined_result(results: list[PushResult]) -> PushResult:

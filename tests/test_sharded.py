@@ -320,6 +320,8 @@ def test_a_push_some_shards_find_too_stale_is_completed_by_them_when_the_others_
         expect_error(grpc.StatusCode.ABORTED, "no shard applied the push", opt.push, grads_for(2), worker_id="w",
                      seq=2, base_version=0)  # stale on every shard: refused whole
         assert [s.version for s in opt.info().shards] == [4, 2, 2]
+        # the largest shard version as base (a push's own answer): ahead of shards 1 and 2, which complete it
+        assert opt.push(grads_for(3), worker_id="w", seq=3, base_version=4).versions == (5, 3, 3)
     finally:
         sharded.delete_optimizer(name)
 
