@@ -452,9 +452,10 @@ class Optimizer:
 
 
 def _shard_from_wire(shard: pb.ShardDescription) -> dict[str, Any]:
-    return {"index": shard.index, "count": shard.count, "digest": shard.digest, "max_shard_bytes": shard.max_shard_bytes,
-            "pieces": [(p.name, p.tensor, p.shard, p.row_start, p.row_stop, tuple(p.tensor_shape))
-                       for p in shard.pieces]}
+    """An OptimizerInfo's shard description as plain data (see OptimizerInfo.shard)."""
+    pieces = [(p.name, p.tensor, p.shard, p.row_start, p.row_stop, tuple(p.tensor_shape)) for p in shard.pieces]
+    return {"index": shard.index, "count": shard.count, "digest": shard.digest,
+            "max_shard_bytes": shard.max_shard_bytes, "pieces": pieces}
 
 
 def _pulled_layout(header: pb.PullHeader, into: Weights | None) -> tuple[list[tuple[int, ...]], list[int]]:

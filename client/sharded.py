@@ -40,7 +40,7 @@ from optserve.client.weights import Weights
 from optserve.v1 import optserve_pb2 as pb
 from optserve.wire import placement as placements
 from optserve.wire.dtypes import FLOAT32
-from optserve.wire.layout import ChunkBuffer, padded_bytes
+from optserve.wire.layout import ChunkBuffer
 from optserve.wire.placement import DEFAULT_MAX_SHARD_BYTES, Piece, Placement
 
 SYNC_PULL_TRIES = 8  # sync: pulls of lagging shards at most, before a pull gives up finding one round on all
@@ -53,7 +53,8 @@ def resolve(target: str | Sequence[str]) -> list[str]:
     if not isinstance(target, str):
         addresses = list(target)
         if not addresses or not all(isinstance(a, str) and a for a in addresses):
-            raise InvalidArgumentError(f"address: a list of shard addresses must hold non-empty strings, got {target!r}")
+            raise InvalidArgumentError(f"address: a list of shard addresses must hold non-empty strings, got "
+                                       f"{target!r}")
         if len(set(addresses)) != len(addresses):
             raise InvalidArgumentError(f"address: a shard address is listed twice in {addresses}")
         return addresses
@@ -283,12 +284,15 @@ class ShardedOptimizer:
                                                f"non_finite_policy is 'refuse')")
         norms = self._norm_inputs(parts, wire_dtype) if self._clip else [None] * len(parts)
 
-        def send(index: int) -> PushResult:
-            return self._parts[index].push(parts[index], worker_id=worker_id, seq=seq, base_version=base_version,
+        def send(index: int, base: int | None = base_version) -> PushResult:
+            return self._parts[index].push(parts[index], worker_id=worker_id, seq=seq, base_version=base,
                                            wire_dtype=wire_dtype, norm_inputs=norms[index])
 
         outcomes = self.client._try_each(send, range(len(parts)))
         failed = [(i, err) for i, (ok, err) in enumerate(outcomes) if not ok]
+        if failed and not self._sync and len(failed) < len(parts) and all(_judged_by_version(e) for _, e in failed):
+            outcomes = self._complete_stale(outcomes, failed, send)
+            failed = [(i, err) for i, (ok, err) in enumerate(outcomes) if not ok]
         if failed:
             raise self._push_error(outcomes, failed, worker_id, seq)
         results = [result for _, result in outcomes]
@@ -313,7 +317,8 @@ class ShardedOptimizer:
                                 f"shard {missing} ({self.client.addresses[missing]}): answered a two-phase round "
                                 f"without its sums of squares (it applied newer rounds since?); pull and push again")
         totals = [np.float32(r.round_square_sums.global_square_sum) for r in results]
-        pieces = {name: np.float32(value) for r in results for name, value in r.round_square_sums.tensor_square_sums.items()}
+        pieces = {name: np.float32(value)
+                  for r in results for name, value in r.round_square_sums.tensor_square_sums.items()}
         inputs = self._others(totals, pieces)
         prepared = [i for i, result in enumerate(results) if result.prepared]
 
@@ -334,6 +339,23 @@ class ShardedOptimizer:
         for index, again in zip(lost, self.client._each(send, lost)):
             results[index] = again
         return results
+
+    def _complete_stale(self, outcomes: list, failed: list, send: Callable[..., PushResult]) -> list:
+        """Completes an async push that some shards refused for its `base_version` and the others applied.
+
+        The shards' versions differ while pushes are in flight, so they may
+        judge one `base_version` differently (too stale, or ahead of a shard
+        that lags); the push is then completed with each refusing shard's
+        current version as its base (those shards applied nothing, so sending
+        it again cannot apply it twice), as the shards that took it judged it.
+        """
+        stale = [index for index, _ in failed]
+        current = self.client._each(lambda index: self._parts[index].info().version, stale)
+        again = self.client._try_each(lambda pair: send(pair[0], pair[1]), list(zip(stale, current)))
+        outcomes = list(outcomes)
+        for index, outcome in zip(stale, again):
+            outcomes[index] = outcome
+        return outcomes
 
     def _push_error(self, outcomes: list, failed: list, worker_id: str, seq: int | None) -> OptserveError:
         """The error of a push some shards refused: which did, and what the others' acknowledgement means."""
@@ -492,9 +514,9 @@ class ShardedOptimizer:
             pulled.update(zip(behind, self.client._each(lambda i: fetch(i, target), behind)))
         else:
             if self._sync and len({w.version for w in pulled.values()}) > 1:
-                raise OptserveError(grpc.StatusCode.ABORTED,
-                                    f"pull: the shards kept moving to new rounds ({[w.version for w in pulled.values()]}"
-                                    f") over {SYNC_PULL_TRIES} tries; pull again")
+                versions = [w.version for w in pulled.values()]
+                raise OptserveError(grpc.StatusCode.ABORTED, f"pull: the shards kept moving to new rounds ({versions}) "
+                                                             f"over {SYNC_PULL_TRIES} tries; pull again")
         sizes = [4 * math.prod(shape) for shape in shapes]
         buffer = ChunkBuffer(sizes, InvalidArgumentError, None if into is None else into._buffer)
         tensors = {name: buffer.view(i, FLOAT32, shape) for i, (name, shape) in enumerate(zip(names, shapes))}
@@ -511,6 +533,13 @@ class ShardedOptimizer:
         result = Weights(tensors, min(known), min(pulled[i].iterations for i in pulled), buffer.data)
         result.versions = versions
         return result
+
+
+def _judged_by_version(err: OptserveError) -> bool:
+    """A shard's refusal of an async push for its base_version alone: too stale, or ahead of the shard."""
+    details = err.details()
+    return (err.code() == grpc.StatusCode.ABORTED and "max_staleness" in details) or (
+        err.code() == grpc.StatusCode.INVALID_ARGUMENT and "is ahead of the current version" in details)
 
 
 def _combined_result(results: list[PushResult]) -> PushResult:

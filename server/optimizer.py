@@ -67,6 +67,16 @@ class _CommittedRound:
     sums: ShardNorms  # this shard's own
     iterations: int
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": self.version, "norms": self.norms.to_dict(), "sums": self.sums.to_dict(),
+                "iterations": self.iterations}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "_CommittedRound":
+        return cls(int(data["version"]), ShardNorms.from_dict(data["norms"]), ShardNorms.from_dict(data["sums"]),
+                   int(data["iterations"]))
+
+
 @dataclass(frozen=True)
 class OptimizerInfo:
     """A snapshot of one optimizer's metadata."""
@@ -133,11 +143,11 @@ class Optimizer:
         self._dropped_round = -1  # sync: the version of the last round that could not be logged or was refused
         self._dropped_error: OptserveError = ResourceExhausted("the data dir is full")  # why it was dropped
         self._round_generation = 0  # sync: rounds closed (applied or dropped) so far
+        self._dropped_generation = -1  # sync: the generation of the last dropped round
         # a sync shard that clips by the whole gradient's norm: rounds are prepared, then committed
         self._two_phase = two_phase(config, training_mode, shard)
         self._prepared: _PreparedRound | None = None
         self._committed: _CommittedRound | None = None
-        self._dropped_generation = -1  # sync: the generation of the last dropped round
         self._on_step = on_step  # told after every step, under the lock (it must not block)
         self._metrics = metrics or Metrics()
         self._push_times: deque[float] = deque(maxlen=1024)  # monotonic times of recent accepted pushes
@@ -408,6 +418,8 @@ class Optimizer:
         except InvalidArgument as err:  # a checkpoint without the matched names, whose pattern now runs out of time
             raise StorageError(f"{store.directory}: cannot restore optimizer {meta['name']!r}: {err}") from None
         optimizer._dedup.load_json(meta["dedup"])
+        if meta.get("committed_round"):  # so a repeated commit after a restart is still checked and answered
+            optimizer._committed = _CommittedRound.from_dict(meta["committed_round"])
         return optimizer
 
     def checkpoint(self) -> Checkpoint:
@@ -423,6 +435,7 @@ class Optimizer:
             "dedup": self._dedup.to_json(),
             "excluded_from_weight_decay": sorted(self._excluded),  # matched once, at create
             "shard": None if self.shard is None else self.shard.to_dict(),
+            "committed_round": None if self._committed is None else self._committed.to_dict(),
         }
         return Checkpoint(meta, adam.export(self._state))
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from optserve.client import Client, IndexedSlices, OptserveError
-from optserve.client.sharded import ShardedClient, resolve
+from optserve.client.sharded import ShardedClient, _shard_to_wire, resolve
 from optserve.server.options import ServerOptions
 from optserve.v1 import optserve_pb2 as pb
 from tests.conftest import RunningServer, serving
@@ -307,6 +307,25 @@ def test_sync_rounds_over_shards_match_one_server_and_pulls_see_one_round(sharde
         single.delete_optimizer(name)
 
 
+def test_a_push_some_shards_find_too_stale_is_completed_by_them_when_the_others_applied_it(
+        sharded, plain, name) -> None:
+    opt = sharded.create_optimizer(name, PARAMS, max_shard_bytes=SMALL, max_staleness=1)
+    try:
+        ahead = plain[0].optimizer(name)  # shard 0 two versions ahead, as in-flight pushes can leave it
+        for seq in range(2):
+            ahead.push({p.name: np.ones(p.shape, np.float32) for p in opt.placement.of_shard(0)}, base_version=seq)
+        result = opt.push(grads_for(0), worker_id="w", seq=0, base_version=0)
+        assert result.versions == (3, 1, 1) and opt.info().version == 1
+        assert opt.push(grads_for(1), worker_id="w", seq=1, base_version=1).versions == (4, 2, 2)
+        expect_error(grpc.StatusCode.ABORTED, "no shard applied the push", opt.push, grads_for(2), worker_id="w",
+                     seq=2, base_version=0)  # stale on every shard: refused whole
+        assert [s.version for s in opt.info().shards] == [4, 2, 2]
+        # the largest shard version as base (a push's own answer): ahead of shards 1 and 2, which complete it
+        assert opt.push(grads_for(3), worker_id="w", seq=3, base_version=4).versions == (5, 3, 3)
+    finally:
+        sharded.delete_optimizer(name)
+
+
 @pytest.mark.parametrize("config, settings, fragment", [
     ({}, dict(mode="sync", num_workers=2, backup_workers=1), "backup_workers"),
 ])
@@ -330,12 +349,6 @@ def test_a_create_one_shard_refuses_is_rolled_back_on_the_others(sharded, plain,
         plain[1].delete_optimizer(name)
 
 
-def _shard_header(index: int, table) -> pb.ShardDescription:
-    return pb.ShardDescription(index=index, count=table.count, max_shard_bytes=table.max_shard_bytes, pieces=[
-        pb.ShardPiece(name=p.name, tensor=p.tensor, shard=p.shard, row_start=p.start, row_stop=p.stop,
-                      tensor_shape=p.tensor_shape) for p in table.pieces])
-
-
 def test_a_server_refuses_a_shard_whose_tensors_are_not_its_pieces(plain, name) -> None:
     from optserve.wire.placement import place
 
@@ -343,10 +356,10 @@ def test_a_server_refuses_a_shard_whose_tensors_are_not_its_pieces(plain, name) 
     mine = {p.name: np.zeros(p.shape, np.float32) for p in table.of_shard(0)}
     wrong = dict(list(mine.items())[1:])
     expect_error(grpc.StatusCode.INVALID_ARGUMENT, "tensors: shard 0 of the table holds", plain[0].create_optimizer,
-                 name, wrong, shard=_shard_header(0, table))
+                 name, wrong, shard=_shard_to_wire(0, table))
     expect_error(grpc.StatusCode.INVALID_ARGUMENT, "shard.index", plain[0].create_optimizer, name, mine,
-                 shard=_shard_header(5, table))
-    broken = _shard_header(0, table)
+                 shard=_shard_to_wire(5, table))
+    broken = _shard_to_wire(0, table)
     del broken.pieces[1]  # a gap in emb's rows
     expect_error(grpc.StatusCode.INVALID_ARGUMENT, "shard.pieces[1]: rows", plain[0].create_optimizer, name, mine,
                  shard=broken)
@@ -480,3 +493,35 @@ def test_a_list_of_one_address_serves_a_plain_optimizer(addresses, single, name)
         finally:
             one.delete_optimizer(name)
             single.delete_optimizer(name)
+
+
+def test_a_repeated_commit_after_a_checkpointed_restart_is_still_answered_and_checked(tmp_path, name) -> None:
+    port = _free_port("127.0.0.1")
+
+    def start() -> RunningServer:
+        return RunningServer(ServerOptions(host="127.0.0.1", port=port, data_dir=str(tmp_path), bulk_port=-1))
+
+    from optserve.wire.placement import place
+
+    table = place({"w": (8, 2)}, 2, 16)
+    server = start()
+    try:
+        with Client(server.address) as client:
+            client.create_optimizer(name, {p.name: np.ones(p.shape, np.float32) for p in table.of_shard(0)},
+                                    {"global_clipnorm": 1.0}, mode="sync", shard=_shard_to_wire(0, table))
+            shard = client.optimizer(name)
+            grads = {p.name: np.ones(p.shape, np.float32) for p in table.of_shard(0)}
+            assert shard.push(grads, worker_id="w", seq=0, base_version=0).prepared
+            request = pb.CommitRoundRequest(optimizer=name, version=1, norm_inputs=pb.NormInputs(global_square_sum=2.0))
+            assert client._call(client._stub.CommitRound, lambda: request).version == 1
+            shard.save()  # the log starts over: the commit must be in the checkpoint
+        server.stop()
+        server = start()
+        with Client(server.address) as client:
+            again = client._call(client._stub.CommitRound, lambda: request)
+            assert again.duplicate and again.version == 1
+            other = pb.CommitRoundRequest(optimizer=name, version=1, norm_inputs=pb.NormInputs(global_square_sum=3.0))
+            expect_error(grpc.StatusCode.FAILED_PRECONDITION, "committed with other sums", client._call,
+                         client._stub.CommitRound, lambda: other)
+    finally:
+        server.stop()
