@@ -8,7 +8,7 @@ which carries the gRPC status code and the server's message.
 import json
 import random
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -67,11 +67,16 @@ class PushResult(int):
 
     iterations: int  # Adam steps applied at that version
     duplicate: bool  # a retry of an already accepted (worker_id, seq), answered, not applied again
+    # a shard's two-phase sync round (see optserve.client.sharded): closed, waiting for its commit
+    prepared: bool = False
+    round_square_sums: pb.NormInputs | None = None  # that round's own sums of squares on the shard
 
     @classmethod
     def from_wire(cls, reply: pb.PushGradientsResponse) -> "PushResult":
         result = cls(reply.version)
         result.iterations, result.duplicate = reply.iterations, reply.duplicate
+        result.prepared = reply.prepared
+        result.round_square_sums = reply.round_square_sums if reply.HasField("round_square_sums") else None
         return result
 
 
@@ -97,6 +102,10 @@ class OptimizerInfo:
     clients: tuple[dict[str, Any], ...] = ()
     optimizer: str = "Adam"  # the tf-keras class, e.g. "RMSprop"
     slots: tuple[str, ...] = ()  # the class's slots by tf-keras name, for `pull_slot`
+    # a shard of a logical optimizer over several servers: index, count, digest, max_shard_bytes and
+    # pieces [(name, tensor, shard, row_start, row_stop, tensor_shape)]; None for a one-server optimizer
+    shard: dict[str, Any] | None = None
+    shards: tuple["OptimizerInfo", ...] = ()  # a sharded client's info: each shard's own, in shard order
 
     @classmethod
     def from_wire(cls, info: pb.OptimizerInfo) -> "OptimizerInfo":
@@ -128,11 +137,12 @@ class OptimizerInfo:
                           for c in info.clients),
             optimizer=info.optimizer or "Adam",  # a server from before the family serves Adam only
             slots=tuple(info.slots),
+            shard=_shard_from_wire(info.shard) if info.HasField("shard") else None,
         )
 
 
 class Client:
-    """A connection to one optserve server.
+    """A connection to one optserve server (or, given a list of addresses or a "dns:///" name, to several).
 
     The constructor waits up to `timeout` seconds for the server to report
     SERVING on the gRPC health service (a server restoring its data dir reports
@@ -148,7 +158,18 @@ class Client:
 
     `transport` (see TRANSPORTS) chooses how tensor bytes travel; "auto" takes
     shared memory when the server shares this host, else the bulk channel.
+
+    `Client(["h0:50051", "h1:50051"])` and `Client("dns:///name:50051")` (every
+    address of the name) return a `ShardedClient` (optserve.client.sharded):
+    the same API over one logical optimizer spread over those servers.
     """
+
+    def __new__(cls, address: "str | Sequence[str]" = "", *args: Any, **kwargs: Any):
+        if cls is Client and (not isinstance(address, str) or address.startswith("dns:///")):
+            from optserve.client.sharded import ShardedClient  # it builds on this module
+
+            return ShardedClient(address, *args, **kwargs)
+        return super().__new__(cls)
 
     def __init__(self, address: str, timeout: float = 30.0, *, chunk_bytes: int = CHUNK_BYTES,
                  tls: bool | str | TLS | None = None, token: str | None = None, transport: str = "auto"):
@@ -184,7 +205,7 @@ class Client:
         self, name: str, params: Mapping[str, Any], config: Mapping[str, Any] | None = None, *,
         mode: str = "async", num_workers: int = 1, backup_workers: int = 0, aggregation: str = "mean",
         sync_timeout: float = 60.0, max_staleness: int | None = None, non_finite_policy: str = "refuse",
-        optimizer: str | None = None,
+        optimizer: str | None = None, shard: pb.ShardDescription | None = None,
     ) -> "Optimizer":
         """Creates an optimizer from initial weights and a tf-keras optimizer's arguments.
 
@@ -201,7 +222,8 @@ class Client:
         backup_workers` workers), combined by `aggregation` ("mean" or "sum"),
         closing a round early `sync_timeout` seconds after its first gradient.
         `non_finite_policy` is "refuse" (NaN/Inf gradients are refused) or
-        "apply" (as Keras: they reach the weights).
+        "apply" (as Keras: they reach the weights). `shard` makes it one shard
+        of a logical optimizer (`params` its pieces); a ShardedClient sets it.
         """
         for value, allowed, what in [(non_finite_policy, _NON_FINITE, "non_finite_policy"), (mode, _MODES, "mode"),
                                      (aggregation, _AGGREGATIONS, "aggregation")]:
@@ -218,6 +240,7 @@ class Client:
                 mode=_MODES[mode], num_workers=num_workers, backup_workers=backup_workers,
                 aggregation=_AGGREGATIONS[aggregation], sync_timeout_seconds=sync_timeout,
                 max_staleness=max_staleness),
+            shard=shard,
         )
         self._call(self._create, lambda: encode_stream(header, arrays.values(), self.chunk_bytes))
         return Optimizer(self, name)
@@ -330,7 +353,8 @@ class Optimizer:
         self.name = name
 
     def push(self, grads: Mapping[str, Any], *, worker_id: str = "", seq: int | None = None,
-             base_version: int | None = None, wire_dtype: str | None = None, missing: str = "refuse") -> PushResult:
+             base_version: int | None = None, wire_dtype: str | None = None, missing: str = "refuse",
+             norm_inputs: pb.NormInputs | None = None) -> PushResult:
         """Sends one gradient for every tensor (or some, with `missing="skip"`); returns the version that includes it.
 
         `grads` holds, per tensor, an array of the tensor's shape or a sparse
@@ -349,7 +373,8 @@ class Optimizer:
         tensors out: as tf-keras does for a variable whose gradient is None,
         the step leaves them exactly as they are (weights, slots, EMA), while
         it still counts as one step; "refuse" (the default) makes the server
-        refuse such a push.
+        refuse such a push. `norm_inputs` (on a shard) carries the other
+        shards' sums of squares for the clip; a ShardedClient sets it.
         """
         if missing not in _MISSING:
             raise InvalidArgumentError(f"missing: must be one of {sorted(_MISSING)}, got {missing!r}")
@@ -372,7 +397,7 @@ class Optimizer:
                                          index_dtype=_data_type(indices.dtype, f"gradients[{name!r}].indices")))
             arrays += [indices, values]
         header = pb.PushHeader(optimizer=self.name, gradients=specs, worker_id=worker_id, seq=seq,
-                               base_version=base_version, missing=_MISSING[missing])
+                               base_version=base_version, missing=_MISSING[missing], norm_inputs=norm_inputs)
         retry = _PUSH_RETRY if worker_id and seq is not None else frozenset()
         return PushResult.from_wire(self.client._send_push(header, arrays, retry))
 
@@ -452,6 +477,13 @@ class Optimizer:
 
     def __repr__(self) -> str:
         return f"Optimizer({self.name!r} at {self.client.address})"
+
+
+def _shard_from_wire(shard: pb.ShardDescription) -> dict[str, Any]:
+    """An OptimizerInfo's shard description as plain data (see OptimizerInfo.shard)."""
+    pieces = [(p.name, p.tensor, p.shard, p.row_start, p.row_stop, tuple(p.tensor_shape)) for p in shard.pieces]
+    return {"index": shard.index, "count": shard.count, "digest": shard.digest,
+            "max_shard_bytes": shard.max_shard_bytes, "pieces": pieces}
 
 
 def _pulled_layout(header: pb.PullHeader, into: Weights | None) -> tuple[list[tuple[int, ...]], list[int]]:

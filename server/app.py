@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 
 from optserve.server.admission import Admission, AdmissionInterceptor, Limits
 from optserve.server.bulk import BulkListener
+from optserve.server.engine import devices
 from optserve.server.metrics import Metrics
 from optserve.server.options import ServerOptions
 from optserve.server.registry import Persistence, Registry
@@ -101,7 +102,12 @@ def create_server(options: ServerOptions, interceptors: Sequence[grpc.ServerInte
     if options.data_dir is not None:
         persistence = Persistence(Path(options.data_dir), options.durability, options.checkpoint_every,
                                   options.checkpoint_interval, accept_log_loss=options.accept_log_loss)
-    registry = Registry(persistence, options.max_optimizers, Metrics(enabled=options.metrics_port is not None))
+    placement = devices.placement(options.devices)  # DevicesConfigError naming --devices, before anything binds
+    registry = Registry(persistence, options.max_optimizers, Metrics(enabled=options.metrics_port is not None),
+                        placement)
+    if placement is not None:
+        log.info("state spread over %d devices: %s", placement.count,
+                 ", ".join(devices.describe_device(d) for d in placement.mesh.devices.flat))
     admission = Admission(limits, registry.metrics)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=limits.max_workers, thread_name_prefix="optserve-rpc"),

@@ -61,6 +61,8 @@ SERVE_FLAGS: dict[str, tuple[Any, str]] = {  # field -> (type, or a tuple of cho
     "token_file": (str, "bearer tokens, one per line (# comments); every call but health and reflection must "
                         "send 'authorization: Bearer <token>'"),
     "insecure": (bool, "allow plaintext on a non-loopback --host"),
+    "devices": (str, "local devices (accelerators, or CPU devices) each optimizer's state is sharded over: a "
+                     "count, or 'all'; large tensors are split across them, small ones placed whole"),
 }
 SERVE_EPILOG = """Every flag can also be set by an environment variable OPTSERVE_<FLAG> (e.g. OPTSERVE_PORT=50051,
 OPTSERVE_INSECURE=true) or by a key in the TOML file of --config (e.g. port = 50051 or [serve] port = 50051).
@@ -93,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--peers", action=argparse.BooleanOptionalAction, default=None,
                        help="run PyTorch RPC and Ray beside optserve (default: in a full run, not with --quick; "
                             "needs optserve[peers])")
+    bench.add_argument("--scale-out-rate", type=float, metavar="MBIT",
+                       help="rate of every link in the scale-out section, Mbit/s each way (default: 200; the "
+                            "section needs root and iproute2's ip and tc, else it is skipped)")
 
     for name, text in [("status", "print a table of a server's optimizers"),
                        ("health", "exit 0 if a server's service is SERVING (for probes), 1 otherwise")]:
@@ -118,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         from optserve.server.bench import run_bench
 
-        return run_bench(quick=args.quick, json_path=args.json, plot_path=args.plot, peers=args.peers)
+        return run_bench(quick=args.quick, json_path=args.json, plot_path=args.plot, peers=args.peers,
+                         scale_out_rate_mbit=args.scale_out_rate)
     if args.command == "status":
         return _status(args)
     return _health(args)
@@ -192,6 +198,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         from optserve.server.admission import LimitsConfigError
         from optserve.server.app import serve
+        from optserve.server.engine.devices import DevicesConfigError
         from optserve.server.logs import configure
         from optserve.server.security import SecurityConfigError
     except ImportError as err:
@@ -200,7 +207,7 @@ def _serve(args: argparse.Namespace) -> int:
     configure(options.log_level, options.log_format)
     try:
         return serve(options)
-    except (SecurityConfigError, LimitsConfigError) as err:
+    except (SecurityConfigError, LimitsConfigError, DevicesConfigError) as err:
         print(f"optserve serve: {err}", file=sys.stderr)
         return 2
 

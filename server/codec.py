@@ -17,7 +17,9 @@ from optserve.wire.chunks import encode_stream
 from optserve.wire.dtypes import ITEMSIZE, data_type_of, dtype_name
 from optserve.wire.layout import ChunkBuffer
 from optserve.server.errors import InvalidArgument, NotFound, ResourceExhausted
-from optserve.server.modes import DEFAULT_SYNC_TIMEOUT, Gradient, TrainingMode
+from optserve.server.modes import DEFAULT_SYNC_TIMEOUT, Gradient, PushResult, TrainingMode
+from optserve.server.sharding import Shard, ShardNorms
+from optserve.wire.placement import Piece, Placement
 
 if TYPE_CHECKING:  # the optimizer module imports this one
     from optserve.server.optimizer import OptimizerInfo
@@ -60,6 +62,7 @@ class CreateRequest:
     non_finite_policy: str  # "refuse" or "apply"
     training_mode: TrainingMode
     optimizer: str = ""  # the tf-keras class; "" means the serialized config's, else Adam
+    shard: Shard | None = None  # set for one shard of a logical optimizer over several servers
 
 
 def validate_name(name: str, field: str = "name") -> str:
@@ -105,8 +108,46 @@ def decode_create(requests: Iterator[pb.CreateOptimizerRequest], max_bytes: int,
     params = {tensor_name: array for (tensor_name, _, _), array in zip(layout, arrays)}
     if header.non_finite_policy not in NON_FINITE_POLICIES:
         raise InvalidArgument(f"non_finite_policy: unknown value {header.non_finite_policy}")
+    shard = decode_shard(header.shard) if header.HasField("shard") else None
     return CreateRequest(name, config, params, NON_FINITE_POLICIES[header.non_finite_policy], training_mode,
-                         header.optimizer)
+                         header.optimizer, shard)
+
+
+def decode_shard(wire: pb.ShardDescription) -> Shard:
+    """The domain form of a ShardDescription (checked against its tensors by the registry)."""
+    for index, piece in enumerate(wire.pieces):
+        _refuse_long_name(piece.name, f"shard.pieces[{index}].name")
+        _refuse_long_name(piece.tensor, f"shard.pieces[{index}].tensor")
+    pieces = tuple(Piece(p.name, p.tensor, p.shard, p.row_start, p.row_stop,
+                         _shape(p.tensor_shape, f"shard.pieces[{i}].tensor_shape"))
+                   for i, p in enumerate(wire.pieces))
+    return Shard(wire.index, Placement(wire.count, wire.max_shard_bytes, pieces))
+
+
+def shard_to_wire(shard: Shard) -> pb.ShardDescription:
+    """The wire form of a Shard, with its digest."""
+    table = shard.placement
+    return pb.ShardDescription(
+        index=shard.index, count=table.count, max_shard_bytes=table.max_shard_bytes, digest=shard.digest,
+        pieces=[pb.ShardPiece(name=p.name, tensor=p.tensor, shard=p.shard, row_start=p.start, row_stop=p.stop,
+                              tensor_shape=p.tensor_shape) for p in table.pieces])
+
+
+def decode_norm_inputs(message: pb.PushHeader | pb.CommitRoundRequest) -> ShardNorms | None:
+    """A push's or commit's norm_inputs, or None when it has none (checked against the optimizer by `sharding`)."""
+    if not message.HasField("norm_inputs"):
+        return None
+    wire = message.norm_inputs
+    return ShardNorms(wire.global_square_sum, dict(wire.tensor_square_sums))
+
+
+def push_result_to_wire(result: PushResult) -> pb.PushGradientsResponse:
+    """The wire form of a push's (or a commit's) answer."""
+    sums = result.round_square_sums
+    return pb.PushGradientsResponse(
+        version=result.version, iterations=result.iterations, duplicate=result.duplicate, prepared=result.prepared,
+        round_square_sums=None if sums is None else pb.NormInputs(global_square_sum=sums.global_square_sum,
+                                                                  tensor_square_sums=sums.tensor_square_sums))
 
 
 def decode_training_mode(wire: pb.TrainingMode) -> TrainingMode:
@@ -176,6 +217,11 @@ def info_to_wire(info: "OptimizerInfo", clients: Sequence["ClientTraffic"] = ())
         last_push_age_seconds=info.last_push_age,
         clients=[pb.ClientTraffic(peer=c.peer, transport=c.transport, bytes_received=c.bytes_received,
                                   bytes_sent=c.bytes_sent, last_seen_age_seconds=now - c.last_seen) for c in clients],
+        shard=None if info.shard is None else shard_to_wire(info.shard),
+        placement=pb.StatePlacement(
+            flat_size=info.flat_size, tensor_offsets=info.tensor_offsets,
+            slots=[pb.SlotPlacement(slot=kind, shards=[pb.StateShard(device=d, start=a, stop=b) for d, a, b in spans])
+                   for kind, spans in (info.shards or {}).items()]),
     )
 
 

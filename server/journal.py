@@ -9,10 +9,11 @@ family has no class: it is Adam's. Writing and reading files is `storage`'s.
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-from optserve.server.engine import pipeline
+from optserve.server.engine import devices, pipeline
 from optserve.server.engine.config import OptimizerConfig, parse_config
 from optserve.server.engine.optimizers import core_of
 from optserve.server.modes import TrainingMode
+from optserve.server.sharding import Shard
 from optserve.server.storage import Checkpoint
 
 
@@ -28,6 +29,8 @@ class Contents(NamedTuple):
     version: int
     dedup: Mapping[str, list[list[int]]]  # `DedupTable.to_json`
     excluded_from_decay: list[str] | None  # the names matched at create; None in checkpoints from before
+    shard: Shard | None = None  # its place in a logical optimizer over several servers
+    committed_round: Mapping[str, Any] | None = None  # a sync shard's newest two-phase commit, as a dict
 
 
 def checkpoint_of(contents: Contents) -> Checkpoint:
@@ -44,17 +47,22 @@ def checkpoint_of(contents: Contents) -> Checkpoint:
         "version": contents.version,
         "dedup": dict(contents.dedup),
         "excluded_from_weight_decay": sorted(contents.excluded_from_decay or ()),  # matched once, at create
+        "shard": None if contents.shard is None else contents.shard.to_dict(),
+        "committed_round": contents.committed_round,
     }
     return Checkpoint(meta, pipeline.export(contents.state))
 
 
-def contents_of(checkpoint: Checkpoint) -> Contents:
-    """What `checkpoint` records, its state back on the device; InvalidArgument if its config no longer parses."""
+def contents_of(checkpoint: Checkpoint, placement: devices.Placement | None = None) -> Contents:
+    """What `checkpoint` records, its state back on the device (spread by `placement`, if any);
+    InvalidArgument if its config no longer parses."""
     meta = checkpoint.meta
     slots = {slot: {name: tensors[name] for name in meta["names"] if name in tensors}  # in creation order
              for slot, tensors in checkpoint.slots.items()}
     config = parse_config(meta["config"], meta.get("optimizer", "Adam"))  # data dirs before the family: Adam
     scalars = {**core_of(config).scalars, **meta.get("scalars", {})}
     return Contents(meta["name"], config, meta["non_finite_policy"], TrainingMode(**meta["training_mode"]),
-                    pipeline.restore(meta["iterations"], slots, scalars, config), meta["iterations"], meta["version"],
-                    meta["dedup"], meta.get("excluded_from_weight_decay"))
+                    pipeline.restore(meta["iterations"], slots, scalars, config,
+                                     devices.layout_for(placement, slots["params"])),
+                    meta["iterations"], meta["version"], meta["dedup"], meta.get("excluded_from_weight_decay"),
+                    Shard.from_dict(meta["shard"]) if meta.get("shard") else None, meta.get("committed_round"))

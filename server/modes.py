@@ -16,6 +16,7 @@ import numpy as np
 
 from optserve.server.engine import aggregate, pipeline
 from optserve.server.errors import FailedPrecondition, InvalidArgument
+from optserve.server.sharding import ShardNorms
 from optserve.wire.layout import FlatLayout
 
 Gradient = np.ndarray | tuple[np.ndarray, np.ndarray]  # dense, or sparse (indices, rows)
@@ -67,6 +68,8 @@ class PushResult:
     version: int  # the version whose weights include the gradient
     iterations: int  # Adam steps applied at that version
     duplicate: bool = False  # answers a retry of an already accepted (worker_id, seq)
+    prepared: bool = False  # a two-phase round (see `sharding.two_phase`): closed, waiting for its commit
+    round_square_sums: ShardNorms | None = None  # a two-phase round: this shard's own sums of squares
 
 
 class DedupTable:

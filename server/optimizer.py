@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from optserve.server import journal, overflow, patterns
-from optserve.server.engine import pipeline
+from optserve.server.engine import devices, pipeline
 from optserve.server.engine.config import AdamConfig, OptimizerConfig
 from optserve.server.errors import (
     Aborted,
@@ -33,6 +33,7 @@ from optserve.server.metrics import Metrics
 from optserve.server.modes import DedupTable, Gradient, PushResult, RoundGradients, TrainingMode
 from optserve.server.push_rate import PushRate
 from optserve.server.rounds import SyncRound
+from optserve.server.sharding import Shard, ShardNorms, engine_norm_inputs, round_square_sums, two_phase
 from optserve.server.storage import Checkpoint, LogRecord, OptimizerStore, StorageError
 from optserve.wire.dtypes import FLOAT32
 from optserve.wire.layout import ChunkBuffer, FlatLayout, padded_bytes
@@ -42,6 +43,37 @@ log = logging.getLogger("optserve.optimizer")
 
 NON_FINITE_POLICIES = ("refuse", "apply")
 _INT32_MAX = 2**31 - 1  # the engine's iteration counter saturates here
+
+
+@dataclass(frozen=True)
+class _PreparedRound:
+    """A two-phase sync round, closed and combined, waiting for its commit."""
+
+    version: int  # the version its commit makes
+    grads: RoundGradients
+    workers: list[tuple[str, int]]
+    magnitudes: list[overflow.Magnitude]
+    sums: ShardNorms  # this shard's own sums of squares of the combined gradient
+
+
+@dataclass(frozen=True)
+class _CommittedRound:
+    """The newest committed two-phase round: what a repeated commit or a retried push is answered with."""
+
+    version: int
+    norms: ShardNorms  # the other shards' sums it was committed with
+    sums: ShardNorms  # this shard's own
+    iterations: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": self.version, "norms": self.norms.to_dict(), "sums": self.sums.to_dict(),
+                "iterations": self.iterations}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "_CommittedRound":
+        return cls(int(data["version"]), ShardNorms.from_dict(data["norms"]), ShardNorms.from_dict(data["sums"]),
+                   int(data["iterations"]))
+
 
 @dataclass(frozen=True)
 class OptimizerInfo:
@@ -62,6 +94,10 @@ class OptimizerInfo:
     saved_version: int  # version of the newest checkpoint; -1 without a data dir
     pushes_per_second: float  # accepted pushes per second over the last push_rate.WINDOW seconds
     last_push_age: float | None  # seconds since the last accepted push; None before the first
+    shard: Shard | None = None  # its place in a logical optimizer over several servers; None: on its own
+    flat_size: int = 0  # elements of each slot's flat buffer, padding included
+    tensor_offsets: tuple[int, ...] = ()  # each tensor's first element in it, in creation order
+    shards: dict[str, list[tuple[str, int, int]]] | None = None  # pull kind -> (device, start, stop) per shard
 
 
 class Optimizer:
@@ -70,8 +106,9 @@ class Optimizer:
     def __init__(self, name: str, config: OptimizerConfig, non_finite_policy: str, training_mode: TrainingMode,
                  state: pipeline.OptimizerState, version: int = 0, store: OptimizerStore | None = None,
                  on_step: Callable[["Optimizer"], None] = lambda optimizer: None, metrics: Metrics | None = None,
-                 excluded_from_decay: Collection[str] | None = None):
+                 excluded_from_decay: Collection[str] | None = None, shard: Shard | None = None):
         self.name = name
+        self.shard = shard
         self.config = config
         self.non_finite_policy = non_finite_policy
         self.training_mode = training_mode
@@ -99,6 +136,10 @@ class Optimizer:
         self._deleted = False
         self._dedup = DedupTable()
         self._round = SyncRound(training_mode.aggregation, self.layout)  # sync: the round for self._version
+        # a sync shard that clips by the whole gradient's norm: rounds are prepared, then committed
+        self._two_phase = two_phase(config, training_mode, shard)
+        self._prepared: _PreparedRound | None = None
+        self._committed: _CommittedRound | None = None
         self._on_step = on_step  # told after every step, under the lock (it must not block)
         self._metrics = metrics or Metrics()
         self._push_rate = PushRate()
@@ -110,7 +151,7 @@ class Optimizer:
     def push(self, grads: Mapping[str, Gradient], worker_id: str = "", seq: int | None = None,
              base_version: int | None = None, timeout: float | None = None,
              retain: Callable[[], Callable[[], None]] | None = None,
-             cancelled: threading.Event | None = None) -> PushResult:
+             cancelled: threading.Event | None = None, norms: ShardNorms | None = None) -> PushResult:
         """Accepts one gradient for every tensor, or some (proto `MissingGradients` SKIP); see proto `PushHeader`.
 
         Async: applies one Adam step now. Sync: adds the gradient to the open
@@ -121,7 +162,8 @@ class Optimizer:
         keeps them after a caller that stopped waiting); it returns the
         function that gives it back once the round is applied or dropped.
         A wait ends early with CANCELLED once `cancelled` is set (its gradient
-        stays in the round).
+        stays in the round). `norms`: on a shard, the other shards' sums of
+        squares of this gradient, for the clip.
         """
         if seq is not None and not worker_id:
             raise InvalidArgument("worker_id: required with seq")
@@ -132,29 +174,85 @@ class Optimizer:
             raise InvalidArgument("base_version: required in sync mode (the version of the round)")
         if self.training_mode.max_staleness is not None and base_version is None:
             raise InvalidArgument("base_version: required when max_staleness is set")
+        if sync and norms is not None:
+            raise InvalidArgument("norm_inputs: a sync round clips its combined gradient; its pushes carry none")
+        norm_inputs = None if sync else engine_norm_inputs(self.shard, self.config, list(self.shapes), norms)
         magnitudes = self._refuse_non_finite(grads)
         with self._lock:
             self._check_alive()
             if seq is not None:
                 done = self._dedup.lookup(worker_id, seq)
                 if done is not None:
-                    self._wait_for(done.version, timeout, "the round of this push", cancelled=cancelled)
+                    self._wait_for(done.version, timeout, "the round of this push", cancelled=cancelled,
+                                   prepared=self._two_phase)
                     self._metrics.pushes.labels(self.name, "duplicate").inc()
-                    return replace(done, duplicate=True)
+                    return self._two_phase_answer(replace(done, duplicate=True))
             self._check_base_version(base_version)
             staleness = None if base_version is None else self._version - base_version
             if not sync:
-                result = self._apply(grads, [(worker_id, seq)] if seq is not None else [], magnitudes)
+                result = self._apply(grads, [(worker_id, seq)] if seq is not None else [], magnitudes, norms,
+                                     norm_inputs)
                 if seq is not None:
                     self._dedup.record(worker_id, seq, result)
                 self._count_accepted(staleness)
                 return result
+            if self._prepared is not None:
+                raise Aborted(f"base_version: the round for version {self._prepared.version} is closed and waits "
+                              f"for its commit (CommitRound); retry the pushes of that round, or commit it")
             generation = self._round.generation  # of the round this gradient joins
             result = self._add_to_round(worker_id, seq, grads, retain, magnitudes)
             self._count_accepted(staleness)
             self._wait_for(result.version, timeout, "the round of this push", generation=generation,
-                           cancelled=cancelled)
-            return replace(result, iterations=self._iterations)
+                           cancelled=cancelled, prepared=self._two_phase)
+            return self._two_phase_answer(replace(result, iterations=self._iterations))
+
+    def commit_round(self, version: int, norms: ShardNorms) -> PushResult:
+        """Applies the prepared two-phase round that makes `version`, clipped with the other shards' `norms`.
+
+        The same commit again is answered (`duplicate`); a different one for
+        that round is FAILED_PRECONDITION, as is a commit with no prepared round.
+        """
+        if not self._two_phase:
+            raise FailedPrecondition(f"optimizer: {self.name!r} has no two-phase rounds (only a sync shard that clips "
+                                     f"by the whole gradient's norm has)")
+        norm_inputs = engine_norm_inputs(self.shard, self.config, list(self.shapes), norms)
+        with self._lock:
+            self._check_alive()
+            committed = self._committed
+            if committed is not None and committed.version == version:
+                if committed.norms != norms:
+                    raise FailedPrecondition(f"norm_inputs: the round for version {version} was committed with "
+                                             f"other sums of squares ({committed.norms.to_dict()})")
+                return PushResult(version, committed.iterations, duplicate=True, round_square_sums=committed.sums)
+            prepared = self._prepared
+            if prepared is None or prepared.version != version:
+                if version <= self._version:
+                    raise FailedPrecondition(f"version: the round for version {version} is applied already and "
+                                             f"newer rounds followed (the optimizer is at version {self._version})")
+                raise FailedPrecondition(f"version: no round for version {version} is prepared (the optimizer is at "
+                                         f"version {self._version}); push the round's gradients first")
+            try:
+                result = self._apply(prepared.grads, prepared.workers, prepared.magnitudes, norms, norm_inputs,
+                                     prepared.sums)
+            except (ResourceExhausted, InvalidArgument):
+                for worker_id, seq in prepared.workers:  # every push of the round is refused; retries start over
+                    self._dedup.forget(worker_id, seq)
+                raise
+            finally:
+                self._prepared = None
+                self._version_changed.notify_all()
+            self._committed = _CommittedRound(version, norms, prepared.sums, result.iterations)
+            return replace(result, round_square_sums=prepared.sums)
+
+    def _two_phase_answer(self, result: PushResult) -> PushResult:
+        """Under the lock: a sync push's answer, with its round's sums of squares when the round is two-phase."""
+        prepared, committed = self._prepared, self._committed
+        if prepared is not None and prepared.version == result.version and self._version < result.version:
+            return replace(result, prepared=True, iterations=min(self._iterations + 1, _INT32_MAX),
+                           round_square_sums=prepared.sums)
+        if committed is not None and committed.version == result.version:
+            return replace(result, iterations=committed.iterations, round_square_sums=committed.sums)
+        return result
 
     def pull(self, kind: str, names: Sequence[str], min_version: int | None = None, timeout: float | None = None,
              into: Callable[[int], np.ndarray] | None = None,
@@ -206,7 +304,7 @@ class Optimizer:
             return [(name, np.array(views[name])) for name in names]
         sizes = [4 * layout.sizes[name] for name in names]
         buffer = into(padded_bytes(sizes))
-        if names == list(layout.shapes):
+        if names == list(layout.shapes) and layout.packed:
             flat = buffer[:layout.nbytes].view(np.float32)
             np.copyto(flat, source)
             return list(layout.views(flat).items())
@@ -249,7 +347,10 @@ class Optimizer:
                 self._bounds = None
                 self._bump_version()
             else:
-                self._step_with(record.grads)
+                self._step_with(record.grads, record.norms)
+                if record.round_square_sums is not None:
+                    self._committed = _CommittedRound(record.version, record.norms, record.round_square_sums,
+                                                      self._iterations)
             for worker_id, seq in record.workers:
                 self._dedup.record(worker_id, seq, PushResult(self._version, self._iterations))
 
@@ -257,7 +358,8 @@ class Optimizer:
         """The optimizer's metadata as of now."""
         with self._lock:
             version, iterations, pending = self._version, self._iterations, len(self._round)
-            device = self._state.params.flat.devices().pop()
+            tensors = {"weights": self._state.params, "ema": self._state.ema, **self._state.slots}
+            shards = {kind: devices.shards(t.flat) for kind, t in tensors.items() if t is not None}
             pushes_per_second, last_push_age = self._push_rate.per_second(), self._push_rate.last_age()
         return OptimizerInfo(
             name=self.name,
@@ -267,7 +369,7 @@ class Optimizer:
             slots=list(self._state.slots),
             config=self.config.to_keras_dict(),
             shapes=dict(self.shapes),
-            device=f"{device.platform}:{device.id}",
+            device=",".join(sorted({device for device, _, _ in shards["weights"]}, key=_device_order)),
             non_finite_policy=self.non_finite_policy,
             next_learning_rate=pipeline.learning_rate_at(self.config, iterations),
             training_mode=self.training_mode,
@@ -275,6 +377,10 @@ class Optimizer:
             saved_version=self.saved_version,
             pushes_per_second=pushes_per_second,
             last_push_age=last_push_age,
+            shard=self.shard,
+            flat_size=self.layout.size,
+            tensor_offsets=tuple(self.layout.offsets.values()),
+            shards=shards,
         )
 
     def close(self, delete_files: bool = False) -> None:
@@ -286,29 +392,37 @@ class Optimizer:
             if self._store is not None:
                 self._store.delete() if delete_files else self._store.close()
             self._deleted = True
+            self._prepared = None
             self._round.close()
             self._version_changed.notify_all()
 
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: Checkpoint, store: OptimizerStore, **hooks: Any) -> "Optimizer":
-        """The optimizer a checkpoint describes; its later log records are replayed with `replay`."""
+    def from_checkpoint(cls, checkpoint: Checkpoint, store: OptimizerStore,
+                        placement: devices.Placement | None = None, **hooks: Any) -> "Optimizer":
+        """The optimizer a checkpoint describes; its later log records are replayed with `replay`.
+
+        `placement` spreads the state over a server's devices (None: jax's default device).
+        """
         try:
-            contents = journal.contents_of(checkpoint)
+            contents = journal.contents_of(checkpoint, placement)
             optimizer = cls(contents.name, contents.config, contents.non_finite_policy, contents.training_mode,
                             contents.state, contents.version, store, excluded_from_decay=contents.excluded_from_decay,
-                            **hooks)
+                            shard=contents.shard, **hooks)
         except InvalidArgument as err:  # a checkpoint without the matched names, whose pattern now runs out of time
             raise StorageError(f"{store.directory}: cannot restore optimizer {checkpoint.meta['name']!r}: {err}"
                                ) from None
         optimizer._dedup.load_json(contents.dedup)
+        if contents.committed_round:  # so a repeated commit after a restart is still checked and answered
+            optimizer._committed = _CommittedRound.from_dict(contents.committed_round)
         return optimizer
 
     def checkpoint(self) -> Checkpoint:
         """The complete state as of now, as a checkpoint holds it (under the lock, or before it is shared)."""
         return journal.checkpoint_of(journal.Contents(
             self.name, self.config, self.non_finite_policy, self.training_mode, self._state, self._iterations,
-            self._version, self._dedup.to_json(), sorted(self._excluded)))
+            self._version, self._dedup.to_json(), sorted(self._excluded), self.shard,
+            None if self._committed is None else self._committed.to_dict()))
 
     def _count_accepted(self, staleness: int | None) -> None:
         self._push_rate.accepted()
@@ -347,7 +461,7 @@ class Optimizer:
             self._version_changed.notify_all()
 
     def _wait_for(self, version: int, timeout: float | None, what: str, *, generation: int | None = None,
-                  cancelled: threading.Event | None = None) -> None:
+                  cancelled: threading.Event | None = None, prepared: bool = False) -> None:
         """Waits, under the lock, until the optimizer reaches `version`, the round for it is dropped, or
         `cancelled` is set.
 
@@ -360,9 +474,14 @@ class Optimizer:
         def ended() -> bool:
             return cancelled is not None and cancelled.is_set()
 
+        def is_prepared() -> bool:  # `prepared`: a two-phase round closed for `version` also ends the wait
+            return prepared and self._prepared is not None and self._prepared.version == version
+
         reached = self._version_changed.wait_for(
-            lambda: self._version >= version or self._deleted or dropped() or ended(), timeout)
+            lambda: self._version >= version or self._deleted or dropped() or ended() or is_prepared(), timeout)
         self._check_alive()
+        if is_prepared():
+            return
         if self._version < version and ended():
             raise Cancelled(f"{what}: the call ended (cancelled, or its client went away) while waiting for "
                             f"version {version}")
@@ -374,7 +493,8 @@ class Optimizer:
                                    f"not yet {version}, after {timeout:.3g} s")
 
     def _apply(self, grads: Mapping[str, Gradient], workers: list[tuple[str, int]],
-               magnitudes: list[overflow.Magnitude] | None = None) -> PushResult:
+               magnitudes: list[overflow.Magnitude] | None = None, norms: ShardNorms | None = None,
+               norm_inputs: pipeline.NormInputs | None = None, round_sums: ShardNorms | None = None) -> PushResult:
         """Logs, then applies, one step, under the lock.
 
         Under "refuse", a step that `overflow` cannot prove finite from the
@@ -384,26 +504,27 @@ class Optimizer:
         refused step, or a log write that fails, changes nothing.
         """
         started = time.perf_counter()
-        record = LogRecord("step", self._version + 1, workers, dict(grads))
+        record = LogRecord("step", self._version + 1, workers, dict(grads), norms, round_sums)
         bounds = None
         if self._checked and self._bounded:
             if self._bounds is None:
                 self._bounds = overflow.bounds_of(self._state)
             bounds = overflow.next_bounds(self.config, self._iterations, self._bounds, magnitudes or [])
         if self._checked and bounds is None:
-            state = self._checked_state(grads)
+            state = self._checked_state(grads, norm_inputs)
             self._log(record)
             bounds = overflow.bounds_of(state) if self._bounded else None
         else:
             self._log(record)
-            state = self._step(self._state, self._device_grads(grads))
+            state = self._step(self._state, self._device_grads(grads), norm_inputs)
         self._commit(state, grads, started)
         self._bounds = bounds
         return PushResult(self._version, self._iterations)
 
-    def _checked_state(self, grads: Mapping[str, Gradient]) -> pipeline.OptimizerState:
+    def _checked_state(self, grads: Mapping[str, Gradient],
+                       norm_inputs: pipeline.NormInputs | None = None) -> pipeline.OptimizerState:
         """The state after a step, computed beside the current one; INVALID_ARGUMENT if any value is non-finite."""
-        state, finite = self._checked_step(self._state, self._device_grads(grads))
+        state, finite = self._checked_step(self._state, self._device_grads(grads), norm_inputs)
         finite = np.asarray(finite)
         if not finite.all():
             bad = [name for name, ok in zip(self.shapes, finite) if not ok]
@@ -422,11 +543,12 @@ class Optimizer:
         # a push with missing SKIP carries some tensors only: the step leaves the others as they are
         return pipeline.flat_grads(self.layout, {name: _to_device(grads[name]) for name in self.shapes if name in grads})
 
-    def _step_with(self, grads: Mapping[str, Gradient]) -> None:
+    def _step_with(self, grads: Mapping[str, Gradient], norms: ShardNorms | None = None) -> None:
         """Re-applies a logged (so acknowledged) step as it was applied then."""
         started = time.perf_counter()
         self._bounds = None
-        self._commit(self._step(self._state, self._device_grads(grads)), grads, started)
+        norm_inputs = None if norms is None else engine_norm_inputs(self.shard, self.config, list(self.shapes), norms)
+        self._commit(self._step(self._state, self._device_grads(grads), norm_inputs), grads, started)
 
     def _commit(self, state: pipeline.OptimizerState, grads: Mapping[str, Gradient], started: float) -> None:
         """Makes `state` the optimizer's state: one more step and version."""
@@ -461,7 +583,11 @@ class Optimizer:
         workers = self._round.sequenced()
         try:
             combined, magnitudes = self._round.combine()
-            self._apply(combined, workers, magnitudes)
+            if self._two_phase:  # its commit applies it, with the other shards' sums of squares
+                self._prepared = _PreparedRound(self._version + 1, combined, workers, magnitudes,
+                                                round_square_sums(self.shard, combined))
+            else:
+                self._apply(combined, workers, magnitudes)
         except (ResourceExhausted, InvalidArgument) as err:
             # the log is full, or the aggregate step would make the state non-finite: every push of the
             # round is refused with that error, and retries start over
@@ -504,6 +630,11 @@ def _excluded_from_decay(config: OptimizerConfig, names: list[str], known: Colle
     if known is not None:
         return frozenset(known) & frozenset(names)
     return patterns.excluded_names(config.exclude_from_weight_decay, names)
+
+
+def _device_order(device: str) -> tuple[str, int]:
+    platform, _, index = device.partition(":")
+    return platform, int(index or 0)
 
 
 def _to_device(grad: Gradient | jax.Array) -> np.ndarray | jax.Array | pipeline.SparseGrad:

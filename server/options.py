@@ -41,3 +41,4 @@ class ServerOptions:
     shm_max_bytes: int | None = None  # bytes of all same-host segments; None: half of max_inflight_bytes
     log_format: str = "text"  # "text" or "json"
     log_level: str = "INFO"
+    devices: str = "1"  # local devices each optimizer's state is spread over: a count, or "all"

@@ -16,12 +16,13 @@ from typing import Any
 import numpy as np
 
 from optserve.server import overflow
-from optserve.server.engine import pipeline
+from optserve.server.engine import devices, pipeline
 from optserve.server.engine.config import parse_optimizer
 from optserve.server.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from optserve.server.metrics import Metrics
 from optserve.server.modes import TrainingMode
 from optserve.server.optimizer import NON_FINITE_POLICIES, Optimizer
+from optserve.server.sharding import Shard, check_create, excluded_from_decay
 from optserve.server.storage import OptimizerStore, list_stores
 
 log = logging.getLogger("optserve.registry")
@@ -42,8 +43,9 @@ class Registry:
     """The named optimizers of one server, and their persistence when it has a data dir."""
 
     def __init__(self, persistence: Persistence | None = None, max_optimizers: int = 1000,
-                 metrics: Metrics | None = None):
+                 metrics: Metrics | None = None, placement: devices.Placement | None = None):
         self.persistence = persistence
+        self.placement = placement  # the local devices every optimizer's state is spread over; None: one
         self.max_optimizers = max_optimizers
         self.metrics = metrics or Metrics()
         self._lock = threading.Lock()
@@ -57,11 +59,12 @@ class Registry:
 
     def create(self, name: str, config: Mapping[str, Any], params: Mapping[str, np.ndarray],
                non_finite_policy: str = "refuse", training_mode: TrainingMode = TrainingMode(),
-               optimizer_class: str = "") -> Optimizer:
+               optimizer_class: str = "", shard: Shard | None = None) -> Optimizer:
         """Creates an optimizer (and its first checkpoint); ALREADY_EXISTS if the name is taken.
 
         `optimizer_class` is the tf-keras class ("" : the one a serialized
         `config` names, else Adam); `config` its arguments or serialized form.
+        `shard`: the optimizer is that shard of a logical optimizer; `params` are its pieces.
 
         The name is held from the check until the optimizer is served (or the
         create failed): a create or delete of the same name meanwhile waits.
@@ -70,6 +73,11 @@ class Registry:
             raise InvalidArgument(f"non_finite_policy: must be one of {NON_FINITE_POLICIES}")
         self._check_ready()
         parsed = parse_optimizer(config, optimizer_class or None)
+        excluded = None
+        if shard is not None:
+            check_create(shard, {tensor: np.shape(values) for tensor, values in params.items()}, parsed,
+                         training_mode)
+            excluded = excluded_from_decay(parsed, shard)  # on the logical names, not the pieces'
         if non_finite_policy == "refuse":
             for tensor, values in params.items():
                 if not overflow.all_finite(np.asarray(values)):
@@ -81,9 +89,10 @@ class Registry:
             store = None
             if self.persistence is not None:
                 store = OptimizerStore(self.persistence.data_dir / name, self.persistence.durability)
-            optimizer = Optimizer(name, parsed, non_finite_policy, training_mode,
-                                  pipeline.init(params, parsed), store=store, on_step=self._note_step,
-                                  metrics=self.metrics)
+            state = pipeline.init(params, parsed, devices.layout_for(self.placement, params))
+            optimizer = Optimizer(name, parsed, non_finite_policy, training_mode, state, store=store,
+                                  on_step=self._note_step, metrics=self.metrics, excluded_from_decay=excluded,
+                                  shard=shard)
             if store is not None:
                 store.create(optimizer.checkpoint())  # on failure it removes only what it made
             with self._lock:
@@ -146,7 +155,8 @@ class Registry:
             return
         for store in list_stores(self.persistence.data_dir, self.persistence.durability):
             checkpoint, records, lost = store.load(self.persistence.accept_log_loss)
-            optimizer = Optimizer.from_checkpoint(checkpoint, store, on_step=self._note_step, metrics=self.metrics)
+            optimizer = Optimizer.from_checkpoint(checkpoint, store, self.placement, on_step=self._note_step,
+                                                  metrics=self.metrics)
             for record in records:
                 optimizer.replay(record)
             store.start_log(optimizer.version)

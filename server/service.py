@@ -66,7 +66,7 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
                                           into=lease.reserve)
             optimizer = self._registry.create(
                 request.name, request.config, request.params, request.non_finite_policy, request.training_mode,
-                request.optimizer)
+                request.optimizer, request.shard)
         self._count(request.name, context, "grpc", received=_nbytes(request.params.values()))
         log.info("created optimizer %r: %d tensors", request.name, len(request.params))
         return self._info(optimizer)
@@ -146,6 +146,12 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
         self.segments.close_session(request.session, _caller(context))
         return pb.CloseSharedMemoryResponse()
 
+    def CommitRound(self, request, context) -> pb.PushGradientsResponse:
+        norms = codec.decode_norm_inputs(request)
+        if norms is None:
+            raise InvalidArgument("norm_inputs: required: a commit brings the other shards' sums of squares")
+        return codec.push_result_to_wire(self._registry.get(request.optimizer).commit_round(request.version, norms))
+
     def OpenBulkChannel(self, request, context) -> pb.BulkChannel:
         if self._bulk is None:
             raise FailedPrecondition("bulk: this server has no bulk listener (--bulk-port -1); send tensor bytes "
@@ -181,12 +187,12 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
                     timeout=_wait_budget(context),
                     retain=lease.retain,
                     cancelled=self._cancellation(context, optimizer) if waits else None,
+                    norms=codec.decode_norm_inputs(header),
                 )
         except OptserveError as err:  # counted per optimizer only once the optimizer is known to exist
             self._registry.metrics.refused.labels(optimizer.name, err.code.lower()).inc()
             raise
-        return pb.PushGradientsResponse(version=result.version, iterations=result.iterations,
-                                        duplicate=result.duplicate)
+        return codec.push_result_to_wire(result)
 
     def _segment_gradients(self, header: pb.PushHeader, chunks: Iterator, optimizer: Optimizer,
                            context: grpc.ServicerContext, lease, holds: contextlib.ExitStack) -> dict:

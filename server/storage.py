@@ -40,6 +40,7 @@ import numpy as np
 from optserve.wire.dtypes import ITEMSIZE, data_type_of, numpy_dtype
 from optserve.server.errors import FailedPrecondition, ResourceExhausted
 from optserve.server.modes import Gradient
+from optserve.server.sharding import ShardNorms
 
 log = logging.getLogger("optserve.storage")
 
@@ -78,6 +79,8 @@ class LogRecord:
     version: int  # the version the change produces
     workers: list[tuple[str, int]] = field(default_factory=list)  # (worker_id, seq) it makes durable
     grads: dict[str, Gradient] = field(default_factory=dict)
+    norms: ShardNorms | None = None  # a shard's step: the other shards' sums of squares it clipped with
+    round_square_sums: ShardNorms | None = None  # a two-phase sync round: this shard's own sums of squares
 
 
 class OptimizerStore:
@@ -343,8 +346,12 @@ def _encode_record(record: LogRecord) -> list[memoryview]:
         parts = tuple(np.require(p, requirements="C") for p in parts)  # copies only what is not contiguous
         tensors.append({"name": name, "parts": [[data_type_of(p.dtype), list(p.shape)] for p in parts]})
         arrays.extend(parts)
-    meta = json.dumps({"kind": record.kind, "version": record.version, "workers": record.workers,
-                       "tensors": tensors}).encode()
+    meta = {"kind": record.kind, "version": record.version, "workers": record.workers, "tensors": tensors}
+    if record.norms is not None:
+        meta["norms"] = record.norms.to_dict()
+    if record.round_square_sums is not None:
+        meta["round_square_sums"] = record.round_square_sums.to_dict()
+    meta = json.dumps(meta).encode()
     payload = [memoryview(struct.pack("<I", len(meta))), memoryview(meta)]
     payload += [memoryview(a.reshape(-1).view(np.uint8)) for a in arrays]
     crc = 0
@@ -379,7 +386,9 @@ def _decode_record(payload: bytes | memoryview) -> LogRecord:
             parts.append(np.frombuffer(payload, numpy_dtype(data_type), count, offset).reshape(shape))
             offset += count * ITEMSIZE[data_type]
         grads[tensor["name"]] = tuple(parts) if len(parts) == 2 else parts[0]
-    return LogRecord(meta["kind"], meta["version"], [tuple(w) for w in meta["workers"]], grads)
+    norms = ShardNorms.from_dict(meta["norms"]) if meta.get("norms") else None
+    sums = ShardNorms.from_dict(meta["round_square_sums"]) if meta.get("round_square_sums") else None
+    return LogRecord(meta["kind"], meta["version"], [tuple(w) for w in meta["workers"]], grads, norms, sums)
 
 
 @dataclass

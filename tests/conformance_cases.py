@@ -3,6 +3,7 @@ tests/conformance_optimizers (each folder's README.md gives the format)."""
 
 import json
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -83,6 +84,48 @@ def load_case(name: str, directory: Path | None = None) -> Case:
         keras_config=meta.get("keras_config"),
         state={key.removeprefix("state/"): arrays[key] for key in arrays if key.startswith("state/")},
     )
+
+
+def replay_steps(opt: Any, case: Case, push: Callable[[int, dict], int]) -> Any:
+    """Replays every step of `case` through an optimizer handle, checking lr, weights and EMA after each.
+
+    `push(k, grads)` sends step k's gradients (IndexedSlices for the sparse
+    ones) and returns the version. Returns the info read before the last step.
+    """
+    from optserve.client import IndexedSlices  # the loader itself needs no client
+
+    for k in range(case.steps):
+        info = opt.info()
+        assert info.iterations == k
+        np.testing.assert_allclose(info.next_learning_rate, case.lr[k], rtol=1e-6, err_msg=f"lr at step {k + 1}")
+        grads = {name: IndexedSlices(*grad) if isinstance(grad, tuple) else grad for name, grad in case.grads[k].items()}
+        assert push(k, grads) == k + 1
+        weights = opt.pull()
+        assert weights.version == k + 1 and weights.iterations == case.iterations[k]
+        for var, want in case.expect[k].items():
+            assert_close(weights[var], want, f"{case.name}: {var} after step {k + 1}")
+        if case.has_ema:
+            ema = opt.pull(ema=True)
+            assert ema.version == k + 1
+            for var, want in case.ema[k].items():
+                assert_close(ema[var], want, f"{case.name}: EMA of {var} after step {k + 1}")
+    return info
+
+
+def assert_slots_and_final(opt: Any, case: Case) -> None:
+    """An optimizer handle that replayed every step of `case`: its class and slots, then its weights after finalize."""
+    info = opt.info()
+    assert info.optimizer == case.class_name and set(info.slots) == set(case.slot_names)
+    for slot in case.slot_names:
+        got = opt.pull_slot(slot)
+        assert set(got) == {var for var, slots in case.slots.items() if slot in slots}
+        for var, slots in case.slots.items():
+            if slot in slots:  # Adafactor's r and c: tensors of rank >= 2 only
+                assert_close(got[var], slots[slot], f"{case.name}: slot {slot} of {var}")
+    opt.finalize()
+    final = opt.pull()
+    for var, want in case.final.items():
+        assert_close(final[var], want, f"{case.name}: {var} after finalize")
 
 
 def close(got: np.ndarray, want: np.ndarray) -> bool:

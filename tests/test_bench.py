@@ -13,7 +13,7 @@ pytest.importorskip("psutil", reason="optserve bench needs the bench extra")
 from optserve.server.bench import mixed_sizes  # noqa: E402 (after the skips)
 
 SECTIONS = ("environment", "bandwidth", "step", "transfer", "server_model", "round_trip", "workers", "versus",
-            "chunk_size", "memory", "durability")
+            "chunk_size", "memory", "durability", "scale_out")
 TARGET_SECTIONS = {"step", "transfer", "round_trip", "workers", "versus", "memory"}
 
 
@@ -85,17 +85,26 @@ def test_quick_bench_reports_every_section_and_writes_the_plot(tmp_path: Path) -
     assert set(results["durability"]) == {"memory", "wal", "none"}
     assert all(row["push_ms"] > 0 for row in results["durability"].values())
 
+    scale_out = results["scale_out"]  # run where namespaces can be made, else skipped with the reason
+    if "skipped" in scale_out:
+        assert scale_out["skipped"] and not scale_out["rows"] and "skipped: " in run.stdout
+    else:
+        assert [r["shards"] for r in scale_out["rows"]] == [1, 2, 3]
+        assert all(r["pushes"] > 0 and r["pushes_per_s"] > 0 for r in scale_out["rows"]), scale_out["rows"]
+        assert scale_out["rows"][0]["speedup"] == 1.0
+    ran = TARGET_SECTIONS | (set() if "skipped" in scale_out else {"scale_out"})
+
     # Every target is reported, met or not, in the JSON and in the printed tables.
     targets = results["targets"]
-    assert {t["section"] for t in targets} == TARGET_SECTIONS
+    assert {t["section"] for t in targets} == ran
     assert all(isinstance(t["met"], bool) for t in targets)
-    for section in TARGET_SECTIONS:
+    for section in ran:
         assert results[section]["targets"], section
     chunk = results["chunk_size"]
     assert [r["chunk_kib"] for r in chunk["rows"]] == [256, 1024, 3584] and chunk["best_chunk_kib"] in (256, 1024, 3584)
     assert "targets met" in run.stdout
     for title in ("Adam step", "push / pull throughput", "server model", "round trip", "concurrent workers",
-                  "sync rounds", "optserve vs peers", "chunk size", "server memory", "durability"):
+                  "sync rounds", "optserve vs peers", "chunk size", "server memory", "durability", "scale-out"):
         assert title in run.stdout, title
     assert (tmp_path / "optserve-bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -144,3 +153,16 @@ def test_a_peer_whose_package_is_missing_says_so(monkeypatch: pytest.MonkeyPatch
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
     assert peer_servers.missing("ray").startswith("not installed: ray")
+
+
+def test_the_scale_out_model_spreads_evenly_over_every_shard_count() -> None:
+    from optserve.server.bench.scaleout import model
+    from optserve.wire.placement import place
+
+    shapes = model(2_000_003, 24)
+    assert sum(shape[0] for shape in shapes.values()) == 2_000_003 and len(shapes) == 24
+    for shards in (1, 2, 3):
+        table = place(shapes, shards)
+        assert all(piece.whole for piece in table.pieces)  # no tensor split: the bench measures links
+        loads = table.loads()
+        assert max(loads) <= 1.01 * sum(loads) / shards, loads

@@ -28,21 +28,33 @@ def padded_size(nbytes: int) -> int:
 
 
 class FlatLayout:
-    """Float32 tensors back to back in one flat buffer, each starting at an ALIGNMENT-aligned element offset.
+    """Float32 tensors in one flat buffer, each starting at an ALIGNMENT-aligned element offset.
 
     `offsets[name]` and `sizes[name]` count elements; `size` is the buffer's
-    length in elements. Tensors keep the order of `shapes`.
+    length in elements. Tensors keep the order of `shapes`. By default they
+    lie back to back (`packed`: as a ChunkBuffer lays them out); `offsets` and
+    `size` may place them further apart (the gaps are padding), in the same
+    order, e.g. so that no small tensor straddles two devices' shards.
     """
 
-    def __init__(self, shapes: Mapping[str, tuple[int, ...]]):
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]], offsets: Sequence[int] | None = None,
+                 size: int | None = None):
         self.shapes = {name: tuple(shape) for name, shape in shapes.items()}
-        self.offsets: dict[str, int] = {}
-        self.sizes: dict[str, int] = {}
-        offset = 0
-        for name, shape in self.shapes.items():
-            self.offsets[name], self.sizes[name] = offset, int(np.prod(shape, dtype=np.int64))
-            offset += padded_size(4 * self.sizes[name]) // 4
-        self.size = offset
+        self.sizes: dict[str, int] = {name: int(np.prod(shape, dtype=np.int64)) for name, shape in self.shapes.items()}
+        packed = list(itertools.accumulate((padded_size(4 * n) // 4 for n in self.sizes.values()), initial=0))
+        starts = packed[:-1] if offsets is None else [int(offset) for offset in offsets]
+        if len(starts) != len(self.shapes):
+            raise ValueError(f"offsets: {len(starts)} given for {len(self.shapes)} tensors")
+        self.offsets: dict[str, int] = dict(zip(self.shapes, starts))
+        end = 0
+        for name, start in self.offsets.items():
+            if start < end or start % (ALIGNMENT // 4):
+                raise ValueError(f"offsets[{name!r}]: {start} overlaps the tensor before or is not aligned")
+            end = start + padded_size(4 * self.sizes[name]) // 4
+        self.size = end if size is None else int(size)
+        if self.size < end or self.size % (ALIGNMENT // 4):
+            raise ValueError(f"size: {self.size} elements do not hold the tensors ({end}) in aligned blocks")
+        self.packed = starts == packed[:-1] and self.size == packed[-1]
 
     @property
     def nbytes(self) -> int:
@@ -53,11 +65,14 @@ class FlatLayout:
         return {name: flat[self.offsets[name]:self.offsets[name] + self.sizes[name]].reshape(self.shapes[name])
                 for name in (self.shapes if names is None else names)}
 
+    def _key(self) -> tuple:
+        return tuple(self.shapes.items()), tuple(self.offsets.values()), self.size
+
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, FlatLayout) and list(self.shapes.items()) == list(other.shapes.items())
+        return isinstance(other, FlatLayout) and type(self) is type(other) and self._key() == other._key()
 
     def __hash__(self) -> int:
-        return hash(tuple(self.shapes.items()))
+        return hash(self._key())
 
 
 class ChunkBuffer:

@@ -116,7 +116,7 @@ class TrainingMode(_message.Message):
     def __init__(self, mode: _Optional[_Union[Mode, str]] = ..., num_workers: _Optional[int] = ..., backup_workers: _Optional[int] = ..., aggregation: _Optional[_Union[Aggregation, str]] = ..., sync_timeout_seconds: _Optional[float] = ..., max_staleness: _Optional[int] = ...) -> None: ...
 
 class OptimizerInfo(_message.Message):
-    __slots__ = ("name", "iterations", "version", "config_json", "tensors", "device", "non_finite_policy", "next_learning_rate", "training_mode", "pending_gradients", "saved_version", "pushes_per_second", "last_push_age_seconds", "clients", "optimizer", "slots")
+    __slots__ = ("name", "iterations", "version", "config_json", "tensors", "device", "non_finite_policy", "next_learning_rate", "training_mode", "pending_gradients", "saved_version", "pushes_per_second", "last_push_age_seconds", "clients", "optimizer", "slots", "shard", "placement")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ITERATIONS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -133,6 +133,8 @@ class OptimizerInfo(_message.Message):
     CLIENTS_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_FIELD_NUMBER: _ClassVar[int]
     name: str
     iterations: int
     version: int
@@ -149,7 +151,9 @@ class OptimizerInfo(_message.Message):
     clients: _containers.RepeatedCompositeFieldContainer[ClientTraffic]
     optimizer: str
     slots: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., iterations: _Optional[int] = ..., version: _Optional[int] = ..., config_json: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., device: _Optional[str] = ..., non_finite_policy: _Optional[_Union[NonFinitePolicy, str]] = ..., next_learning_rate: _Optional[float] = ..., training_mode: _Optional[_Union[TrainingMode, _Mapping]] = ..., pending_gradients: _Optional[int] = ..., saved_version: _Optional[int] = ..., pushes_per_second: _Optional[float] = ..., last_push_age_seconds: _Optional[float] = ..., clients: _Optional[_Iterable[_Union[ClientTraffic, _Mapping]]] = ..., optimizer: _Optional[str] = ..., slots: _Optional[_Iterable[str]] = ...) -> None: ...
+    shard: ShardDescription
+    placement: StatePlacement
+    def __init__(self, name: _Optional[str] = ..., iterations: _Optional[int] = ..., version: _Optional[int] = ..., config_json: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., device: _Optional[str] = ..., non_finite_policy: _Optional[_Union[NonFinitePolicy, str]] = ..., next_learning_rate: _Optional[float] = ..., training_mode: _Optional[_Union[TrainingMode, _Mapping]] = ..., pending_gradients: _Optional[int] = ..., saved_version: _Optional[int] = ..., pushes_per_second: _Optional[float] = ..., last_push_age_seconds: _Optional[float] = ..., clients: _Optional[_Iterable[_Union[ClientTraffic, _Mapping]]] = ..., optimizer: _Optional[str] = ..., slots: _Optional[_Iterable[str]] = ..., shard: _Optional[_Union[ShardDescription, _Mapping]] = ..., placement: _Optional[_Union[StatePlacement, _Mapping]] = ...) -> None: ...
 
 class ClientTraffic(_message.Message):
     __slots__ = ("peer", "transport", "bytes_received", "bytes_sent", "last_seen_age_seconds")
@@ -166,20 +170,22 @@ class ClientTraffic(_message.Message):
     def __init__(self, peer: _Optional[str] = ..., transport: _Optional[str] = ..., bytes_received: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., last_seen_age_seconds: _Optional[float] = ...) -> None: ...
 
 class CreateOptimizerHeader(_message.Message):
-    __slots__ = ("name", "config_json", "tensors", "non_finite_policy", "training_mode", "optimizer")
+    __slots__ = ("name", "config_json", "tensors", "non_finite_policy", "training_mode", "optimizer", "shard")
     NAME_FIELD_NUMBER: _ClassVar[int]
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     NON_FINITE_POLICY_FIELD_NUMBER: _ClassVar[int]
     TRAINING_MODE_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
     name: str
     config_json: str
     tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     non_finite_policy: NonFinitePolicy
     training_mode: TrainingMode
     optimizer: str
-    def __init__(self, name: _Optional[str] = ..., config_json: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., non_finite_policy: _Optional[_Union[NonFinitePolicy, str]] = ..., training_mode: _Optional[_Union[TrainingMode, _Mapping]] = ..., optimizer: _Optional[str] = ...) -> None: ...
+    shard: ShardDescription
+    def __init__(self, name: _Optional[str] = ..., config_json: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., non_finite_policy: _Optional[_Union[NonFinitePolicy, str]] = ..., training_mode: _Optional[_Union[TrainingMode, _Mapping]] = ..., optimizer: _Optional[str] = ..., shard: _Optional[_Union[ShardDescription, _Mapping]] = ...) -> None: ...
 
 class CreateOptimizerRequest(_message.Message):
     __slots__ = ("header", "chunk")
@@ -216,7 +222,7 @@ class DeleteOptimizerResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class PushHeader(_message.Message):
-    __slots__ = ("optimizer", "gradients", "worker_id", "seq", "base_version", "shared_memory_session", "bulk", "missing")
+    __slots__ = ("optimizer", "gradients", "worker_id", "seq", "base_version", "shared_memory_session", "bulk", "missing", "norm_inputs")
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     GRADIENTS_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -225,6 +231,7 @@ class PushHeader(_message.Message):
     SHARED_MEMORY_SESSION_FIELD_NUMBER: _ClassVar[int]
     BULK_FIELD_NUMBER: _ClassVar[int]
     MISSING_FIELD_NUMBER: _ClassVar[int]
+    NORM_INPUTS_FIELD_NUMBER: _ClassVar[int]
     optimizer: str
     gradients: _containers.RepeatedCompositeFieldContainer[GradientSpec]
     worker_id: str
@@ -233,7 +240,8 @@ class PushHeader(_message.Message):
     shared_memory_session: str
     bulk: BulkTransfer
     missing: MissingGradients
-    def __init__(self, optimizer: _Optional[str] = ..., gradients: _Optional[_Iterable[_Union[GradientSpec, _Mapping]]] = ..., worker_id: _Optional[str] = ..., seq: _Optional[int] = ..., base_version: _Optional[int] = ..., shared_memory_session: _Optional[str] = ..., bulk: _Optional[_Union[BulkTransfer, _Mapping]] = ..., missing: _Optional[_Union[MissingGradients, str]] = ...) -> None: ...
+    norm_inputs: NormInputs
+    def __init__(self, optimizer: _Optional[str] = ..., gradients: _Optional[_Iterable[_Union[GradientSpec, _Mapping]]] = ..., worker_id: _Optional[str] = ..., seq: _Optional[int] = ..., base_version: _Optional[int] = ..., shared_memory_session: _Optional[str] = ..., bulk: _Optional[_Union[BulkTransfer, _Mapping]] = ..., missing: _Optional[_Union[MissingGradients, str]] = ..., norm_inputs: _Optional[_Union[NormInputs, _Mapping]] = ...) -> None: ...
 
 class BulkTransfer(_message.Message):
     __slots__ = ("channel", "transfer")
@@ -252,14 +260,18 @@ class PushGradientsRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
 
 class PushGradientsResponse(_message.Message):
-    __slots__ = ("version", "iterations", "duplicate")
+    __slots__ = ("version", "iterations", "duplicate", "prepared", "round_square_sums")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ITERATIONS_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    PREPARED_FIELD_NUMBER: _ClassVar[int]
+    ROUND_SQUARE_SUMS_FIELD_NUMBER: _ClassVar[int]
     version: int
     iterations: int
     duplicate: bool
-    def __init__(self, version: _Optional[int] = ..., iterations: _Optional[int] = ..., duplicate: _Optional[bool] = ...) -> None: ...
+    prepared: bool
+    round_square_sums: NormInputs
+    def __init__(self, version: _Optional[int] = ..., iterations: _Optional[int] = ..., duplicate: _Optional[bool] = ..., prepared: _Optional[bool] = ..., round_square_sums: _Optional[_Union[NormInputs, _Mapping]] = ...) -> None: ...
 
 class PullWeightsRequest(_message.Message):
     __slots__ = ("optimizer", "kind", "names", "min_version", "shared_memory_session", "bulk", "slot")
@@ -366,3 +378,86 @@ class BulkChannel(_message.Message):
     port: int
     tls: bool
     def __init__(self, channel: _Optional[str] = ..., ticket: _Optional[bytes] = ..., port: _Optional[int] = ..., tls: _Optional[bool] = ...) -> None: ...
+
+class ShardPiece(_message.Message):
+    __slots__ = ("name", "tensor", "shard", "row_start", "row_stop", "tensor_shape")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    ROW_START_FIELD_NUMBER: _ClassVar[int]
+    ROW_STOP_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    tensor: str
+    shard: int
+    row_start: int
+    row_stop: int
+    tensor_shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., tensor: _Optional[str] = ..., shard: _Optional[int] = ..., row_start: _Optional[int] = ..., row_stop: _Optional[int] = ..., tensor_shape: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ShardDescription(_message.Message):
+    __slots__ = ("index", "count", "pieces", "max_shard_bytes", "digest")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    PIECES_FIELD_NUMBER: _ClassVar[int]
+    MAX_SHARD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    count: int
+    pieces: _containers.RepeatedCompositeFieldContainer[ShardPiece]
+    max_shard_bytes: int
+    digest: str
+    def __init__(self, index: _Optional[int] = ..., count: _Optional[int] = ..., pieces: _Optional[_Iterable[_Union[ShardPiece, _Mapping]]] = ..., max_shard_bytes: _Optional[int] = ..., digest: _Optional[str] = ...) -> None: ...
+
+class NormInputs(_message.Message):
+    __slots__ = ("global_square_sum", "tensor_square_sums")
+    class TensorSquareSumsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    GLOBAL_SQUARE_SUM_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_SQUARE_SUMS_FIELD_NUMBER: _ClassVar[int]
+    global_square_sum: float
+    tensor_square_sums: _containers.ScalarMap[str, float]
+    def __init__(self, global_square_sum: _Optional[float] = ..., tensor_square_sums: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class CommitRoundRequest(_message.Message):
+    __slots__ = ("optimizer", "version", "norm_inputs")
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    NORM_INPUTS_FIELD_NUMBER: _ClassVar[int]
+    optimizer: str
+    version: int
+    norm_inputs: NormInputs
+    def __init__(self, optimizer: _Optional[str] = ..., version: _Optional[int] = ..., norm_inputs: _Optional[_Union[NormInputs, _Mapping]] = ...) -> None: ...
+
+class StatePlacement(_message.Message):
+    __slots__ = ("flat_size", "tensor_offsets", "slots")
+    FLAT_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    flat_size: int
+    tensor_offsets: _containers.RepeatedScalarFieldContainer[int]
+    slots: _containers.RepeatedCompositeFieldContainer[SlotPlacement]
+    def __init__(self, flat_size: _Optional[int] = ..., tensor_offsets: _Optional[_Iterable[int]] = ..., slots: _Optional[_Iterable[_Union[SlotPlacement, _Mapping]]] = ...) -> None: ...
+
+class SlotPlacement(_message.Message):
+    __slots__ = ("slot", "shards")
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    slot: str
+    shards: _containers.RepeatedCompositeFieldContainer[StateShard]
+    def __init__(self, slot: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[StateShard, _Mapping]]] = ...) -> None: ...
+
+class StateShard(_message.Message):
+    __slots__ = ("device", "start", "stop")
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    device: str
+    start: int
+    stop: int
+    def __init__(self, device: _Optional[str] = ..., start: _Optional[int] = ..., stop: _Optional[int] = ...) -> None: ...

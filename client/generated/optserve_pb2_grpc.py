@@ -90,6 +90,11 @@ class OptimizerServiceStub:
                 request_serializer=optserve_dot_v1_dot_optserve__pb2.OpenBulkChannelRequest.SerializeToString,
                 response_deserializer=optserve_dot_v1_dot_optserve__pb2.BulkChannel.FromString,
                 _registered_method=True)
+        self.CommitRound = channel.unary_unary(
+                '/optserve.v1.OptimizerService/CommitRound',
+                request_serializer=optserve_dot_v1_dot_optserve__pb2.CommitRoundRequest.SerializeToString,
+                response_deserializer=optserve_dot_v1_dot_optserve__pb2.PushGradientsResponse.FromString,
+                _registered_method=True)
 
 
 class OptimizerServiceServicer:
@@ -174,6 +179,15 @@ class OptimizerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CommitRound(self, request, context):
+        """Scale-out: applies a prepared sync round of a shard with the other
+        shards' sums of squares; a repeat of the same commit is answered again
+        (`duplicate`), a different one for the same round is FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OptimizerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -231,6 +245,11 @@ def add_OptimizerServiceServicer_to_server(servicer, server):
                     servicer.OpenBulkChannel,
                     request_deserializer=optserve_dot_v1_dot_optserve__pb2.OpenBulkChannelRequest.FromString,
                     response_serializer=optserve_dot_v1_dot_optserve__pb2.BulkChannel.SerializeToString,
+            ),
+            'CommitRound': grpc.unary_unary_rpc_method_handler(
+                    servicer.CommitRound,
+                    request_deserializer=optserve_dot_v1_dot_optserve__pb2.CommitRoundRequest.FromString,
+                    response_serializer=optserve_dot_v1_dot_optserve__pb2.PushGradientsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -531,6 +550,33 @@ class OptimizerService:
             '/optserve.v1.OptimizerService/OpenBulkChannel',
             optserve_dot_v1_dot_optserve__pb2.OpenBulkChannelRequest.SerializeToString,
             optserve_dot_v1_dot_optserve__pb2.BulkChannel.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CommitRound(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/optserve.v1.OptimizerService/CommitRound',
+            optserve_dot_v1_dot_optserve__pb2.CommitRoundRequest.SerializeToString,
+            optserve_dot_v1_dot_optserve__pb2.PushGradientsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -182,6 +182,27 @@ def print_durability(durability: dict, plan: "Plan") -> None:
                                                                         "target"], rows)
 
 
+def print_scale_out(scale_out: dict) -> None:
+    """Prints the aggregate pushes per second per shard count, the target on the largest; or why it was skipped."""
+    title = (f"scale-out: {scale_out['workers']} workers pushing {scale_out['push_bytes'] / MB:.0f} MB each "
+             f"({scale_out['tensors']} tensors) to 1..{max(scale_out['shard_counts'])} shards, every process in its "
+             f"own network namespace behind a {scale_out['rate_mbit']:g} Mbit/s link")
+    if "skipped" in scale_out:
+        print(f"\n== {title} ==\nskipped: {scale_out['skipped']}")
+        return
+    rows = []
+    for r in scale_out["rows"]:
+        mark = target_text(scale_out["targets"][0]) if scale_out["targets"] and r is scale_out["rows"][-1] else ""
+        if "error" in r:
+            rows.append([str(r["shards"]), "-", "-", "-", "-", "-", "-", f"error: {r['error']}"])
+            continue
+        rows.append([str(r["shards"]), str(r["pushes"]), f"{r['pushes_per_s']:.1f}", f"{r['speedup']:.2f}x",
+                     f"{r['mb_per_s']:.0f}", f"{r['server_links_mb_s']:.0f}", f"{r['median_push_ms']:.0f}", mark])
+    print_table(title, ["shards", "pushes", "pushes/s", "vs 1 shard", "MB/s", "server links MB/s",
+                        "median push ms", "target"], rows)
+    print(f"client: {scale_out['client']}")
+
+
 # --- the plot ----------------------------------------------------------------
 
 

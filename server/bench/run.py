@@ -12,11 +12,13 @@ from typing import Any
 from optserve.server.bench.common import MB
 from optserve.server.bench.compute import load_average, measure_bandwidth, measure_environment, measure_step
 from optserve.server.bench.peers import RawGrpc, RawTcp
+from optserve.server.bench.scaleout import measure_scale_out
 from optserve.server.bench.report import (
     print_bandwidth,
     print_durability,
     print_memory,
     print_round_trip,
+    print_scale_out,
     print_server_model,
     print_step,
     print_table,
@@ -66,6 +68,12 @@ class Plan:
     peers: bool  # run PyTorch RPC and Ray in "optserve vs peers" (--peers / --no-peers override)
     chunk_kib: tuple[int, ...] = (256, 512, 1024, 2048, 3584)  # client chunk sizes compared
     chunk_mb: int = 40  # push size of the chunk-size comparison
+    scale_out_shards: tuple[int, ...] = (1, 2, 3)  # shard counts of the scale-out section
+    scale_out_workers: int = 3
+    scale_out_params: int = 2_000_000  # parameters of the model each worker pushes whole (over the shards)
+    scale_out_tensors: int = 24
+    scale_out_seconds: float = 8.0  # each worker's pushing time per shard count
+    scale_out_rate_mbit: float = 200.0  # every link's rate, each way (README: why not 1 Gbit/s on 2 cores)
 
 
 QUICK = Plan(bandwidth_bytes=128 * MB, bandwidth_reps=3, step_params=(1_000_000,), step_reps=5,
@@ -74,7 +82,8 @@ QUICK = Plan(bandwidth_bytes=128 * MB, bandwidth_reps=3, step_params=(1_000_000,
              worker_counts=(1, 2, 4), worker_params=1_000_000, worker_seconds=1.0, sync_rounds=10,
              peak_params=1_000_000, growth_params=1_000_000, growth_pushes=200,
              durability_params=1_000_000, durability_pushes=10, versus_params=1_000_000, versus_reps=3,
-             versus_worker_seconds=1.0, peers=False, chunk_kib=(256, 1024, 3584), chunk_mb=16)
+             versus_worker_seconds=1.0, peers=False, chunk_kib=(256, 1024, 3584), chunk_mb=16,
+             scale_out_params=500_000, scale_out_seconds=1.5)
 FULL = Plan(bandwidth_bytes=256 * MB, bandwidth_reps=7, step_params=(1_000_000, 10_000_000, 50_000_000), step_reps=11,
             transfer_mb=(4, 40, 200), transfer_target_mb=40, transfer_reps=9,
             round_trip_params=10_000_000, round_trip_reps=15,
@@ -85,10 +94,12 @@ FULL = Plan(bandwidth_bytes=256 * MB, bandwidth_reps=7, step_params=(1_000_000, 
 
 
 def run_bench(quick: bool = False, json_path: str | None = None,
-              plot_path: str | None = "optserve-bench.png", peers: bool | None = None) -> int:
+              plot_path: str | None = "optserve-bench.png", peers: bool | None = None,
+              scale_out_rate_mbit: float | None = None) -> int:
     """Runs every section, prints a table per section, writes the JSON and the plot; returns an exit status.
 
     `peers` runs PyTorch RPC and Ray beside optserve (None: the plan's choice, off in a quick run).
+    `scale_out_rate_mbit` sets the scale-out section's link rate (None: the plan's).
     """
     missing = [name for name in ("optax", "psutil", "matplotlib") if not _importable(name)]
     if missing:
@@ -98,6 +109,8 @@ def run_bench(quick: bool = False, json_path: str | None = None,
     plan = QUICK if quick else FULL
     if peers is not None:
         plan = replace(plan, peers=peers)
+    if scale_out_rate_mbit is not None:
+        plan = replace(plan, scale_out_rate_mbit=scale_out_rate_mbit)
     started = time.perf_counter()
     results: dict[str, Any] = {"quick": quick, "plan": asdict(plan)}
 
@@ -149,8 +162,13 @@ def run_bench(quick: bool = False, json_path: str | None = None,
     results["durability"] = measure_durability(plan.durability_params, plan.durability_pushes)
     print_durability(results["durability"], plan)
 
+    results["scale_out"] = measure_scale_out(plan.scale_out_shards, plan.scale_out_workers, plan.scale_out_params,
+                                             plan.scale_out_tensors, plan.scale_out_seconds,
+                                             plan.scale_out_rate_mbit)
+    print_scale_out(results["scale_out"])
+
     results["targets"] = targets = [t for section in ("step", "transfer", "round_trip", "workers", "versus",
-                                                                   "memory")
+                                                                   "memory", "scale_out")
                                     for t in results[section]["targets"]]
     results["elapsed_s"] = time.perf_counter() - started
     env["load_average_at_end"] = load_average()

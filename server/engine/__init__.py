@@ -9,6 +9,7 @@ numerics follow spec/keras-adam.md and spec/keras-optimizers.md.
 
 from optserve.server.engine.config import AdamConfig, OptimizerConfig, parse_config, parse_optimizer
 from optserve.server.engine.pipeline import (
+    NormInputs,
     OptimizerState,
     SparseGrad,
     finalize,
@@ -23,6 +24,7 @@ AdamState = OptimizerState  # the state of every class; Adam's slots read as .m,
 __all__ = [
     "AdamConfig",
     "AdamState",
+    "NormInputs",
     "OptimizerConfig",
     "OptimizerState",
     "SparseGrad",

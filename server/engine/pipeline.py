@@ -32,9 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-from optserve.server.engine import schedules
+from optserve.server.engine import devices, schedules
 from optserve.server.engine.config import OptimizerConfig
-from optserve.server.engine.core import Context, Core, SlotSpec
+from optserve.server.engine.core import Context, SlotSpec
 from optserve.server.engine.optimizers import core_of
 from optserve.server.engine.schedules import f32_constant
 from optserve.server.errors import InvalidArgument
@@ -184,13 +184,16 @@ def _host_flat(layout: FlatLayout, tensors: Mapping[str, np.ndarray | Array]) ->
 
 
 def _slot(layout: FlatLayout, tensors: Mapping[str, np.ndarray | Array] | None) -> Tensors | None:
-    """A slot on jax's default device holding `tensors` (None for no tensors, an unused slot).
+    """A slot on the layout's devices holding `tensors` (None for no tensors, an unused slot).
 
     Every state buffer goes on the device here: the one place for a placement.
     """
     if not tensors:
         return None
-    return Tensors(jnp.array(_host_flat(layout, tensors), copy=True), layout)
+    flat = _host_flat(layout, tensors)
+    if isinstance(layout, devices.ShardedLayout):
+        return Tensors(devices.put(flat, layout), layout)
+    return Tensors(jnp.array(flat, copy=True), layout)  # a copy jax owns, so the step can donate it
 
 
 def _filled(spec: SlotSpec) -> Tensors:
@@ -199,8 +202,12 @@ def _filled(spec: SlotSpec) -> Tensors:
                  ) or Tensors(jnp.zeros(0, jnp.float32), spec.layout)
 
 
-def init(params: Mapping[str, np.ndarray | Array], config: OptimizerConfig) -> OptimizerState:
+def init(params: Mapping[str, np.ndarray | Array], config: OptimizerConfig,
+         layout: FlatLayout | None = None) -> OptimizerState:
     """A fresh state for `params` (laid out in their order), copied as float32 onto jax's default device.
+
+    `layout` (of `params`' shapes, in their order) places the tensors
+    otherwise, e.g. a `devices.ShardedLayout` spreads every slot over a mesh.
 
     The class's slots start at their Keras initial values. As in tf-keras
     (`add_variable_from_reference(var, "average", initial_value=var)`), the
@@ -208,7 +215,7 @@ def init(params: Mapping[str, np.ndarray | Array], config: OptimizerConfig) -> O
     them at the first updated value instead (spec/keras-adam.md §2.3).
     """
     core = core_of(config)
-    layout = FlatLayout({name: np.shape(value) for name, value in params.items()})
+    layout = layout or FlatLayout({name: np.shape(value) for name, value in params.items()})
     theta = _slot(layout, params) or Tensors(jnp.zeros(0, jnp.float32), layout)
     return OptimizerState(
         iterations=jnp.zeros((), jnp.int32),
@@ -240,8 +247,9 @@ def export_scalars(state: OptimizerState) -> dict[str, float]:
 
 
 def restore(iterations: int, slots: Mapping[str, Mapping[str, np.ndarray]],
-            scalars: Mapping[str, float] | None = None, config: OptimizerConfig | None = None) -> OptimizerState:
-    """The state that `export` (and `export_scalars`) captured, back on jax's default device.
+            scalars: Mapping[str, float] | None = None, config: OptimizerConfig | None = None,
+            layout: FlatLayout | None = None) -> OptimizerState:
+    """The state that `export` (and `export_scalars`) captured, back on jax's default device (or `layout`'s).
 
     The parameters are laid out in the order of `slots["params"]`; a slot
     holding a tensor of every parameter's shape shares that layout, any
@@ -250,11 +258,11 @@ def restore(iterations: int, slots: Mapping[str, Mapping[str, np.ndarray]],
     over no tensor at all (Adafactor's factors of rank-1 tensors only) needs
     no entry; any other missing is an InvalidArgument.
     """
-    layout = FlatLayout({name: np.shape(value) for name, value in slots["params"].items()})
+    layout = layout or FlatLayout({name: np.shape(value) for name, value in slots["params"].items()})
 
     def slot_of(tensors: Mapping[str, np.ndarray]) -> Tensors | None:
         own = FlatLayout({name: np.shape(value) for name, value in tensors.items()})
-        return _slot(layout if own == layout else own, tensors) or Tensors(jnp.zeros(0, jnp.float32), own)
+        return _slot(layout if own.shapes == layout.shapes else own, tensors) or Tensors(jnp.zeros(0, jnp.float32), own)
 
     restored = {name: slot_of(tensors) for name, tensors in slots.items() if name not in RESERVED}
     if config is not None:
@@ -301,12 +309,7 @@ def flat_grads(layout: FlatLayout, grads: Mapping[str, Grad | np.ndarray]) -> Fl
             if not jnp.issubdtype(dense[name].dtype, jnp.floating):
                 raise InvalidArgument(f"gradients[{name!r}].dtype: must be a float type, got {dense[name].dtype}")
             np.copyto(view, dense[name], casting="unsafe")
-    return FlatGrads(_upload(flat), sparse, present)
-
-
-def _upload(flat: np.ndarray) -> Array:
-    """A flat gradient buffer onto the device: every dense gradient goes there through here (a placement's place)."""
-    return jax.device_put(flat)
+    return FlatGrads(devices.put(flat, layout), sparse, present)
 
 
 def _flat_view(layout: FlatLayout, dense: Mapping[str, np.ndarray]) -> np.ndarray | None:
@@ -355,12 +358,14 @@ class _Blocks(NamedTuple):
 
 
 def _block_tables(layout: FlatLayout) -> _Blocks:
+    """The tables of `layout`; a block of padding between tensors (or after them) counts as the tensor before
+    it with no valid element, as the padding of a tensor's last block does."""
     sizes = np.array([layout.sizes[name] for name in layout.shapes], np.int64)
-    blocks = -(-sizes // BLOCK)
-    segment = np.repeat(np.arange(len(sizes), dtype=np.int32), blocks)
-    valid = np.full(layout.size // BLOCK, BLOCK, np.int32)
-    used = blocks > 0
-    valid[np.cumsum(blocks)[used] - 1] = sizes[used] - BLOCK * (blocks[used] - 1)
+    offsets = np.array([layout.offsets[name] for name in layout.shapes], np.int64)
+    starts = np.arange(layout.size // BLOCK, dtype=np.int64) * BLOCK
+    segment = np.maximum(np.searchsorted(offsets, starts, side="right") - 1, 0).astype(np.int32)
+    valid = np.clip(offsets[segment] + sizes[segment] - starts, 0, BLOCK).astype(np.int32) if sizes.size \
+        else np.zeros(0, np.int32)
     groups = segment[:segment.size // BLOCK * BLOCK].reshape(-1, BLOCK)  # the blocks after the last whole group
     whole = (groups == groups[:, :1]).all(axis=1)                        # are edges
     edges = np.flatnonzero(np.concatenate([np.repeat(~whole, BLOCK), np.ones(segment.size % BLOCK, bool)]))
@@ -638,9 +643,12 @@ def _apply(config: OptimizerConfig, decayed: frozenset[str], state: OptimizerSta
         ema = None if ema is None else segments.where(updated, ema, state.ema.flat)
         new_slots = {name: segments.where(updated, value, slots[name]) if name in shared else value
                      for name, value in new_slots.items()}
-    return OptimizerState(iterations, Tensors(param, layout),
-                          {name: Tensors(value, state.slots[name].layout) for name, value in new_slots.items()},
-                          None if ema is None else Tensors(ema, layout), dict(scalars))
+    def placed(value: Array, slot_layout: FlatLayout) -> Tensors:  # keeps a sharded slot's sharding
+        return Tensors(devices.constrain(value, slot_layout), slot_layout)
+
+    return OptimizerState(iterations, placed(param, layout),
+                          {name: placed(value, state.slots[name].layout) for name, value in new_slots.items()},
+                          None if ema is None else placed(ema, layout), dict(scalars))
 
 
 def _finite_per_tensor(segments: Segments, state: OptimizerState) -> Array:
