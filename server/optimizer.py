@@ -34,6 +34,7 @@ from optserve.server.modes import DedupTable, Gradient, PushResult, RoundGradien
 from optserve.server.push_rate import PushRate
 from optserve.server.rounds import SyncRound
 from optserve.server.storage import Checkpoint, LogRecord, OptimizerStore, StorageError
+from optserve.server.versions import VersionGate
 from optserve.wire.dtypes import FLOAT32
 from optserve.wire.layout import ChunkBuffer, FlatLayout, padded_bytes
 
@@ -93,19 +94,18 @@ class Optimizer:
         self._store = store
         self._lock = threading.Lock()
         self._save_lock = threading.Lock()  # one checkpoint at a time, outside the state lock
-        self._version_changed = threading.Condition(self._lock)
-        self._version = version
+        self._versions = VersionGate(self._lock, version)
         self._iterations = int(state.iterations)
         self._deleted = False
         self._dedup = DedupTable()
-        self._round = SyncRound(training_mode.aggregation, self.layout)  # sync: the round for self._version
+        self._round = SyncRound(training_mode.aggregation, self.layout)  # sync: the round for self._versions.version
         self._on_step = on_step  # told after every step, under the lock (it must not block)
         self._metrics = metrics or Metrics()
         self._push_rate = PushRate()
 
     @property
     def version(self) -> int:
-        return self._version
+        return self._versions.version
 
     def push(self, grads: Mapping[str, Gradient], worker_id: str = "", seq: int | None = None,
              base_version: int | None = None, timeout: float | None = None,
@@ -142,7 +142,7 @@ class Optimizer:
                     self._metrics.pushes.labels(self.name, "duplicate").inc()
                     return replace(done, duplicate=True)
             self._check_base_version(base_version)
-            staleness = None if base_version is None else self._version - base_version
+            staleness = None if base_version is None else self._versions.version - base_version
             if not sync:
                 result = self._apply(grads, [(worker_id, seq)] if seq is not None else [], magnitudes)
                 if seq is not None:
@@ -190,7 +190,7 @@ class Optimizer:
             self._check_alive()
             tensors = {"weights": self._state.params, "ema": self._state.ema}.get(kind) or self._state.slots[kind]
             source = np.asarray(tensors.flat)  # on the CPU: no copy
-            return self._version, self._iterations, self._copy_out(source, layout, names, into)
+            return self._versions.version, self._iterations, self._copy_out(source, layout, names, into)
 
     @staticmethod
     def _copy_out(source: np.ndarray, layout: FlatLayout, names: list[str], into: Callable[[int], np.ndarray] | None,
@@ -223,10 +223,10 @@ class Optimizer:
         with self._lock:
             self._check_alive()
             if self.config.use_ema:
-                self._log(LogRecord("finalize", self._version + 1))
+                self._log(LogRecord("finalize", self._versions.version + 1))
                 self._state = pipeline.finalize(self._state)
                 self._bounds = None
-                self._bump_version()
+                self._versions.bump()
 
     def save(self) -> int:
         """Writes a checkpoint of the current version; returns that version."""
@@ -247,16 +247,16 @@ class Optimizer:
             if record.kind == "finalize":
                 self._state = pipeline.finalize(self._state)
                 self._bounds = None
-                self._bump_version()
+                self._versions.bump()
             else:
                 self._step_with(record.grads)
             for worker_id, seq in record.workers:
-                self._dedup.record(worker_id, seq, PushResult(self._version, self._iterations))
+                self._dedup.record(worker_id, seq, PushResult(self._versions.version, self._iterations))
 
     def info(self) -> OptimizerInfo:
         """The optimizer's metadata as of now."""
         with self._lock:
-            version, iterations, pending = self._version, self._iterations, len(self._round)
+            version, iterations, pending = self._versions.version, self._iterations, len(self._round)
             device = self._state.params.flat.devices().pop()
             pushes_per_second, last_push_age = self._push_rate.per_second(), self._push_rate.last_age()
         return OptimizerInfo(
@@ -287,7 +287,7 @@ class Optimizer:
                 self._store.delete() if delete_files else self._store.close()
             self._deleted = True
             self._round.close()
-            self._version_changed.notify_all()
+            self._versions.notify()
 
 
     @classmethod
@@ -308,7 +308,7 @@ class Optimizer:
         """The complete state as of now, as a checkpoint holds it (under the lock, or before it is shared)."""
         return journal.checkpoint_of(journal.Contents(
             self.name, self.config, self.non_finite_policy, self.training_mode, self._state, self._iterations,
-            self._version, self._dedup.to_json(), sorted(self._excluded)))
+            self._versions.version, self._dedup.to_json(), sorted(self._excluded)))
 
     def _count_accepted(self, staleness: int | None) -> None:
         self._push_rate.accepted()
@@ -331,20 +331,20 @@ class Optimizer:
     def _check_base_version(self, base_version: int | None) -> None:
         if base_version is None:
             return
-        if base_version > self._version:
-            raise InvalidArgument(f"base_version: {base_version} is ahead of the current version {self._version}")
-        if self.training_mode.mode == "sync" and base_version < self._version:
+        if base_version > self._versions.version:
+            raise InvalidArgument(f"base_version: {base_version} is ahead of the current version {self._versions.version}")
+        if self.training_mode.mode == "sync" and base_version < self._versions.version:
             raise Aborted(f"base_version: the round for version {base_version} is closed; the optimizer is at "
-                          f"version {self._version}: pull and push for that round")
+                          f"version {self._versions.version}: pull and push for that round")
         limit = self.training_mode.max_staleness
-        if limit is not None and self._version - base_version > limit:
-            raise Aborted(f"base_version: {base_version} is {self._version - base_version} versions behind the "
-                          f"current version {self._version} (max_staleness {limit}): pull and recompute")
+        if limit is not None and self._versions.version - base_version > limit:
+            raise Aborted(f"base_version: {base_version} is {self._versions.version - base_version} versions behind the "
+                          f"current version {self._versions.version} (max_staleness {limit}): pull and recompute")
 
     def wake_waiters(self) -> None:
         """Wakes every waiting call, so that one whose `cancelled` event is set stops waiting."""
         with self._lock:
-            self._version_changed.notify_all()
+            self._versions.notify()
 
     def _wait_for(self, version: int, timeout: float | None, what: str, *, generation: int | None = None,
                   cancelled: threading.Event | None = None) -> None:
@@ -360,17 +360,16 @@ class Optimizer:
         def ended() -> bool:
             return cancelled is not None and cancelled.is_set()
 
-        reached = self._version_changed.wait_for(
-            lambda: self._version >= version or self._deleted or dropped() or ended(), timeout)
+        reached = self._versions.wait(version, timeout, lambda: self._deleted or dropped() or ended())
         self._check_alive()
-        if self._version < version and ended():
+        if self._versions.version < version and ended():
             raise Cancelled(f"{what}: the call ended (cancelled, or its client went away) while waiting for "
                             f"version {version}")
-        if self._version < version and dropped():
+        if self._versions.version < version and dropped():
             error = self._round.dropped_error
             raise type(error)(f"{what}: the round for version {version} was dropped: {error}")
         if not reached:
-            raise DeadlineExceeded(f"{what}: optimizer {self.name!r} is at version {self._version}, "
+            raise DeadlineExceeded(f"{what}: optimizer {self.name!r} is at version {self._versions.version}, "
                                    f"not yet {version}, after {timeout:.3g} s")
 
     def _apply(self, grads: Mapping[str, Gradient], workers: list[tuple[str, int]],
@@ -384,7 +383,7 @@ class Optimizer:
         refused step, or a log write that fails, changes nothing.
         """
         started = time.perf_counter()
-        record = LogRecord("step", self._version + 1, workers, dict(grads))
+        record = LogRecord("step", self._versions.version + 1, workers, dict(grads))
         bounds = None
         if self._checked and self._bounded:
             if self._bounds is None:
@@ -399,7 +398,7 @@ class Optimizer:
             state = self._step(self._state, self._device_grads(grads))
         self._commit(state, grads, started)
         self._bounds = bounds
-        return PushResult(self._version, self._iterations)
+        return PushResult(self._versions.version, self._iterations)
 
     def _checked_state(self, grads: Mapping[str, Gradient]) -> pipeline.OptimizerState:
         """The state after a step, computed beside the current one; INVALID_ARGUMENT if any value is non-finite."""
@@ -433,8 +432,8 @@ class Optimizer:
         self._state = state
         jax.block_until_ready(self._state)
         self._iterations = min(self._iterations + 1, _INT32_MAX)
-        self._bump_version()
-        self._metrics.observe_step(self.name, time.perf_counter() - started, self._version, grads)
+        self._versions.bump()
+        self._metrics.observe_step(self.name, time.perf_counter() - started, self._versions.version, grads)
         self._on_step(self)
 
     def _log(self, record: LogRecord) -> None:
@@ -445,14 +444,14 @@ class Optimizer:
                       retain: Callable[[], Callable[[], None]] | None = None,
                       magnitudes: list[overflow.Magnitude] | None = None) -> PushResult:
         """Sync mode, under the lock: one worker's gradient joins the open round (which holds its memory)."""
-        self._round.add(worker_id, seq, grads, self._version, retain, magnitudes)
-        result = PushResult(self._version + 1, self._iterations)
+        self._round.add(worker_id, seq, grads, self._versions.version, retain, magnitudes)
+        result = PushResult(self._versions.version + 1, self._iterations)
         if seq is not None:
             self._dedup.record(worker_id, seq, result)
         if len(self._round) >= self.training_mode.num_workers:
             self._close_round()
         else:
-            self._round.start_timer(self.training_mode.sync_timeout, self._close_round_on_timeout, self._version)
+            self._round.start_timer(self.training_mode.sync_timeout, self._close_round_on_timeout, self._versions.version)
         return result
 
     def _close_round(self) -> None:
@@ -467,15 +466,15 @@ class Optimizer:
             # round is refused with that error, and retries start over
             for worker_id, seq in workers:
                 self._dedup.forget(worker_id, seq)
-            self._round.drop(self._version + 1, err)
+            self._round.drop(self._versions.version + 1, err)
             raise
         finally:
             self._round.close()
-            self._version_changed.notify_all()
+            self._versions.notify()
 
     def _close_round_on_timeout(self, round_version: int) -> None:
         with self._lock:
-            if self._deleted or self._version != round_version or not len(self._round):
+            if self._deleted or self._versions.version != round_version or not len(self._round):
                 return
             log.warning("optimizer %r: sync round for version %d closed by timeout after %.3g s with %d of %d "
                         "gradients (workers %s)", self.name, round_version + 1, self.training_mode.sync_timeout,
@@ -487,10 +486,6 @@ class Optimizer:
                 self._close_round()
             except (ResourceExhausted, InvalidArgument) as err:
                 log.error("optimizer %r: sync round for version %d dropped: %s", self.name, round_version + 1, err)
-
-    def _bump_version(self) -> None:
-        self._version += 1
-        self._version_changed.notify_all()
 
     def _check_alive(self) -> None:
         if self._deleted:
