@@ -35,6 +35,7 @@ from optserve.server.push_rate import PushRate
 from optserve.server.rounds import SyncRound
 from optserve.server.sharding import Shard, ShardNorms, engine_norm_inputs, round_square_sums, two_phase
 from optserve.server.storage import Checkpoint, LogRecord, OptimizerStore, StorageError
+from optserve.server.versions import VersionGate
 from optserve.wire.dtypes import FLOAT32
 from optserve.wire.layout import ChunkBuffer, FlatLayout, padded_bytes
 
@@ -130,12 +131,11 @@ class Optimizer:
         self._store = store
         self._lock = threading.Lock()
         self._save_lock = threading.Lock()  # one checkpoint at a time, outside the state lock
-        self._version_changed = threading.Condition(self._lock)
-        self._version = version
+        self._versions = VersionGate(self._lock, version)
         self._iterations = int(state.iterations)
         self._deleted = False
         self._dedup = DedupTable()
-        self._round = SyncRound(training_mode.aggregation, self.layout)  # sync: the round for self._version
+        self._round = SyncRound(training_mode.aggregation, self.layout)  # sync: the round for self._versions.version
         # a sync shard that clips by the whole gradient's norm: rounds are prepared, then committed
         self._two_phase = two_phase(config, training_mode, shard)
         self._prepared: _PreparedRound | None = None
@@ -146,7 +146,7 @@ class Optimizer:
 
     @property
     def version(self) -> int:
-        return self._version
+        return self._versions.version
 
     def push(self, grads: Mapping[str, Gradient], worker_id: str = "", seq: int | None = None,
              base_version: int | None = None, timeout: float | None = None,
@@ -188,7 +188,7 @@ class Optimizer:
                     self._metrics.pushes.labels(self.name, "duplicate").inc()
                     return self._two_phase_answer(replace(done, duplicate=True))
             self._check_base_version(base_version)
-            staleness = None if base_version is None else self._version - base_version
+            staleness = None if base_version is None else self._versions.version - base_version
             if not sync:
                 result = self._apply(grads, [(worker_id, seq)] if seq is not None else [], magnitudes, norms,
                                      norm_inputs)
@@ -226,11 +226,11 @@ class Optimizer:
                 return PushResult(version, committed.iterations, duplicate=True, round_square_sums=committed.sums)
             prepared = self._prepared
             if prepared is None or prepared.version != version:
-                if version <= self._version:
+                if version <= self._versions.version:
                     raise FailedPrecondition(f"version: the round for version {version} is applied already and "
-                                             f"newer rounds followed (the optimizer is at version {self._version})")
+                                             f"newer rounds followed (the optimizer is at version {self._versions.version})")
                 raise FailedPrecondition(f"version: no round for version {version} is prepared (the optimizer is at "
-                                         f"version {self._version}); push the round's gradients first")
+                                         f"version {self._versions.version}); push the round's gradients first")
             try:
                 result = self._apply(prepared.grads, prepared.workers, prepared.magnitudes, norms, norm_inputs,
                                      prepared.sums)
@@ -240,14 +240,14 @@ class Optimizer:
                 raise
             finally:
                 self._prepared = None
-                self._version_changed.notify_all()
+                self._versions.notify()
             self._committed = _CommittedRound(version, norms, prepared.sums, result.iterations)
             return replace(result, round_square_sums=prepared.sums)
 
     def _two_phase_answer(self, result: PushResult) -> PushResult:
         """Under the lock: a sync push's answer, with its round's sums of squares when the round is two-phase."""
         prepared, committed = self._prepared, self._committed
-        if prepared is not None and prepared.version == result.version and self._version < result.version:
+        if prepared is not None and prepared.version == result.version and self._versions.version < result.version:
             return replace(result, prepared=True, iterations=min(self._iterations + 1, _INT32_MAX),
                            round_square_sums=prepared.sums)
         if committed is not None and committed.version == result.version:
@@ -288,7 +288,7 @@ class Optimizer:
             self._check_alive()
             tensors = {"weights": self._state.params, "ema": self._state.ema}.get(kind) or self._state.slots[kind]
             source = np.asarray(tensors.flat)  # on the CPU: no copy
-            return self._version, self._iterations, self._copy_out(source, layout, names, into)
+            return self._versions.version, self._iterations, self._copy_out(source, layout, names, into)
 
     @staticmethod
     def _copy_out(source: np.ndarray, layout: FlatLayout, names: list[str], into: Callable[[int], np.ndarray] | None,
@@ -321,10 +321,10 @@ class Optimizer:
         with self._lock:
             self._check_alive()
             if self.config.use_ema:
-                self._log(LogRecord("finalize", self._version + 1))
+                self._log(LogRecord("finalize", self._versions.version + 1))
                 self._state = pipeline.finalize(self._state)
                 self._bounds = None
-                self._bump_version()
+                self._versions.bump()
 
     def save(self) -> int:
         """Writes a checkpoint of the current version; returns that version."""
@@ -345,19 +345,19 @@ class Optimizer:
             if record.kind == "finalize":
                 self._state = pipeline.finalize(self._state)
                 self._bounds = None
-                self._bump_version()
+                self._versions.bump()
             else:
                 self._step_with(record.grads, record.norms)
                 if record.round_square_sums is not None:
                     self._committed = _CommittedRound(record.version, record.norms, record.round_square_sums,
                                                       self._iterations)
             for worker_id, seq in record.workers:
-                self._dedup.record(worker_id, seq, PushResult(self._version, self._iterations))
+                self._dedup.record(worker_id, seq, PushResult(self._versions.version, self._iterations))
 
     def info(self) -> OptimizerInfo:
         """The optimizer's metadata as of now."""
         with self._lock:
-            version, iterations, pending = self._version, self._iterations, len(self._round)
+            version, iterations, pending = self._versions.version, self._iterations, len(self._round)
             tensors = {"weights": self._state.params, "ema": self._state.ema, **self._state.slots}
             shards = {kind: devices.shards(t.flat) for kind, t in tensors.items() if t is not None}
             pushes_per_second, last_push_age = self._push_rate.per_second(), self._push_rate.last_age()
@@ -394,7 +394,7 @@ class Optimizer:
             self._deleted = True
             self._prepared = None
             self._round.close()
-            self._version_changed.notify_all()
+            self._versions.notify()
 
 
     @classmethod
@@ -421,7 +421,7 @@ class Optimizer:
         """The complete state as of now, as a checkpoint holds it (under the lock, or before it is shared)."""
         return journal.checkpoint_of(journal.Contents(
             self.name, self.config, self.non_finite_policy, self.training_mode, self._state, self._iterations,
-            self._version, self._dedup.to_json(), sorted(self._excluded), self.shard,
+            self._versions.version, self._dedup.to_json(), sorted(self._excluded), self.shard,
             None if self._committed is None else self._committed.to_dict()))
 
     def _count_accepted(self, staleness: int | None) -> None:
@@ -445,20 +445,20 @@ class Optimizer:
     def _check_base_version(self, base_version: int | None) -> None:
         if base_version is None:
             return
-        if base_version > self._version:
-            raise InvalidArgument(f"base_version: {base_version} is ahead of the current version {self._version}")
-        if self.training_mode.mode == "sync" and base_version < self._version:
+        if base_version > self._versions.version:
+            raise InvalidArgument(f"base_version: {base_version} is ahead of the current version {self._versions.version}")
+        if self.training_mode.mode == "sync" and base_version < self._versions.version:
             raise Aborted(f"base_version: the round for version {base_version} is closed; the optimizer is at "
-                          f"version {self._version}: pull and push for that round")
+                          f"version {self._versions.version}: pull and push for that round")
         limit = self.training_mode.max_staleness
-        if limit is not None and self._version - base_version > limit:
-            raise Aborted(f"base_version: {base_version} is {self._version - base_version} versions behind the "
-                          f"current version {self._version} (max_staleness {limit}): pull and recompute")
+        if limit is not None and self._versions.version - base_version > limit:
+            raise Aborted(f"base_version: {base_version} is {self._versions.version - base_version} versions behind the "
+                          f"current version {self._versions.version} (max_staleness {limit}): pull and recompute")
 
     def wake_waiters(self) -> None:
         """Wakes every waiting call, so that one whose `cancelled` event is set stops waiting."""
         with self._lock:
-            self._version_changed.notify_all()
+            self._versions.notify()
 
     def _wait_for(self, version: int, timeout: float | None, what: str, *, generation: int | None = None,
                   cancelled: threading.Event | None = None, prepared: bool = False) -> None:
@@ -477,19 +477,18 @@ class Optimizer:
         def is_prepared() -> bool:  # `prepared`: a two-phase round closed for `version` also ends the wait
             return prepared and self._prepared is not None and self._prepared.version == version
 
-        reached = self._version_changed.wait_for(
-            lambda: self._version >= version or self._deleted or dropped() or ended() or is_prepared(), timeout)
+        reached = self._versions.wait(version, timeout, lambda: self._deleted or dropped() or ended() or is_prepared())
         self._check_alive()
         if is_prepared():
             return
-        if self._version < version and ended():
+        if self._versions.version < version and ended():
             raise Cancelled(f"{what}: the call ended (cancelled, or its client went away) while waiting for "
                             f"version {version}")
-        if self._version < version and dropped():
+        if self._versions.version < version and dropped():
             error = self._round.dropped_error
             raise type(error)(f"{what}: the round for version {version} was dropped: {error}")
         if not reached:
-            raise DeadlineExceeded(f"{what}: optimizer {self.name!r} is at version {self._version}, "
+            raise DeadlineExceeded(f"{what}: optimizer {self.name!r} is at version {self._versions.version}, "
                                    f"not yet {version}, after {timeout:.3g} s")
 
     def _apply(self, grads: Mapping[str, Gradient], workers: list[tuple[str, int]],
@@ -504,7 +503,7 @@ class Optimizer:
         refused step, or a log write that fails, changes nothing.
         """
         started = time.perf_counter()
-        record = LogRecord("step", self._version + 1, workers, dict(grads), norms, round_sums)
+        record = LogRecord("step", self._versions.version + 1, workers, dict(grads), norms, round_sums)
         bounds = None
         if self._checked and self._bounded:
             if self._bounds is None:
@@ -519,7 +518,7 @@ class Optimizer:
             state = self._step(self._state, self._device_grads(grads), norm_inputs)
         self._commit(state, grads, started)
         self._bounds = bounds
-        return PushResult(self._version, self._iterations)
+        return PushResult(self._versions.version, self._iterations)
 
     def _checked_state(self, grads: Mapping[str, Gradient],
                        norm_inputs: pipeline.NormInputs | None = None) -> pipeline.OptimizerState:
@@ -555,8 +554,8 @@ class Optimizer:
         self._state = state
         jax.block_until_ready(self._state)
         self._iterations = min(self._iterations + 1, _INT32_MAX)
-        self._bump_version()
-        self._metrics.observe_step(self.name, time.perf_counter() - started, self._version, grads)
+        self._versions.bump()
+        self._metrics.observe_step(self.name, time.perf_counter() - started, self._versions.version, grads)
         self._on_step(self)
 
     def _log(self, record: LogRecord) -> None:
@@ -567,14 +566,14 @@ class Optimizer:
                       retain: Callable[[], Callable[[], None]] | None = None,
                       magnitudes: list[overflow.Magnitude] | None = None) -> PushResult:
         """Sync mode, under the lock: one worker's gradient joins the open round (which holds its memory)."""
-        self._round.add(worker_id, seq, grads, self._version, retain, magnitudes)
-        result = PushResult(self._version + 1, self._iterations)
+        self._round.add(worker_id, seq, grads, self._versions.version, retain, magnitudes)
+        result = PushResult(self._versions.version + 1, self._iterations)
         if seq is not None:
             self._dedup.record(worker_id, seq, result)
         if len(self._round) >= self.training_mode.num_workers:
             self._close_round()
         else:
-            self._round.start_timer(self.training_mode.sync_timeout, self._close_round_on_timeout, self._version)
+            self._round.start_timer(self.training_mode.sync_timeout, self._close_round_on_timeout, self._versions.version)
         return result
 
     def _close_round(self) -> None:
@@ -584,7 +583,7 @@ class Optimizer:
         try:
             combined, magnitudes = self._round.combine()
             if self._two_phase:  # its commit applies it, with the other shards' sums of squares
-                self._prepared = _PreparedRound(self._version + 1, combined, workers, magnitudes,
+                self._prepared = _PreparedRound(self._versions.version + 1, combined, workers, magnitudes,
                                                 round_square_sums(self.shard, combined))
             else:
                 self._apply(combined, workers, magnitudes)
@@ -593,15 +592,15 @@ class Optimizer:
             # round is refused with that error, and retries start over
             for worker_id, seq in workers:
                 self._dedup.forget(worker_id, seq)
-            self._round.drop(self._version + 1, err)
+            self._round.drop(self._versions.version + 1, err)
             raise
         finally:
             self._round.close()
-            self._version_changed.notify_all()
+            self._versions.notify()
 
     def _close_round_on_timeout(self, round_version: int) -> None:
         with self._lock:
-            if self._deleted or self._version != round_version or not len(self._round):
+            if self._deleted or self._versions.version != round_version or not len(self._round):
                 return
             log.warning("optimizer %r: sync round for version %d closed by timeout after %.3g s with %d of %d "
                         "gradients (workers %s)", self.name, round_version + 1, self.training_mode.sync_timeout,
@@ -613,10 +612,6 @@ class Optimizer:
                 self._close_round()
             except (ResourceExhausted, InvalidArgument) as err:
                 log.error("optimizer %r: sync round for version %d dropped: %s", self.name, round_version + 1, err)
-
-    def _bump_version(self) -> None:
-        self._version += 1
-        self._version_changed.notify_all()
 
     def _check_alive(self) -> None:
         if self._deleted:

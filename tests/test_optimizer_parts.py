@@ -134,3 +134,32 @@ def test_an_adafactor_of_rank_1_tensors_only_restores_its_empty_factors() -> Non
     del stored["v"]
     with pytest.raises(InvalidArgument, match="slots.v: missing; class Adafactor keeps it"):
         journal.contents_of(Checkpoint(checkpoint.meta, stored))
+
+
+def test_a_version_wait_ends_at_the_version_or_when_told_to_stop_never_by_polling() -> None:
+    from optserve.server.versions import VersionGate
+    lock = threading.Lock()
+    gate = VersionGate(lock, version=3)
+    with lock:
+        assert gate.wait(3, timeout=0)  # reached already
+        assert not gate.wait(4, timeout=0.05)  # the deadline passes
+    results = []
+
+    def waiter(stop) -> None:
+        with lock:
+            results.append(gate.wait(5, timeout=30, stop=stop))
+
+    stopped = threading.Event()
+    threads = [threading.Thread(target=waiter, args=(lambda: False,)),
+               threading.Thread(target=waiter, args=(stopped.is_set,))]
+    for thread in threads:
+        thread.start()
+    with lock:
+        stopped.set()
+        gate.notify()  # wakes the second: it stops; the first waits on
+    threads[1].join(timeout=10)
+    assert results == [True] and gate.version == 3
+    with lock:
+        assert gate.bump() == 4 and gate.bump() == 5
+    threads[0].join(timeout=10)
+    assert results == [True, True] and not threads[0].is_alive()
