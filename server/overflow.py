@@ -95,6 +95,8 @@ def next_bounds(config: AdamConfig, iterations: int, bounds: Bounds, grads: Sequ
     t = min(iterations, 2**31 - 2) + 1.0
     bias_1 = 1 - float(np.float32(config.beta_1)) ** t
     epsilon = float(np.float32(config.epsilon))
+    if config.adaptive_epsilon:  # epsilon * sqrt(1 - beta_2**t), taken a little low
+        epsilon *= math.sqrt(max(1 - float(np.float32(config.beta_2)) ** t, 0.0)) / _ROUNDING
     if not (math.isfinite(lr) and lr < LIMIT and bias_1 >= 1e-6 and epsilon >= 1e-30):
         return None
     alpha = lr * _ROUNDING / (bias_1 - 1e-7)  # sqrt(1 - beta_2**t) <= 1

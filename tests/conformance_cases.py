@@ -1,4 +1,5 @@
-"""Loader for the tf-keras golden trajectories in tests/conformance (see its README.md)."""
+"""Loader for the tf-keras golden trajectories: Adam's in tests/conformance, the family's in
+tests/conformance_optimizers (each folder's README.md gives the format)."""
 
 import json
 from pathlib import Path
@@ -7,6 +8,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 CONFORMANCE_DIR = Path(__file__).parent / "conformance"
+FAMILY_DIR = Path(__file__).parent / "conformance_optimizers"
 
 SparseArrays = tuple[np.ndarray, np.ndarray]
 """A sparse gradient as stored: (indices int64 (n,), values float32 (n, *shape[1:]))."""
@@ -16,7 +18,8 @@ class Case(NamedTuple):
     """One golden trajectory; step K of the README is index K - 1 of each list."""
 
     name: str
-    config: dict[str, Any]  # the raw Adam constructor arguments
+    class_name: str  # the tf-keras optimizer class, e.g. "Adam", "RMSprop"
+    config: dict[str, Any]  # the raw constructor arguments
     variables: list[tuple[str, tuple[int, ...]]]  # (name, shape), in apply order
     steps: int
     has_ema: bool
@@ -27,18 +30,28 @@ class Case(NamedTuple):
     lr: list[float]  # per step: the learning rate the step used
     iterations: list[int]  # per step: iterations after the step
     final: dict[str, np.ndarray]  # after finalize_variable_values
-    slots: dict[str, dict[str, np.ndarray]]  # per variable: "m", "v" (and "vhat" with amsgrad)
+    slots: dict[str, dict[str, np.ndarray]]  # per variable: its slots under their tf-keras names
+    slot_names: list[str]  # the class's slot names (Adam: "m", "v", and "vhat" with amsgrad)
+    keras_config: dict[str, Any] | None  # family cases: tf_keras.optimizers.serialize(opt)
+    state: dict[str, np.ndarray]  # optimizer-wide state after the last step (Nadam: "u_product")
 
 
-def case_names() -> list[str]:
-    """The case names in index.json order."""
-    return json.loads((CONFORMANCE_DIR / "index.json").read_text())["cases"]
+def case_names(directory: Path = CONFORMANCE_DIR) -> list[str]:
+    """The case names of a folder in index.json order."""
+    return json.loads((directory / "index.json").read_text())["cases"]
 
 
-def load_case(name: str) -> Case:
-    """Read NAME.json and NAME.npz into a `Case`."""
-    meta = json.loads((CONFORMANCE_DIR / f"{name}.json").read_text())
-    with np.load(CONFORMANCE_DIR / f"{name}.npz") as npz:
+def family_case_names() -> list[str]:
+    """The family's case names (every tf-keras class, and Adam's adaptive_epsilon)."""
+    return case_names(FAMILY_DIR)
+
+
+def load_case(name: str, directory: Path | None = None) -> Case:
+    """Read NAME.json and NAME.npz into a `Case` (from Adam's folder, else the family's, unless given)."""
+    if directory is None:
+        directory = CONFORMANCE_DIR if (CONFORMANCE_DIR / f"{name}.json").exists() else FAMILY_DIR
+    meta = json.loads((directory / f"{name}.json").read_text())
+    with np.load(directory / f"{name}.npz") as npz:
         arrays = {key: npz[key] for key in npz.files}
     names = [variable["name"] for variable in meta["variables"]]
     steps = range(1, meta["steps"] + 1)
@@ -50,9 +63,10 @@ def load_case(name: str) -> Case:
         key = f"grad/{k}/{n}"
         return arrays[key] if key in arrays else (arrays[f"{key}/indices"], arrays[f"{key}/values"])
 
-    slot_names = ("m", "v", "vhat")
+    slot_names = meta.get("slots") or ["m", "v", "vhat"]
     return Case(
         name=meta["name"],
+        class_name=meta.get("class_name", "Adam"),
         config=meta["config"],
         variables=[(v["name"], tuple(v["shape"])) for v in meta["variables"]],
         steps=meta["steps"],
@@ -65,6 +79,9 @@ def load_case(name: str) -> Case:
         iterations=[int(arrays[f"iterations/{k}"]) for k in steps],
         final={n: arrays[f"final/{n}"] for n in names},
         slots={n: {s: arrays[f"slots/{n}/{s}"] for s in slot_names if f"slots/{n}/{s}" in arrays} for n in names},
+        slot_names=[s for s in slot_names if any(f"slots/{n}/{s}" in arrays for n in names)],
+        keras_config=meta.get("keras_config"),
+        state={key.removeprefix("state/"): arrays[key] for key in arrays if key.startswith("state/")},
     )
 
 

@@ -139,7 +139,7 @@ def test_to_keras_dict_round_trips_through_json_and_parse_config(raw):
 REFUSALS = [
     # (raw config, message start)
     ([0.1], "config: must be an object"),
-    ({"foo": 1}, "config.foo: unknown key; allowed keys: amsgrad, beta_1"),
+    ({"foo": 1}, "config.foo: unknown key; allowed keys: adaptive_epsilon, amsgrad, beta_1"),
     ({"decay": 0.01}, "config.decay: not an argument"),
     ({"lr": 0.01}, "config.lr: not accepted"),
     ({"is_legacy_optimizer": True}, "config.is_legacy_optimizer: must be false"),
@@ -157,6 +157,7 @@ REFUSALS = [
     ({"beta_2": False}, "config.beta_2: must be a number"),
     ({"epsilon": -1e-7}, "config.epsilon: must be >= 0"),
     ({"amsgrad": 1}, "config.amsgrad: must be true or false"),
+    ({"adaptive_epsilon": "yes"}, "config.adaptive_epsilon: must be true or false"),
     ({"weight_decay": -0.1}, "config.weight_decay: must be >= 0"),
     ({"clipnorm": 0}, "config.clipnorm: must be > 0 or null"),
     ({"clipnorm": -1.0}, "config.clipnorm: must be > 0 or null"),

@@ -8,7 +8,7 @@ import jax.monitoring
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tests.conformance_cases import Case, assert_close, case_names, load_case
+from tests.conformance_cases import Case, assert_close, case_names, family_case_names, load_case
 
 from optserve.server.engine import (
     AdamState,
@@ -56,6 +56,12 @@ def _replay(case: Case, jit_compile: bool) -> None:
 @pytest.mark.parametrize("name", case_names())
 def test_jitted_engine_reproduces_tf_keras_trajectory(name):
     _replay(load_case(name), jit_compile=True)
+
+
+@pytest.mark.parametrize("name", [n for n in family_case_names() if n.startswith("adam_adaptive_epsilon")])
+@pytest.mark.parametrize("jit_compile", [True, False])
+def test_adaptive_epsilon_reproduces_tf_keras_2_21(name, jit_compile):
+    _replay(load_case(name), jit_compile=jit_compile)
 
 
 @pytest.mark.parametrize(

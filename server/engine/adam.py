@@ -471,9 +471,22 @@ def _moment(segments: _Segments, moment: Array, target: Array, rate: float, spar
     return segments.where(sparse, (moment + -moment * rate) + target * rate, moment + (target - moment) * rate)
 
 
-def _adam_update(param: Array, m: Array, denominator_v: Array, alpha: Array, epsilon: float) -> Array:
-    """theta - (m * alpha) / (sqrt(v) + epsilon), epsilon outside the root (epsilon hat)."""
-    return param - (m * alpha) / (jnp.sqrt(denominator_v) + f32_constant(epsilon))
+def _epsilon_hat(config: AdamConfig, k: Array) -> Array:
+    """The epsilon added to sqrt(v): the constant, or with `adaptive_epsilon` epsilon * sqrt(1 - beta_2**t).
+
+    The adaptive form is tf-keras 2.21's, and is where PyTorch and optax put
+    their epsilon (outside the root of the bias-corrected v).
+    """
+    epsilon = f32_constant(config.epsilon)
+    if not config.adaptive_epsilon:
+        return epsilon
+    t = k.astype(jnp.float32) + 1
+    return epsilon * jnp.sqrt(1 - jnp.power(f32_constant(config.beta_2), t))
+
+
+def _adam_update(param: Array, m: Array, denominator_v: Array, alpha: Array, epsilon_hat: Array) -> Array:
+    """theta - (m * alpha) / (sqrt(v) + epsilon_hat), epsilon outside the root."""
+    return param - (m * alpha) / (jnp.sqrt(denominator_v) + epsilon_hat)
 
 
 def _moving_average(average: Array, param: Array, momentum: float) -> Array:
@@ -560,7 +573,8 @@ def _apply(config: AdamConfig, decayed: frozenset[str], state: AdamState, dense:
     # padding: g is 0 there, so the moments stay 0, but theta could turn 0 * inf (decay, lr) or 0 / 0
     # (epsilon 0) into NaN, and pass it on to the average: it is kept 0 by a select against 0 (one against
     # the old values would cost XLA a copy of each slot, as it no longer updates them in place)
-    param = segments.where(inside, _adam_update(param, m, vhat if config.amsgrad else v, alpha, config.epsilon), 0)
+    param = segments.where(inside, _adam_update(param, m, vhat if config.amsgrad else v, alpha,
+                                                        _epsilon_hat(config, k)), 0)
     if config.use_ema:
         ema = _moving_average(ema, param, config.ema_momentum)
     iterations = _saturating_increment(k)

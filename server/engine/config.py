@@ -39,6 +39,7 @@ class AdamConfig:
     beta_2: float = 0.999
     epsilon: float = 1e-7
     amsgrad: bool = False
+    adaptive_epsilon: bool = False  # tf-keras 2.21: epsilon * sqrt(1 - beta_2**t), PyTorch's and optax's placement
     weight_decay: float | None = None
     exclude_from_weight_decay: tuple[str, ...] = ()
     clipnorm: float | None = None
@@ -75,6 +76,7 @@ class AdamConfig:
             "beta_2": self.beta_2,
             "epsilon": self.epsilon,
             "amsgrad": self.amsgrad,
+            "adaptive_epsilon": self.adaptive_epsilon,
             "exclude_from_weight_decay": list(self.exclude_from_weight_decay),
         }
 
@@ -317,6 +319,7 @@ _ADAM_ARGUMENTS: dict[str, Callable[[str, Any], Any]] = {
     "beta_2": _fraction,
     "epsilon": lambda path, value: float(_non_negative(path, value)),
     "amsgrad": _bool,
+    "adaptive_epsilon": _bool,
     "weight_decay": _weight_decay,
     "exclude_from_weight_decay": _exclusions,
     "clipnorm": _clip,
