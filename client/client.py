@@ -17,7 +17,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from optserve.client import bulk, trees
+from optserve.client import attach, bulk, trees
 from optserve.client.arrays import IndexedSlices, sparse_rows, to_numpy
 from optserve.client.errors import InvalidArgumentError, OptserveError, protocol_error
 from optserve.client.security import TLS, as_tls, make_channel
@@ -171,6 +171,7 @@ class Client:
         self, name: str, params: Any, config: Mapping[str, Any] | None = None, *,
         mode: str = "async", num_workers: int = 1, backup_workers: int = 0, aggregation: str = "mean",
         sync_timeout: float = 60.0, max_staleness: int | None = None, non_finite_policy: str = "refuse",
+        if_exists: str = "refuse",
     ) -> "Optimizer":
         """Creates an optimizer from initial weights and Keras Adam arguments.
 
@@ -184,9 +185,16 @@ class Client:
         closing a round early `sync_timeout` seconds after its first gradient.
         `non_finite_policy` is "refuse" (NaN/Inf gradients are refused) or
         "apply" (as Keras: they reach the weights).
+
+        `if_exists` "refuse" answers ALREADY_EXISTS for a taken name; "attach"
+        makes this create-if-missing (`optserve.client.attach`): the first worker
+        creates, the others get a handle, and ALREADY_EXISTS names the first
+        tensor shape, config key or mode setting in which the existing optimizer
+        differs.
         """
         for value, allowed, what in [(non_finite_policy, _NON_FINITE, "non_finite_policy"), (mode, _MODES, "mode"),
-                                     (aggregation, _AGGREGATIONS, "aggregation")]:
+                                     (aggregation, _AGGREGATIONS, "aggregation"),
+                                     (if_exists, {"refuse": 0, "attach": 1}, "if_exists")]:
             if value not in allowed:
                 raise InvalidArgumentError(f"{what}: must be one of {sorted(allowed)}, got {value!r}")
         arrays = {key: _as_float32(value, f"params[{key!r}]") for key, value in trees.flatten(params, "params").items()}
@@ -200,7 +208,17 @@ class Client:
                 aggregation=_AGGREGATIONS[aggregation], sync_timeout_seconds=sync_timeout,
                 max_staleness=max_staleness),
         )
-        self._call(self._create, lambda: encode_stream(header, arrays.values(), self.chunk_bytes))
+        def create() -> None:
+            self._call(self._create, lambda: encode_stream(header, arrays.values(), self.chunk_bytes))
+
+        if if_exists == "refuse":
+            create()
+        else:
+            settings = {"mode": mode, "num_workers": num_workers, "backup_workers": backup_workers,
+                        "aggregation": aggregation, "sync_timeout": sync_timeout, "max_staleness": max_staleness,
+                        "non_finite_policy": non_finite_policy}
+            attach.create_or_attach(create, Optimizer(self, name).info, {k: a.shape for k, a in arrays.items()},
+                                    dict(config or {}), settings)
         return Optimizer(self, name)
 
     def optimizer(self, name: str) -> "Optimizer":
