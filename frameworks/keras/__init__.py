@@ -1,0 +1,1 @@
+"""optserve for Keras 3: (in progress)."""

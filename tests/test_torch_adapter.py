@@ -1,0 +1,175 @@
+"""optserve.torch.RemoteOptimizer: a real torch.optim.Optimizer whose step runs on the server."""
+
+import threading
+
+import grpc
+import numpy as np
+import pytest
+
+from optserve.client import Client, InvalidArgumentError, OptserveError
+
+torch = pytest.importorskip("torch", reason="the torch extra (pip install '.[torch]') is not installed")
+from optserve.torch import RemoteOptimizer  # noqa: E402  (needs torch)
+
+ADAM = {"learning_rate": 0.01, "beta_1": 0.9, "beta_2": 0.999, "epsilon": 1e-4}  # an epsilon whose placement shows
+
+
+def _model(seed: int = 0) -> "torch.nn.Module":
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+
+
+def _batches(count: int, seed: int = 1) -> list:
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.randn(32, 8, generator=generator), torch.randint(0, 3, (32,), generator=generator))
+            for _ in range(count)]
+
+
+def _train(model, opt, batches, use_async: bool = False) -> None:
+    loss_fn = torch.nn.CrossEntropyLoss()
+    for x, y in batches:
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        if use_async:
+            opt.step_async()
+        else:
+            opt.step()
+    if use_async:
+        opt.synchronize()
+
+
+def _max_difference(a, b) -> float:
+    return max(float((x - y).detach().abs().max()) for x, y in zip(a.parameters(), b.parameters()))
+
+
+def test_fifty_steps_equal_local_torch_adam(client: Client, name: str) -> None:
+    batches = _batches(50)
+    local_model = _model()
+    _train(local_model, torch.optim.Adam(local_model.parameters(), lr=0.01, betas=(0.9, 0.999), eps=1e-4), batches)
+    runs = {}
+    for adaptive in (True, False):
+        remote_model = _model()
+        opt = RemoteOptimizer(remote_model, client, f"{name}-{adaptive}", {**ADAM, "adaptive_epsilon": adaptive})
+        try:
+            assert isinstance(opt, torch.optim.Optimizer)
+            _train(remote_model, opt, batches)
+            assert opt.remote.info().iterations == 50
+        finally:
+            opt.close()
+            client.delete_optimizer(f"{name}-{adaptive}")
+        runs[adaptive] = remote_model
+    for (key, want), got in zip(local_model.state_dict().items(), runs[True].state_dict().values()):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-5, err_msg=key)  # measured: 1.2e-6
+    assert _max_difference(_model(), runs[True]) > 0.05  # it trained: not two untouched models compared
+    assert _max_difference(local_model, runs[False]) > 1e-3  # Keras's own epsilon placement is another trajectory
+
+
+def test_step_async_overlaps_and_lands_the_same_weights_as_the_server(client: Client, name: str) -> None:
+    model = _model()
+    opt = RemoteOptimizer(model, client, name, ADAM)
+    try:
+        loss_fn = torch.nn.CrossEntropyLoss()
+        futures = []
+        for x, y in _batches(5):
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            futures.append(opt.step_async())
+        opt.synchronize()
+        assert [int(f.result()) for f in futures] == [1, 2, 3, 4, 5]
+        for key, value in opt.remote.pull().items():
+            np.testing.assert_array_equal(dict(model.named_parameters())[key].detach().numpy(), value)
+    finally:
+        opt.close()
+        client.delete_optimizer(name)
+
+
+def test_first_worker_creates_the_others_attach_and_start_from_its_weights(server, client: Client, name: str) -> None:
+    first, second = _model(0), _model(7)
+    opt1 = RemoteOptimizer(first, client, name, ADAM)
+    opt2 = RemoteOptimizer(second, server.address, name, ADAM)  # an address: it makes its own client
+    try:
+        for a, b in zip(first.parameters(), second.parameters()):
+            assert torch.equal(a, b)
+        _train(first, opt1, _batches(2))
+        _train(second, opt2, _batches(1, seed=3))
+        assert opt1.remote.info().iterations == 3
+        with pytest.raises(OptserveError) as caught:
+            RemoteOptimizer(_model(), client, name, {**ADAM, "learning_rate": 0.5})
+        assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS and "learning_rate" in caught.value.details()
+        with pytest.raises(OptserveError) as caught:
+            RemoteOptimizer(torch.nn.Linear(8, 4), client, name, ADAM)
+        assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    finally:
+        opt1.close()
+        opt2.close()
+        client.delete_optimizer(name)
+
+
+def test_two_sync_workers_in_threads_take_one_step_per_round(server, name: str) -> None:
+    results: dict = {}
+
+    def worker(index: int) -> None:
+        with Client(server.address, timeout=60) as mine:
+            model = _model()
+            opt = RemoteOptimizer(model, mine, name, ADAM, mode="sync", num_workers=2)
+            try:
+                _train(model, opt, _batches(3, seed=10 + index))
+                results[index] = [p.detach().clone() for p in model.parameters()]
+            except Exception as err:  # reported below
+                results[index] = err
+            finally:
+                opt.close()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    with Client(server.address) as client:
+        try:
+            assert all(isinstance(r, list) for r in results.values()) and len(results) == 2, results
+            assert client.optimizer(name).info().iterations == 3
+            for a, b in zip(results[0], results[1]):
+                assert torch.equal(a, b)  # both workers end on the weights of the last round
+        finally:
+            client.delete_optimizer(name)
+
+
+def test_state_dict_resumes_the_worker_and_its_seq(client: Client, name: str) -> None:
+    model = _model()
+    opt = RemoteOptimizer(model, client, name, ADAM, worker_id="w0")
+    try:
+        _train(model, opt, _batches(2))
+        saved = opt.state_dict()
+        assert saved["optserve"]["next_seq"] == 2 and saved["optserve"]["worker_id"] == "w0"
+        opt.close()
+        fresh = _model(5)
+        opt = RemoteOptimizer(fresh, client, name, ADAM)
+        opt.load_state_dict(saved)
+        assert opt.worker_id == "w0"
+        _train(fresh, opt, _batches(1))
+        assert opt.remote.info().iterations == 3  # seq 2: a new push, not a duplicate of an old one
+        with pytest.raises(InvalidArgumentError, match="state_dict: not one of"):
+            opt.load_state_dict(torch.optim.SGD(fresh.parameters(), lr=0.1).state_dict())
+    finally:
+        opt.close()
+        client.delete_optimizer(name)
+
+
+def test_refusals_name_the_argument(client: Client, name: str) -> None:
+    model = _model()
+    with pytest.raises(InvalidArgumentError, match=r"param_groups\[0\]\['lr'\]"):
+        RemoteOptimizer([{"params": model.parameters(), "lr": 0.1}], client, name)
+    with pytest.raises(InvalidArgumentError, match="params: no parameters"):
+        RemoteOptimizer([], client, name)
+    assert name not in [o.name for o in client.list_optimizers()]
+    opt = RemoteOptimizer(model, client, name, ADAM)
+    try:
+        with pytest.raises(InvalidArgumentError, match="no parameter has a .grad"):
+            opt.step()
+        with pytest.raises(InvalidArgumentError, match="param_group: the optimizer's tensors are fixed"):
+            opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})
+        assert opt.remote.info().version == 0
+    finally:
+        opt.close()
+        client.delete_optimizer(name)
