@@ -30,6 +30,7 @@ from optserve.v1 import optserve_pb2 as pb
 from optserve.v1 import optserve_pb2_grpc as pb_grpc
 
 _NON_FINITE = {"refuse": pb.NON_FINITE_POLICY_REFUSE, "apply": pb.NON_FINITE_POLICY_APPLY}
+_MISSING = {"refuse": pb.MISSING_GRADIENTS_REFUSE, "skip": pb.MISSING_GRADIENTS_SKIP}
 _SLOTS = {"m": pb.STATE_KIND_FIRST_MOMENT, "v": pb.STATE_KIND_SECOND_MOMENT, "vhat": pb.STATE_KIND_VHAT}
 _MODES = {"async": pb.MODE_ASYNC, "sync": pb.MODE_SYNC}
 _AGGREGATIONS = {"mean": pb.AGGREGATION_MEAN, "sum": pb.AGGREGATION_SUM}
@@ -329,8 +330,8 @@ class Optimizer:
         self.name = name
 
     def push(self, grads: Any, *, worker_id: str = "", seq: int | None = None,
-             base_version: int | None = None, wire_dtype: str | None = None) -> PushResult:
-        """Sends one gradient for every tensor; returns the version that includes it.
+             base_version: int | None = None, wire_dtype: str | None = None, missing: str = "refuse") -> PushResult:
+        """Sends one gradient for every tensor (or some, with `missing="skip"`); returns the version that includes it.
 
         `grads` is a pytree like the parameters' (`optserve.client.trees`) holding,
         per tensor, an array of the tensor's shape (NumPy, torch, JAX, TensorFlow) or a
@@ -346,15 +347,23 @@ class Optimizer:
         applied again. `base_version` is the version the gradient was computed
         from (required in sync mode and with max_staleness). The answer comes
         once the step is applied (sync: when the round closes) and, on a server
-        with a write-ahead log, durable.
+        with a write-ahead log, durable. `missing="skip"` lets `grads` leave
+        tensors out: as tf-keras does for a variable whose gradient is None,
+        the step leaves them exactly as they are (weights, slots, EMA), while
+        it still counts as one step; a None leaf in `grads` is such a tensor.
+        "refuse" (the default) makes the server refuse such a push.
         """
+        if missing not in _MISSING:
+            raise InvalidArgumentError(f"missing: must be one of {sorted(_MISSING)}, got {missing!r}")
         if wire_dtype not in (None, "float32", "float16", "bfloat16"):
             raise InvalidArgumentError(f"wire_dtype: must be float32, float16 or bfloat16, got {wire_dtype!r}")
         specs, arrays = [], []
         for name, grad in trees.flatten(grads, "gradients").items():
-            if grad is None:
-                raise InvalidArgumentError(f"gradients[{name!r}]: is None (no gradient); every push carries a "
-                                           "gradient for every tensor")
+            if grad is None:  # a tensor without a gradient (an unused layer), as frameworks give it
+                if missing == "skip":
+                    continue
+                raise InvalidArgumentError(f"gradients[{name!r}]: is None (no gradient); push with missing='skip' "
+                                           "to leave such tensors as they are")
             sparse = sparse_rows(grad)
             data_type, values = _wire_values(grad if sparse is None else sparse.values, wire_dtype,
                                              f"gradients[{name!r}]")
@@ -371,7 +380,7 @@ class Optimizer:
                                          index_dtype=_data_type(indices.dtype, f"gradients[{name!r}].indices")))
             arrays += [indices, values]
         header = pb.PushHeader(optimizer=self.name, gradients=specs, worker_id=worker_id, seq=seq,
-                               base_version=base_version)
+                               base_version=base_version, missing=_MISSING[missing])
         retry = _PUSH_RETRY if worker_id and seq is not None else frozenset()
         return PushResult.from_wire(self.client._send_push(header, arrays, retry))
 

@@ -74,7 +74,7 @@ class ClientSegment:
             if (spec.sparse or spec.dtype != pb.DATA_TYPE_FLOAT32 or view is None
                     or tuple(spec.shape) != view.shape or array.shape != view.shape):
                 return False
-        if set(views) != {spec.name for spec in header.gradients}:
+        if header.missing != pb.MISSING_GRADIENTS_SKIP and set(views) != {spec.name for spec in header.gradients}:
             return False  # the server refuses it: let the stream carry it, for the usual answer
         # another tensor's view (or part of the region) would be overwritten before it is read: copy it aside
         arrays = [array.copy() if not _is_view(array, views[spec.name]) and np.may_share_memory(array, self.gradients)

@@ -219,10 +219,23 @@ def check_segment_push(header: pb.PushHeader, shapes: Mapping[str, tuple[int, ..
         _gradient_layout(spec, shapes[spec.name])  # the shape, checked as for a push in the stream
 
 
+_MISSING_FROM_WIRE = {pb.MISSING_GRADIENTS_UNSPECIFIED: "refuse", pb.MISSING_GRADIENTS_REFUSE: "refuse",
+                      pb.MISSING_GRADIENTS_SKIP: "skip"}
+
+
+def missing_policy(header: pb.PushHeader) -> str:
+    """What the push does with the tensors it has no gradient for: "refuse" or "skip"."""
+    if header.missing not in _MISSING_FROM_WIRE:
+        raise InvalidArgument(f"missing: unknown value {header.missing}; use REFUSE or SKIP")
+    return _MISSING_FROM_WIRE[header.missing]
+
+
 def _check_gradient_names(header: pb.PushHeader, shapes: Mapping[str, tuple[int, ...]]) -> None:
-    """A push names every tensor of the optimizer once, and nothing else."""
+    """A push names each tensor of the optimizer at most once, and nothing else: every one, unless `missing` is SKIP."""
+    skip = missing_policy(header) == "skip"
     if not header.gradients:
-        raise InvalidArgument("gradients: empty push; send one gradient for every tensor")
+        raise InvalidArgument("gradients: empty push; send a gradient for at least one tensor" if skip
+                              else "gradients: empty push; send one gradient for every tensor")
     for index, spec in enumerate(header.gradients):  # no tensor has such a name
         _refuse_long_name(spec.name, f"gradients[{index}].name")
     names = [spec.name for spec in header.gradients]
@@ -231,8 +244,9 @@ def _check_gradient_names(header: pb.PushHeader, shapes: Mapping[str, tuple[int,
         if name not in shapes:
             raise NotFound(f"gradients[{name!r}]: optimizer {header.optimizer!r} has no tensor {name!r}")
     missing = [name for name in shapes if name not in set(names)]
-    if missing:
-        raise InvalidArgument(f"gradients: missing {missing}; every push carries a gradient for every tensor")
+    if missing and not skip:
+        raise InvalidArgument(f"gradients: missing {missing}; every push carries a gradient for every tensor "
+                              "(or sets missing SKIP to leave those tensors as they are)")
 
 
 def segment_to_wire(segment: "Segment") -> pb.SharedMemorySegment:

@@ -127,14 +127,16 @@ class RoundGradients(Mapping[str, "Gradient"]):
     round reuses the buffer.
     """
 
-    def __init__(self, layout: FlatLayout, flat: jax.Array | None, sparse: dict[str, tuple[np.ndarray, np.ndarray]]):
+    def __init__(self, layout: FlatLayout, flat: jax.Array | None, sparse: dict[str, tuple[np.ndarray, np.ndarray]],
+                 present: frozenset[str] | None = None):
         self.layout, self.flat, self.sparse = layout, flat, sparse
+        self.present = present  # the tensors some gradient of the round carried; None: every tensor
         self._host: np.ndarray | None = None
 
     def __getitem__(self, name: str) -> Gradient:
         if name in self.sparse:
             return self.sparse[name]
-        if name not in self.layout.shapes or self.flat is None:
+        if name not in self.layout.shapes or self.flat is None or (self.present is not None and name not in self.present):
             raise KeyError(name)
         if self._host is None:
             self._host = np.asarray(self.flat)
@@ -142,10 +144,11 @@ class RoundGradients(Mapping[str, "Gradient"]):
         return self._host[offset:offset + self.layout.sizes[name]].reshape(self.layout.shapes[name])
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.layout.shapes)
+        return iter(self.layout.shapes if self.present is None else
+                    [name for name in self.layout.shapes if name in self.present])
 
     def __len__(self) -> int:
-        return len(self.layout.shapes)
+        return len(self.layout.shapes) if self.present is None else len(self.present)
 
     def block_until_ready(self) -> RoundGradients:
         """Waits for the sum (what `jax.block_until_ready` calls on an object it does not know)."""
@@ -166,7 +169,9 @@ class RoundSum:
     Sparse gradients are concatenated on the host (the engine sums their
     duplicate rows, as Keras's IndexedSlices all-reduce does); a tensor that
     some workers sent dense and others sparse is densified. "mean" divides by
-    the number of gradients in the round.
+    the number of gradients in the round. A tensor that some gradients lack
+    (pushes with missing SKIP) counts as zero in them; one that all lack is
+    not in the result, so the step skips it.
     """
 
     def __init__(self, how: str, layout: FlatLayout):
@@ -180,26 +185,33 @@ class RoundSum:
         shapes = self._layout.shapes
         sparse: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         dense: list[str] = []
+        present = frozenset(name for w in workers for name in contributions[w])
         for name in shapes:
-            grads = [contributions[w][name] for w in workers]
+            grads = [contributions[w][name] for w in workers if name in contributions[w]]
+            if not grads:
+                continue
             if all(isinstance(g, tuple) for g in grads):
                 values = np.concatenate([g[1].astype(np.float32) for g in grads])
                 indices = np.concatenate([g[0].astype(np.int64) for g in grads])
                 sparse[name] = (indices, values / np.float32(len(workers)) if self._mean else values)
             else:
                 dense.append(name)
+        present = None if len(present) == len(shapes) else present
         if not dense:
-            return RoundGradients(self._layout, None, sparse)
-        flats = [adam.flat_grads(self._layout, {name: _dense(contributions[w][name], shapes[name]) for name in dense}
+            return RoundGradients(self._layout, None, sparse, present)
+        flats = [adam.flat_grads(self._layout, {name: _dense(contributions[w].get(name), shapes[name]) for name in dense}
                                  ).dense for w in workers]
         if self._buffer is None:
             self._buffer = jnp.zeros(self._layout.size, jnp.float32)
         self._buffer = aggregate.sum_in_order({"flat": self._buffer}, [{"flat": f} for f in flats],
                                               self._mean)["flat"]
-        return RoundGradients(self._layout, self._buffer, sparse)
+        return RoundGradients(self._layout, self._buffer, sparse, present)
 
 
-def _dense(grad: Gradient, shape: tuple[int, ...]) -> np.ndarray:
+def _dense(grad: Gradient | None, shape: tuple[int, ...]) -> np.ndarray:
+    """A worker's gradient of one tensor as a dense array: zeros for none, sparse rows summed into place."""
+    if grad is None:
+        return np.zeros(shape, np.float32)
     if not isinstance(grad, tuple):
         return grad
     indices, values = grad

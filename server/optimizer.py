@@ -119,7 +119,7 @@ class Optimizer:
              base_version: int | None = None, timeout: float | None = None,
              retain: Callable[[], Callable[[], None]] | None = None,
              cancelled: threading.Event | None = None) -> PushResult:
-        """Accepts one gradient for every tensor; see proto `PushHeader` for the arguments.
+        """Accepts one gradient for every tensor, or some (proto `MissingGradients` SKIP); see proto `PushHeader`.
 
         Async: applies one Adam step now. Sync: adds the gradient to the open
         round and waits (up to `timeout` s) until the round has applied one
@@ -429,8 +429,10 @@ class Optimizer:
         """Every tensor's gradient as the step takes it: the dense ones in one flat buffer (no copy when the
         push arrived in `self.layout`), the sparse ones padded to their bucket."""
         if isinstance(grads, RoundGradients):  # a sync round's sum: already one flat device buffer
-            return adam.FlatGrads(grads.flat, {name: adam.sparse_grad(*g) for name, g in grads.sparse.items()})
-        return adam.flat_grads(self.layout, {name: _to_device(grads[name]) for name in self.shapes})
+            return adam.FlatGrads(grads.flat, {name: adam.sparse_grad(*g) for name, g in grads.sparse.items()},
+                                  grads.present)
+        # a push with missing SKIP carries some tensors only: the step leaves the others as they are
+        return adam.flat_grads(self.layout, {name: _to_device(grads[name]) for name in self.shapes if name in grads})
 
     def _step_with(self, grads: Mapping[str, Gradient]) -> None:
         """Re-applies a logged (so acknowledged) step as it was applied then."""

@@ -198,7 +198,9 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
         segment = holds.enter_context(self.segments.use(header.shared_memory_session, optimizer, _caller(context),
                                                         "push"))
         codec.check_segment_push(header, optimizer.shapes)  # before a byte is copied
-        return segment.layout.views(segment.copy_gradients(lease.reserve))
+        views = segment.layout.views(segment.copy_gradients(lease.reserve))
+        named = {spec.name for spec in header.gradients}  # all of them, unless `missing` is SKIP
+        return {name: view for name, view in views.items() if name in named}
 
     def _take_bulk(self, transfer: pb.BulkTransfer) -> Transfer:
         """The named bulk channel for this transfer; FAILED_PRECONDITION on a server without bulk channels."""

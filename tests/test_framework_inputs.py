@@ -130,7 +130,7 @@ def test_torch_module_round_trip_through_named_parameters(client: Client, name: 
 
 
 @pytest.mark.parametrize("call,fragment", [
-    (lambda opt: opt.push({"w": GRADS["w"], "emb": None}), "gradients['emb']: is None"),
+    (lambda opt: opt.push({"w": GRADS["w"], "emb": None}), "gradients['emb']: is None (no gradient); push with missing='skip'"),
     (lambda opt: opt.push(np.zeros(3)), "gradients: must be a dict, list, tuple or NamedTuple"),
     (lambda opt: opt.push({"w": GRADS["w"], "emb": {"x": GRADS["emb"], ("a",): 1}}), "key ('a',) under 'emb'"),
     (lambda opt: opt.push({"w/0": GRADS["w"], "w": [GRADS["emb"]]}), "two tensors have the path 'w/0'"),

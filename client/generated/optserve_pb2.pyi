@@ -43,6 +43,12 @@ class StateKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STATE_KIND_FIRST_MOMENT: _ClassVar[StateKind]
     STATE_KIND_SECOND_MOMENT: _ClassVar[StateKind]
     STATE_KIND_VHAT: _ClassVar[StateKind]
+
+class MissingGradients(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MISSING_GRADIENTS_UNSPECIFIED: _ClassVar[MissingGradients]
+    MISSING_GRADIENTS_REFUSE: _ClassVar[MissingGradients]
+    MISSING_GRADIENTS_SKIP: _ClassVar[MissingGradients]
 DATA_TYPE_UNSPECIFIED: DataType
 DATA_TYPE_FLOAT32: DataType
 DATA_TYPE_FLOAT16: DataType
@@ -65,6 +71,9 @@ STATE_KIND_EMA: StateKind
 STATE_KIND_FIRST_MOMENT: StateKind
 STATE_KIND_SECOND_MOMENT: StateKind
 STATE_KIND_VHAT: StateKind
+MISSING_GRADIENTS_UNSPECIFIED: MissingGradients
+MISSING_GRADIENTS_REFUSE: MissingGradients
+MISSING_GRADIENTS_SKIP: MissingGradients
 
 class TensorSpec(_message.Message):
     __slots__ = ("name", "dtype", "shape")
@@ -201,7 +210,7 @@ class DeleteOptimizerResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class PushHeader(_message.Message):
-    __slots__ = ("optimizer", "gradients", "worker_id", "seq", "base_version", "shared_memory_session", "bulk")
+    __slots__ = ("optimizer", "gradients", "worker_id", "seq", "base_version", "shared_memory_session", "bulk", "missing")
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     GRADIENTS_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -209,6 +218,7 @@ class PushHeader(_message.Message):
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_SESSION_FIELD_NUMBER: _ClassVar[int]
     BULK_FIELD_NUMBER: _ClassVar[int]
+    MISSING_FIELD_NUMBER: _ClassVar[int]
     optimizer: str
     gradients: _containers.RepeatedCompositeFieldContainer[GradientSpec]
     worker_id: str
@@ -216,7 +226,8 @@ class PushHeader(_message.Message):
     base_version: int
     shared_memory_session: str
     bulk: BulkTransfer
-    def __init__(self, optimizer: _Optional[str] = ..., gradients: _Optional[_Iterable[_Union[GradientSpec, _Mapping]]] = ..., worker_id: _Optional[str] = ..., seq: _Optional[int] = ..., base_version: _Optional[int] = ..., shared_memory_session: _Optional[str] = ..., bulk: _Optional[_Union[BulkTransfer, _Mapping]] = ...) -> None: ...
+    missing: MissingGradients
+    def __init__(self, optimizer: _Optional[str] = ..., gradients: _Optional[_Iterable[_Union[GradientSpec, _Mapping]]] = ..., worker_id: _Optional[str] = ..., seq: _Optional[int] = ..., base_version: _Optional[int] = ..., shared_memory_session: _Optional[str] = ..., bulk: _Optional[_Union[BulkTransfer, _Mapping]] = ..., missing: _Optional[_Union[MissingGradients, str]] = ...) -> None: ...
 
 class BulkTransfer(_message.Message):
     __slots__ = ("channel", "transfer")
