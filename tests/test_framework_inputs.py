@@ -130,7 +130,8 @@ def test_torch_module_round_trip_through_named_parameters(client: Client, name: 
 
 
 @pytest.mark.parametrize("call,fragment", [
-    (lambda opt: opt.push({"w": GRADS["w"], "emb": None}), "gradients['emb']: is None (no gradient); push with missing='skip'"),
+    (lambda opt: opt.push({"w": GRADS["w"], "emb": None}),
+     "gradients['emb']: is None (no gradient); push with missing='skip'"),
     (lambda opt: opt.push(np.zeros(3)), "gradients: must be a dict, list, tuple or NamedTuple"),
     (lambda opt: opt.push({"w": GRADS["w"], "emb": {"x": GRADS["emb"], ("a",): 1}}), "key ('a',) under 'emb'"),
     (lambda opt: opt.push({"w/0": GRADS["w"], "w": [GRADS["emb"]]}), "two tensors have the path 'w/0'"),
@@ -192,5 +193,16 @@ def test_plain_client_imports_no_framework(client: Client, name: str) -> None:
                              timeout=120)
         assert run.returncode == 0, run.stderr[-3000:]
         assert "loaded []" in run.stdout
+    finally:
+        client.delete_optimizer(name)
+
+
+def test_none_leaf_with_missing_skip_leaves_that_tensor(client: Client, name: str) -> None:
+    opt = client.create_optimizer(name, {"dense": {"w": PARAMS["w"], "b": np.zeros(3, np.float32)}, "emb": PARAMS["emb"]})
+    try:
+        version = opt.push({"dense": {"w": GRADS["w"], "b": None}, "emb": GRADS["emb"]}, missing="skip")
+        pulled = opt.pull()
+        assert version == pulled.version == 1
+        assert not pulled["dense/b"].any() and not np.array_equal(pulled["dense/w"], PARAMS["w"])
     finally:
         client.delete_optimizer(name)

@@ -173,3 +173,21 @@ def test_refusals_name_the_argument(client: Client, name: str) -> None:
     finally:
         opt.close()
         client.delete_optimizer(name)
+
+
+def test_parameter_without_grad_is_skipped_as_keras_skips_it(client: Client, name: str) -> None:
+    model = _model()
+    unused = torch.nn.Linear(2, 2)  # in the optimizer, never in the loss: its .grad stays None
+    params = list(model.named_parameters()) + [("unused." + n, p) for n, p in unused.named_parameters()]
+    before = {n: p.detach().clone() for n, p in params}
+    opt = RemoteOptimizer(params, client, name, ADAM)
+    try:
+        _train(model, opt, _batches(2))
+        assert opt.remote.info().iterations == 2
+        for key in ("unused.weight", "unused.bias"):
+            assert torch.equal(dict(params)[key], before[key])
+            assert not opt.remote.pull_slot("m", names=[key])[key].any()
+        assert not torch.equal(dict(params)["0.weight"], before["0.weight"])
+    finally:
+        opt.close()
+        client.delete_optimizer(name)
