@@ -10,7 +10,6 @@
 Needs the `torch` extra (`pip install "optserve[torch]"`).
 """
 
-import inspect
 import uuid
 from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,6 +19,7 @@ import grpc
 import torch
 
 from optserve.client import Client, InvalidArgumentError, OptserveError, Weights
+from optserve.client.attach import optimizer_option
 
 __all__ = ["RemoteOptimizer"]
 
@@ -43,8 +43,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
 
     `worker_id` names this worker for exactly-once pushes (default: a random
     one; give a stable one, with `load_state_dict`, to resume after a restart).
-    A parameter whose `.grad` is None is skipped (`missing="skip"`) where the
-    client supports partial pushes, else refused.
+    A parameter whose `.grad` is None is skipped (`missing="skip"`): its
+    weights and slots stay as they are, as Keras leaves a variable without a gradient.
     """
 
     def __init__(self, params: Any, client: Client | str, name: str, config: Mapping[str, Any] | None = None,
@@ -56,13 +56,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
         groups, self._names = _named_groups(params)
         super().__init__(groups, {})
         self._params = {self._names[id(p)]: p for group in self.param_groups for p in group["params"]}
-        create_options = dict(create_or_mode_options)
-        if optimizer != "Adam" or "optimizer" in inspect.signature(self.client.create_optimizer).parameters:
-            if "optimizer" not in inspect.signature(self.client.create_optimizer).parameters:
-                raise InvalidArgumentError(f"optimizer: this client serves Adam only, got {optimizer!r}")
-            create_options["optimizer"] = optimizer
-        self.remote = self.client.create_optimizer(name, self._params, config, if_exists="attach", **create_options)
-        self._skips_missing = "missing" in inspect.signature(self.remote.push).parameters
+        self.remote = self.client.create_optimizer(name, self._params, config, if_exists="attach",
+                                                   **create_or_mode_options, **optimizer_option(self.client, optimizer))
         self._seq = 0  # the next push's seq
         self._version = -1  # of the weights in the parameters
         self._weights: Weights | None = None  # the last pull, refilled by the next one
@@ -92,10 +87,6 @@ class RemoteOptimizer(torch.optim.Optimizer):
         grads = {name: param.grad.detach().clone() for name, param in self._params.items() if param.grad is not None}
         if not grads:
             raise InvalidArgumentError("gradients: no parameter has a .grad; call backward() before step()")
-        if len(grads) < len(self._params) and not self._skips_missing:
-            name = next(name for name in self._params if name not in grads)
-            raise InvalidArgumentError(f"gradients[{name!r}]: .grad is None, and this client cannot skip a tensor "
-                                       "(its push has no missing='skip')")
         seq, base_version = self._seq, self._version
         self._seq += 1
         self._pending = self._executor.submit(self._exchange, grads, seq, base_version)
@@ -151,11 +142,10 @@ class RemoteOptimizer(torch.optim.Optimizer):
 
     def _exchange(self, grads: dict[str, torch.Tensor], seq: int, base_version: int) -> Any:
         """In the worker thread: pushes (a stale push re-pulled and retried), then pulls the weights that include it."""
-        options = {"missing": "skip"} if self._skips_missing else {}
         for attempt in range(STALE_RETRIES + 1):
             try:
                 result = self.remote.push(grads, worker_id=self.worker_id, seq=seq, base_version=base_version,
-                                          **options)
+                                          missing="skip")
                 break
             except OptserveError as err:
                 if err.code() != grpc.StatusCode.ABORTED or attempt == STALE_RETRIES:
