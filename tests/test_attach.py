@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from optserve.client import Client, InvalidArgumentError, OptserveError
+from tests.conftest import run_threads
 
 PARAMS = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.zeros(3, np.float32)}
 CONFIG = {"learning_rate": 0.01, "beta_1": 0.8}
@@ -26,11 +27,7 @@ def test_racing_workers_create_one_optimizer_and_all_attach(server, name: str) -
             except Exception as err:  # reported below
                 outcomes[index] = err
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(workers)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
+    run_threads(worker, workers)
     with Client(server.address) as client:
         try:
             assert sorted(outcomes) == [1, 2, 3, 4], outcomes  # one optimizer took every worker's step

@@ -10,6 +10,7 @@ import pytest
 
 from optserve.client import Client, IndexedSlices, InvalidArgumentError, OptserveError
 from optserve.client.trees import flatten
+from tests.conftest import stepped_weights
 
 torch = pytest.importorskip("torch", reason="the torch extra (pip install '.[torch]') is not installed")
 
@@ -22,14 +23,11 @@ class Layer(NamedTuple):
     bias: object
 
 
-def _stepped(client: Client, name: str, params, grads) -> dict[str, np.ndarray]:
-    """The weights after creating from `params` and pushing `grads` once, by tensor name."""
-    opt = client.create_optimizer(name, params, {"learning_rate": 0.1})
-    try:
-        opt.push(grads)
-        return {k: v.copy() for k, v in opt.pull().items()}
-    finally:
-        client.delete_optimizer(name)
+@pytest.fixture
+def opt(client: Client, name: str):
+    """An optimizer of PARAMS, deleted after the test."""
+    yield client.create_optimizer(name, PARAMS)
+    client.delete_optimizer(name)
 
 
 def _assert_same(got: dict, want: dict) -> None:
@@ -39,14 +37,14 @@ def _assert_same(got: dict, want: dict) -> None:
 
 
 def test_torch_parameters_requiring_grad_create_and_their_grads_push(client: Client, name: str) -> None:
-    want = _stepped(client, name + "-np", PARAMS, GRADS)
+    want = stepped_weights(client, name + "-np", PARAMS, GRADS)
     params = {k: torch.nn.Parameter(torch.from_numpy(v.copy())) for k, v in PARAMS.items()}
     for key, param in params.items():  # .grad of a real backward pass, a tensor that requires no grad
         (param * torch.from_numpy(GRADS[key])).sum().backward()
     assert all(p.requires_grad for p in params.values())
-    _assert_same(_stepped(client, name, params, {k: p.grad for k, p in params.items()}), want)
+    _assert_same(stepped_weights(client, name, params, {k: p.grad for k, p in params.items()}), want)
     # a tensor that requires grad is sent as a gradient too (detached)
-    _assert_same(_stepped(client, name, params, {k: torch.from_numpy(v).requires_grad_() for k, v in GRADS.items()}),
+    _assert_same(stepped_weights(client, name, params, {k: torch.from_numpy(v).requires_grad_() for k, v in GRADS.items()}),
                  want)
 
 
@@ -55,24 +53,24 @@ def test_torch_sparse_embedding_gradient_is_sparse(client: Client, name: str) ->
     embedding(torch.tensor([1, 3, 1])).sum().backward()  # rows 1 (twice) and 3
     grad = embedding.weight.grad
     assert grad.layout == torch.sparse_coo
-    want = _stepped(client, name + "-own", PARAMS,
+    want = stepped_weights(client, name + "-own", PARAMS,
                     {"w": GRADS["w"], "emb": IndexedSlices(np.array([1, 3]), np.array([[2, 2], [1, 1]], np.float32))})
-    got = _stepped(client, name, PARAMS, {"w": GRADS["w"], "emb": grad})
+    got = stepped_weights(client, name, PARAMS, {"w": GRADS["w"], "emb": grad})
     _assert_same(got, want)
     assert got["emb"][0].tolist() == PARAMS["emb"][0].tolist()  # row 0 untouched: sent as rows, not dense
 
 
 def test_jax_arrays_push_dense(client: Client, name: str) -> None:
     jnp = pytest.importorskip("jax.numpy")
-    want = _stepped(client, name + "-np", PARAMS, GRADS)
-    _assert_same(_stepped(client, name, {k: jnp.asarray(v) for k, v in PARAMS.items()},
+    want = stepped_weights(client, name + "-np", PARAMS, GRADS)
+    _assert_same(stepped_weights(client, name, {k: jnp.asarray(v) for k, v in PARAMS.items()},
                           {k: jnp.asarray(v) for k, v in GRADS.items()}), want)
 
 
 def test_tensorflow_tensors_push_dense(client: Client, name: str) -> None:
     tf = pytest.importorskip("tensorflow", reason="TensorFlow is not installed (the keras extra with its TF backend)")
-    want = _stepped(client, name + "-np", PARAMS, GRADS)
-    _assert_same(_stepped(client, name, {k: tf.Variable(v) for k, v in PARAMS.items()},
+    want = stepped_weights(client, name + "-np", PARAMS, GRADS)
+    _assert_same(stepped_weights(client, name, {k: tf.Variable(v) for k, v in PARAMS.items()},
                           {k: tf.constant(v) for k, v in GRADS.items()}), want)
 
 
@@ -99,18 +97,14 @@ def test_nested_tree_names_are_its_paths(client: Client, name: str) -> None:
         client.delete_optimizer(name)
 
 
-def test_pull_like_returns_callers_array_types(client: Client, name: str) -> None:
+def test_pull_like_returns_callers_array_types(opt) -> None:
     jnp = pytest.importorskip("jax.numpy")
-    opt = client.create_optimizer(name, PARAMS)
-    try:
-        like = {"w": torch.zeros((2, 3), dtype=torch.float64), "emb": jnp.zeros((4, 2), jnp.float32)}
-        pulled = opt.pull(like=like)
-        assert isinstance(pulled["w"], torch.Tensor) and pulled["w"].dtype == torch.float64
-        assert type(pulled["emb"]).__module__.split(".")[0] in ("jax", "jaxlib") and pulled["emb"].dtype == jnp.float32
-        np.testing.assert_array_equal(pulled["w"].numpy(), PARAMS["w"])
-        np.testing.assert_array_equal(np.asarray(pulled["emb"]), PARAMS["emb"])
-    finally:
-        client.delete_optimizer(name)
+    like = {"w": torch.zeros((2, 3), dtype=torch.float64), "emb": jnp.zeros((4, 2), jnp.float32)}
+    pulled = opt.pull(like=like)
+    assert isinstance(pulled["w"], torch.Tensor) and pulled["w"].dtype == torch.float64
+    assert type(pulled["emb"]).__module__.split(".")[0] in ("jax", "jaxlib") and pulled["emb"].dtype == jnp.float32
+    np.testing.assert_array_equal(pulled["w"].numpy(), PARAMS["w"])
+    np.testing.assert_array_equal(np.asarray(pulled["emb"]), PARAMS["emb"])
 
 
 def test_torch_module_round_trip_through_named_parameters(client: Client, name: str) -> None:
@@ -141,42 +135,31 @@ def test_torch_module_round_trip_through_named_parameters(client: Client, name: 
      "two tensors have the path 'a/b'"),
 ], ids=["None gradient", "lone array", "tuple key", "path collision", "like shape", "like and names",
         "create path collision"])
-def test_tree_refusals_are_invalid_argument(client: Client, name: str, call, fragment) -> None:
-    opt = client.create_optimizer(name, PARAMS)
-    try:
-        with pytest.raises(InvalidArgumentError) as caught:
-            call(opt)
-        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and isinstance(caught.value, ValueError)
-        assert fragment in caught.value.details(), caught.value.details()
-        assert opt.info().version == 0
-        assert [o.name for o in client.list_optimizers()].count(name + "x") == 0
-    finally:
-        client.delete_optimizer(name)
+def test_tree_refusals_are_invalid_argument(client: Client, opt, call, fragment) -> None:
+    with pytest.raises(InvalidArgumentError) as caught:
+        call(opt)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and isinstance(caught.value, ValueError)
+    assert fragment in caught.value.details(), caught.value.details()
+    assert opt.info().version == 0
+    assert [o.name for o in client.list_optimizers()].count(opt.name + "x") == 0
 
 
-def test_pull_like_naming_an_unknown_path_is_not_found(client: Client, name: str) -> None:
-    opt = client.create_optimizer(name, PARAMS)
-    try:
-        with pytest.raises(OptserveError) as caught:
-            opt.pull(like={"w": np.zeros((2, 3)), "layers": [np.zeros(2)]})
-        assert caught.value.code() == grpc.StatusCode.NOT_FOUND and "'layers/0'" in caught.value.details()
-    finally:
-        client.delete_optimizer(name)
+def test_pull_like_naming_an_unknown_path_is_not_found(opt) -> None:
+    with pytest.raises(OptserveError) as caught:
+        opt.pull(like={"w": np.zeros((2, 3)), "layers": [np.zeros(2)]})
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND and "'layers/0'" in caught.value.details()
 
 
-def test_symbolic_values_are_refused_naming_the_tensor(client: Client, name: str) -> None:
+def test_symbolic_values_are_refused_naming_the_tensor(opt) -> None:
     jax = pytest.importorskip("jax")
-    opt = client.create_optimizer(name, PARAMS)
-    try:
-        def traced(w):
-            opt.push({"w": w, "emb": GRADS["emb"]})
-            return w
 
-        with pytest.raises(InvalidArgumentError, match=r"gradients\['w'\]: cannot be read"):
-            jax.jit(traced)(GRADS["w"])
-        assert opt.info().version == 0
-    finally:
-        client.delete_optimizer(name)
+    def traced(w):
+        opt.push({"w": w, "emb": GRADS["emb"]})
+        return w
+
+    with pytest.raises(InvalidArgumentError, match=r"gradients\['w'\]: cannot be read"):
+        jax.jit(traced)(GRADS["w"])
+    assert opt.info().version == 0
 
 
 def test_plain_client_imports_no_framework(client: Client, name: str) -> None:

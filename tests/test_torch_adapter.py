@@ -1,12 +1,11 @@
 """optserve.torch.RemoteOptimizer: a real torch.optim.Optimizer whose step runs on the server."""
 
-import threading
-
 import grpc
 import numpy as np
 import pytest
 
 from optserve.client import Client, InvalidArgumentError, OptserveError
+from tests.conftest import run_threads
 
 torch = pytest.importorskip("torch", reason="the torch extra (pip install '.[torch]') is not installed")
 from optserve.torch import RemoteOptimizer  # noqa: E402  (needs torch)
@@ -120,11 +119,7 @@ def test_two_sync_workers_in_threads_take_one_step_per_round(server, name: str) 
             finally:
                 opt.close()
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
+    run_threads(worker, 2)
     with Client(server.address) as client:
         try:
             assert all(isinstance(r, list) for r in results.values()) and len(results) == 2, results
