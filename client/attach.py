@@ -22,7 +22,7 @@ def create_or_attach(create: Callable[[], None], existing: Callable[[], Any], sh
 
     ALREADY_EXISTS, naming the first field that differs, if the optimizer there
     disagrees with `shapes`, `config` (only the keys given) or `settings` (the
-    training mode's fields and non_finite_policy).
+    training mode's fields, non_finite_policy and the non-trainable tensors).
     """
     try:
         info = existing()
@@ -58,7 +58,8 @@ def _first_difference(info: Any, shapes: Mapping[str, tuple[int, ...]], config: 
     for key, value in config.items():
         if key in info.config and not _same(info.config[key], value):
             return f"config[{key!r}]: {value!r}, the optimizer's is {info.config[key]!r}"
-    current = {**info.training_mode, "non_finite_policy": info.non_finite_policy}
+    current = {**info.training_mode, "non_finite_policy": info.non_finite_policy,
+               "non_trainable": tuple(info.non_trainable)}
     for key, value in settings.items():
         if not _same(current.get(key), value):
             return f"{key}: {value!r}, the optimizer's is {current.get(key)!r}"

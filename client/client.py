@@ -87,6 +87,7 @@ class OptimizerInfo:
     # connections that moved its tensors recently, most recent first: peer, transport ("grpc",
     # "shared_memory" or "bulk"), bytes_received, bytes_sent, last_seen_age (seconds)
     clients: tuple[dict[str, Any], ...] = ()
+    non_trainable: tuple[str, ...] = ()  # tensors of non-trainable state (create_optimizer's `state`)
 
     @classmethod
     def from_wire(cls, info: pb.OptimizerInfo) -> "OptimizerInfo":
@@ -116,6 +117,7 @@ class OptimizerInfo:
             clients=tuple({"peer": c.peer, "transport": c.transport, "bytes_received": c.bytes_received,
                            "bytes_sent": c.bytes_sent, "last_seen_age": c.last_seen_age_seconds}
                           for c in info.clients),
+            non_trainable=tuple(t.name for t in info.tensors if t.non_trainable),
         )
 
 
@@ -172,7 +174,7 @@ class Client:
         self, name: str, params: Any, config: Mapping[str, Any] | None = None, *,
         mode: str = "async", num_workers: int = 1, backup_workers: int = 0, aggregation: str = "mean",
         sync_timeout: float = 60.0, max_staleness: int | None = None, non_finite_policy: str = "refuse",
-        if_exists: str = "refuse",
+        if_exists: str = "refuse", state: Any = None,
     ) -> "Optimizer":
         """Creates an optimizer from initial weights and Keras Adam arguments.
 
@@ -192,6 +194,11 @@ class Client:
         creates, the others get a handle, and ALREADY_EXISTS names the first
         tensor shape, config key or mode setting in which the existing optimizer
         differs.
+
+        `state`, a pytree like `params`, holds non-trainable state (BatchNorm
+        moving statistics): kept and served with the weights (every pull has
+        them), never stepped; `push(..., state=...)` replaces their values
+        (sync: with the mean of the round's). Its paths may not be those of `params`.
         """
         for value, allowed, what in [(non_finite_policy, _NON_FINITE, "non_finite_policy"), (mode, _MODES, "mode"),
                                      (aggregation, _AGGREGATIONS, "aggregation"),
@@ -199,10 +206,17 @@ class Client:
             if value not in allowed:
                 raise InvalidArgumentError(f"{what}: must be one of {sorted(allowed)}, got {value!r}")
         arrays = {key: _as_float32(value, f"params[{key!r}]") for key, value in trees.flatten(params, "params").items()}
+        extra = {} if state is None else {key: _as_float32(value, f"state[{key!r}]")
+                                          for key, value in trees.flatten(state, "state").items()}
+        taken = [key for key in extra if key in arrays]
+        if taken:
+            raise InvalidArgumentError(f"state[{taken[0]!r}]: a tensor of params has that path already")
+        arrays.update(extra)
         header = pb.CreateOptimizerHeader(
             name=name,
             config_json=json.dumps(dict(config or {})),
-            tensors=[pb.TensorSpec(name=k, dtype=pb.DATA_TYPE_FLOAT32, shape=a.shape) for k, a in arrays.items()],
+            tensors=[pb.TensorSpec(name=k, dtype=pb.DATA_TYPE_FLOAT32, shape=a.shape, non_trainable=k in extra)
+                     for k, a in arrays.items()],
             non_finite_policy=_NON_FINITE[non_finite_policy],
             training_mode=pb.TrainingMode(
                 mode=_MODES[mode], num_workers=num_workers, backup_workers=backup_workers,
@@ -217,7 +231,7 @@ class Client:
         else:
             settings = {"mode": mode, "num_workers": num_workers, "backup_workers": backup_workers,
                         "aggregation": aggregation, "sync_timeout": sync_timeout, "max_staleness": max_staleness,
-                        "non_finite_policy": non_finite_policy}
+                        "non_finite_policy": non_finite_policy, "non_trainable": tuple(extra)}
             attach.create_or_attach(create, Optimizer(self, name).info, {k: a.shape for k, a in arrays.items()},
                                     dict(config or {}), settings)
         return Optimizer(self, name)
@@ -330,7 +344,8 @@ class Optimizer:
         self.name = name
 
     def push(self, grads: Any, *, worker_id: str = "", seq: int | None = None,
-             base_version: int | None = None, wire_dtype: str | None = None, missing: str = "refuse") -> PushResult:
+             base_version: int | None = None, wire_dtype: str | None = None, missing: str = "refuse",
+             state: Any = None) -> PushResult:
         """Sends one gradient for every tensor (or some, with `missing="skip"`); returns the version that includes it.
 
         `grads` is a pytree like the parameters' (`optserve.client.trees`) holding,
@@ -352,6 +367,11 @@ class Optimizer:
         the step leaves them exactly as they are (weights, slots, EMA), while
         it still counts as one step; a None leaf in `grads` is such a tensor.
         "refuse" (the default) makes the server refuse such a push.
+
+        `state` holds new values of non-trainable tensors (`create_optimizer`'s
+        `state`), sent as float32 whatever `wire_dtype` says; they replace the
+        old ones after the step (sync: the mean of the values the round's pushes
+        carry). Tensors of state that a push leaves out stay as they are.
         """
         if missing not in _MISSING:
             raise InvalidArgumentError(f"missing: must be one of {sorted(_MISSING)}, got {missing!r}")
@@ -379,6 +399,12 @@ class Optimizer:
             specs.append(pb.GradientSpec(name=name, dtype=data_type, shape=values.shape, sparse=True,
                                          index_dtype=_data_type(indices.dtype, f"gradients[{name!r}].indices")))
             arrays += [indices, values]
+        for name, value in ({} if state is None else trees.flatten(state, "state")).items():
+            if any(spec.name == name for spec in specs):
+                raise InvalidArgumentError(f"state[{name!r}]: also in gradients; a tensor takes a gradient or a value")
+            values = _as_float32(value, f"state[{name!r}]")
+            specs.append(pb.GradientSpec(name=name, dtype=pb.DATA_TYPE_FLOAT32, shape=values.shape))
+            arrays.append(values)
         header = pb.PushHeader(optimizer=self.name, gradients=specs, worker_id=worker_id, seq=seq,
                                base_version=base_version, missing=_MISSING[missing])
         retry = _PUSH_RETRY if worker_id and seq is not None else frozenset()

@@ -62,6 +62,7 @@ class OptimizerInfo:
     saved_version: int  # version of the newest checkpoint; -1 without a data dir
     pushes_per_second: float  # accepted pushes over the last RATE_WINDOW seconds
     last_push_age: float | None  # seconds since the last accepted push; None before the first
+    non_trainable: frozenset[str] = frozenset()  # tensors of non-trainable state (see Optimizer)
 
 
 class Optimizer:
@@ -70,13 +71,16 @@ class Optimizer:
     def __init__(self, name: str, config: AdamConfig, non_finite_policy: str, training_mode: TrainingMode,
                  state: adam.AdamState, version: int = 0, store: OptimizerStore | None = None,
                  on_step: Callable[["Optimizer"], None] = lambda optimizer: None, metrics: Metrics | None = None,
-                 excluded_from_decay: Collection[str] | None = None):
+                 excluded_from_decay: Collection[str] | None = None, non_trainable: Collection[str] = ()):
         self.name = name
         self.config = config
         self.non_finite_policy = non_finite_policy
         self.training_mode = training_mode
         self.layout = adam.layout_of(state)  # of every slot, and of the flat gradient a push can arrive in
         self.shapes = dict(self.layout.shapes)
+        # Non-trainable state (BatchNorm statistics): never stepped; a push's value for one replaces it after the
+        # step (sync: the mean of the round's values), in the weights and the EMA; its moments stay zero.
+        self.non_trainable = frozenset(non_trainable)
         self.rounds_closed_by_timeout = 0
         self.saved_version = -1 if store is None else version
         self.saved_at = time.monotonic()
@@ -140,6 +144,7 @@ class Optimizer:
             raise InvalidArgument("base_version: required in sync mode (the version of the round)")
         if self.training_mode.max_staleness is not None and base_version is None:
             raise InvalidArgument("base_version: required when max_staleness is set")
+        self._check_non_trainable(grads)
         magnitudes = self._refuse_non_finite(grads)
         with self._lock:
             self._check_alive()
@@ -275,6 +280,7 @@ class Optimizer:
             saved_version=self.saved_version,
             pushes_per_second=recent / RATE_WINDOW,
             last_push_age=last_push_age,
+            non_trainable=self.non_trainable,
         )
 
     def close(self, delete_files: bool = False) -> None:
@@ -302,7 +308,7 @@ class Optimizer:
             optimizer = cls(meta["name"], parse_config(meta["config"]), meta["non_finite_policy"],
                             TrainingMode(**meta["training_mode"]), adam.restore(meta["iterations"], slots),
                             meta["version"], store, excluded_from_decay=meta.get("excluded_from_weight_decay"),
-                            **hooks)
+                            non_trainable=meta.get("non_trainable", ()), **hooks)
         except InvalidArgument as err:  # a checkpoint without the matched names, whose pattern now runs out of time
             raise StorageError(f"{store.directory}: cannot restore optimizer {meta['name']!r}: {err}") from None
         optimizer._dedup.load_json(meta["dedup"])
@@ -320,6 +326,7 @@ class Optimizer:
             "version": self._version,
             "dedup": self._dedup.to_json(),
             "excluded_from_weight_decay": sorted(self._excluded),  # matched once, at create
+            "non_trainable": sorted(self.non_trainable),
         }
         return Checkpoint(meta, adam.export(self._state))
 
@@ -387,16 +394,20 @@ class Optimizer:
                                    f"not yet {version}, after {timeout:.3g} s")
 
     def _apply(self, grads: Mapping[str, Gradient], workers: list[tuple[str, int]],
-               magnitudes: list[overflow.Magnitude] | None = None) -> PushResult:
+               magnitudes: list[overflow.Magnitude] | None = None,
+               values: Mapping[str, np.ndarray] | None = None) -> PushResult:
         """Logs, then applies, one Adam step, under the lock.
 
         Under "refuse", a step that `overflow` cannot prove finite from the
         gradients' `magnitudes` is computed first, on a copy of the state, and
         refused if it leaves any value non-finite; then logged, then kept. So a
-        refused step, or a log write that fails, changes nothing.
+        refused step, or a log write that fails, changes nothing. The
+        non-trainable tensors then take their `values` (default: those `grads`
+        carries), logged with the step.
         """
         started = time.perf_counter()
-        record = LogRecord("step", self._version + 1, workers, dict(grads))
+        values = self._values_in(grads) if values is None else values
+        record = LogRecord("step", self._version + 1, workers, {**dict(grads), **values})
         bounds = None
         if self._checked:
             if self._bounds is None:
@@ -409,9 +420,49 @@ class Optimizer:
         else:
             self._log(record)
             state = self._step(self._state, self._device_grads(grads))
-        self._commit(state, grads, started)
-        self._bounds = bounds
+        self._commit(self._assigned(state, values), grads, started)
+        self._bounds = bounds if not values else None  # assigned values: measured again before the next step
         return PushResult(self._version, self._iterations)
+
+    def _check_non_trainable(self, grads: Mapping[str, Gradient]) -> None:
+        """A push's value of a non-trainable tensor is dense, and a push carries some trainable gradient."""
+        for name in self.non_trainable:
+            if isinstance(grads.get(name), tuple):
+                raise InvalidArgument(f"gradients[{name!r}]: a non-trainable tensor takes a dense value, not rows")
+        if all(name in self.non_trainable for name in grads):
+            raise InvalidArgument("gradients: only non-trainable values; a push carries a gradient of at least one "
+                                  "trainable tensor")
+
+    def _values_in(self, grads: Mapping[str, Gradient]) -> dict[str, np.ndarray]:
+        """The values of non-trainable tensors a push (or a logged step) carries."""
+        return {name: np.asarray(grads[name], np.float32) for name in sorted(self.non_trainable) if name in grads}
+
+    def _round_values(self) -> dict[str, np.ndarray]:
+        """Sync, under the lock: each non-trainable tensor's mean over the round's pushes that carry it."""
+        values = {}
+        for name in sorted(self.non_trainable):
+            carried = [self._round[worker][name] for worker in sorted(self._round) if name in self._round[worker]]
+            if carried:
+                total = np.zeros(self.shapes[name], np.float32)
+                for value in carried:  # in worker order: the same sum on every replay
+                    total += np.asarray(value, np.float32)
+                values[name] = total / np.float32(len(carried))
+        return values
+
+    def _assigned(self, state: adam.AdamState, values: Mapping[str, np.ndarray]) -> adam.AdamState:
+        """`state` with the non-trainable tensors' new values in the weights (and the EMA, which serves them too)."""
+        if not values:
+            return state
+        params, ema = np.array(state.params.flat), None if state.ema is None else np.array(state.ema.flat)
+        for name, value in values.items():
+            start = self.layout.offsets[name]
+            for flat in (params, ema):
+                if flat is not None:
+                    flat[start:start + self.layout.sizes[name]] = value.reshape(-1)
+        device = state.params.flat.devices().pop()
+        return state._replace(
+            params=adam.Tensors(jax.device_put(params, device), self.layout),
+            ema=None if ema is None else adam.Tensors(jax.device_put(ema, device), self.layout))
 
     def _checked_state(self, grads: Mapping[str, Gradient]) -> adam.AdamState:
         """The state after a step, computed beside the current one; INVALID_ARGUMENT if any value is non-finite."""
@@ -429,16 +480,21 @@ class Optimizer:
         """Every tensor's gradient as the step takes it: the dense ones in one flat buffer (no copy when the
         push arrived in `self.layout`), the sparse ones padded to their bucket."""
         if isinstance(grads, RoundGradients):  # a sync round's sum: already one flat device buffer
+            present = grads.present
+            if self.non_trainable:  # their values are assigned, never stepped
+                present = frozenset(grads.present if present is not None else self.shapes) - self.non_trainable
             return adam.FlatGrads(grads.flat, {name: adam.sparse_grad(*g) for name, g in grads.sparse.items()},
-                                  grads.present)
+                                  present)
         # a push with missing SKIP carries some tensors only: the step leaves the others as they are
-        return adam.flat_grads(self.layout, {name: _to_device(grads[name]) for name in self.shapes if name in grads})
+        return adam.flat_grads(self.layout, {name: _to_device(grads[name]) for name in self.shapes
+                                             if name in grads and name not in self.non_trainable})
 
     def _step_with(self, grads: Mapping[str, Gradient]) -> None:
         """Re-applies a logged (so acknowledged) step as it was applied then."""
         started = time.perf_counter()
         self._bounds = None
-        self._commit(self._step(self._state, self._device_grads(grads)), grads, started)
+        self._commit(self._assigned(self._step(self._state, self._device_grads(grads)), self._values_in(grads)),
+                     grads, started)
 
     def _commit(self, state: adam.AdamState, grads: Mapping[str, Gradient], started: float) -> None:
         """Makes `state` the optimizer's state: one more step and version."""
@@ -446,7 +502,8 @@ class Optimizer:
         jax.block_until_ready(self._state)
         self._iterations = min(self._iterations + 1, _INT32_MAX)
         self._bump_version()
-        self._metrics.observe_step(self.name, time.perf_counter() - started, self._version, grads)
+        stepped = grads if not self.non_trainable else {n: g for n, g in grads.items() if n not in self.non_trainable}
+        self._metrics.observe_step(self.name, time.perf_counter() - started, self._version, stepped)
         self._on_step(self)
 
     def _log(self, record: LogRecord) -> None:
@@ -483,7 +540,8 @@ class Optimizer:
         try:
             combined = self._round_sum.combine(self._round)
             combined.block_until_ready()  # the sum is done reading the gradients' buffers
-            self._apply(combined, workers, overflow.combined(list(self._round_magnitudes.values())))
+            self._apply(combined, workers, overflow.combined(list(self._round_magnitudes.values())),
+                        self._round_values())
         except (ResourceExhausted, InvalidArgument) as err:
             # the log is full, or the aggregate step would make the state non-finite: every push of the
             # round is refused with that error, and retries start over

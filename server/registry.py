@@ -56,7 +56,8 @@ class Registry:
         self._checkpoint_due = threading.Event()
 
     def create(self, name: str, config: Mapping[str, Any], params: Mapping[str, np.ndarray],
-               non_finite_policy: str = "refuse", training_mode: TrainingMode = TrainingMode()) -> Optimizer:
+               non_finite_policy: str = "refuse", training_mode: TrainingMode = TrainingMode(),
+               non_trainable: frozenset[str] = frozenset()) -> Optimizer:
         """Creates an optimizer (and its first checkpoint); ALREADY_EXISTS if the name is taken.
 
         The name is held from the check until the optimizer is served (or the
@@ -79,7 +80,7 @@ class Registry:
                 store = OptimizerStore(self.persistence.data_dir / name, self.persistence.durability)
             optimizer = Optimizer(name, adam_config, non_finite_policy, training_mode,
                                   adam.init(params, adam_config), store=store, on_step=self._note_step,
-                                  metrics=self.metrics)
+                                  metrics=self.metrics, non_trainable=non_trainable)
             if store is not None:
                 store.create(optimizer.checkpoint())  # on failure it removes only what it made
             with self._lock:
