@@ -186,3 +186,58 @@ def test_parameter_without_grad_is_skipped_as_keras_skips_it(client: Client, nam
     finally:
         opt.close()
         client.delete_optimizer(name)
+
+
+def _bn_model(seed: int = 0) -> "torch.nn.Module":
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+
+
+@pytest.mark.parametrize("use_async", [False, True], ids=["step", "step_async"])
+def test_batchnorm_buffers_live_on_the_server_and_lose_no_update(client: Client, name: str, use_async: bool) -> None:
+    batches = _batches(5)
+    local = _bn_model()
+    _train(local, torch.optim.Adam(local.parameters(), lr=0.01, eps=1e-4), batches)
+    model = _bn_model()
+    opt = RemoteOptimizer(model, client, name, {**ADAM, "adaptive_epsilon": True})
+    try:
+        assert opt.remote.info().non_trainable == ("1.running_mean", "1.running_var", "1.num_batches_tracked")
+        _train(model, opt, batches, use_async=use_async)
+        served = opt.remote.pull()
+        for key, buffer in model.named_buffers():
+            np.testing.assert_array_equal(served[key], buffer.numpy().astype(np.float32), err_msg=key)
+        assert int(model[1].num_batches_tracked) == 5  # every forward pass counted, none overwritten
+        if not use_async:  # step: the same trajectory as local torch, buffers included
+            for (key, want), got in zip(local.state_dict().items(), model.state_dict().values()):
+                np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-5, err_msg=key)
+    finally:
+        opt.close()
+        client.delete_optimizer(name)
+
+
+def test_sync_workers_share_the_rounds_mean_of_their_buffers(server, name: str) -> None:
+    results: dict = {}
+
+    def worker(index: int) -> None:
+        with Client(server.address, timeout=60) as mine:
+            model = _bn_model()
+            opt = RemoteOptimizer(model, mine, name, ADAM, mode="sync", num_workers=2)
+            try:
+                _train(model, opt, _batches(3, seed=20 + index))
+                results[index] = {k: b.clone() for k, b in model.named_buffers()}
+            except Exception as err:  # reported below
+                results[index] = err
+            finally:
+                opt.close()
+
+    run_threads(worker, 2)
+    with Client(server.address) as client:
+        try:
+            assert all(isinstance(r, dict) for r in results.values()) and len(results) == 2, results
+            served = client.optimizer(name).pull()
+            for key in results[0]:
+                assert torch.equal(results[0][key], results[1][key]), key
+                np.testing.assert_array_equal(served[key], results[0][key].numpy().astype(np.float32))
+            assert not torch.equal(results[0]["1.running_mean"], torch.zeros(16))
+        finally:
+            client.delete_optimizer(name)

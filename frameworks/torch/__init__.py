@@ -43,25 +43,36 @@ class RemoteOptimizer(torch.optim.Optimizer):
 
     `worker_id` names this worker for exactly-once pushes (default: a random
     one; give a stable one, with `load_state_dict`, to resume after a restart).
+    Non-trainable state lives on the server too: `buffers` (a module, or a
+    dict of tensors; default the module's `named_buffers()` when `params` is a
+    module, BatchNorm's running statistics) is created with the optimizer,
+    pushed with every step and copied back (sync mode: the round's mean).
+
     A parameter whose `.grad` is None is skipped (`missing="skip"`): its
     weights and slots stay as they are, as Keras leaves a variable without a gradient.
     """
 
     def __init__(self, params: Any, client: Client | str, name: str, config: Mapping[str, Any] | None = None,
-                 optimizer: str = "Adam", *, worker_id: str | None = None, **create_or_mode_options: Any):
+                 optimizer: str = "Adam", *, worker_id: str | None = None, buffers: Any = None,
+                 **create_or_mode_options: Any):
         self._owns_client = isinstance(client, str)
         self.client = Client(client) if isinstance(client, str) else client
         self.name = name
         self.worker_id = worker_id or f"torch-{uuid.uuid4().hex}"
+        if buffers is None and isinstance(params, torch.nn.Module):
+            buffers = params
+        self._buffers = dict(buffers.named_buffers() if isinstance(buffers, torch.nn.Module) else buffers or {})
         groups, self._names = _named_groups(params)
         super().__init__(groups, {})
         self._params = {self._names[id(p)]: p for group in self.param_groups for p in group["params"]}
         self.remote = self.client.create_optimizer(name, self._params, config, if_exists="attach",
+                                                   state=self._buffers or None,
                                                    **create_or_mode_options, **optimizer_option(self.client, optimizer))
         self._seq = 0  # the next push's seq
         self._version = -1  # of the weights in the parameters
         self._weights: Weights | None = None  # the last pull, refilled by the next one
         self._pending: Future | None = None  # the push in flight (step_async)
+        self._pushed_buffers: dict[str, torch.Tensor] = {}  # the buffers' values that push carried
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"optserve-{name}")
         self._copy_in(self.remote.pull())
 
@@ -89,7 +100,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
             raise InvalidArgumentError("gradients: no parameter has a .grad; call backward() before step()")
         seq, base_version = self._seq, self._version
         self._seq += 1
-        self._pending = self._executor.submit(self._exchange, grads, seq, base_version)
+        self._pushed_buffers = {name: buffer.detach().clone() for name, buffer in self._buffers.items()}
+        self._pending = self._executor.submit(self._exchange, grads, dict(self._pushed_buffers), seq, base_version)
         return self._pending
 
     def synchronize(self) -> None:
@@ -97,7 +109,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         pending, self._pending = self._pending, None
         if pending is not None:
             pending.result()
-            self._copy_in(self._weights)
+            self._copy_in(self._weights, self._pushed_buffers)
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint of this worker needs: the optimizer's name, worker id and next seq (the state is remote)."""
@@ -140,12 +152,13 @@ class RemoteOptimizer(torch.optim.Optimizer):
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
 
-    def _exchange(self, grads: dict[str, torch.Tensor], seq: int, base_version: int) -> Any:
+    def _exchange(self, grads: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], seq: int,
+                  base_version: int) -> Any:
         """In the worker thread: pushes (a stale push re-pulled and retried), then pulls the weights that include it."""
         for attempt in range(STALE_RETRIES + 1):
             try:
                 result = self.remote.push(grads, worker_id=self.worker_id, seq=seq, base_version=base_version,
-                                          missing="skip")
+                                          missing="skip", state=buffers or None)
                 break
             except OptserveError as err:
                 if err.code() != grpc.StatusCode.ABORTED or attempt == STALE_RETRIES:
@@ -154,11 +167,22 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self._weights = self.remote.pull(min_version=int(result), into=self._weights)
         return result
 
-    def _copy_in(self, weights: Weights) -> None:
-        """The pulled weights into the parameters, in place (their memory, device and dtype kept)."""
+    def _copy_in(self, weights: Weights, pushed: Mapping[str, torch.Tensor] | None = None) -> None:
+        """The pulled weights into the parameters, in place (their memory, device and dtype kept), and the buffers.
+
+        A buffer takes the server's value plus what changed here since `pushed`
+        was sent (a forward pass that overlapped a `step_async`), so no local
+        update is lost; without `pushed`, the server's value.
+        """
         with torch.no_grad():
             for name, param in self._params.items():
                 param.copy_(torch.from_numpy(weights[name]))
+            for name, buffer in self._buffers.items():
+                served = torch.from_numpy(weights[name])
+                if pushed is None:
+                    buffer.copy_(served)
+                else:
+                    buffer.add_((served - pushed[name].to(served.dtype)).to(buffer.dtype))
         self._version = weights.version
 
 
