@@ -10,16 +10,19 @@ reorder). The JAX backend only: on another backend the constructor refuses
 with FAILED_PRECONDITION. Needs the `keras` extra (`pip install "optserve[keras]"`).
 """
 
+import os
 import uuid
 from collections.abc import Mapping
 from typing import Any
 
-import grpc
-import keras
-import numpy as np
+os.environ.setdefault("KERAS_BACKEND", "jax")  # before Keras loads: the backend this module runs on
 
-from optserve.client import Client, OptserveError
-from optserve.client.attach import optimizer_option
+import grpc  # noqa: E402
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+from optserve.client import Client, OptserveError  # noqa: E402
+from optserve.client.attach import optimizer_option  # noqa: E402
 
 __all__ = ["RemoteOptimizer"]
 
