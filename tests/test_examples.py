@@ -29,4 +29,5 @@ def test_example_trains_two_workers_in_both_modes(script: str, needs: list[str])
         assert match, run.stdout
         accuracy, taken = float(match.group(1)), int(match.group(2))
         assert accuracy > 0.75, run.stdout  # 10 classes: chance is 0.1
-        assert taken == steps if mode == "sync" else steps // 2 <= taken <= steps, run.stdout  # async: stale ones dropped
+        # async: the JAX worker drops a push refused as too stale
+        assert taken == steps if mode == "sync" else steps // 2 <= taken <= steps, run.stdout

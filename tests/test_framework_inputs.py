@@ -44,8 +44,8 @@ def test_torch_parameters_requiring_grad_create_and_their_grads_push(client: Cli
     assert all(p.requires_grad for p in params.values())
     _assert_same(stepped_weights(client, name, params, {k: p.grad for k, p in params.items()}), want)
     # a tensor that requires grad is sent as a gradient too (detached)
-    _assert_same(stepped_weights(client, name, params, {k: torch.from_numpy(v).requires_grad_() for k, v in GRADS.items()}),
-                 want)
+    requiring = {k: torch.from_numpy(v).requires_grad_() for k, v in GRADS.items()}
+    _assert_same(stepped_weights(client, name, params, requiring), want)
 
 
 def test_torch_sparse_embedding_gradient_is_sparse(client: Client, name: str) -> None:
@@ -181,7 +181,8 @@ def test_plain_client_imports_no_framework(client: Client, name: str) -> None:
 
 
 def test_none_leaf_with_missing_skip_leaves_that_tensor(client: Client, name: str) -> None:
-    opt = client.create_optimizer(name, {"dense": {"w": PARAMS["w"], "b": np.zeros(3, np.float32)}, "emb": PARAMS["emb"]})
+    tree = {"dense": {"w": PARAMS["w"], "b": np.zeros(3, np.float32)}, "emb": PARAMS["emb"]}
+    opt = client.create_optimizer(name, tree)
     try:
         version = opt.push({"dense": {"w": GRADS["w"], "b": None}, "emb": GRADS["emb"]}, missing="skip")
         pulled = opt.pull()

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from optserve.client import Client, InvalidArgumentError, OptserveError
-from tests.conftest import run_threads
+from tests.conftest import run_threads, serving
 
 torch = pytest.importorskip("torch", reason="the torch extra (pip install '.[torch]') is not installed")
 from optserve.torch import RemoteOptimizer  # noqa: E402  (needs torch)
@@ -190,7 +190,8 @@ def test_parameter_without_grad_is_skipped_as_keras_skips_it(client: Client, nam
 
 def _bn_model(seed: int = 0) -> "torch.nn.Module":
     torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.Tanh(),
+                               torch.nn.Linear(16, 3))
 
 
 @pytest.mark.parametrize("use_async", [False, True], ids=["step", "step_async"])
@@ -241,3 +242,44 @@ def test_sync_workers_share_the_rounds_mean_of_their_buffers(server, name: str) 
             assert not torch.equal(results[0]["1.running_mean"], torch.zeros(16))
         finally:
             client.delete_optimizer(name)
+
+
+def test_a_failed_push_raises_from_step_and_leaves_the_parameters(client: Client, name: str) -> None:
+    model = _model()
+    opt = RemoteOptimizer(model, client, name, ADAM)
+    try:
+        _train(model, opt, _batches(1))
+        before = [p.detach().clone() for p in model.parameters()]
+        client.delete_optimizer(name)  # the server loses it while the worker trains
+        loss_fn = torch.nn.CrossEntropyLoss()
+        x, y = _batches(1, seed=9)[0]
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        future = opt.step_async()
+        with pytest.raises(OptserveError) as caught:
+            opt.synchronize()
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND and future.exception() is caught.value
+        with pytest.raises(OptserveError):
+            opt.step()
+        for a, b in zip(before, model.parameters()):
+            assert torch.equal(a, b)
+        opt.synchronize()  # nothing in flight any more: returns
+    finally:
+        opt.close()
+    with pytest.raises(OptserveError) as caught:
+        client.optimizer(name)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_worker_without_a_token_is_refused(name: str, tmp_path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("s3cret\n")
+    for running in serving(token_file=str(tokens)):
+        with Client(running.address, token="wrong") as stranger:
+            with pytest.raises(OptserveError) as caught:
+                RemoteOptimizer(_model(), stranger, name, ADAM)
+            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with Client(running.address, token="s3cret") as member:
+            opt = RemoteOptimizer(_model(), member, name, ADAM)
+            opt.close()
+            assert [o.name for o in member.list_optimizers()] == [name]

@@ -112,7 +112,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
             self._copy_in(self._weights, self._pushed_buffers)
 
     def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint of this worker needs: the optimizer's name, worker id and next seq (the state is remote)."""
+        """What a checkpoint of this worker needs: the optimizer's name, worker id and next seq (state is remote)."""
         self.synchronize()
         return {"state": {}, "param_groups": [{"params": list(range(len(self._params)))}],
                 "optserve": {"address": self.client.address, "optimizer": self.name, "worker_id": self.worker_id,
