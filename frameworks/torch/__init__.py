@@ -179,10 +179,9 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 param.copy_(torch.from_numpy(weights[name]))
             for name, buffer in self._buffers.items():
                 served = torch.from_numpy(weights[name])
-                if pushed is None:
-                    buffer.copy_(served)
-                else:
-                    buffer.add_((served - pushed[name].to(served.dtype)).to(buffer.dtype))
+                if pushed is not None:  # served + (the change since the push): exactly served when none
+                    served = served + (buffer.to(served.dtype) - pushed[name].to(served.dtype))
+                buffer.copy_(served)
         self._version = weights.version
 
 
