@@ -20,10 +20,10 @@ def test_example_trains_two_workers_in_both_modes(script: str, needs: list[str])
     missing = [module for module in needs if importlib.util.find_spec(module) is None]
     if missing:
         pytest.skip(f"{script} needs {missing} (the torch, jax or keras extra)")
-    run = subprocess.run([sys.executable, str(EXAMPLES / script), "--steps", "40", "--workers", "2"],
+    run = subprocess.run([sys.executable, str(EXAMPLES / script), "--steps", "60", "--workers", "2"],
                          capture_output=True, text=True, timeout=600, cwd=EXAMPLES.parent)
     assert run.returncode == 0, run.stdout + run.stderr[-4000:]
-    for mode, steps in (("sync", 40), ("async", 80)):
+    for mode, steps in (("sync", 60), ("async", 120)):
         match = re.search(rf"^\[{mode}\] held-out accuracy (\d\.\d+) after (\d+) steps of 2 workers$", run.stdout,
                           re.MULTILINE)
         assert match, run.stdout
