@@ -157,6 +157,11 @@ def test_refusals_name_the_argument(client: Client, name: str) -> None:
         RemoteOptimizer([{"params": model.parameters(), "lr": 0.1}], client, name)
     with pytest.raises(InvalidArgumentError, match="params: no parameters"):
         RemoteOptimizer([], client, name)
+    weight = model[0].weight
+    with pytest.raises(InvalidArgumentError, match="appears twice"):
+        RemoteOptimizer([("a", weight), ("b", weight)], client, name)
+    with pytest.raises(InvalidArgumentError, match="params: .*non-leaf"):
+        RemoteOptimizer([("doubled", weight * 2)], client, name)
     assert name not in [o.name for o in client.list_optimizers()]
     opt = RemoteOptimizer(model, client, name, ADAM)
     try:

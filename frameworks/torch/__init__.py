@@ -63,7 +63,10 @@ class RemoteOptimizer(torch.optim.Optimizer):
             buffers = params
         self._buffers = dict(buffers.named_buffers() if isinstance(buffers, torch.nn.Module) else buffers or {})
         groups, self._names = _named_groups(params)
-        super().__init__(groups, {})
+        try:
+            super().__init__(groups, {})
+        except (TypeError, ValueError) as err:  # torch's own checks (a non-leaf tensor): as the client's refusals
+            raise InvalidArgumentError(f"params: {err}") from None
         self._params = {self._names[id(p)]: p for group in self.param_groups for p in group["params"]}
         self.remote = self.client.create_optimizer(name, self._params, config, if_exists="attach",
                                                    state=self._buffers or None,
@@ -211,6 +214,8 @@ def _named_groups(params: Any) -> tuple[list[dict[str, Any]], dict[int, str]]:
             name = str(len(names)) if name is None else name
             if name in names.values():
                 raise InvalidArgumentError(f"params: two parameters are named {name!r}")
+            if id(tensor) in names:
+                raise InvalidArgumentError(f"params[{name!r}]: the parameter {names[id(tensor)]!r} appears twice")
             names[id(tensor)] = name
             tensors.append(tensor)
         plain.append({"params": tensors})
