@@ -104,25 +104,32 @@ def test_first_worker_creates_the_others_attach_and_start_from_its_weights(serve
         client.delete_optimizer(name)
 
 
-def test_two_sync_workers_in_threads_take_one_step_per_round(server, name: str) -> None:
-    results: dict = {}
+def _sync_models(address: str, name: str, make_model, seed: int) -> list:
+    """Two sync workers in threads, 3 steps each on their own batches; their models (or what each raised)."""
+    results: list = [None, None]
 
     def worker(index: int) -> None:
-        with Client(server.address, timeout=60) as mine:
-            model = _model()
+        with Client(address, timeout=60) as mine:
+            model = make_model()
             opt = RemoteOptimizer(model, mine, name, ADAM, mode="sync", num_workers=2)
             try:
-                _train(model, opt, _batches(3, seed=10 + index))
-                results[index] = [p.detach().clone() for p in model.parameters()]
-            except Exception as err:  # reported below
+                _train(model, opt, _batches(3, seed=seed + index))
+                results[index] = model
+            except Exception as err:  # reported by the caller
                 results[index] = err
             finally:
                 opt.close()
 
     run_threads(worker, 2)
+    assert all(isinstance(r, torch.nn.Module) for r in results), results
+    return results
+
+
+def test_two_sync_workers_in_threads_take_one_step_per_round(server, name: str) -> None:
+    models = _sync_models(server.address, name, _model, 10)
+    results = {index: [p.detach().clone() for p in model.parameters()] for index, model in enumerate(models)}
     with Client(server.address) as client:
         try:
-            assert all(isinstance(r, list) for r in results.values()) and len(results) == 2, results
             assert client.optimizer(name).info().iterations == 3
             for a, b in zip(results[0], results[1]):
                 assert torch.equal(a, b)  # both workers end on the weights of the last round
@@ -222,24 +229,10 @@ def test_batchnorm_buffers_live_on_the_server_and_lose_no_update(client: Client,
 
 
 def test_sync_workers_share_the_rounds_mean_of_their_buffers(server, name: str) -> None:
-    results: dict = {}
-
-    def worker(index: int) -> None:
-        with Client(server.address, timeout=60) as mine:
-            model = _bn_model()
-            opt = RemoteOptimizer(model, mine, name, ADAM, mode="sync", num_workers=2)
-            try:
-                _train(model, opt, _batches(3, seed=20 + index))
-                results[index] = {k: b.clone() for k, b in model.named_buffers()}
-            except Exception as err:  # reported below
-                results[index] = err
-            finally:
-                opt.close()
-
-    run_threads(worker, 2)
+    models = _sync_models(server.address, name, _bn_model, 20)
+    results = {index: {k: b.clone() for k, b in model.named_buffers()} for index, model in enumerate(models)}
     with Client(server.address) as client:
         try:
-            assert all(isinstance(r, dict) for r in results.values()) and len(results) == 2, results
             served = client.optimizer(name).pull()
             for key in results[0]:
                 assert torch.equal(results[0][key], results[1][key]), key
