@@ -59,7 +59,7 @@ def _first_difference(info: Any, shapes: Mapping[str, tuple[int, ...]], config: 
         if key in info.config and not _same(info.config[key], value):
             return f"config[{key!r}]: {value!r}, the optimizer's is {info.config[key]!r}"
     current = {**info.training_mode, "non_finite_policy": info.non_finite_policy,
-               "non_trainable": tuple(info.non_trainable)}
+               "non_trainable": tuple(info.non_trainable), "optimizer": getattr(info, "optimizer", "Adam")}
     for key, value in settings.items():
         if not _same(current.get(key), value):
             return f"{key}: {value!r}, the optimizer's is {current.get(key)!r}"

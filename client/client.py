@@ -74,7 +74,7 @@ class OptimizerInfo:
     name: str
     iterations: int
     version: int
-    config: dict[str, Any]  # Keras Adam arguments, defaults filled in
+    config: dict[str, Any]  # the class's Keras arguments, defaults filled in
     tensors: dict[str, tuple[tuple[int, ...], str]]  # name -> (shape, dtype)
     device: str
     non_finite_policy: str
@@ -87,6 +87,8 @@ class OptimizerInfo:
     # connections that moved its tensors recently, most recent first: peer, transport ("grpc",
     # "shared_memory" or "bulk"), bytes_received, bytes_sent, last_seen_age (seconds)
     clients: tuple[dict[str, Any], ...] = ()
+    optimizer: str = "Adam"  # the tf-keras class, e.g. "RMSprop"
+    slots: tuple[str, ...] = ()  # the class's slots by tf-keras name, for `pull_slot`
     non_trainable: tuple[str, ...] = ()  # tensors of non-trainable state (create_optimizer's `state`)
 
     @classmethod
@@ -117,6 +119,8 @@ class OptimizerInfo:
             clients=tuple({"peer": c.peer, "transport": c.transport, "bytes_received": c.bytes_received,
                            "bytes_sent": c.bytes_sent, "last_seen_age": c.last_seen_age_seconds}
                           for c in info.clients),
+            optimizer=info.optimizer or "Adam",  # a server from before the family serves Adam only
+            slots=tuple(info.slots),
             non_trainable=tuple(t.name for t in info.tensors if t.non_trainable),
         )
 
@@ -174,13 +178,18 @@ class Client:
         self, name: str, params: Any, config: Mapping[str, Any] | None = None, *,
         mode: str = "async", num_workers: int = 1, backup_workers: int = 0, aggregation: str = "mean",
         sync_timeout: float = 60.0, max_staleness: int | None = None, non_finite_policy: str = "refuse",
-        if_exists: str = "refuse", state: Any = None,
+        optimizer: str | None = None, if_exists: str = "refuse", state: Any = None,
     ) -> "Optimizer":
-        """Creates an optimizer from initial weights and Keras Adam arguments.
+        """Creates an optimizer from initial weights and a tf-keras optimizer's arguments.
 
         `params` is a pytree of arrays (cast to float32), a flat dict of names
-        or a nested one whose paths name the tensors (`optserve.client.trees`); `config` takes
-        any tf-keras `Adam` keyword argument, or an `Adam.get_config()` dict.
+        or a nested one whose paths name the tensors (`optserve.client.trees`). `optimizer` is
+        the tf-keras class ("SGD", "RMSprop", "Adagrad", "Adadelta", "Adam",
+        "AdamW", "Adamax", "Nadam", "Ftrl", "Lion", "Adafactor"; default
+        "Adam"); `config` takes its keyword arguments, its `get_config()`
+        dict, or the optimizer as `tf_keras.optimizers.serialize(opt)` (or
+        Keras 3's `keras.optimizers.serialize`) writes it, which names its
+        class itself (then `optimizer` may be left out).
         `mode` "async" applies every push as one step (`max_staleness` bounds
         how many versions behind its `base_version` may be); "sync" applies one
         step per round of `num_workers` gradients (of `num_workers +
@@ -218,11 +227,13 @@ class Client:
             tensors=[pb.TensorSpec(name=k, dtype=pb.DATA_TYPE_FLOAT32, shape=a.shape, non_trainable=k in extra)
                      for k, a in arrays.items()],
             non_finite_policy=_NON_FINITE[non_finite_policy],
+            optimizer=optimizer or "",
             training_mode=pb.TrainingMode(
                 mode=_MODES[mode], num_workers=num_workers, backup_workers=backup_workers,
                 aggregation=_AGGREGATIONS[aggregation], sync_timeout_seconds=sync_timeout,
                 max_staleness=max_staleness),
         )
+
         def create() -> None:
             self._call(self._create, lambda: encode_stream(header, arrays.values(), self.chunk_bytes))
 
@@ -232,6 +243,8 @@ class Client:
             settings = {"mode": mode, "num_workers": num_workers, "backup_workers": backup_workers,
                         "aggregation": aggregation, "sync_timeout": sync_timeout, "max_staleness": max_staleness,
                         "non_finite_policy": non_finite_policy, "non_trainable": tuple(extra)}
+            if optimizer:
+                settings["optimizer"] = optimizer
             attach.create_or_attach(create, Optimizer(self, name).info, {k: a.shape for k, a in arrays.items()},
                                     dict(config or {}), settings)
         return Optimizer(self, name)
@@ -457,16 +470,27 @@ class Optimizer:
         return views
 
     def pull_slot(self, slot: str, names: Iterable[str] = ()) -> Weights:
-        """Adam's state: slot "m" (first moment), "v" (second) or "vhat" (AMSGrad max)."""
-        if slot not in _SLOTS:
-            raise InvalidArgumentError(f"slot: must be one of {sorted(_SLOTS)}, got {slot!r}")
-        return self._pull(_SLOTS[slot], names)
+        """One slot of the optimizer's class by its tf-keras name (`info().slots`).
+
+        Adam: "m" (first moment), "v" (second) or "vhat" (AMSGrad max); SGD "m";
+        RMSprop "velocity", "momentum", "average_gradient"; Adagrad
+        "accumulator"; Adadelta "accumulated_grad", "accumulated_delta_var";
+        Adamax "m", "u"; Nadam "m", "v"; Ftrl "accumulator", "linear"; Lion
+        "m"; Adafactor "r", "c" (tensors of rank >= 2 only), "v".
+        FAILED_PRECONDITION for a slot the class does not keep.
+        """
+        if not isinstance(slot, str) or not slot or slot in ("weights", "ema"):
+            raise InvalidArgumentError(f"slot: must be a slot's tf-keras name, got {slot!r}")
+        if slot in _SLOTS:  # Adam's own kinds, which every server understands
+            return self._pull(_SLOTS[slot], names)
+        return self._pull(pb.STATE_KIND_UNSPECIFIED, names, slot=slot)
 
     def _pull(self, kind: int, names: Iterable[str], min_version: int | None = None,
-              timeout: float | None = None, into: Weights | None = None, copy: bool = True) -> Weights:
+              timeout: float | None = None, into: Weights | None = None, copy: bool = True, slot: str = "") -> Weights:
         if into is not None and getattr(into, "_buffer", None) is None:
             raise InvalidArgumentError("into: must be the Weights returned by an earlier pull (with copy=True)")
-        request = pb.PullWeightsRequest(optimizer=self.name, kind=kind, names=list(names), min_version=min_version)
+        request = pb.PullWeightsRequest(optimizer=self.name, kind=kind, names=list(names), min_version=min_version,
+                                        slot=slot)
         return self.client._fetch_pull(request, into, timeout, copy)
 
     def info(self) -> OptimizerInfo:

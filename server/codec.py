@@ -59,6 +59,7 @@ class CreateRequest:
     params: dict[str, np.ndarray]
     non_finite_policy: str  # "refuse" or "apply"
     training_mode: TrainingMode
+    optimizer: str = ""  # the tf-keras class; "" means the serialized config's, else Adam
     non_trainable: frozenset[str] = frozenset()  # tensors of non-trainable state: assigned by pushes, never stepped
 
 
@@ -109,7 +110,7 @@ def decode_create(requests: Iterator[pb.CreateOptimizerRequest], max_bytes: int,
     if len(non_trainable) == len(header.tensors):
         raise InvalidArgument("tensors: every tensor is non_trainable; an optimizer needs a trainable one")
     return CreateRequest(name, config, params, NON_FINITE_POLICIES[header.non_finite_policy], training_mode,
-                         non_trainable)
+                         header.optimizer, non_trainable)
 
 
 def decode_training_mode(wire: pb.TrainingMode) -> TrainingMode:
@@ -141,10 +142,21 @@ def training_mode_to_wire(mode: TrainingMode) -> pb.TrainingMode:
 
 
 def decode_state_kind(kind: int) -> str:
-    """The domain name of a pull's StateKind (see optimizer.STATE_KINDS)."""
+    """The domain name of a pull's StateKind: "weights", "ema" or a slot name (see `Optimizer.pull`)."""
     if kind not in STATE_KINDS:
         raise InvalidArgument(f"kind: unknown state kind {kind}")
     return STATE_KINDS[kind]
+
+
+def decode_pull_kind(request: pb.PullWeightsRequest) -> str:
+    """What a pull reads: its `slot` by tf-keras name, else its `kind`."""
+    if not request.slot:
+        return decode_state_kind(request.kind)
+    if request.kind != pb.STATE_KIND_UNSPECIFIED:
+        raise InvalidArgument("slot: set either slot or kind, not both")
+    if request.slot in ("weights", "ema"):
+        raise InvalidArgument(f"slot: {request.slot!r} is not a slot; use kind WEIGHTS or EMA")
+    return request.slot
 
 
 def info_to_wire(info: "OptimizerInfo", clients: Sequence["ClientTraffic"] = ()) -> pb.OptimizerInfo:
@@ -155,6 +167,8 @@ def info_to_wire(info: "OptimizerInfo", clients: Sequence["ClientTraffic"] = ())
         iterations=info.iterations,
         version=info.version,
         config_json=json.dumps(info.config),
+        optimizer=info.optimizer,
+        slots=info.slots,
         tensors=[pb.TensorSpec(name=n, dtype=pb.DATA_TYPE_FLOAT32, shape=s, non_trainable=n in info.non_trainable)
                  for n, s in info.shapes.items()],
         device=info.device,

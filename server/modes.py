@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optserve.server.engine import adam, aggregate
+from optserve.server.engine import aggregate, pipeline
 from optserve.server.errors import FailedPrecondition, InvalidArgument
 from optserve.wire.layout import FlatLayout
 
@@ -199,7 +199,7 @@ class RoundSum:
         present = None if len(present) == len(shapes) else present
         if not dense:
             return RoundGradients(self._layout, None, sparse, present)
-        flats = [adam.flat_grads(self._layout, {name: _dense(contributions[w].get(name), shapes[name]) for name in dense}
+        flats = [pipeline.flat_grads(self._layout, {name: _dense(contributions[w].get(name), shapes[name]) for name in dense}
                                  ).dense for w in workers]
         if self._buffer is None:
             self._buffer = jnp.zeros(self._layout.size, jnp.float32)

@@ -1,4 +1,4 @@
-"""One optimizer: its Adam state on the device, and the rules that turn pushes into steps.
+"""One optimizer: its state (any tf-keras class) on the device, and the rules that turn pushes into steps.
 
 Each optimizer applies one change at a time under its own lock, and a pull
 copies its tensors under the same lock, so it never sees half of a step.
@@ -10,7 +10,6 @@ and checked.
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -18,9 +17,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from optserve.server import overflow, patterns
-from optserve.server.engine import adam
-from optserve.server.engine.config import AdamConfig, parse_config
+from optserve.server import journal, overflow, patterns
+from optserve.server.engine import pipeline
+from optserve.server.engine.config import AdamConfig, OptimizerConfig
 from optserve.server.errors import (
     Aborted,
     Cancelled,
@@ -28,22 +27,21 @@ from optserve.server.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
-    OptserveError,
     ResourceExhausted,
 )
 from optserve.server.metrics import Metrics
-from optserve.server.modes import DedupTable, Gradient, PushResult, RoundGradients, RoundSum, TrainingMode
+from optserve.server.modes import DedupTable, Gradient, PushResult, RoundGradients, TrainingMode
+from optserve.server.push_rate import PushRate
+from optserve.server.rounds import SyncRound
 from optserve.server.storage import Checkpoint, LogRecord, OptimizerStore, StorageError
 from optserve.wire.dtypes import FLOAT32
-from optserve.wire.layout import ChunkBuffer, padded_bytes
+from optserve.wire.layout import ChunkBuffer, FlatLayout, padded_bytes
 
 
 log = logging.getLogger("optserve.optimizer")
 
 NON_FINITE_POLICIES = ("refuse", "apply")
-STATE_KINDS = {"weights": "params", "ema": "ema", "m": "m", "v": "v", "vhat": "vhat"}  # pull kind -> engine slot
 _INT32_MAX = 2**31 - 1  # the engine's iteration counter saturates here
-RATE_WINDOW = 10.0  # seconds over which pushes per second are counted
 
 @dataclass(frozen=True)
 class OptimizerInfo:
@@ -52,6 +50,8 @@ class OptimizerInfo:
     name: str
     iterations: int
     version: int
+    optimizer: str  # the tf-keras class, e.g. "RMSprop"
+    slots: list[str]  # the class's slots by tf-keras name, in build order
     config: dict[str, Any]
     shapes: dict[str, tuple[int, ...]]
     device: str
@@ -60,23 +60,23 @@ class OptimizerInfo:
     training_mode: TrainingMode
     pending_gradients: int  # sync: gradients in the open round
     saved_version: int  # version of the newest checkpoint; -1 without a data dir
-    pushes_per_second: float  # accepted pushes over the last RATE_WINDOW seconds
+    pushes_per_second: float  # accepted pushes per second over the last push_rate.WINDOW seconds
     last_push_age: float | None  # seconds since the last accepted push; None before the first
     non_trainable: frozenset[str] = frozenset()  # tensors of non-trainable state (see Optimizer)
 
 
 class Optimizer:
-    """One named optimizer: Adam state on the device, and the rules that turn pushes into steps."""
+    """One named optimizer: its state on the device, and the rules that turn pushes into steps."""
 
-    def __init__(self, name: str, config: AdamConfig, non_finite_policy: str, training_mode: TrainingMode,
-                 state: adam.AdamState, version: int = 0, store: OptimizerStore | None = None,
+    def __init__(self, name: str, config: OptimizerConfig, non_finite_policy: str, training_mode: TrainingMode,
+                 state: pipeline.OptimizerState, version: int = 0, store: OptimizerStore | None = None,
                  on_step: Callable[["Optimizer"], None] = lambda optimizer: None, metrics: Metrics | None = None,
                  excluded_from_decay: Collection[str] | None = None, non_trainable: Collection[str] = ()):
         self.name = name
         self.config = config
         self.non_finite_policy = non_finite_policy
         self.training_mode = training_mode
-        self.layout = adam.layout_of(state)  # of every slot, and of the flat gradient a push can arrive in
+        self.layout = pipeline.layout_of(state)  # of every slot, and of the flat gradient a push can arrive in
         self.shapes = dict(self.layout.shapes)
         # Non-trainable state (BatchNorm statistics): never stepped; a push's value for one replaces it after the
         # step (sync: the mean of the round's values), in the weights and the EMA; its moments stay zero.
@@ -88,10 +88,10 @@ class Optimizer:
         # the names weight decay skips: as a checkpoint recorded them, else matched with a time bound
         self._excluded = _excluded_from_decay(config, list(self.shapes), excluded_from_decay)
         decayed = [name for name in self.shapes if name not in self._excluded]
-        self._step = adam.make_step(config, list(self.shapes), decayed)  # in place: Keras's numbers
+        self._step = pipeline.make_step(config, list(self.shapes), decayed)  # in place: Keras's numbers
         # "refuse": a step that might overflow (see `overflow`) runs on a copy and is refused whole if it does
         self._checked = non_finite_policy == "refuse"
-        self._checked_step = adam.make_checked_step(config, list(self.shapes), decayed) if self._checked else None
+        self._checked_step = pipeline.make_checked_step(config, list(self.shapes), decayed) if self._checked else None
         self._bounds: overflow.Bounds | None = None  # of the state's magnitudes; None: to be measured
         self._store = store
         self._lock = threading.Lock()
@@ -101,19 +101,10 @@ class Optimizer:
         self._iterations = int(state.iterations)
         self._deleted = False
         self._dedup = DedupTable()
-        self._round: dict[str, Mapping[str, Gradient]] = {}  # sync: worker_id -> gradients, for self._version
-        self._round_seqs: dict[str, int | None] = {}  # sync: worker_id -> seq of its gradient in the round
-        self._round_holds: list[Callable[[], None]] = []  # sync: releases the buffers the round's gradients view
-        self._round_magnitudes: dict[str, list[overflow.Magnitude]] = {}  # sync: worker_id -> its gradients' sizes
-        self._round_timer: threading.Timer | None = None
-        self._round_sum = RoundSum(training_mode.aggregation, self.layout)
-        self._dropped_round = -1  # sync: the version of the last round that could not be logged or was refused
-        self._dropped_error: OptserveError = ResourceExhausted("the data dir is full")  # why it was dropped
-        self._round_generation = 0  # sync: rounds closed (applied or dropped) so far
-        self._dropped_generation = -1  # sync: the generation of the last dropped round
+        self._round = SyncRound(training_mode.aggregation, self.layout)  # sync: the round for self._version
         self._on_step = on_step  # told after every step, under the lock (it must not block)
         self._metrics = metrics or Metrics()
-        self._push_times: deque[float] = deque(maxlen=1024)  # monotonic times of recent accepted pushes
+        self._push_rate = PushRate()
 
     @property
     def version(self) -> int:
@@ -162,7 +153,7 @@ class Optimizer:
                     self._dedup.record(worker_id, seq, result)
                 self._count_accepted(staleness)
                 return result
-            generation = self._round_generation  # of the round this gradient joins
+            generation = self._round.generation  # of the round this gradient joins
             result = self._add_to_round(worker_id, seq, grads, retain, magnitudes)
             self._count_accepted(staleness)
             self._wait_for(result.version, timeout, "the round of this push", generation=generation,
@@ -172,7 +163,7 @@ class Optimizer:
     def pull(self, kind: str, names: Sequence[str], min_version: int | None = None, timeout: float | None = None,
              into: Callable[[int], np.ndarray] | None = None,
              cancelled: threading.Event | None = None) -> tuple[int, int, list[tuple[str, np.ndarray]]]:
-        """Copies one kind of state tensor out (see STATE_KINDS) as one snapshot.
+        """Copies one kind of state tensor out as one snapshot: "weights", "ema" or a slot by tf-keras name.
 
         Waits (on a condition, not by polling) up to `timeout` seconds for
         `min_version`, or until `cancelled` is set (CANCELLED). Returns
@@ -183,42 +174,50 @@ class Optimizer:
         """
         if kind == "ema" and not self.config.use_ema:
             raise FailedPrecondition(f"kind: optimizer {self.name!r} keeps no EMA weights (use_ema is false)")
-        if kind == "vhat" and not self.config.amsgrad:
+        if kind == "vhat" and isinstance(self.config, AdamConfig) and not self.config.amsgrad:
             raise FailedPrecondition(f"kind: optimizer {self.name!r} keeps no vhat (amsgrad is false)")
-        names = list(names) or list(self.shapes)
+        if kind not in ("weights", "ema") and kind not in self._state.slots:
+            raise FailedPrecondition(f"slot: optimizer {self.name!r} ({self.config.class_name}) has no slot {kind!r}; "
+                                     f"its slots are {list(self._state.slots)}")
+        layout = self.layout if kind in ("weights", "ema") else self._state.slots[kind].layout
+        names = list(names) or list(layout.shapes)
         for name in names:
             if name not in self.shapes:
                 raise NotFound(f"names[{name!r}]: optimizer {self.name!r} has no tensor {name!r}")
+            if name not in layout.shapes:
+                raise InvalidArgument(f"names[{name!r}]: slot {kind!r} exists for tensors of rank >= 2 only")
         if len(set(names)) != len(names):
             raise InvalidArgument("names: a tensor is named twice")
         with self._lock:
             if min_version is not None:
                 self._wait_for(min_version, timeout, "min_version", cancelled=cancelled)
             self._check_alive()
-            source = np.asarray(getattr(self._state, STATE_KINDS[kind]).flat)  # on the CPU: no copy
-            return self._version, self._iterations, self._copy_out(source, names, into)
+            tensors = {"weights": self._state.params, "ema": self._state.ema}.get(kind) or self._state.slots[kind]
+            source = np.asarray(tensors.flat)  # on the CPU: no copy
+            return self._version, self._iterations, self._copy_out(source, layout, names, into)
 
-    def _copy_out(self, source: np.ndarray, names: list[str], into: Callable[[int], np.ndarray] | None,
+    @staticmethod
+    def _copy_out(source: np.ndarray, layout: FlatLayout, names: list[str], into: Callable[[int], np.ndarray] | None,
                   ) -> list[tuple[str, np.ndarray]]:
-        """The tensors `names` of a flat slot, copied once: into fresh arrays, or into `into`'s buffer.
+        """The tensors `names` of a flat slot in `layout`, copied once: into fresh arrays, or into `into`'s buffer.
 
         `into`'s buffer holds the tensors as a ChunkBuffer lays them out in the
         order of `names`; for every tensor in creation order that is the flat
         layout itself, so the whole slot is one copy.
         """
-        views = self.layout.views(source, names)
+        views = layout.views(source, names)
         if into is None:
             return [(name, np.array(views[name])) for name in names]
-        sizes = [4 * self.layout.sizes[name] for name in names]
+        sizes = [4 * layout.sizes[name] for name in names]
         buffer = into(padded_bytes(sizes))
-        if names == list(self.shapes):
-            flat = buffer[:self.layout.nbytes].view(np.float32)
+        if names == list(layout.shapes):
+            flat = buffer[:layout.nbytes].view(np.float32)
             np.copyto(flat, source)
-            return list(self.layout.views(flat).items())
+            return list(layout.views(flat).items())
         slots = ChunkBuffer(sizes, InvalidArgument, buffer)
         arrays = []
         for index, name in enumerate(names):
-            array = slots.view(index, FLOAT32, self.shapes[name])
+            array = slots.view(index, FLOAT32, layout.shapes[name])
             np.copyto(array, views[name])
             arrays.append((name, array))
         return arrays
@@ -229,7 +228,7 @@ class Optimizer:
             self._check_alive()
             if self.config.use_ema:
                 self._log(LogRecord("finalize", self._version + 1))
-                self._state = adam.finalize(self._state)
+                self._state = pipeline.finalize(self._state)
                 self._bounds = None
                 self._bump_version()
 
@@ -250,7 +249,7 @@ class Optimizer:
         """Re-applies a logged change through the same step, as on restore."""
         with self._lock:
             if record.kind == "finalize":
-                self._state = adam.finalize(self._state)
+                self._state = pipeline.finalize(self._state)
                 self._bounds = None
                 self._bump_version()
             else:
@@ -263,22 +262,22 @@ class Optimizer:
         with self._lock:
             version, iterations, pending = self._version, self._iterations, len(self._round)
             device = self._state.params.flat.devices().pop()
-            now = time.monotonic()
-            recent = sum(1 for t in self._push_times if now - t <= RATE_WINDOW)
-            last_push_age = now - self._push_times[-1] if self._push_times else None
+            pushes_per_second, last_push_age = self._push_rate.per_second(), self._push_rate.last_age()
         return OptimizerInfo(
             name=self.name,
             iterations=iterations,
             version=version,
+            optimizer=self.config.class_name,
+            slots=list(self._state.slots),
             config=self.config.to_keras_dict(),
             shapes=dict(self.shapes),
             device=f"{device.platform}:{device.id}",
             non_finite_policy=self.non_finite_policy,
-            next_learning_rate=adam.learning_rate_at(self.config, iterations),
+            next_learning_rate=pipeline.learning_rate_at(self.config, iterations),
             training_mode=self.training_mode,
             pending_gradients=pending,
             saved_version=self.saved_version,
-            pushes_per_second=recent / RATE_WINDOW,
+            pushes_per_second=pushes_per_second,
             last_push_age=last_push_age,
             non_trainable=self.non_trainable,
         )
@@ -292,46 +291,32 @@ class Optimizer:
             if self._store is not None:
                 self._store.delete() if delete_files else self._store.close()
             self._deleted = True
-            self._cancel_round_timer()
-            self._round, self._round_seqs = {}, {}
-            self._release_round()
+            self._round.close()
             self._version_changed.notify_all()
 
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Checkpoint, store: OptimizerStore, **hooks: Any) -> "Optimizer":
         """The optimizer a checkpoint describes; its later log records are replayed with `replay`."""
-        meta = checkpoint.meta
-        slots = {slot: {name: tensors[name] for name in meta["names"] if name in tensors}  # in creation order
-                 for slot, tensors in checkpoint.slots.items()}
         try:
-            optimizer = cls(meta["name"], parse_config(meta["config"]), meta["non_finite_policy"],
-                            TrainingMode(**meta["training_mode"]), adam.restore(meta["iterations"], slots),
-                            meta["version"], store, excluded_from_decay=meta.get("excluded_from_weight_decay"),
-                            non_trainable=meta.get("non_trainable", ()), **hooks)
+            contents = journal.contents_of(checkpoint)
+            optimizer = cls(contents.name, contents.config, contents.non_finite_policy, contents.training_mode,
+                            contents.state, contents.version, store, excluded_from_decay=contents.excluded_from_decay,
+                            non_trainable=contents.non_trainable, **hooks)
         except InvalidArgument as err:  # a checkpoint without the matched names, whose pattern now runs out of time
-            raise StorageError(f"{store.directory}: cannot restore optimizer {meta['name']!r}: {err}") from None
-        optimizer._dedup.load_json(meta["dedup"])
+            raise StorageError(f"{store.directory}: cannot restore optimizer {checkpoint.meta['name']!r}: {err}"
+                               ) from None
+        optimizer._dedup.load_json(contents.dedup)
         return optimizer
 
     def checkpoint(self) -> Checkpoint:
         """The complete state as of now, as a checkpoint holds it (under the lock, or before it is shared)."""
-        meta = {
-            "name": self.name,
-            "config": self.config.to_keras_dict(),
-            "non_finite_policy": self.non_finite_policy,
-            "training_mode": self.training_mode.to_dict(),
-            "names": list(self.shapes),
-            "iterations": self._iterations,
-            "version": self._version,
-            "dedup": self._dedup.to_json(),
-            "excluded_from_weight_decay": sorted(self._excluded),  # matched once, at create
-            "non_trainable": sorted(self.non_trainable),
-        }
-        return Checkpoint(meta, adam.export(self._state))
+        return journal.checkpoint_of(journal.Contents(
+            self.name, self.config, self.non_finite_policy, self.training_mode, self._state, self._iterations,
+            self._version, self._dedup.to_json(), sorted(self._excluded), tuple(sorted(self.non_trainable))))
 
     def _count_accepted(self, staleness: int | None) -> None:
-        self._push_times.append(time.monotonic())
+        self._push_rate.accepted()
         self._metrics.pushes.labels(self.name, "accepted").inc()
         if staleness is not None:
             self._metrics.staleness.labels(self.name).observe(staleness)
@@ -375,7 +360,7 @@ class Optimizer:
         retries) does not count as dropped for it.
         """
         def dropped() -> bool:
-            return self._dropped_round == version and generation in (None, self._dropped_generation)
+            return self._round.was_dropped(version, generation)
 
         def ended() -> bool:
             return cancelled is not None and cancelled.is_set()
@@ -387,8 +372,8 @@ class Optimizer:
             raise Cancelled(f"{what}: the call ended (cancelled, or its client went away) while waiting for "
                             f"version {version}")
         if self._version < version and dropped():
-            raise type(self._dropped_error)(f"{what}: the round for version {version} was dropped: "
-                                            f"{self._dropped_error}")
+            error = self._round.dropped_error
+            raise type(error)(f"{what}: the round for version {version} was dropped: {error}")
         if not reached:
             raise DeadlineExceeded(f"{what}: optimizer {self.name!r} is at version {self._version}, "
                                    f"not yet {version}, after {timeout:.3g} s")
@@ -437,19 +422,7 @@ class Optimizer:
         """The values of non-trainable tensors a push (or a logged step) carries."""
         return {name: np.asarray(grads[name], np.float32) for name in sorted(self.non_trainable) if name in grads}
 
-    def _round_values(self) -> dict[str, np.ndarray]:
-        """Sync, under the lock: each non-trainable tensor's mean over the round's pushes that carry it."""
-        values = {}
-        for name in sorted(self.non_trainable):
-            carried = [self._round[worker][name] for worker in sorted(self._round) if name in self._round[worker]]
-            if carried:
-                total = np.zeros(self.shapes[name], np.float32)
-                for value in carried:  # in worker order: the same sum on every replay
-                    total += np.asarray(value, np.float32)
-                values[name] = total / np.float32(len(carried))
-        return values
-
-    def _assigned(self, state: adam.AdamState, values: Mapping[str, np.ndarray]) -> adam.AdamState:
+    def _assigned(self, state: pipeline.OptimizerState, values: Mapping[str, np.ndarray]) -> pipeline.OptimizerState:
         """`state` with the non-trainable tensors' new values in the weights (and the EMA, which serves them too)."""
         if not values:
             return state
@@ -461,10 +434,10 @@ class Optimizer:
                     flat[start:start + self.layout.sizes[name]] = value.reshape(-1)
         device = state.params.flat.devices().pop()
         return state._replace(
-            params=adam.Tensors(jax.device_put(params, device), self.layout),
-            ema=None if ema is None else adam.Tensors(jax.device_put(ema, device), self.layout))
+            params=pipeline.Tensors(jax.device_put(params, device), self.layout),
+            ema=None if ema is None else pipeline.Tensors(jax.device_put(ema, device), self.layout))
 
-    def _checked_state(self, grads: Mapping[str, Gradient]) -> adam.AdamState:
+    def _checked_state(self, grads: Mapping[str, Gradient]) -> pipeline.OptimizerState:
         """The state after a step, computed beside the current one; INVALID_ARGUMENT if any value is non-finite."""
         state, finite = self._checked_step(self._state, self._device_grads(grads))
         finite = np.asarray(finite)
@@ -476,18 +449,18 @@ class Optimizer:
                 f"the state as it was")
         return state
 
-    def _device_grads(self, grads: Mapping[str, Gradient]) -> adam.FlatGrads:
+    def _device_grads(self, grads: Mapping[str, Gradient]) -> pipeline.FlatGrads:
         """Every tensor's gradient as the step takes it: the dense ones in one flat buffer (no copy when the
         push arrived in `self.layout`), the sparse ones padded to their bucket."""
         if isinstance(grads, RoundGradients):  # a sync round's sum: already one flat device buffer
             present = grads.present
             if self.non_trainable:  # their values are assigned, never stepped
                 present = frozenset(grads.present if present is not None else self.shapes) - self.non_trainable
-            return adam.FlatGrads(grads.flat, {name: adam.sparse_grad(*g) for name, g in grads.sparse.items()},
-                                  present)
+            return pipeline.FlatGrads(grads.flat, {name: pipeline.sparse_grad(*g) for name, g in grads.sparse.items()},
+                                      present)
         # a push with missing SKIP carries some tensors only: the step leaves the others as they are
-        return adam.flat_grads(self.layout, {name: _to_device(grads[name]) for name in self.shapes
-                                             if name in grads and name not in self.non_trainable})
+        return pipeline.flat_grads(self.layout, {name: _to_device(grads[name]) for name in self.shapes
+                                                 if name in grads and name not in self.non_trainable})
 
     def _step_with(self, grads: Mapping[str, Gradient]) -> None:
         """Re-applies a logged (so acknowledged) step as it was applied then."""
@@ -496,7 +469,7 @@ class Optimizer:
         self._commit(self._assigned(self._step(self._state, self._device_grads(grads)), self._values_in(grads)),
                      grads, started)
 
-    def _commit(self, state: adam.AdamState, grads: Mapping[str, Gradient], started: float) -> None:
+    def _commit(self, state: pipeline.OptimizerState, grads: Mapping[str, Gradient], started: float) -> None:
         """Makes `state` the optimizer's state: one more step and version."""
         self._state = state
         jax.block_until_ready(self._state)
@@ -514,73 +487,48 @@ class Optimizer:
                       retain: Callable[[], Callable[[], None]] | None = None,
                       magnitudes: list[overflow.Magnitude] | None = None) -> PushResult:
         """Sync mode, under the lock: one worker's gradient joins the open round (which holds its memory)."""
-        if worker_id in self._round:
-            raise Aborted(f"worker_id: {worker_id!r} has pushed for version {self._version} already; "
-                          f"wait for version {self._version + 1}")
+        self._round.add(worker_id, seq, grads, self._version, retain, magnitudes)
         result = PushResult(self._version + 1, self._iterations)
-        if retain is not None:
-            self._round_holds.append(retain())
-        self._round[worker_id], self._round_seqs[worker_id] = grads, seq
-        self._round_magnitudes[worker_id] = magnitudes or []
         if seq is not None:
             self._dedup.record(worker_id, seq, result)
         if len(self._round) >= self.training_mode.num_workers:
             self._close_round()
-        elif self._round_timer is None:
-            self._round_timer = threading.Timer(self.training_mode.sync_timeout, self._close_round_on_timeout,
-                                                args=(self._version,))
-            self._round_timer.daemon = True
-            self._round_timer.start()
+        else:
+            self._round.start_timer(self.training_mode.sync_timeout, self._close_round_on_timeout, self._version)
         return result
 
     def _close_round(self) -> None:
         """Applies one step on the round's aggregate, under the lock."""
-        self._cancel_round_timer()
-        workers = [(w, s) for w, s in sorted(self._round_seqs.items()) if s is not None]
+        self._round.cancel_timer()
+        workers = self._round.sequenced()
         try:
-            combined = self._round_sum.combine(self._round)
-            combined.block_until_ready()  # the sum is done reading the gradients' buffers
-            self._apply(combined, workers, overflow.combined(list(self._round_magnitudes.values())),
-                        self._round_values())
+            combined, magnitudes = self._round.combine()
+            self._apply(combined, workers, magnitudes, self._round.means(self.non_trainable, self.shapes))
         except (ResourceExhausted, InvalidArgument) as err:
             # the log is full, or the aggregate step would make the state non-finite: every push of the
             # round is refused with that error, and retries start over
             for worker_id, seq in workers:
                 self._dedup.forget(worker_id, seq)
-            self._dropped_round, self._dropped_error = self._version + 1, err
-            self._dropped_generation = self._round_generation
+            self._round.drop(self._version + 1, err)
             raise
         finally:
-            self._round, self._round_seqs, self._round_magnitudes = {}, {}, {}
-            self._round_generation += 1
-            self._release_round()
+            self._round.close()
             self._version_changed.notify_all()
-
-    def _release_round(self) -> None:
-        """Gives back the memory of the gradients the round held (consumed, or dropped with the round)."""
-        holds, self._round_holds = self._round_holds, []
-        for release in holds:
-            release()
 
     def _close_round_on_timeout(self, round_version: int) -> None:
         with self._lock:
-            if self._deleted or self._version != round_version or not self._round:
+            if self._deleted or self._version != round_version or not len(self._round):
                 return
             log.warning("optimizer %r: sync round for version %d closed by timeout after %.3g s with %d of %d "
                         "gradients (workers %s)", self.name, round_version + 1, self.training_mode.sync_timeout,
-                        len(self._round), self.training_mode.num_workers, sorted(self._round))
+                        len(self._round), self.training_mode.num_workers, self._round.workers())
             self.rounds_closed_by_timeout += 1
             self._metrics.rounds_timed_out.labels(self.name).inc()
-            self._round_timer = None
+            self._round.timer_fired()
             try:
                 self._close_round()
             except (ResourceExhausted, InvalidArgument) as err:
                 log.error("optimizer %r: sync round for version %d dropped: %s", self.name, round_version + 1, err)
-
-    def _cancel_round_timer(self) -> None:
-        if self._round_timer is not None:
-            self._round_timer.cancel()
-            self._round_timer = None
 
     def _bump_version(self) -> None:
         self._version += 1
@@ -591,7 +539,7 @@ class Optimizer:
             raise NotFound(f"optimizer {self.name!r} was deleted")
 
 
-def _excluded_from_decay(config: AdamConfig, names: list[str], known: Collection[str] | None) -> frozenset[str]:
+def _excluded_from_decay(config: OptimizerConfig, names: list[str], known: Collection[str] | None) -> frozenset[str]:
     """The tensors weight decay skips: `known` (from a checkpoint), else matched by `patterns` with a time bound."""
     if config.weight_decay is None or not config.exclude_from_weight_decay:
         return frozenset()
@@ -600,9 +548,9 @@ def _excluded_from_decay(config: AdamConfig, names: list[str], known: Collection
     return patterns.excluded_names(config.exclude_from_weight_decay, names)
 
 
-def _to_device(grad: Gradient | jax.Array) -> np.ndarray | jax.Array | adam.SparseGrad:
-    """A sparse gradient padded onto the device; a dense one as it is (`adam.flat_grads` lays it out)."""
+def _to_device(grad: Gradient | jax.Array) -> np.ndarray | jax.Array | pipeline.SparseGrad:
+    """A sparse gradient padded onto the device; a dense one as it is (`pipeline.flat_grads` lays it out)."""
     if isinstance(grad, tuple):
-        return adam.sparse_grad(*grad)
+        return pipeline.sparse_grad(*grad)
     return grad
 

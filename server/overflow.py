@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optserve.server.engine import adam
-from optserve.server.engine.config import AdamConfig
+from optserve.server.engine import pipeline
+from optserve.server.engine.config import AdamConfig, OptimizerConfig
 
 LIMIT = 1e30  # float32 holds up to 3.4e38
 _ROUNDING = 1 + 1e-5  # per formula: a few float32 roundings of 6e-8 each, with room to spare
@@ -75,23 +75,33 @@ def all_finite(values: np.ndarray) -> bool:
     return math.isfinite(magnitude(values).largest)
 
 
+ADAM_TENSORS = ("params", "m", "v", "vhat", "ema")  # the fields of `Bounds`: an Adam state's tensors
+
+
 @jax.jit
-def _slot_maxima(state: adam.AdamState) -> jax.Array:
-    def largest(tensors: adam.Tensors | None) -> jax.Array:  # padding is zero: it never raises a maximum
+def _slot_maxima(state: pipeline.OptimizerState) -> jax.Array:
+    def largest(tensors: pipeline.Tensors | None) -> jax.Array:  # padding is zero: it never raises a maximum
         return jnp.float32(0) if tensors is None else jnp.max(jnp.abs(tensors.flat), initial=0.0)
 
-    return jnp.stack([largest(getattr(state, slot)) for slot in adam.SLOTS])
+    return jnp.stack([largest(getattr(state, slot)) for slot in ADAM_TENSORS])
 
 
-def bounds_of(state: adam.AdamState) -> Bounds:
+def bounds_of(state: pipeline.OptimizerState) -> Bounds:
     """The exact maxima of a state (a read pass over it); infinite where a value is not finite."""
     maxima = np.asarray(_slot_maxima(state), np.float64)
     return Bounds(*(float(x) if math.isfinite(x) else math.inf for x in maxima))
 
 
-def next_bounds(config: AdamConfig, iterations: int, bounds: Bounds, grads: Sequence[Magnitude]) -> Bounds | None:
-    """Bounds of the state after one step at `iterations` completed steps; None if it might overflow."""
-    lr = adam.learning_rate_at(config, iterations)
+def next_bounds(config: OptimizerConfig, iterations: int, bounds: Bounds, grads: Sequence[Magnitude]
+                ) -> Bounds | None:
+    """Bounds of the state after one step at `iterations` completed steps; None if it might overflow.
+
+    Only Adam's (and AdamW's) step is bounded here: for every other class the
+    answer is None, so its steps are computed on a copy and checked.
+    """
+    if not isinstance(config, AdamConfig):
+        return None
+    lr = pipeline.learning_rate_at(config, iterations)
     t = min(iterations, 2**31 - 2) + 1.0
     bias_1 = 1 - float(np.float32(config.beta_1)) ** t
     epsilon = float(np.float32(config.epsilon))

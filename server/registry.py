@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from optserve.server import overflow
-from optserve.server.engine import adam
-from optserve.server.engine.config import parse_config
+from optserve.server.engine import pipeline
+from optserve.server.engine.config import parse_optimizer
 from optserve.server.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from optserve.server.metrics import Metrics
 from optserve.server.modes import TrainingMode
@@ -57,8 +57,11 @@ class Registry:
 
     def create(self, name: str, config: Mapping[str, Any], params: Mapping[str, np.ndarray],
                non_finite_policy: str = "refuse", training_mode: TrainingMode = TrainingMode(),
-               non_trainable: frozenset[str] = frozenset()) -> Optimizer:
+               optimizer_class: str = "", non_trainable: frozenset[str] = frozenset()) -> Optimizer:
         """Creates an optimizer (and its first checkpoint); ALREADY_EXISTS if the name is taken.
+
+        `optimizer_class` is the tf-keras class ("" : the one a serialized
+        `config` names, else Adam); `config` its arguments or serialized form.
 
         The name is held from the check until the optimizer is served (or the
         create failed): a create or delete of the same name meanwhile waits.
@@ -66,7 +69,7 @@ class Registry:
         if non_finite_policy not in NON_FINITE_POLICIES:
             raise InvalidArgument(f"non_finite_policy: must be one of {NON_FINITE_POLICIES}")
         self._check_ready()
-        adam_config = parse_config(config)
+        parsed = parse_optimizer(config, optimizer_class or None)
         if non_finite_policy == "refuse":
             for tensor, values in params.items():
                 if not overflow.all_finite(np.asarray(values)):
@@ -78,8 +81,8 @@ class Registry:
             store = None
             if self.persistence is not None:
                 store = OptimizerStore(self.persistence.data_dir / name, self.persistence.durability)
-            optimizer = Optimizer(name, adam_config, non_finite_policy, training_mode,
-                                  adam.init(params, adam_config), store=store, on_step=self._note_step,
+            optimizer = Optimizer(name, parsed, non_finite_policy, training_mode,
+                                  pipeline.init(params, parsed), store=store, on_step=self._note_step,
                                   metrics=self.metrics, non_trainable=non_trainable)
             if store is not None:
                 store.create(optimizer.checkpoint())  # on failure it removes only what it made

@@ -60,13 +60,13 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
         self._traffic = Traffic()  # which transport each client uses, for `optserve status`
 
     def CreateOptimizer(self, request_iterator, context) -> pb.OptimizerInfo:
-        with self._buffers.lease("tensors", reuse=False) as lease:  # engine.adam.init copies the tensors out
+        with self._buffers.lease("tensors", reuse=False) as lease:  # engine.pipeline.init copies the tensors out
             request = codec.decode_create(request_iterator, self._options.max_request_bytes,
                                           self._options.max_tensor_bytes, self._options.max_tensors,
                                           into=lease.reserve)
             optimizer = self._registry.create(
                 request.name, request.config, request.params, request.non_finite_policy, request.training_mode,
-                non_trainable=request.non_trainable)
+                request.optimizer, non_trainable=request.non_trainable)
         self._count(request.name, context, "grpc", received=_nbytes(request.params.values()))
         log.info("created optimizer %r: %d tensors", request.name, len(request.params))
         return self._info(optimizer)
@@ -97,7 +97,7 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
                 bulk.end()
 
     def PullWeights(self, request, context) -> Iterator[pb.PullWeightsResponse]:
-        kind = codec.decode_state_kind(request.kind)
+        kind = codec.decode_pull_kind(request)
         optimizer = self._registry.get(request.optimizer)
         transport = _TRANSPORT_OF[request.WhichOneof("destination")]
         min_version = request.min_version if request.HasField("min_version") else None

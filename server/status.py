@@ -6,7 +6,7 @@ import numpy as np
 
 from optserve.client import OptimizerInfo
 
-COLUMNS = ("NAME", "MODE", "VERSION", "ITERATIONS", "TENSORS", "BYTES", "DEVICE", "PUSHES/S", "LAST PUSH")
+COLUMNS = ("NAME", "OPTIMIZER", "MODE", "VERSION", "ITERATIONS", "TENSORS", "BYTES", "DEVICE", "PUSHES/S", "LAST PUSH")
 
 
 CLIENT_COLUMNS = ("OPTIMIZER", "CLIENT", "TRANSPORT", "RECEIVED", "SENT", "LAST SEEN")
@@ -37,7 +37,7 @@ def _row(info: OptimizerInfo) -> tuple[str, ...]:
     elif info.training_mode["max_staleness"] is not None:
         mode = f"async<={info.training_mode['max_staleness']}"
     params = sum(int(np.prod(shape, dtype=np.int64)) for shape, _ in info.tensors.values())
-    return (info.name, mode, str(info.version), str(info.iterations), str(len(info.tensors)),
+    return (info.name, info.optimizer, mode, str(info.version), str(info.iterations), str(len(info.tensors)),
             _human_bytes(4 * params), info.device, f"{info.pushes_per_second:.1f}", _age(info.last_push_age))
 
 

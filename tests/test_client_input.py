@@ -69,7 +69,7 @@ def test_tensorflow_indexed_slices_is_sparse_by_class(client: Client, name: str)
     (lambda opt: opt.push({"w": np.array([object()] * 6).reshape(2, 3), "emb": DENSE["emb"]}),
      "gradients['w'].dtype: dtype object cannot be sent"),
     (lambda opt: opt.push(DENSE, wire_dtype="float8"), "wire_dtype: must be"),
-    (lambda opt: opt.pull_slot("mu"), "slot: must be one of"),
+    (lambda opt: opt.pull_slot(""), "slot: must be a slot's tf-keras name"),
     (lambda opt: opt.pull(into={"w": np.zeros((2, 3), np.float32)}), "into: must be the Weights"),
     (lambda opt: opt.pull(names=["w"], into=opt.pull()), "into: holds tensors"),
     (lambda opt: opt.client.create_optimizer(opt.name + "x", PARAMS, mode="lockstep"), "mode: must be one of"),

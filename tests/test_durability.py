@@ -15,7 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from optserve.client import Client, IndexedSlices, OptserveError
-from optserve.server.engine import adam, parse_config
+from optserve.server.engine import parse_config, pipeline
 from optserve.server.launch import ServerProcess
 from optserve.server.options import ServerOptions
 from optserve.v1 import optserve_pb2 as pb
@@ -33,17 +33,17 @@ def grads_for(worker: str, seq: int) -> dict:
             "emb": IndexedSlices(rng.integers(0, 8, 3), rng.normal(size=(3, 3)).astype(np.float32))}
 
 
-def reference(ordered: list[tuple[str, int]]) -> adam.AdamState:
+def reference(ordered: list[tuple[str, int]]) -> pipeline.OptimizerState:
     """The engine alone, applying the same gradients in the same order: the uninterrupted run."""
     config = parse_config(CONFIG)
-    state, step = adam.init(INIT, config), adam.make_step(config, list(INIT))
+    state, step = pipeline.init(INIT, config), pipeline.make_step(config, list(INIT))
     for worker, seq in ordered:
         g = grads_for(worker, seq)
-        state = step(state, {"w": g["w"], "emb": adam.sparse_grad(g["emb"].indices, g["emb"].values)})
+        state = step(state, {"w": g["w"], "emb": pipeline.sparse_grad(g["emb"].indices, g["emb"].values)})
     return state
 
 
-def assert_state_equals(opt, state: adam.AdamState) -> None:
+def assert_state_equals(opt, state: pipeline.OptimizerState) -> None:
     """Weights, EMA and every Adam slot equal, bit for bit."""
     pulled = {"params": opt.pull(), "ema": opt.pull(ema=True), "m": opt.pull_slot("m"), "v": opt.pull_slot("v"),
               "vhat": opt.pull_slot("vhat")}
@@ -224,13 +224,13 @@ def test_sync_rounds_summed_on_the_device_survive_a_crash_bit_for_bit(data_dir: 
             future.result(timeout=120)
     server.kill()  # no checkpoint since create: every round lives only in the log
     config = parse_config(CONFIG)
-    state, step = adam.init(INIT, config), adam.make_step(config, list(INIT))
+    state, step = pipeline.init(INIT, config), pipeline.make_step(config, list(INIT))
     for seq in range(rounds):  # the documented aggregate: summed in worker-id order, then divided
         grads = [grads_for(w, seq) for w in sorted(workers)]
         dense = (grads[0]["w"] + grads[1]["w"] + grads[2]["w"]) / np.float32(3)
         indices = np.concatenate([g["emb"].indices for g in grads])
         rows = np.concatenate([g["emb"].values for g in grads]) / np.float32(3)
-        state = step(state, {"w": dense, "emb": adam.sparse_grad(indices, rows)})
+        state = step(state, {"w": dense, "emb": pipeline.sparse_grad(indices, rows)})
     server.start()
     try:
         with Client(server.address, timeout=60) as client:

@@ -6,6 +6,7 @@ import json
 import resource
 import struct
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -14,7 +15,7 @@ import pytest
 
 from optserve.client import Client, OptserveError
 from optserve.server import storage
-from optserve.server.engine import adam, parse_config
+from optserve.server.engine import parse_config, pipeline
 from optserve.server.options import ServerOptions
 from tests.conftest import RunningServer, wait_until
 from tests.test_durability import CONFIG, INIT, Server, assert_state_equals, grads_for, reference
@@ -159,7 +160,7 @@ def test_tensor_names_of_every_character_class_survive_a_restart_bit_for_bit(dat
         opt.push(grads[2])  # in the log only
     server.kill()
     engine = parse_config(config)
-    state, step = adam.init(params, engine), adam.make_step(engine, list(params))
+    state, step = pipeline.init(params, engine), pipeline.make_step(engine, list(params))
     for g in grads:
         state = step(state, g)
     server.start()
@@ -189,6 +190,22 @@ def test_a_checkpoint_stores_any_tensor_name_the_codec_admits(tmp_path: Path) ->
             np.testing.assert_array_equal(loaded.slots[slot][name], value)
 
 
+def rewrite_as_format_1(folder: Path, meta: Callable[[dict], dict] = lambda meta: meta) -> None:
+    """Rewrites an optimizer folder's newest checkpoint as format 1 wrote it ("<slot>/<tensor name>" keys,
+    manifest format 1), its meta changed by `meta` (to make it older still)."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    entry = manifest["checkpoints"][-1]
+    loaded, _, _ = storage.OptimizerStore(folder, "wal").load()
+    arrays = {f"{slot}/{name}": value for slot, tensors in loaded.slots.items() for name, value in tensors.items()}
+    arrays["meta"] = np.frombuffer(json.dumps(meta(loaded.meta)).encode(), np.uint8)
+    old = folder / entry["file"]
+    with open(old, "wb") as f:
+        np.savez(f, **arrays)
+    old_manifest = {"format": 1, "checkpoints": [{"file": entry["file"], "version": entry["version"],
+                                                   "sha256": hashlib.sha256(old.read_bytes()).hexdigest()}]}
+    (folder / "manifest.json").write_text(json.dumps(old_manifest))
+
+
 def test_checkpoints_of_format_1_are_still_restored(data_dir: Path) -> None:
     """A data dir written before archive keys became indices ("<slot>/<tensor name>" keys) restores as it was."""
     server = Server(data_dir).start()
@@ -197,18 +214,7 @@ def test_checkpoints_of_format_1_are_still_restored(data_dir: Path) -> None:
         for seq in range(3):
             opt.push(grads_for("a", seq), worker_id="a", seq=seq)
     assert server.process.stop() == 0
-    folder = data_dir / "m"
-    manifest = json.loads((folder / "manifest.json").read_text())
-    entry = manifest["checkpoints"][0]
-    loaded, _, _ = storage.OptimizerStore(folder, "wal").load()
-    arrays = {f"{slot}/{name}": value for slot, tensors in loaded.slots.items() for name, value in tensors.items()}
-    arrays["meta"] = np.frombuffer(json.dumps(loaded.meta).encode(), np.uint8)
-    old = folder / entry["file"]
-    with open(old, "wb") as f:
-        np.savez(f, **arrays)
-    old_manifest = {"format": 1, "checkpoints": [{"file": entry["file"], "version": entry["version"],
-                                                   "sha256": hashlib.sha256(old.read_bytes()).hexdigest()}]}
-    (folder / "manifest.json").write_text(json.dumps(old_manifest))
+    rewrite_as_format_1(data_dir / "m")
     server.start()
     try:
         with Client(server.address, timeout=60) as client:

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from tests.conformance_cases import Case, assert_close, case_names, family_case_names, load_case
+from tests.test_family import replay_in_engine
 
 from optserve.server.engine import (
     AdamState,
@@ -32,25 +33,7 @@ def _device_grads(grads: dict) -> dict:
 
 
 def _replay(case: Case, jit_compile: bool) -> None:
-    config = parse_config({**case.config, "jit_compile": jit_compile})
-    names = [name for name, _ in case.variables]
-    state = init(case.init, config)
-    step = make_step(config, names)
-    for k in range(case.steps):
-        what = f"{case.name} step {k + 1}"
-        np.testing.assert_allclose(learning_rate_at(config, k), case.lr[k], rtol=1e-5, atol=1e-12, err_msg=what)
-        state = step(state, _device_grads(case.grads[k]))
-        assert int(state.iterations) == case.iterations[k], what
-        for name in names:
-            assert_close(state.params[name], case.expect[k][name], f"{what} params[{name}]")
-            if case.ema is not None:
-                assert_close(state.ema[name], case.ema[k][name], f"{what} ema[{name}]")
-    for name in names:
-        for slot, want in case.slots[name].items():
-            assert_close(getattr(state, slot)[name], want, f"{case.name} {slot}[{name}]")
-    final = finalize(state)
-    for name in names:
-        assert_close(final.params[name], case.final[name], f"{case.name} final[{name}]")
+    replay_in_engine(case, jit_compile)
 
 
 @pytest.mark.parametrize("name", case_names())

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from tests.conformance_cases import assert_close, load_case
 
-from optserve.server.engine import adam, parse_config
+from optserve.server.engine import parse_config, pipeline
+from optserve.server.overflow import ADAM_TENSORS
 from optserve.server.modes import TrainingMode
 from optserve.server.optimizer import Optimizer
 from optserve.wire.layout import FlatLayout, aligned_empty
@@ -30,7 +31,7 @@ def _grads(params: dict[str, np.ndarray], k: int) -> dict:
         if i % 3 == 0:
             rows = value.shape[0]
             indices = np.array([rng.integers(rows), 0, rng.integers(rows)])
-            grads[name] = adam.sparse_grad(indices, rng.normal(size=(3, 3)).astype(np.float32))
+            grads[name] = pipeline.sparse_grad(indices, rng.normal(size=(3, 3)).astype(np.float32))
         else:
             grads[name] = (rng.normal(size=value.shape) * 3).astype(np.float16 if i % 5 == 0 else np.float32)
     return grads
@@ -40,16 +41,16 @@ def test_many_mixed_tensors_step_as_each_would_alone():
     """Clipnorm, decay exclusions, amsgrad and EMA are per tensor, so a tensor alone is the reference."""
     params = _tensors(40)
     config = parse_config(MIXED)
-    step = adam.make_step(config, list(params))
-    state = adam.init(params, config)
-    alone = {name: adam.init({name: value}, config) for name, value in params.items()}
-    alone_steps = {name: adam.make_step(config, [name]) for name in params}
+    step = pipeline.make_step(config, list(params))
+    state = pipeline.init(params, config)
+    alone = {name: pipeline.init({name: value}, config) for name, value in params.items()}
+    alone_steps = {name: pipeline.make_step(config, [name]) for name in params}
     for k in range(4):
         grads = _grads(params, k)
         state = step(state, grads)
         for name in params:
             alone[name] = alone_steps[name](alone[name], {name: grads[name]})
-    for slot in adam.SLOTS:
+    for slot in ADAM_TENSORS:
         for name in params:
             np.testing.assert_allclose(getattr(state, slot)[name], getattr(alone[name], slot)[name],
                                        rtol=2e-6, atol=1e-7, err_msg=f"{slot}[{name}]")
@@ -65,10 +66,10 @@ def test_golden_trajectory_holds_among_many_other_tensors(case_name):
     fillers = _tensors(30, seed=1)
     params = {**fillers, **case.init}
     config = parse_config(case.config)
-    state, step = adam.init(params, config), adam.make_step(config, list(params))
+    state, step = pipeline.init(params, config), pipeline.make_step(config, list(params))
     for k in range(case.steps):
         zero = {name: np.zeros_like(value) for name, value in fillers.items()}
-        case_grads = {name: adam.sparse_grad(*g) if isinstance(g, tuple) else g for name, g in case.grads[k].items()}
+        case_grads = {name: pipeline.sparse_grad(*g) if isinstance(g, tuple) else g for name, g in case.grads[k].items()}
         state = step(state, {**zero, **case_grads})
         for name in case.init:
             assert_close(state.params[name], case.expect[k][name], f"{case_name} step {k + 1} params[{name}]")
@@ -79,23 +80,23 @@ def test_golden_trajectory_holds_among_many_other_tensors(case_name):
 def test_padding_stays_zero_and_garbage_outside_the_dense_tensors_is_ignored(changes):
     params = _tensors(12)
     config = parse_config({**MIXED, **changes})
-    state = adam.init(params, config)
-    layout = adam.layout_of(state)
-    step = adam.make_step(config, list(params))
-    reference = adam.init(params, config)
+    state = pipeline.init(params, config)
+    layout = pipeline.layout_of(state)
+    step = pipeline.make_step(config, list(params))
+    reference = pipeline.init(params, config)
     for k in range(3):
         grads = _grads(params, k)
-        sparse = {name: g for name, g in grads.items() if isinstance(g, adam.SparseGrad)}
+        sparse = {name: g for name, g in grads.items() if isinstance(g, pipeline.SparseGrad)}
         dense = np.full(layout.size, np.nan, np.float32)  # padding and the sparse tensors' segments: NaN
         for name, view in layout.views(dense, [n for n in grads if n not in sparse]).items():
             view[...] = grads[name]
-        state = step(state, adam.FlatGrads(jax.device_put(dense), sparse))
+        state = step(state, pipeline.FlatGrads(jax.device_put(dense), sparse))
         reference = step(reference, grads)
     inside = np.zeros(layout.size, bool)
     for view in layout.views(inside).values():
         view[...] = True
     assert (~inside).sum() > 0
-    for slot in adam.SLOTS:
+    for slot in ADAM_TENSORS:
         flat = np.asarray(getattr(state, slot).flat)
         assert np.all(flat[~inside] == 0), slot
         np.testing.assert_array_equal(flat, np.asarray(getattr(reference, slot).flat), err_msg=slot)  # NaN == NaN
@@ -105,15 +106,15 @@ def test_a_gradient_already_in_the_layout_is_not_copied():
     layout = FlatLayout({"a": (3, 5), "b": (7,)})
     buffer = aligned_empty(layout.nbytes).view(np.float32)
     views = layout.views(buffer)
-    laid_out = adam.flat_grads(layout, views)
+    laid_out = pipeline.flat_grads(layout, views)
     assert laid_out.dense.unsafe_buffer_pointer() == buffer.ctypes.data  # jax adopted the buffer
-    copied = adam.flat_grads(layout, {name: np.array(view) for name, view in views.items()})
+    copied = pipeline.flat_grads(layout, {name: np.array(view) for name, view in views.items()})
     assert copied.dense.unsafe_buffer_pointer() != buffer.ctypes.data
 
 
 def _optimizer(params: dict[str, np.ndarray], config: dict, policy: str = "apply") -> Optimizer:
     parsed = parse_config(config)
-    return Optimizer("t", parsed, policy, TrainingMode(), adam.init(params, parsed))
+    return Optimizer("t", parsed, policy, TrainingMode(), pipeline.init(params, parsed))
 
 
 @pytest.mark.parametrize("names", [[], ["layer2/kernel"], ["layer5/bias", "layer0/kernel", "layer3/kernel"]],
@@ -157,11 +158,11 @@ def test_refused_step_names_the_first_bad_tensor_in_layout_order():
 def test_checked_step_reports_finiteness_per_tensor():
     params = _tensors(9)
     config = parse_config({})
-    checked = adam.make_checked_step(config, list(params))
+    checked = pipeline.make_checked_step(config, list(params))
     grads = {name: np.ones_like(value) for name, value in params.items()}
     bad = list(params)[4]
     grads[bad] = np.full_like(params[bad], np.inf)
-    state = adam.init(params, config)
+    state = pipeline.init(params, config)
     _, finite = checked(state, grads)
     assert [name for name, ok in zip(params, np.asarray(finite)) if not ok] == [bad]
     assert not state.params.flat.is_deleted()  # not donated: a refused step keeps it
@@ -172,10 +173,10 @@ def test_the_trace_does_not_grow_with_dense_tensors():
 
     def equations(count: int) -> int:
         params = {f"t{i}": np.ones(i % 7 + 1, np.float32) for i in range(count)}
-        state = adam.init(params, config)
-        step = adam.make_step(config, list(params))
-        grads = adam.flat_grads(adam.layout_of(state), {name: np.ones_like(v) for name, v in params.items()})
-        blocks = adam._block_tables(adam.layout_of(state))
+        state = pipeline.init(params, config)
+        step = pipeline.make_step(config, list(params))
+        grads = pipeline.flat_grads(pipeline.layout_of(state), {name: np.ones_like(v) for name, v in params.items()})
+        blocks = pipeline._block_tables(pipeline.layout_of(state))
         run = step._run  # the jitted function the step calls
         return len(jax.make_jaxpr(run.__wrapped__, static_argnums=4)(
             state, grads.dense, {}, blocks, None).jaxpr.eqns)
@@ -191,7 +192,7 @@ def test_per_tensor_sums_cover_whole_groups_straddling_blocks_and_the_tail():
     flat = np.full(layout.size, np.nan, np.float32)  # the padding of a gradient buffer may hold anything
     for view in layout.views(flat).values():
         view[:] = rng.normal(size=view.shape)
-    segments = adam._Segments(layout, adam._block_tables(layout))
+    segments = pipeline.Segments(layout, pipeline._block_tables(layout))
     got = np.asarray(jax.jit(segments.square_sums)(jax.numpy.asarray(flat)))
     want = [np.sum(np.square(view, dtype=np.float64)) for view in layout.views(flat).values()]
     np.testing.assert_allclose(got, want, rtol=1e-5)
@@ -238,7 +239,7 @@ def test_a_round_sum_is_the_flat_gradient_written_into_the_last_rounds_buffer():
 def test_sums_of_a_layout_without_padding_read_the_buffer_as_it_is(sizes: list[int]) -> None:
     layout = FlatLayout({f"t{i}": (size,) for i, size in enumerate(sizes)})
     flat = np.random.default_rng(1).normal(size=layout.size).astype(np.float32)
-    segments = adam._Segments(layout, adam._block_tables(layout))
+    segments = pipeline.Segments(layout, pipeline._block_tables(layout))
     assert segments.inside() is True  # no padding: nothing to mask
     want = [np.sum(np.square(view, dtype=np.float64)) for view in layout.views(flat).values()]
     np.testing.assert_allclose(np.asarray(jax.jit(segments.square_sums)(jax.numpy.asarray(flat))), want, rtol=1e-5)

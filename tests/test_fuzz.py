@@ -32,7 +32,7 @@ from hypothesis.extra import numpy as hnp
 from optserve.client import Client, IndexedSlices, InvalidArgumentError
 from optserve.wire.chunks import stream_message_parser
 from optserve.wire.dtypes import data_type_of
-from optserve.server.engine import adam, parse_config
+from optserve.server.engine import parse_config, pipeline
 from optserve.server.launch import ServerProcess
 from optserve.v1 import optserve_pb2 as pb
 from optserve.v1 import optserve_pb2_grpc as pb_grpc
@@ -740,10 +740,10 @@ def keras_step_stays_finite(opt, grads: dict) -> bool:
     """Whether the engine's step (the server's checked one) from the optimizer's current state keeps it finite."""
     slots = {"params": opt.pull(), "m": opt.pull_slot("m"), "v": opt.pull_slot("v"), "vhat": opt.pull_slot("vhat"),
              "ema": opt.pull(ema=True)}
-    state = adam.restore(opt.info().iterations, slots)
-    device = {name: adam.sparse_grad(np.asarray(g.indices), np.asarray(g.values)) if isinstance(g, IndexedSlices)
+    state = pipeline.restore(opt.info().iterations, slots)
+    device = {name: pipeline.sparse_grad(np.asarray(g.indices), np.asarray(g.values)) if isinstance(g, IndexedSlices)
               else np.asarray(g) for name, g in grads.items()}
-    _, finite = adam.make_checked_step(parse_config(CONFIG), list(SHAPES))(state, device)
+    _, finite = pipeline.make_checked_step(parse_config(CONFIG), list(SHAPES))(state, device)
     return bool(np.asarray(finite).all())
 
 

@@ -10,7 +10,7 @@ import pytest
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from optserve.client import Client, IndexedSlices, OptserveError
-from optserve.server.engine import adam, parse_config
+from optserve.server.engine import parse_config, pipeline
 from optserve.server.options import ServerOptions
 from tests.conftest import RunningServer
 from tests.test_bad_input import assert_same_state, expect_error, snapshot, snapshot_weights
@@ -51,7 +51,7 @@ def engine_mean_step(state, step_fn, grads_by_worker: dict[str, dict]):
         w = w + grads_by_worker[worker]["w"]
     indices = np.concatenate([grads_by_worker[k]["emb"].indices for k in workers])
     values = np.concatenate([grads_by_worker[k]["emb"].values for k in workers]) / n
-    return step_fn(state, {"w": w / n, "emb": adam.sparse_grad(indices, values)})
+    return step_fn(state, {"w": w / n, "emb": pipeline.sparse_grad(indices, values)})
 
 
 def run_sync_round(opt, version: int, grads_by_worker: dict[str, dict]) -> list:
@@ -77,7 +77,7 @@ def run_sync_round(opt, version: int, grads_by_worker: dict[str, dict]) -> list:
 def test_sync_with_three_workers_is_exactly_adam_on_the_mean_gradient(client: Client, name: str) -> None:
     opt = client.create_optimizer(name, INIT, CONFIG, mode="sync", num_workers=3)
     config = parse_config(CONFIG)
-    state, step_fn = adam.init(INIT, config), adam.make_step(config, list(INIT))
+    state, step_fn = pipeline.init(INIT, config), pipeline.make_step(config, list(INIT))
     for step in range(6):
         grads = {f"w{k}": worker_grads(k, step) for k in range(3)}
         for pushed, pulled in run_sync_round(opt, step, grads):
@@ -147,7 +147,7 @@ def test_sync_timeout_closes_the_round_without_the_dead_worker(client: Client, r
     assert 0.4 < time.monotonic() - started < 30
     assert registry.get(name).rounds_closed_by_timeout == 1
     config = parse_config(CONFIG)
-    state = engine_mean_step(adam.init(INIT, config), adam.make_step(config, list(INIT)), grads)
+    state = engine_mean_step(pipeline.init(INIT, config), pipeline.make_step(config, list(INIT)), grads)
     np.testing.assert_array_equal(opt.pull()["w"], np.asarray(state.params["w"]))
     # the next round starts clean and closes normally with all three workers
     grads = {f"w{k}": worker_grads(k, 1) for k in range(3)}

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from optserve.client import Client, IndexedSlices, OptserveError
-from optserve.server.engine import adam, parse_config
+from optserve.server.engine import parse_config, pipeline
 from tests.test_bad_input import assert_same_state, expect_error, snapshot
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -46,12 +46,12 @@ CASES = [  # (id, config changes, the finite gradients pushed twice, whether a g
 ]
 
 
-def _engine(config: dict, pushes: list[dict]) -> adam.AdamState:
+def _engine(config: dict, pushes: list[dict]) -> pipeline.OptimizerState:
     """Keras's numbers: the engine's plain (in-place, unchecked) step."""
     parsed = parse_config(config)
-    state, step = adam.init(PARAMS, parsed), adam.make_step(parsed, list(PARAMS))
+    state, step = pipeline.init(PARAMS, parsed), pipeline.make_step(parsed, list(PARAMS))
     for grads in pushes:
-        device = {k: adam.sparse_grad(g.indices, g.values) if isinstance(g, IndexedSlices) else g
+        device = {k: pipeline.sparse_grad(g.indices, g.values) if isinstance(g, IndexedSlices) else g
                   for k, g in grads.items()}
         state = step(state, device)
     return state

@@ -137,10 +137,10 @@ def test_status_command_prints_a_table_of_optimizers(server, name: str) -> None:
     assert run.returncode == 0, run.stderr
     optimizers, clients = run.stdout.split("\n\n")
     header, *rows = optimizers.splitlines()
-    assert header.split() == ["NAME", "MODE", "VERSION", "ITERATIONS", "TENSORS", "BYTES", "DEVICE", "PUSHES/S",
-                              "LAST", "PUSH"]
+    assert header.split() == ["NAME", "OPTIMIZER", "MODE", "VERSION", "ITERATIONS", "TENSORS", "BYTES", "DEVICE",
+                              "PUSHES/S", "LAST", "PUSH"]
     (row,) = [r for r in rows if r.startswith(name + " ")]
-    assert row.split()[1:5] == ["sync/1", "1", "1", "2"] and "440 B" in row and "cpu:0" in row and "s ago" in row
+    assert row.split()[1:6] == ["Adam", "sync/1", "1", "1", "2"] and "440 B" in row and "cpu:0" in row and "s ago" in row
     header, *rows = clients.splitlines()
     assert header.split() == ["OPTIMIZER", "CLIENT", "TRANSPORT", "RECEIVED", "SENT", "LAST", "SEEN"]
     mine = [r.split() for r in rows if r.startswith(name + " ")]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from optserve.server import overflow
-from optserve.server.engine import adam, parse_config
+from optserve.server.engine import parse_config, pipeline
 
 CONFIGS = [{}, {"amsgrad": True, "use_ema": True, "ema_overwrite_frequency": 3}, {"global_clipnorm": 1.0},
            {"clipnorm": 0.5, "weight_decay": 0.1}, {"clipvalue": 2.0, "learning_rate": 10.0},
@@ -42,8 +42,8 @@ def test_every_admitted_step_stays_finite_and_within_its_bounds(raw: dict) -> No
     rng = np.random.default_rng(0)
     config = parse_config(raw)
     names = ["w", "emb"]
-    state = adam.init({"w": rng.normal(size=(3, 4)).astype(np.float32), "emb": np.ones((5, 2), np.float32)}, config)
-    step = adam.make_step(config, names)
+    state = pipeline.init({"w": rng.normal(size=(3, 4)).astype(np.float32), "emb": np.ones((5, 2), np.float32)}, config)
+    step = pipeline.make_step(config, names)
     bounds = overflow.bounds_of(state)
     admitted = 0
     for k in range(200):
@@ -56,7 +56,7 @@ def test_every_admitted_step_stays_finite_and_within_its_bounds(raw: dict) -> No
         if following is None:
             continue
         admitted += 1
-        state = step(state, {"w": grads["w"], "emb": adam.sparse_grad(*grads["emb"])})
+        state = step(state, {"w": grads["w"], "emb": pipeline.sparse_grad(*grads["emb"])})
         exact = overflow.bounds_of(state)
         assert all(math.isfinite(x) for x in exact), (k, scale, exact)
         assert all(e <= b for e, b in zip(exact, following)), (k, scale, exact, following)

@@ -118,7 +118,7 @@ class TrainingMode(_message.Message):
     def __init__(self, mode: _Optional[_Union[Mode, str]] = ..., num_workers: _Optional[int] = ..., backup_workers: _Optional[int] = ..., aggregation: _Optional[_Union[Aggregation, str]] = ..., sync_timeout_seconds: _Optional[float] = ..., max_staleness: _Optional[int] = ...) -> None: ...
 
 class OptimizerInfo(_message.Message):
-    __slots__ = ("name", "iterations", "version", "config_json", "tensors", "device", "non_finite_policy", "next_learning_rate", "training_mode", "pending_gradients", "saved_version", "pushes_per_second", "last_push_age_seconds", "clients")
+    __slots__ = ("name", "iterations", "version", "config_json", "tensors", "device", "non_finite_policy", "next_learning_rate", "training_mode", "pending_gradients", "saved_version", "pushes_per_second", "last_push_age_seconds", "clients", "optimizer", "slots")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ITERATIONS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -133,6 +133,8 @@ class OptimizerInfo(_message.Message):
     PUSHES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     LAST_PUSH_AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     CLIENTS_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     iterations: int
     version: int
@@ -147,7 +149,9 @@ class OptimizerInfo(_message.Message):
     pushes_per_second: float
     last_push_age_seconds: float
     clients: _containers.RepeatedCompositeFieldContainer[ClientTraffic]
-    def __init__(self, name: _Optional[str] = ..., iterations: _Optional[int] = ..., version: _Optional[int] = ..., config_json: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., device: _Optional[str] = ..., non_finite_policy: _Optional[_Union[NonFinitePolicy, str]] = ..., next_learning_rate: _Optional[float] = ..., training_mode: _Optional[_Union[TrainingMode, _Mapping]] = ..., pending_gradients: _Optional[int] = ..., saved_version: _Optional[int] = ..., pushes_per_second: _Optional[float] = ..., last_push_age_seconds: _Optional[float] = ..., clients: _Optional[_Iterable[_Union[ClientTraffic, _Mapping]]] = ...) -> None: ...
+    optimizer: str
+    slots: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., iterations: _Optional[int] = ..., version: _Optional[int] = ..., config_json: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., device: _Optional[str] = ..., non_finite_policy: _Optional[_Union[NonFinitePolicy, str]] = ..., next_learning_rate: _Optional[float] = ..., training_mode: _Optional[_Union[TrainingMode, _Mapping]] = ..., pending_gradients: _Optional[int] = ..., saved_version: _Optional[int] = ..., pushes_per_second: _Optional[float] = ..., last_push_age_seconds: _Optional[float] = ..., clients: _Optional[_Iterable[_Union[ClientTraffic, _Mapping]]] = ..., optimizer: _Optional[str] = ..., slots: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ClientTraffic(_message.Message):
     __slots__ = ("peer", "transport", "bytes_received", "bytes_sent", "last_seen_age_seconds")
@@ -164,18 +168,20 @@ class ClientTraffic(_message.Message):
     def __init__(self, peer: _Optional[str] = ..., transport: _Optional[str] = ..., bytes_received: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., last_seen_age_seconds: _Optional[float] = ...) -> None: ...
 
 class CreateOptimizerHeader(_message.Message):
-    __slots__ = ("name", "config_json", "tensors", "non_finite_policy", "training_mode")
+    __slots__ = ("name", "config_json", "tensors", "non_finite_policy", "training_mode", "optimizer")
     NAME_FIELD_NUMBER: _ClassVar[int]
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     NON_FINITE_POLICY_FIELD_NUMBER: _ClassVar[int]
     TRAINING_MODE_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     name: str
     config_json: str
     tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     non_finite_policy: NonFinitePolicy
     training_mode: TrainingMode
-    def __init__(self, name: _Optional[str] = ..., config_json: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., non_finite_policy: _Optional[_Union[NonFinitePolicy, str]] = ..., training_mode: _Optional[_Union[TrainingMode, _Mapping]] = ...) -> None: ...
+    optimizer: str
+    def __init__(self, name: _Optional[str] = ..., config_json: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., non_finite_policy: _Optional[_Union[NonFinitePolicy, str]] = ..., training_mode: _Optional[_Union[TrainingMode, _Mapping]] = ..., optimizer: _Optional[str] = ...) -> None: ...
 
 class CreateOptimizerRequest(_message.Message):
     __slots__ = ("header", "chunk")
@@ -258,20 +264,22 @@ class PushGradientsResponse(_message.Message):
     def __init__(self, version: _Optional[int] = ..., iterations: _Optional[int] = ..., duplicate: _Optional[bool] = ...) -> None: ...
 
 class PullWeightsRequest(_message.Message):
-    __slots__ = ("optimizer", "kind", "names", "min_version", "shared_memory_session", "bulk")
+    __slots__ = ("optimizer", "kind", "names", "min_version", "shared_memory_session", "bulk", "slot")
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     NAMES_FIELD_NUMBER: _ClassVar[int]
     MIN_VERSION_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_SESSION_FIELD_NUMBER: _ClassVar[int]
     BULK_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FIELD_NUMBER: _ClassVar[int]
     optimizer: str
     kind: StateKind
     names: _containers.RepeatedScalarFieldContainer[str]
     min_version: int
     shared_memory_session: str
     bulk: BulkTransfer
-    def __init__(self, optimizer: _Optional[str] = ..., kind: _Optional[_Union[StateKind, str]] = ..., names: _Optional[_Iterable[str]] = ..., min_version: _Optional[int] = ..., shared_memory_session: _Optional[str] = ..., bulk: _Optional[_Union[BulkTransfer, _Mapping]] = ...) -> None: ...
+    slot: str
+    def __init__(self, optimizer: _Optional[str] = ..., kind: _Optional[_Union[StateKind, str]] = ..., names: _Optional[_Iterable[str]] = ..., min_version: _Optional[int] = ..., shared_memory_session: _Optional[str] = ..., bulk: _Optional[_Union[BulkTransfer, _Mapping]] = ..., slot: _Optional[str] = ...) -> None: ...
 
 class PullHeader(_message.Message):
     __slots__ = ("version", "iterations", "tensors")

@@ -97,7 +97,7 @@ class OptimizerServiceServicer:
     """
 
     def CreateOptimizer(self, request_iterator, context):
-        """Creates an optimizer from a Keras Adam configuration and initial weights.
+        """Creates an optimizer from a Keras optimizer configuration and initial weights.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -125,7 +125,7 @@ class OptimizerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def PushGradients(self, request_iterator, context):
-        """Applies one Adam step with a gradient for every tensor, whole or not at
+        """Applies one step with a gradient for every tensor (or some), whole or not at
         all; pushes to one optimizer are applied one at a time.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -133,7 +133,7 @@ class OptimizerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def PullWeights(self, request, context):
-        """Streams a consistent snapshot of the weights, their EMA or Adam's slots.
+        """Streams a consistent snapshot of the weights, their EMA or a slot.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

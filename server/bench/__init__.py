@@ -10,7 +10,7 @@ machine. One function per section, each returning a plain dict:
   least read param, m, v and the gradient and write param, m and v: 28 bytes
   per parameter, so `28 * params / bandwidth` is the floor of a step.
 - `measure_step` (`compute`): the server's jitted, donating step
-  (`engine.adam.make_step`, default Keras config) and `optax.adam` (jitted,
+  (`engine.pipeline.make_step`, default Keras config) and `optax.adam` (jitted,
   donated) on the same tensors, one flat tensor and 100 mixed-size tensors,
   against that floor.
 - `measure_transfer` (`transfer`): push and pull through a server process

@@ -125,7 +125,7 @@ def _step_row(params: int, layout: str, sizes: Sequence[int], reps: int, bandwid
     import jax.numpy as jnp
     import optax
 
-    from optserve.server.engine import adam, parse_config
+    from optserve.server.engine import parse_config, pipeline
 
     rng = np.random.default_rng(1)
     names = [f"t{i:03d}" for i in range(len(sizes))]
@@ -134,7 +134,7 @@ def _step_row(params: int, layout: str, sizes: Sequence[int], reps: int, bandwid
                   for name, size in zip(names, sizes)}
     grads = {name: jax.device_put(value) for name, value in host_grads.items()}  # optax's
     config = parse_config({})
-    server_step = adam.make_step(config, names)
+    server_step = pipeline.make_step(config, names)
     tx = optax.adam(learning_rate=config.learning_rate, b1=config.beta_1, b2=config.beta_2, eps=config.epsilon)
 
     def optax_update(p, s, g):
@@ -142,8 +142,8 @@ def _step_row(params: int, layout: str, sizes: Sequence[int], reps: int, bandwid
         return optax.apply_updates(p, updates), s
 
     optax_step = jax.jit(optax_update, donate_argnums=(0, 1))
-    box = {"state": adam.init(init, config)}
-    flat_grads = adam.flat_grads(adam.layout_of(box["state"]), host_grads)  # laid out as a push arrives
+    box = {"state": pipeline.init(init, config)}
+    flat_grads = pipeline.flat_grads(pipeline.layout_of(box["state"]), host_grads)  # laid out as a push arrives
     del host_grads
     optax_params = {name: jnp.array(value) for name, value in init.items()}
     box["optax"] = (optax_params, tx.init(optax_params))

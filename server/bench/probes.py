@@ -15,7 +15,7 @@ import time
 import jax
 import numpy as np
 
-from optserve.server.engine import adam
+from optserve.server.engine import pipeline
 from optserve.server.engine.config import parse_config
 
 
@@ -23,9 +23,9 @@ def checked_step_ratio(size: int = 10_000_000, reps: int = 15) -> dict:
     """Median seconds of the in-place step and of the checked step, and their ratio."""
     config = parse_config({})
     params = {"w": np.ones(size, np.float32)}
-    plain, checked = adam.make_step(config, ["w"]), adam.make_checked_step(config, ["w"])
-    state = adam.init(params, config)
-    grads = adam.flat_grads(adam.layout_of(state), {"w": np.full(size, 0.5, np.float32)})
+    plain, checked = pipeline.make_step(config, ["w"]), pipeline.make_checked_step(config, ["w"])
+    state = pipeline.init(params, config)
+    grads = pipeline.flat_grads(pipeline.layout_of(state), {"w": np.full(size, 0.5, np.float32)})
     times = {"in_place": [], "checked": []}
     for _ in range(reps + 1):  # the first of each compiles
         started = time.perf_counter()
@@ -44,9 +44,9 @@ def first_step_cost(tensors: int) -> dict:
     """Seconds of the first (compiling) step over `tensors` one-element tensors, and the process's peak RSS."""
     config = parse_config({})
     names = [f"t{i}" for i in range(tensors)]
-    state = adam.init({name: np.ones(1, np.float32) for name in names}, config)
-    step = adam.make_step(config, names)
-    grads = adam.flat_grads(adam.layout_of(state), {name: np.ones(1, np.float32) for name in names})
+    state = pipeline.init({name: np.ones(1, np.float32) for name in names}, config)
+    step = pipeline.make_step(config, names)
+    grads = pipeline.flat_grads(pipeline.layout_of(state), {name: np.ones(1, np.float32) for name in names})
     started = time.perf_counter()
     jax.block_until_ready(step(state, grads))
     return {"tensors": tensors, "seconds": time.perf_counter() - started,

@@ -1,10 +1,12 @@
-"""The tf-keras Adam configuration: parsing, validation and serialization.
+"""The tf-keras optimizer configurations: one table per class, parsing, validation and serialization.
 
-`parse_config` accepts what `tf_keras.optimizers.Adam(...).get_config()`
-returns (or the constructor's keyword arguments, defaults filled in) and is
-stricter than Keras, which validates almost nothing (spec/keras-adam.md §5).
-Every refusal is an `InvalidArgument` whose message starts with the field
-path, e.g. ``config.beta_1: must be in [0, 1), got 1.5``.
+`parse_config` accepts what a tf-keras optimizer's `get_config()` returns
+(or the constructor's keyword arguments, defaults filled in), and
+`parse_optimizer` also Keras's serialized form (`class_name`, `config`,
+`module`, `registered_name`). Both are stricter than Keras, which validates
+almost nothing (spec/keras-adam.md §5). Every refusal is an
+`InvalidArgument` whose message starts with the field path, e.g.
+``config.beta_1: must be in [0, 1), got 1.5``.
 """
 
 import dataclasses
@@ -13,7 +15,7 @@ import numbers
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, ClassVar, NoReturn
 
 import numpy as np
 
@@ -26,20 +28,20 @@ from optserve.server.errors import InvalidArgument
 
 
 @dataclass(frozen=True)
-class AdamConfig:
-    """Every argument of tf-keras `Adam`, with the Keras defaults; build it with `parse_config`.
+class OptimizerConfig:
+    """The arguments every tf-keras optimizer shares, with the base class's defaults; build it with `parse_config`.
 
-    Hashable, so it can key caches and be a trace constant of the jitted step.
+    Each class of the family is a subclass that adds its own arguments and
+    overrides the defaults it changes (tf-keras's constructors differ: SGD's
+    lr is 0.01, RMSprop's `ema_overwrite_frequency` 100, ...). Hashable, so it
+    can key caches and be a trace constant of the jitted step.
     `exclude_from_weight_decay` holds regular expressions searched in tensor
     names (tf-keras `exclude_from_weight_decay(var_names=...)`).
     """
 
+    class_name: ClassVar[str] = ""  # the tf-keras class, e.g. "RMSprop"
+
     learning_rate: float | Schedule = 0.001
-    beta_1: float = 0.9
-    beta_2: float = 0.999
-    epsilon: float = 1e-7
-    amsgrad: bool = False
-    adaptive_epsilon: bool = False  # tf-keras 2.21: epsilon * sqrt(1 - beta_2**t), PyTorch's and optax's placement
     weight_decay: float | None = None
     exclude_from_weight_decay: tuple[str, ...] = ()
     clipnorm: float | None = None
@@ -49,18 +51,19 @@ class AdamConfig:
     ema_momentum: float = 0.99
     ema_overwrite_frequency: int | None = None
     jit_compile: bool = True
-    name: str = "Adam"
+    name: str = ""
 
     def to_keras_dict(self) -> dict[str, Any]:
-        """The config as tf-keras `get_config()` writes it, plus `exclude_from_weight_decay`.
+        """The config as tf-keras `get_config()` writes it, plus `exclude_from_weight_decay` (and Adam's
+        `adaptive_epsilon`, which tf-keras leaves out).
 
         JSON-serializable; a schedule becomes ``{"class_name", "config"}`` with
-        every argument present. `parse_config` of the result equals `self`.
+        every argument present. `parse_config(result, class_name)` equals `self`.
         """
         lr = self.learning_rate
         if not isinstance(lr, int | float):
             lr = {"class_name": type(lr).__name__, "config": _schedule_to_dict(lr)}
-        return {
+        shared = {
             "name": self.name,
             "weight_decay": self.weight_decay,
             "clipnorm": self.clipnorm,
@@ -72,13 +75,127 @@ class AdamConfig:
             "jit_compile": self.jit_compile,
             "is_legacy_optimizer": False,
             "learning_rate": lr,
-            "beta_1": self.beta_1,
-            "beta_2": self.beta_2,
-            "epsilon": self.epsilon,
-            "amsgrad": self.amsgrad,
-            "adaptive_epsilon": self.adaptive_epsilon,
-            "exclude_from_weight_decay": list(self.exclude_from_weight_decay),
         }
+        own = {field: getattr(self, field) for field in CLASS_ARGUMENTS[self.class_name]}
+        return {**shared, **own, "exclude_from_weight_decay": list(self.exclude_from_weight_decay)}
+
+
+@dataclass(frozen=True)
+class SGDConfig(OptimizerConfig):
+    class_name: ClassVar[str] = "SGD"
+    learning_rate: float | Schedule = 0.01
+    name: str = "SGD"
+    momentum: float = 0.0
+    nesterov: bool = False
+
+
+@dataclass(frozen=True)
+class RMSpropConfig(OptimizerConfig):
+    class_name: ClassVar[str] = "RMSprop"
+    ema_overwrite_frequency: int | None = 100
+    name: str = "RMSprop"
+    rho: float = 0.9
+    momentum: float = 0.0
+    epsilon: float = 1e-7
+    centered: bool = False
+
+
+@dataclass(frozen=True)
+class AdagradConfig(OptimizerConfig):
+    class_name: ClassVar[str] = "Adagrad"
+    name: str = "Adagrad"
+    initial_accumulator_value: float = 0.1
+    epsilon: float = 1e-7
+
+
+@dataclass(frozen=True)
+class AdadeltaConfig(OptimizerConfig):
+    class_name: ClassVar[str] = "Adadelta"
+    name: str = "Adadelta"
+    rho: float = 0.95
+    epsilon: float = 1e-7
+
+
+@dataclass(frozen=True)
+class _MomentsConfig(OptimizerConfig):
+    """The arguments of the classes with two moment decay rates and an epsilon (Adam, Adamax, Nadam)."""
+
+    beta_1: float = 0.9
+    beta_2: float = 0.999
+    epsilon: float = 1e-7
+
+
+@dataclass(frozen=True)
+class AdamConfig(_MomentsConfig):
+    class_name: ClassVar[str] = "Adam"
+    name: str = "Adam"
+    amsgrad: bool = False
+    adaptive_epsilon: bool = False  # tf-keras 2.21: epsilon * sqrt(1 - beta_2**t), PyTorch's and optax's placement
+
+
+@dataclass(frozen=True)
+class AdamWConfig(AdamConfig):
+    class_name: ClassVar[str] = "AdamW"
+    weight_decay: float | None = 0.004
+    name: str = "AdamW"
+
+
+@dataclass(frozen=True)
+class AdamaxConfig(_MomentsConfig):
+    class_name: ClassVar[str] = "Adamax"
+    name: str = "Adamax"
+
+
+@dataclass(frozen=True)
+class NadamConfig(_MomentsConfig):
+    class_name: ClassVar[str] = "Nadam"
+    name: str = "Nadam"
+
+
+@dataclass(frozen=True)
+class FtrlConfig(OptimizerConfig):
+    class_name: ClassVar[str] = "Ftrl"
+    name: str = "Ftrl"
+    learning_rate_power: float = -0.5
+    initial_accumulator_value: float = 0.1
+    l1_regularization_strength: float = 0.0
+    l2_regularization_strength: float = 0.0
+    l2_shrinkage_regularization_strength: float = 0.0
+    beta: float = 0.0
+
+
+@dataclass(frozen=True)
+class LionConfig(OptimizerConfig):
+    class_name: ClassVar[str] = "Lion"
+    learning_rate: float | Schedule = 0.0001
+    name: str = "Lion"
+    beta_1: float = 0.9
+    beta_2: float = 0.99
+
+
+@dataclass(frozen=True)
+class AdafactorConfig(OptimizerConfig):
+    class_name: ClassVar[str] = "Adafactor"
+    name: str = "Adafactor"
+    beta_2_decay: float = -0.8
+    epsilon_1: float = 1e-30
+    epsilon_2: float = 1e-3
+    clip_threshold: float = 1.0
+    relative_step: bool = True
+
+
+CONFIG_CLASSES: dict[str, type[OptimizerConfig]] = {
+    cls.class_name: cls for cls in (SGDConfig, RMSpropConfig, AdagradConfig, AdadeltaConfig, AdamConfig, AdamWConfig,
+                                    AdamaxConfig, NadamConfig, FtrlConfig, LionConfig, AdafactorConfig)
+}
+"""Every class of `tf_keras.optimizers`, by its Keras name."""
+
+_SHARED_FIELDS = frozenset(field.name for field in dataclasses.fields(OptimizerConfig))
+CLASS_ARGUMENTS: dict[str, tuple[str, ...]] = {
+    name: tuple(field.name for field in dataclasses.fields(cls) if field.name not in _SHARED_FIELDS)
+    for name, cls in CONFIG_CLASSES.items()
+}
+"""Each class's own constructor arguments, in tf-keras's order."""
 
 
 def _schedule_to_dict(schedule: Schedule) -> dict[str, Any]:
@@ -311,15 +428,41 @@ def _learning_rate(path: str, value: Any) -> float | Schedule:
     return float(_positive(path, value))
 
 
-# --- the Adam config ----------------------------------------------------------
+# --- the class tables ---------------------------------------------------------
 
-_ADAM_ARGUMENTS: dict[str, Callable[[str, Any], Any]] = {
+
+def _epsilon(path: str, value: Any) -> float:
+    return float(_non_negative(path, value))
+
+
+def _closed_fraction(path: str, value: Any) -> float:
+    """A momentum or decay rate that may be 1: in [0, 1]."""
+    number = float(_number(path, value))
+    if not 0 <= number <= 1:
+        _fail(path, f"must be in [0, 1], got {number}")
+    return number
+
+
+def _lion_beta_1(path: str, value: Any) -> float:
+    number = float(_number(path, value))
+    if not 0 < number <= 1:  # tf-keras raises too: at 0 Lion degenerates to SignSGD
+        _fail(path, f"must be in (0, 1], got {number}")
+    return number
+
+
+def _non_positive(path: str, value: Any) -> float:
+    number = float(_number(path, value))
+    if number > 0:
+        _fail(path, f"must be <= 0, got {number}")
+    return number
+
+
+def _real(path: str, value: Any) -> float:
+    return float(_non_negative(path, value))
+
+
+_SHARED_ARGUMENTS: dict[str, Callable[[str, Any], Any]] = {
     "learning_rate": _learning_rate,
-    "beta_1": _fraction,
-    "beta_2": _fraction,
-    "epsilon": lambda path, value: float(_non_negative(path, value)),
-    "amsgrad": _bool,
-    "adaptive_epsilon": _bool,
     "weight_decay": _weight_decay,
     "exclude_from_weight_decay": _exclusions,
     "clipnorm": _clip,
@@ -331,7 +474,47 @@ _ADAM_ARGUMENTS: dict[str, Callable[[str, Any], Any]] = {
     "jit_compile": _bool,
     "name": _string,
 }
-"""How each `AdamConfig` field is checked and normalised."""
+"""How each argument of the base class is checked and normalised."""
+
+_ADAM_ARGUMENTS: dict[str, Callable[[str, Any], Any]] = {
+    "beta_1": _fraction,
+    "beta_2": _fraction,
+    "epsilon": _epsilon,
+    "amsgrad": _bool,
+    "adaptive_epsilon": _bool,
+}
+
+_CLASS_CHECKS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
+    "SGD": {"momentum": _closed_fraction, "nesterov": _bool},  # tf-keras raises outside [0, 1] too
+    "RMSprop": {"rho": _fraction, "momentum": _fraction, "epsilon": _epsilon, "centered": _bool},
+    "Adagrad": {"initial_accumulator_value": _real, "epsilon": _epsilon},
+    "Adadelta": {"rho": _fraction, "epsilon": _epsilon},
+    "Adam": _ADAM_ARGUMENTS,
+    "AdamW": _ADAM_ARGUMENTS,
+    "Adamax": {"beta_1": _fraction, "beta_2": _fraction, "epsilon": _epsilon},
+    "Nadam": {"beta_1": _fraction, "beta_2": _fraction, "epsilon": _epsilon},
+    "Ftrl": {  # tf-keras raises for the first five too
+        "learning_rate_power": _non_positive,
+        "initial_accumulator_value": _real,
+        "l1_regularization_strength": _real,
+        "l2_regularization_strength": _real,
+        "l2_shrinkage_regularization_strength": _real,
+        "beta": _real,
+    },
+    "Lion": {"beta_1": _lion_beta_1, "beta_2": _closed_fraction},
+    "Adafactor": {
+        "beta_2_decay": _non_positive,
+        "epsilon_1": _epsilon,
+        "epsilon_2": _epsilon,
+        "clip_threshold": lambda path, value: float(_positive(path, value)),
+        "relative_step": _bool,
+    },
+}
+"""Each class's own arguments: how each is checked (the defaults are the `CONFIG_CLASSES` fields)."""
+
+assert all(set(_CLASS_CHECKS[name]) == set(CLASS_ARGUMENTS[name]) for name in CONFIG_CLASSES)
+
+_KERAS_3_KEYS = ("loss_scale_factor", "gradient_accumulation_steps")  # Keras 3's get_config() writes them, null
 
 _HINTS = {
     "decay": "not an argument of the Keras 2.11+ optimizers; use a learning-rate schedule "
@@ -339,16 +522,49 @@ _HINTS = {
     "lr": "not accepted (tf-keras ignores it silently); use learning_rate",
 }
 
+_SERIALIZED_KEYS = ("class_name", "config", "module", "registered_name")
 
-def parse_config(raw: Mapping[str, Any]) -> AdamConfig:
-    """Validate a tf-keras Adam config and fill in the Keras defaults.
+
+def optimizer_class(name: Any, path: str = "optimizer") -> type[OptimizerConfig]:
+    """The config class of a tf-keras optimizer class name ("RMSprop"; "keras.optimizers.RMSprop" too)."""
+    name = _string(path, name)
+    short = name.rsplit(">", 1)[-1].rsplit(".", 1)[-1]  # a registered name "keras>RMSprop" or a module path
+    if short not in CONFIG_CLASSES:
+        _fail(path, f"unknown optimizer {name!r}; known: {', '.join(CONFIG_CLASSES)}")
+    return CONFIG_CLASSES[short]
+
+
+def parse_optimizer(raw: Mapping[str, Any], optimizer: str | None = None) -> OptimizerConfig:
+    """A config from keyword arguments or `get_config()` (class `optimizer`, default Adam), or from Keras's
+    serialized form ``{"class_name", "config", "module", "registered_name"}`` as
+    `tf_keras.optimizers.serialize` or `keras.optimizers.serialize` writes it.
+
+    A serialized form names its class; `optimizer`, when given too, must agree.
+    """
+    raw = _mapping("config", raw)
+    if "class_name" in raw and "config" in raw:
+        _check_keys("config", raw, _SERIALIZED_KEYS)
+        for key in ("module", "registered_name"):
+            _optional(_string)(f"config.{key}", raw.get(key))
+        cls = optimizer_class(raw["class_name"], "config.class_name")
+        if optimizer and optimizer_class(optimizer) is not cls:
+            _fail("optimizer", f"is {optimizer!r}, but the serialized config is a {cls.class_name}")
+        return parse_config(_mapping("config.config", raw["config"]), cls.class_name, "config.config")
+    return parse_config(raw, optimizer_class(optimizer or "Adam").class_name)
+
+
+def parse_config(raw: Mapping[str, Any], class_name: str = "Adam", path: str = "config") -> OptimizerConfig:
+    """Validate a tf-keras optimizer config of class `class_name` and fill in that class's Keras defaults.
 
     Args:
-      raw: `Adam.get_config()` output or a subset of the constructor's keyword
+      raw: `get_config()` output or a subset of the constructor's keyword
         arguments. `learning_rate` is a positive number or a schedule
         serialized as ``{"class_name", "config"}`` (optionally with "module"
         and "registered_name", as newer Keras writes it).
-        `is_legacy_optimizer` may be present and must be false.
+        `is_legacy_optimizer` may be present and must be false; Keras 3's
+        `loss_scale_factor` and `gradient_accumulation_steps` must be null.
+      class_name: the tf-keras class, e.g. "RMSprop".
+      path: the field path that messages start with.
 
     Returns:
       The normalised config: `ema_overwrite_frequency` 0 becomes None.
@@ -357,18 +573,25 @@ def parse_config(raw: Mapping[str, Any]) -> AdamConfig:
       InvalidArgument: an unknown key, a wrong type (bools are not numbers),
         a value out of range, or a combination tf-keras would silently
         resolve: clipnorm with global_clipnorm, or clipvalue with either
-        (tf-keras ignores clipvalue then).
+        (tf-keras ignores clipvalue then); AdamW without weight_decay.
     """
-    raw = _mapping("config", raw)
+    cls = optimizer_class(class_name, "optimizer")
+    raw = _mapping(path, raw)
     for key in _HINTS.keys() & raw.keys():
-        _fail(f"config.{key}", _HINTS[key])
-    _check_keys("config", raw, [*_ADAM_ARGUMENTS, "is_legacy_optimizer"])
-    if _bool("config.is_legacy_optimizer", raw.get("is_legacy_optimizer", False)):
-        _fail("config.is_legacy_optimizer", "must be false; legacy (pre-2.11) optimizer configs are not supported")
-    values = {key: check(f"config.{key}", raw[key]) for key, check in _ADAM_ARGUMENTS.items() if key in raw}
-    config = AdamConfig(**values)
+        _fail(f"{path}.{key}", _HINTS[key])
+    checks = {**_SHARED_ARGUMENTS, **_CLASS_CHECKS[cls.class_name]}
+    _check_keys(path, raw, [*checks, "is_legacy_optimizer", *_KERAS_3_KEYS])
+    if _bool(f"{path}.is_legacy_optimizer", raw.get("is_legacy_optimizer", False)):
+        _fail(f"{path}.is_legacy_optimizer", "must be false; legacy (pre-2.11) optimizer configs are not supported")
+    for key in _KERAS_3_KEYS:
+        if raw.get(key) is not None:
+            _fail(f"{path}.{key}", "must be null: optserve does not scale losses or accumulate gradients")
+    values = {key: check(f"{path}.{key}", raw[key]) for key, check in checks.items() if key in raw}
+    config = cls(**values)
     if config.clipnorm is not None and config.global_clipnorm is not None:
-        _fail("config.clipnorm", "at most one of clipnorm and global_clipnorm can be set")
+        _fail(f"{path}.clipnorm", "at most one of clipnorm and global_clipnorm can be set")
     if config.clipvalue is not None and (config.clipnorm is not None or config.global_clipnorm is not None):
-        _fail("config.clipvalue", "cannot be combined with clipnorm or global_clipnorm (tf-keras would ignore it)")
+        _fail(f"{path}.clipvalue", "cannot be combined with clipnorm or global_clipnorm (tf-keras would ignore it)")
+    if cls is AdamWConfig and config.weight_decay is None:
+        _fail(f"{path}.weight_decay", "AdamW needs a weight_decay (tf-keras raises for None)")
     return config

@@ -1,19 +1,25 @@
-"""tf-keras Adam as pure functions over flat multi-tensor state.
+"""The shared tf-keras optimizer pipeline as pure functions over flat multi-tensor state.
 
-`init` builds an `AdamState`, `make_step` returns the (jitted) function that
-applies one set of gradients, `finalize` copies the moving averages into the
-parameters. Each slot of the state (params, m, v, vhat, ema) is ONE flat
-float32 buffer laid out by `optserve.wire.layout.FlatLayout` (every tensor at
-an aligned offset, padding zero), and one step is one fused pass over those
-buffers, whatever the number of tensors: per-tensor operations (clipnorm,
-weight-decay exclusions, the sparse update order) are per-segment values
-broadcast over blocks of `BLOCK` elements, which never straddle two tensors.
+tf-keras writes `apply_gradients` once for every class (learning rate, clip,
+sum duplicate sparse rows, weight decay, the class's `update_step`, EMA,
+overwrite, iterations) and each class only its `build` and `update_step`;
+so does this module, with each class a `core.Core` in `optimizers/`.
+`init` builds an `OptimizerState`, `make_step` returns the (jitted) function
+that applies one set of gradients, `finalize` copies the moving averages into
+the parameters. Each slot of the state is ONE flat float32 buffer laid out by
+`optserve.wire.layout.FlatLayout` (every tensor at an aligned offset, padding
+zero), and one step is one fused pass over those buffers, whatever the
+number of tensors: per-tensor operations (clipnorm, weight-decay exclusions,
+the sparse update order) are per-segment values broadcast over blocks of
+`BLOCK` elements, which never straddle two tensors.
 
-The numerics are those of tf-keras 2.11+ `Adam` as written down in
-spec/keras-adam.md, all in float32. Note the epsilon placement: Keras adds
-epsilon to the square root of the *uncorrected* second moment (the paper's
-"epsilon hat"), so the textbook / optax / PyTorch epsilon equals
-``epsilon / sqrt(1 - beta_2**t)`` here, not `epsilon`.
+The numerics are those of tf-keras 2.11+ (spec/keras-adam.md for the
+pipeline and Adam, spec/keras-optimizers.md for the family), all in float32.
+
+Two places are the only ones that put state or gradients on a device, so a
+placement (a sharding over local devices) is applied there: `_slot`, which
+every state buffer of `init` and `restore` goes through, and `_upload`, which
+every flat gradient goes through.
 """
 
 import functools
@@ -27,7 +33,9 @@ import numpy as np
 from jax import Array
 
 from optserve.server.engine import schedules
-from optserve.server.engine.config import AdamConfig
+from optserve.server.engine.config import OptimizerConfig
+from optserve.server.engine.core import Context, Core, SlotSpec
+from optserve.server.engine.optimizers import core_of
 from optserve.server.engine.schedules import f32_constant
 from optserve.server.errors import InvalidArgument
 from optserve.wire.layout import ALIGNMENT, FlatLayout
@@ -92,15 +100,19 @@ class Tensors(Mapping[str, Array]):
         return cls(leaves[0], layout)
 
 
-class AdamState(NamedTuple):
+class OptimizerState(NamedTuple):
     """Everything one optimizer holds; a pytree of device arrays, one flat float32 buffer per slot."""
 
     iterations: Array  # int32 (): completed steps k; saturates at 2**31 - 1 instead of wrapping
     params: Tensors  # the variables theta
-    m: Tensors  # first moments, zeros at init
-    v: Tensors  # second moments (not bias-corrected), zeros at init
-    vhat: Tensors | None  # running max of v; None unless amsgrad
+    slots: dict[str, Tensors]  # the class's slots by tf-keras name, in build order (Adam: m, v, vhat)
     ema: Tensors | None  # moving averages of theta; None unless use_ema; starts as a copy of theta
+    scalars: dict[str, Array] = {}  # optimizer-wide float32 () state by name (Nadam: u_product)
+
+    # Adam's slots as attributes, for readers of an Adam state
+    m = property(lambda self: self.slots.get("m"))
+    v = property(lambda self: self.slots.get("v"))
+    vhat = property(lambda self: self.slots.get("vhat"))
 
 
 class FlatGrads(NamedTuple):
@@ -116,10 +128,20 @@ class FlatGrads(NamedTuple):
     present: frozenset[str] | None = None  # the tensors that have a gradient; None: every tensor
 
 
-SLOTS = ("params", "m", "v", "vhat", "ema")  # the Tensors fields of AdamState
+RESERVED = ("params", "ema")  # names of `export`'s entries that are not slots
 
 
-def layout_of(state: AdamState) -> FlatLayout:
+class NormInputs(NamedTuple):
+    """Sums of squares of gradients that other shards hold, for clipping as if one optimizer held them all.
+
+    Zeros (or no `NormInputs`) mean this state holds every gradient: tf-keras's own clipping.
+    """
+
+    total: Array | float = 0.0  # float32 (): added to the global sum of squares before global_clipnorm
+    per_tensor: Array | None = None  # float32 (tensors,), layout order: added to each tensor's own before clipnorm
+
+
+def layout_of(state: OptimizerState) -> FlatLayout:
     """The layout every slot of `state` shares."""
     return state.params.layout
 
@@ -162,46 +184,82 @@ def _host_flat(layout: FlatLayout, tensors: Mapping[str, np.ndarray | Array]) ->
 
 
 def _slot(layout: FlatLayout, tensors: Mapping[str, np.ndarray | Array] | None) -> Tensors | None:
-    """A slot on jax's default device holding `tensors` (None for no tensors, an unused slot)."""
+    """A slot on jax's default device holding `tensors` (None for no tensors, an unused slot).
+
+    Every state buffer goes on the device here: the one place for a placement.
+    """
     if not tensors:
         return None
     return Tensors(jnp.array(_host_flat(layout, tensors), copy=True), layout)
 
 
-def init(params: Mapping[str, np.ndarray | Array], config: AdamConfig) -> AdamState:
+def _filled(spec: SlotSpec) -> Tensors:
+    """A slot as a class builds it: `spec.value` inside every tensor, padding 0."""
+    return _slot(spec.layout, {name: np.full(shape, spec.value, np.float32) for name, shape in spec.layout.shapes.items()}
+                 ) or Tensors(jnp.zeros(0, jnp.float32), spec.layout)
+
+
+def init(params: Mapping[str, np.ndarray | Array], config: OptimizerConfig) -> OptimizerState:
     """A fresh state for `params` (laid out in their order), copied as float32 onto jax's default device.
 
-    As in tf-keras (`add_variable_from_reference(var, "average", initial_value=var)`),
-    the moving averages start as a copy of the initial parameters; Keras 3
-    starts them at the first updated value instead (spec/keras-adam.md §2.3).
+    The class's slots start at their Keras initial values. As in tf-keras
+    (`add_variable_from_reference(var, "average", initial_value=var)`), the
+    moving averages start as a copy of the initial parameters; Keras 3 starts
+    them at the first updated value instead (spec/keras-adam.md §2.3).
     """
+    core = core_of(config)
     layout = FlatLayout({name: np.shape(value) for name, value in params.items()})
     theta = _slot(layout, params) or Tensors(jnp.zeros(0, jnp.float32), layout)
-    return AdamState(
+    return OptimizerState(
         iterations=jnp.zeros((), jnp.int32),
         params=theta,
-        m=Tensors(jnp.zeros(layout.size, jnp.float32), layout),
-        v=Tensors(jnp.zeros(layout.size, jnp.float32), layout),
-        vhat=Tensors(jnp.zeros(layout.size, jnp.float32), layout) if config.amsgrad else None,
+        slots={name: _filled(spec) for name, spec in core.slots(config, layout).items()},
         ema=Tensors(jnp.array(theta.flat, copy=True), layout) if config.use_ema else None,
+        scalars={name: jnp.float32(value) for name, value in core.scalars.items()},
     )
 
 
-def export(state: AdamState) -> dict[str, dict[str, np.ndarray]]:
-    """Host copies of every tensor of a state, by slot then tensor name (for checkpoints); {} for an unused slot."""
-    slots = {}
-    for slot in SLOTS:
-        tensors = getattr(state, slot)
-        slots[slot] = {} if tensors is None else \
-            {name: np.array(view) for name, view in tensors.layout.views(np.asarray(tensors.flat)).items()}
-    return slots
+def export(state: OptimizerState) -> dict[str, dict[str, np.ndarray]]:
+    """Host copies of every tensor of a state, by slot then tensor name (for checkpoints); {} for no EMA.
+
+    "params" and "ema" are the weights and their average; the other entries
+    are the class's slots by tf-keras name. `export_scalars` has the rest.
+    """
+    def host(tensors: Tensors | None) -> dict[str, np.ndarray]:
+        if tensors is None:
+            return {}
+        return {name: np.array(view) for name, view in tensors.layout.views(np.asarray(tensors.flat)).items()}
+
+    return {"params": host(state.params), "ema": host(state.ema),
+            **{name: host(tensors) for name, tensors in state.slots.items()}}
 
 
-def restore(iterations: int, slots: Mapping[str, Mapping[str, np.ndarray]]) -> AdamState:
-    """The state that `export` captured, back on jax's default device, flat in the order of `slots["params"]`."""
+def export_scalars(state: OptimizerState) -> dict[str, float]:
+    """The optimizer-wide scalars as Python floats (exact: every float32 is a double)."""
+    return {name: float(value) for name, value in state.scalars.items()}
+
+
+def restore(iterations: int, slots: Mapping[str, Mapping[str, np.ndarray]],
+            scalars: Mapping[str, float] | None = None) -> OptimizerState:
+    """The state that `export` (and `export_scalars`) captured, back on jax's default device.
+
+    The parameters are laid out in the order of `slots["params"]`; a slot
+    holding a tensor of every parameter's shape shares that layout, any
+    other slot (Adafactor's factors) is laid out in its own order.
+    """
     layout = FlatLayout({name: np.shape(value) for name, value in slots["params"].items()})
-    return AdamState(iterations=jnp.asarray(iterations, jnp.int32),
-                     **{slot: _slot(layout, slots.get(slot)) for slot in SLOTS})  # no entry: an unused slot
+
+    def slot_of(tensors: Mapping[str, np.ndarray]) -> Tensors | None:
+        own = FlatLayout({name: np.shape(value) for name, value in tensors.items()})
+        return _slot(layout if own == layout else own, tensors) or Tensors(jnp.zeros(0, jnp.float32), own)
+
+    return OptimizerState(
+        iterations=jnp.asarray(iterations, jnp.int32),
+        params=_slot(layout, slots["params"]) or Tensors(jnp.zeros(0, jnp.float32), layout),
+        slots={name: slot_of(tensors) for name, tensors in slots.items() if name not in RESERVED},
+        ema=_slot(layout, slots.get("ema")),  # no entry: no EMA
+        scalars={name: jnp.float32(value) for name, value in (scalars or {}).items()},
+    )
 
 
 def flat_grads(layout: FlatLayout, grads: Mapping[str, Grad | np.ndarray]) -> FlatGrads:
@@ -233,7 +291,12 @@ def flat_grads(layout: FlatLayout, grads: Mapping[str, Grad | np.ndarray]) -> Fl
             if not jnp.issubdtype(dense[name].dtype, jnp.floating):
                 raise InvalidArgument(f"gradients[{name!r}].dtype: must be a float type, got {dense[name].dtype}")
             np.copyto(view, dense[name], casting="unsafe")
-    return FlatGrads(jax.device_put(flat), sparse, present)
+    return FlatGrads(_upload(flat), sparse, present)
+
+
+def _upload(flat: np.ndarray) -> Array:
+    """A flat gradient buffer onto the device: every dense gradient goes there through here (a placement's place)."""
+    return jax.device_put(flat)
 
 
 def _flat_view(layout: FlatLayout, dense: Mapping[str, np.ndarray]) -> np.ndarray | None:
@@ -258,20 +321,12 @@ def _flat_view(layout: FlatLayout, dense: Mapping[str, np.ndarray]) -> np.ndarra
 # --- stages of one step, in the order `_apply` runs them ----------------------
 
 
-def _learning_rate(config: AdamConfig, k: Array) -> Array:
+def _learning_rate(config: OptimizerConfig, k: Array) -> Array:
     """The lr of step k: the schedule at k, or the constant as Keras stores it (float32)."""
     lr = config.learning_rate
     if isinstance(lr, int | float):
         return f32_constant(lr)
     return schedules.learning_rate(lr, k)
-
-
-def _step_size(config: AdamConfig, lr: Array, k: Array) -> Array:
-    """alpha = lr * sqrt(1 - beta_2**t) / (1 - beta_1**t), t = k + 1, betas via float32."""
-    t = k.astype(jnp.float32) + 1
-    beta_1_power = jnp.power(f32_constant(config.beta_1), t)
-    beta_2_power = jnp.power(f32_constant(config.beta_2), t)
-    return lr * jnp.sqrt(1 - beta_2_power) / (1 - beta_1_power)
 
 
 class _Blocks(NamedTuple):
@@ -304,7 +359,7 @@ def _block_tables(layout: FlatLayout) -> _Blocks:
                                       edges, segment[edges])))
 
 
-class _Segments:
+class Segments:
     """Per-tensor values over the (blocks, BLOCK) view of a flat buffer, while tracing.
 
     Per-tensor values become (blocks, 1) columns and every operation mixing
@@ -410,23 +465,31 @@ def _clip_norm(x: Array, c: Array, norm: Array) -> Array:
     return x * c / jnp.maximum(norm, c)
 
 
-def _clip(config: AdamConfig, segments: _Segments, g: Array, squares: Callable[[], Array],
-          sparse: dict[str, SparseGrad]) -> tuple[Array, dict[str, SparseGrad]]:
+def _clip(config: OptimizerConfig, segments: Segments, g: Array, squares: Callable[[], Array],
+          sparse: dict[str, SparseGrad], others: NormInputs | None = None) -> tuple[Array, dict[str, SparseGrad]]:
     """tf-keras `_clip_gradients`: clipnorm (per tensor), else global_clipnorm, else clipvalue.
 
     `g` is the dense part, zero outside the dense tensors; `squares()` its
     sum of squares per tensor, (tensors,), and `squares(total=True)` their sum. Sparse gradients are clipped on
     their raw value rows, before duplicates are summed, as TF does on
-    `IndexedSlices`.
+    `IndexedSlices`. `others` adds the sums of squares of other shards' gradients to the norms.
     """
     if config.clipnorm is not None:
         c = f32_constant(config.clipnorm)
-        g = (segments.rows(g) * c / segments.column(jnp.maximum(jnp.sqrt(squares()), c))).reshape(-1)
-        return g, {name: s._replace(values=_clip_norm(s.values, c, jnp.sqrt(jnp.sum(s.values * s.values))))
-                   for name, s in sparse.items()}
+        extra = None if others is None else others.per_tensor
+        own = squares() if extra is None else squares() + extra
+        g = (segments.rows(g) * c / segments.column(jnp.maximum(jnp.sqrt(own), c))).reshape(-1)
+        index = {name: i for i, name in enumerate(segments.names)}
+
+        def sparse_norm(name: str, s: SparseGrad) -> Array:
+            total = jnp.sum(s.values * s.values)
+            return jnp.sqrt(total if extra is None else total + extra[index[name]])
+
+        return g, {name: s._replace(values=_clip_norm(s.values, c, sparse_norm(name, s))) for name, s in sparse.items()}
     if config.global_clipnorm is not None:  # tf.clip_by_global_norm; NaN for a non-finite norm
         c = f32_constant(config.global_clipnorm)
-        norm = jnp.sqrt(sum((jnp.sum(jnp.square(s.values)) for s in sparse.values()), squares(total=True)))
+        total = sum((jnp.sum(jnp.square(s.values)) for s in sparse.values()), squares(total=True))
+        norm = jnp.sqrt(total if others is None else total + others.total)
         scale = c * jnp.minimum(1 / norm, 1 / c) + (norm - norm)
         return g * scale, {name: s._replace(values=s.values * scale) for name, s in sparse.items()}
     if config.clipvalue is not None:
@@ -435,21 +498,23 @@ def _clip(config: AdamConfig, segments: _Segments, g: Array, squares: Callable[[
     return g, sparse
 
 
-def _dense_squares(segments: _Segments, dense: Array | None, is_dense: Array | bool, total: bool = False) -> Array:
+def _dense_squares(segments: Segments, dense: Array | None, is_dense: Array | bool, total: bool = False) -> Array:
     """(tensors,): each dense gradient's sum of squares (0 for the others), read from the raw buffer; or their sum."""
     if dense is None or is_dense is False:
         return jnp.zeros(() if total else len(segments.names), jnp.float32)
     return segments.square_total(dense, is_dense) if total else segments.square_sums(dense, is_dense)
 
 
-def _scatter_sparse(layout: FlatLayout, g: Array, sparse: dict[str, SparseGrad]) -> Array:
+def _scatter_sparse(layout: FlatLayout, g: Array, sparse: dict[str, SparseGrad]) -> tuple[Array, Array | bool]:
     """Adds every sparse gradient's rows into its tensor's segment of the flat `g`; equal indices are summed.
 
     One scatter for all of them, rows in order (`_deduplicate_sparse_grad`'s
     sums); rows beyond a tensor's end are dropped, never spilled into the next.
+    Also returns where the rows landed, a bool (size,) (True everywhere without sparse
+    gradients): classes whose sparse branch gathers rows (RMSprop, Adagrad) update those only.
     """
     if not sparse:
-        return g
+        return g, True
     indices, values = [], []
     for name, s in sparse.items():
         shape = layout.shapes[name]
@@ -457,36 +522,9 @@ def _scatter_sparse(layout: FlatLayout, g: Array, sparse: dict[str, SparseGrad])
         start = jnp.where(s.indices < shape[0], layout.offsets[name] + s.indices * row, layout.size)
         indices.append((start[:, None] + jnp.arange(row, dtype=jnp.int32)).reshape(-1))
         values.append(s.values.reshape(-1))
-    return g.at[jnp.concatenate(indices)].add(jnp.concatenate(values), mode="drop")
-
-
-def _moment(segments: _Segments, moment: Array, target: Array, rate: float, sparse: Array | bool) -> Array:
-    """moment + (target - moment) * rate, in the float order of tf-keras's dense or sparse branch.
-
-    `rate` (1 - beta) is taken in double, then float32. The sparse branch
-    (where `sparse`) decays the whole moment, then scatter-adds the rows;
-    adding the zeros of the densified gradient elsewhere is exact.
-    """
-    rate = f32_constant(rate)
-    return segments.where(sparse, (moment + -moment * rate) + target * rate, moment + (target - moment) * rate)
-
-
-def _epsilon_hat(config: AdamConfig, k: Array) -> Array:
-    """The epsilon added to sqrt(v): the constant, or with `adaptive_epsilon` epsilon * sqrt(1 - beta_2**t).
-
-    The adaptive form is tf-keras 2.21's, and is where PyTorch and optax put
-    their epsilon (outside the root of the bias-corrected v).
-    """
-    epsilon = f32_constant(config.epsilon)
-    if not config.adaptive_epsilon:
-        return epsilon
-    t = k.astype(jnp.float32) + 1
-    return epsilon * jnp.sqrt(1 - jnp.power(f32_constant(config.beta_2), t))
-
-
-def _adam_update(param: Array, m: Array, denominator_v: Array, alpha: Array, epsilon_hat: Array) -> Array:
-    """theta - (m * alpha) / (sqrt(v) + epsilon_hat), epsilon outside the root."""
-    return param - (m * alpha) / (jnp.sqrt(denominator_v) + epsilon_hat)
+    flat_indices = jnp.concatenate(indices)
+    rows = jnp.zeros(layout.size, bool).at[flat_indices].set(True, mode="drop")
+    return g.at[flat_indices].add(jnp.concatenate(values), mode="drop"), rows
 
 
 def _moving_average(average: Array, param: Array, momentum: float) -> Array:
@@ -525,30 +563,31 @@ def _check_grads(known: frozenset[str], layout: FlatLayout, grads: FlatGrads) ->
             raise InvalidArgument(f"gradients.shape: the flat buffer must be ({layout.size},), got {dense.shape}")
 
 
-def _apply(config: AdamConfig, decayed: frozenset[str], state: AdamState, dense: Array | None,
-           sparse: dict[str, SparseGrad], blocks: _Blocks, present: frozenset[str] | None) -> AdamState:
+def _apply(config: OptimizerConfig, decayed: frozenset[str], state: OptimizerState, dense: Array | None,
+           sparse: dict[str, SparseGrad], blocks: _Blocks, present: frozenset[str] | None,
+           others: NormInputs | None = None) -> OptimizerState:
     """One tf-keras `apply_gradients` call (spec/keras-adam.md §2.1, with §1 and §3), over flat buffers.
 
     With k = state.iterations:
       1. lr = schedule(k), or the float32 constant;
       2. clip: clipnorm per tensor, else global_clipnorm, else clipvalue
-         (sparse: on the raw value rows);
+         (sparse: on the raw value rows); `others` adds other shards' sums of squares;
       3. sum duplicate sparse rows into their segment of the dense gradient;
       4. weight decay for the tensors in `decayed`: theta -= theta * wd * lr;
-      5. Adam with t = k + 1 (AMSGrad: divide by sqrt of the running max of v);
+      5. the class's `update_step` (its `Core.update`), with t = k + 1;
       6. EMA of the updated theta;
       7. every `ema_overwrite_frequency`-th step (k + 1 divisible): theta = EMA;
       8. iterations = k + 1, saturating.
-    Tensors not in `present` (None: all) keep their parameters, moments and
+    Tensors not in `present` (None: all) keep their parameters, slots and
     average, as tf-keras skips variables whose gradient is None; padding
     elements keep their zeros.
     """
+    core = core_of(config)
     layout = layout_of(state)
-    segments = _Segments(layout, blocks)
+    segments = Segments(layout, blocks)
     names = frozenset(layout.shapes) if present is None else present
     k = state.iterations
     lr = _learning_rate(config, k)
-    alpha = _step_size(config, lr, k)
     inside = segments.inside()
     updated = inside & segments.mask(names) if present is not None else inside  # elements this step writes
     is_dense = segments.mask(names - frozenset(sparse))
@@ -557,68 +596,86 @@ def _apply(config: AdamConfig, decayed: frozenset[str], state: AdamState, dense:
     else:
         g = segments.where_rows(inside & is_dense, dense.astype(jnp.float32), 0)
     sparse = {name: s._replace(values=s.values.astype(jnp.float32)) for name, s in sparse.items()}
-    g, sparse = _clip(config, segments, g, functools.partial(_dense_squares, segments, dense, is_dense), sparse)
+    g, sparse = _clip(config, segments, g, functools.partial(_dense_squares, segments, dense, is_dense), sparse,
+                      others)
+    touched: Array | bool = True
     if sparse:
-        g = _scatter_sparse(layout, segments.where(is_dense, g, 0), sparse)
-    is_sparse = segments.mask(frozenset(sparse))
+        g, rows = _scatter_sparse(layout, segments.where(is_dense, g, 0), sparse)
+        touched = segments.where(is_dense, jnp.ones(layout.size, bool), rows)
+    ctx = Context(segments, layout, lr, k, g, segments.mask(frozenset(sparse)), touched, names)
 
-    param, m, v, vhat, ema = (None if getattr(state, slot) is None else getattr(state, slot).flat for slot in SLOTS)
-    old = param, m, v, vhat, ema
+    param = state.params.flat
     if config.weight_decay is not None:
         param = segments.where(segments.mask(decayed), param - param * f32_constant(config.weight_decay) * lr, param)
-    m = _moment(segments, m, g, 1 - config.beta_1, is_sparse)
-    v = _moment(segments, v, jnp.square(g), 1 - config.beta_2, is_sparse)
-    if config.amsgrad:
-        vhat = jnp.maximum(vhat, v)
-    # padding: g is 0 there, so the moments stay 0, but theta could turn 0 * inf (decay, lr) or 0 / 0
-    # (epsilon 0) into NaN, and pass it on to the average: it is kept 0 by a select against 0 (one against
-    # the old values would cost XLA a copy of each slot, as it no longer updates them in place)
-    param = segments.where(inside, _adam_update(param, m, vhat if config.amsgrad else v, alpha,
-                                                        _epsilon_hat(config, k)), 0)
+    slots = {name: tensors.flat for name, tensors in state.slots.items()}
+    param, new_slots, scalars = core.update(ctx, config, param, slots, state.scalars)
+    # padding: g is 0 there, but theta could turn 0 * inf (decay, lr) or 0 / 0 (epsilon 0) into NaN, and pass
+    # it on to the average: it is kept 0 by a select against 0 (one against the old values would cost XLA a
+    # copy of each slot, as it no longer updates them in place); so are the slots whose update might not
+    param = segments.where(inside, param, 0)
+    shared = {name for name, tensors in state.slots.items() if tensors.layout == layout}  # in the params' layout
+    new_slots = {name: segments.where(inside, value, 0)
+                 if name in shared and name not in core.padding_stays_zero else value
+                 for name, value in new_slots.items()}
+    ema = None if state.ema is None else state.ema.flat
     if config.use_ema:
         ema = _moving_average(ema, param, config.ema_momentum)
     iterations = _saturating_increment(k)
     if config.use_ema and config.ema_overwrite_frequency:
         param = jnp.where(iterations % config.ema_overwrite_frequency == 0, ema, param)
-    if present is None:
-        new = [param, m, v, vhat, ema]
-    else:  # tensors missing from `grads` keep their values (at the price of those copies)
-        new = [None if x is None else segments.where(updated, x, before) for x, before in zip((param, m, v, vhat, ema), old)]
-    return AdamState(iterations, *(None if x is None else Tensors(x, layout) for x in new))
+    if present is not None:  # tensors missing from `grads` keep their values (at the price of those copies)
+        param = segments.where(updated, param, state.params.flat)
+        ema = None if ema is None else segments.where(updated, ema, state.ema.flat)
+        new_slots = {name: segments.where(updated, value, slots[name]) if name in shared else value
+                     for name, value in new_slots.items()}
+    return OptimizerState(iterations, Tensors(param, layout),
+                          {name: Tensors(value, state.slots[name].layout) for name, value in new_slots.items()},
+                          None if ema is None else Tensors(ema, layout), dict(scalars))
 
 
-def _finite_per_tensor(segments: _Segments, state: AdamState) -> Array:
-    """(tensors,) bool in layout order: every value of the tensor in every slot is finite."""
-    slots = [segments.rows(getattr(state, slot).flat) for slot in SLOTS if getattr(state, slot) is not None]
+def _finite_per_tensor(segments: Segments, state: OptimizerState) -> Array:
+    """(tensors,) bool in layout order: every value of the tensor in every slot is finite.
+
+    A slot in a layout of its own (Adafactor's factors) is judged as a whole:
+    a non-finite value there marks every tensor.
+    """
+    layout = layout_of(state)
+    buffers = [state.params, *([] if state.ema is None else [state.ema]), *state.slots.values()]
+    rows = [segments.rows(tensors.flat) for tensors in buffers if tensors.layout == layout]
+    own = [jnp.all(jnp.isfinite(tensors.flat)) for tensors in buffers if tensors.layout != layout]
+    own += [jnp.isfinite(value) for value in state.scalars.values()]
 
     def bad(lane: int) -> Array:
-        ok = functools.reduce(jnp.logical_and, [jnp.isfinite(rows[:, lane]) for rows in slots])
+        ok = functools.reduce(jnp.logical_and, [jnp.isfinite(slot[:, lane]) for slot in rows])
         return (~ok).astype(jnp.int32)
 
-    return segments.block_totals(segments.lane_sums(bad)) == 0
+    finite = segments.block_totals(segments.lane_sums(bad)) == 0
+    return functools.reduce(jnp.logical_and, own, finite)
 
 
 class _Step:
     """The public step: checks and packs the gradients, then runs the one jitted function for the layout."""
 
-    def __init__(self, config: AdamConfig, names: Sequence[str], decayed: Collection[str] | None, checked: bool):
+    def __init__(self, config: OptimizerConfig, names: Sequence[str], decayed: Collection[str] | None, checked: bool):
         self._known = frozenset(names)
         decayed = _decayed(config, names, decayed)
         self._checked = checked
 
-        def run(state: AdamState, dense: Array | None, sparse: dict[str, SparseGrad], blocks: _Blocks,
-                present: frozenset[str] | None) -> AdamState | tuple[AdamState, Array]:
-            new = _apply(config, decayed, state, dense, sparse, blocks, present)
+        def run(state: OptimizerState, dense: Array | None, sparse: dict[str, SparseGrad], blocks: _Blocks,
+                others: NormInputs | None, present: frozenset[str] | None,
+                ) -> OptimizerState | tuple[OptimizerState, Array]:
+            new = _apply(config, decayed, state, dense, sparse, blocks, present, others)
             if not checked:
                 return new
-            return new, _finite_per_tensor(_Segments(layout_of(state), blocks), new)
+            return new, _finite_per_tensor(Segments(layout_of(state), blocks), new)
 
         if config.jit_compile:
             run = jax.jit(run, static_argnames="present", donate_argnums=() if checked else 0)
         self._run = run
         self._tables: tuple[FlatLayout, _Blocks] | None = None
 
-    def __call__(self, state: AdamState, grads: Mapping[str, Grad] | FlatGrads):
+    def __call__(self, state: OptimizerState, grads: Mapping[str, Grad] | FlatGrads,
+                 norm_inputs: NormInputs | None = None):
         layout = layout_of(state)
         if not isinstance(grads, FlatGrads):
             for name in grads:
@@ -628,15 +685,17 @@ class _Step:
         _check_grads(self._known, layout, grads)
         if self._tables is None or self._tables[0] != layout:
             self._tables = layout, _block_tables(layout)
-        return self._run(state, grads.dense, dict(grads.sparse), self._tables[1], present=grads.present)
+        if norm_inputs is not None:
+            norm_inputs = _checked_norm_inputs(norm_inputs, len(layout.shapes))
+        return self._run(state, grads.dense, dict(grads.sparse), self._tables[1], norm_inputs, present=grads.present)
 
     def _cache_size(self) -> int:
         """Compiled variants so far (jitted only): one per layout, set of sparse tensors, dtype and bucket."""
         return self._run._cache_size()
 
 
-def make_step(config: AdamConfig, names: Sequence[str], decayed: Collection[str] | None = None,
-              ) -> Callable[[AdamState, Mapping[str, Grad] | FlatGrads], AdamState]:
+def make_step(config: OptimizerConfig, names: Sequence[str], decayed: Collection[str] | None = None,
+              ) -> Callable[[OptimizerState, Mapping[str, Grad] | FlatGrads], OptimizerState]:
     """The function applying one set of gradients: `step(state, grads) -> new state`.
 
     `config` is a constant of the trace; the lr, the bias corrections and the
@@ -662,18 +721,20 @@ def make_step(config: AdamConfig, names: Sequence[str], decayed: Collection[str]
         `optserve.server.patterns` computed with a time bound).
 
     Returns:
-      `step(state, grads)`, where `grads` is `FlatGrads` in the state's
-      layout, or maps some or all of `names` to a dense gradient (any float
-      dtype, cast to float32; copied into one flat buffer unless already
-      laid out) or a `SparseGrad`. It raises `InvalidArgument` for an
-      unknown name, a wrong shape or a non-float dtype, before touching the
-      state.
+      `step(state, grads, norm_inputs=None)`, where `grads` is `FlatGrads` in
+      the state's layout, or maps some or all of `names` to a dense gradient
+      (any float dtype, cast to float32; copied into one flat buffer unless
+      already laid out) or a `SparseGrad`; `norm_inputs` (a `NormInputs`)
+      adds the sums of squares of gradients that other shards hold to the
+      global norm and to each tensor's own before clipping. It raises
+      `InvalidArgument` for an unknown name, a wrong shape or a non-float
+      dtype, before touching the state.
     """
     return _Step(config, names, decayed, checked=False)
 
 
-def make_checked_step(config: AdamConfig, names: Sequence[str], decayed: Collection[str] | None = None,
-                      ) -> Callable[[AdamState, Mapping[str, Grad] | FlatGrads], tuple[AdamState, Array]]:
+def make_checked_step(config: OptimizerConfig, names: Sequence[str], decayed: Collection[str] | None = None,
+                      ) -> Callable[[OptimizerState, Mapping[str, Grad] | FlatGrads], tuple[OptimizerState, Array]]:
     """Like `make_step`, but keeps the input state and reports which tensors the step left finite.
 
     `step(state, grads) -> (new_state, finite)`: `finite[i]` is true when every
@@ -685,7 +746,17 @@ def make_checked_step(config: AdamConfig, names: Sequence[str], decayed: Collect
     return _Step(config, names, decayed, checked=True)
 
 
-def _decayed(config: AdamConfig, names: Sequence[str], decayed: Collection[str] | None) -> frozenset[str]:
+def _checked_norm_inputs(norm_inputs: NormInputs, tensors: int) -> NormInputs:
+    """`norm_inputs` as float32 device values; InvalidArgument for a per-tensor vector of the wrong length."""
+    per_tensor = norm_inputs.per_tensor
+    if per_tensor is not None:
+        per_tensor = jnp.asarray(per_tensor, jnp.float32)
+        if per_tensor.shape != (tensors,):
+            raise InvalidArgument(f"norm_inputs.per_tensor: must have shape ({tensors},), got {per_tensor.shape}")
+    return NormInputs(jnp.asarray(norm_inputs.total, jnp.float32), per_tensor)
+
+
+def _decayed(config: OptimizerConfig, names: Sequence[str], decayed: Collection[str] | None) -> frozenset[str]:
     """The tensors weight decay applies to: `decayed`, else those no exclusion pattern `re.search`es."""
     if config.weight_decay is None:
         return frozenset()
@@ -695,7 +766,7 @@ def _decayed(config: AdamConfig, names: Sequence[str], decayed: Collection[str] 
                      if not any(re.search(pattern, name) for pattern in config.exclude_from_weight_decay))
 
 
-def finalize(state: AdamState) -> AdamState:
+def finalize(state: OptimizerState) -> OptimizerState:
     """tf-keras `finalize_variable_values`: with EMA, the parameters become (a copy of) the averages."""
     if state.ema is None:
         return state
@@ -705,7 +776,7 @@ def finalize(state: AdamState) -> AdamState:
 _scheduled_rate = jax.jit(_learning_rate, static_argnums=0)
 
 
-def learning_rate_at(config: AdamConfig, iterations: int) -> float:
+def learning_rate_at(config: OptimizerConfig, iterations: int) -> float:
     """The learning rate that the step starting at `iterations` completed steps uses (for reporting)."""
     if iterations < 0:
         raise InvalidArgument(f"iterations: must be >= 0, got {iterations}")

@@ -1,0 +1,119 @@
+"""The pieces `server.optimizer.Optimizer` is made of, each on its own: a sync round, the push rate, the journal."""
+
+import threading
+
+import numpy as np
+import pytest
+
+from optserve.server import journal
+from optserve.server.engine import parse_config, pipeline
+from optserve.server.engine.config import CONFIG_CLASSES
+from optserve.server.errors import Aborted, InvalidArgument
+from optserve.server.modes import TrainingMode
+from optserve.server.push_rate import WINDOW, PushRate
+from optserve.server.rounds import SyncRound
+from optserve.wire.layout import FlatLayout
+
+LAYOUT = FlatLayout({"w": (2, 3), "b": (3,)})
+
+
+def _grads(value: float) -> dict:
+    return {"w": np.full((2, 3), value, np.float32), "b": np.full(3, value, np.float32)}
+
+
+def test_a_round_takes_one_gradient_per_worker_and_combines_them_in_worker_order() -> None:
+    round_ = SyncRound("mean", LAYOUT)
+    round_.add("b", 7, _grads(3.0), version=4)
+    round_.add("a", None, _grads(1.0), version=4)
+    with pytest.raises(Aborted, match="worker_id: 'a' has pushed for version 4 already"):
+        round_.add("a", 8, _grads(5.0), version=4)
+    assert len(round_) == 2 and round_.workers() == ["a", "b"] and round_.sequenced() == [("b", 7)]
+    combined, _ = round_.combine()
+    np.testing.assert_array_equal(combined["w"], np.full((2, 3), 2.0, np.float32))
+    round_.close()
+    assert len(round_) == 0 and round_.generation == 1
+
+
+def test_a_round_gives_back_the_memory_it_held_when_it_closes() -> None:
+    round_ = SyncRound("sum", LAYOUT)
+    released = []
+    round_.add("a", None, _grads(1.0), version=0, retain=lambda: (lambda: released.append("a")))
+    round_.add("b", None, _grads(1.0), version=0, retain=lambda: (lambda: released.append("b")))
+    assert released == []
+    round_.close()
+    assert sorted(released) == ["a", "b"]
+    round_.close()  # nothing held twice
+    assert sorted(released) == ["a", "b"]
+
+
+def test_a_dropped_round_is_remembered_for_its_own_generation_only() -> None:
+    round_ = SyncRound("mean", LAYOUT)
+    generation = round_.generation
+    round_.add("a", 1, _grads(1.0), version=2)
+    round_.drop(3, InvalidArgument("non-finite"))
+    round_.close()
+    assert round_.was_dropped(3, generation) and round_.was_dropped(3, None)
+    assert not round_.was_dropped(3, round_.generation)  # a retry's round for the same version
+    assert not round_.was_dropped(4, None)
+    assert isinstance(round_.dropped_error, InvalidArgument)
+
+
+def test_the_round_timer_fires_once_and_a_close_cancels_it() -> None:
+    round_ = SyncRound("mean", LAYOUT)
+    fired = threading.Event()
+    round_.start_timer(0.05, lambda version: fired.set(), version=0)
+    round_.start_timer(0.05, lambda version: pytest.fail("a second timer"), version=0)
+    assert fired.wait(10)
+    round_.timer_fired()
+    cancelled = threading.Event()
+    round_.start_timer(0.2, lambda version: cancelled.set(), version=1)
+    round_.close()
+    assert not cancelled.wait(0.5)
+
+
+def test_the_push_rate_counts_the_window_and_the_last_age() -> None:
+    now = [100.0]
+    rate = PushRate(capacity=4, clock=lambda: now[0])
+    assert rate.per_second() == 0 and rate.last_age() is None
+    for t in (90.5, 95.0, 99.0):
+        now[0] = t
+        rate.accepted()
+    now[0] = 100.0
+    assert rate.per_second() == 3 / WINDOW and rate.last_age() == 1.0
+    now[0] = 104.0  # 90.5 is 13.5 s old, out of the window; 95.0 and 99.0 are in it
+    assert rate.per_second() == 2 / WINDOW
+    for _ in range(10):
+        rate.accepted()
+    assert rate.per_second() == 4 / WINDOW  # at most `capacity` remembered
+
+
+@pytest.mark.parametrize("class_name", list(CONFIG_CLASSES))
+def test_a_checkpoint_holds_every_class_and_reads_back_as_it_was(class_name: str) -> None:
+    config = parse_config({"use_ema": True, **({"weight_decay": 0.01} if class_name != "AdamW" else {})}, class_name)
+    params = {"w": np.linspace(-1, 1, 6, dtype=np.float32).reshape(2, 3), "b": np.ones(3, np.float32)}
+    state = pipeline.init(params, config)
+    state = pipeline.make_step(config, list(params))(state, {k: np.full_like(v, 0.25) for k, v in params.items()})
+    contents = journal.Contents("opt", config, "refuse", TrainingMode(mode="sync", num_workers=2), state, 1, 3,
+                                {"a": [[0, 1, 1]]}, ["b"])
+    back = journal.contents_of(journal.checkpoint_of(contents))
+    assert (back.name, back.config, back.non_finite_policy, back.training_mode, back.iterations, back.version,
+            back.dedup, back.excluded_from_decay) == ("opt", config, "refuse", contents.training_mode, 1, 3,
+                                                       {"a": [[0, 1, 1]]}, ["b"])
+    want, got = pipeline.export(state), pipeline.export(back.state)
+    assert want.keys() == got.keys()
+    for slot in want:
+        for name in want[slot]:
+            np.testing.assert_array_equal(got[slot][name], want[slot][name], err_msg=f"{slot}/{name}")
+    assert pipeline.export_scalars(back.state) == pipeline.export_scalars(state)
+
+
+def test_a_checkpoint_from_before_the_family_is_an_adam_one() -> None:
+    config = parse_config({"amsgrad": True})
+    state = pipeline.init({"w": np.ones(3, np.float32)}, config)
+    checkpoint = journal.checkpoint_of(journal.Contents("old", config, "apply", TrainingMode(), state, 0, 0, {}, None))
+    for key in ("optimizer", "scalars", "excluded_from_weight_decay"):
+        del checkpoint.meta[key]
+    del checkpoint.meta["config"]["adaptive_epsilon"]
+    back = journal.contents_of(checkpoint)
+    assert back.config == config and list(back.state.slots) == ["m", "v", "vhat"]
+    assert back.excluded_from_decay is None
