@@ -58,5 +58,5 @@ def contents_of(checkpoint: Checkpoint) -> Contents:
     config = parse_config(meta["config"], meta.get("optimizer", "Adam"))  # data dirs before the family: Adam
     scalars = {**core_of(config).scalars, **meta.get("scalars", {})}
     return Contents(meta["name"], config, meta["non_finite_policy"], TrainingMode(**meta["training_mode"]),
-                    pipeline.restore(meta["iterations"], slots, scalars), meta["iterations"], meta["version"],
+                    pipeline.restore(meta["iterations"], slots, scalars, config), meta["iterations"], meta["version"],
                     meta["dedup"], meta.get("excluded_from_weight_decay"), tuple(meta.get("non_trainable", ())))

@@ -93,6 +93,7 @@ class Optimizer:
         self._checked = non_finite_policy == "refuse"
         self._checked_step = pipeline.make_checked_step(config, list(self.shapes), decayed) if self._checked else None
         self._bounds: overflow.Bounds | None = None  # of the state's magnitudes; None: to be measured
+        self._bounded = isinstance(config, AdamConfig)  # `overflow` bounds Adam's (and AdamW's) step only
         self._store = store
         self._lock = threading.Lock()
         self._save_lock = threading.Lock()  # one checkpoint at a time, outside the state lock
@@ -381,10 +382,11 @@ class Optimizer:
     def _apply(self, grads: Mapping[str, Gradient], workers: list[tuple[str, int]],
                magnitudes: list[overflow.Magnitude] | None = None,
                values: Mapping[str, np.ndarray] | None = None) -> PushResult:
-        """Logs, then applies, one Adam step, under the lock.
+        """Logs, then applies, one step, under the lock.
 
         Under "refuse", a step that `overflow` cannot prove finite from the
-        gradients' `magnitudes` is computed first, on a copy of the state, and
+        gradients' `magnitudes` (it bounds Adam's and AdamW's only: every other
+        class's step is) is computed first, on a copy of the state, and
         refused if it leaves any value non-finite; then logged, then kept. So a
         refused step, or a log write that fails, changes nothing. The
         non-trainable tensors then take their `values` (default: those `grads`
@@ -394,14 +396,14 @@ class Optimizer:
         values = self._values_in(grads) if values is None else values
         record = LogRecord("step", self._version + 1, workers, {**dict(grads), **values})
         bounds = None
-        if self._checked:
+        if self._checked and self._bounded:
             if self._bounds is None:
                 self._bounds = overflow.bounds_of(self._state)
             bounds = overflow.next_bounds(self.config, self._iterations, self._bounds, magnitudes or [])
         if self._checked and bounds is None:
             state = self._checked_state(grads)
             self._log(record)
-            bounds = overflow.bounds_of(state)
+            bounds = overflow.bounds_of(state) if self._bounded else None
         else:
             self._log(record)
             state = self._step(self._state, self._device_grads(grads))

@@ -12,6 +12,7 @@ from optserve.server.errors import Aborted, InvalidArgument
 from optserve.server.modes import TrainingMode
 from optserve.server.push_rate import WINDOW, PushRate
 from optserve.server.rounds import SyncRound
+from optserve.server.storage import Checkpoint
 from optserve.wire.layout import FlatLayout
 
 LAYOUT = FlatLayout({"w": (2, 3), "b": (3,)})
@@ -117,3 +118,19 @@ def test_a_checkpoint_from_before_the_family_is_an_adam_one() -> None:
     back = journal.contents_of(checkpoint)
     assert back.config == config and list(back.state.slots) == ["m", "v", "vhat"]
     assert back.excluded_from_decay is None
+
+
+def test_an_adafactor_of_rank_1_tensors_only_restores_its_empty_factors() -> None:
+    """Its r and c hold no tensor, so a checkpoint has no entry for them; the restored state still has both."""
+    config = parse_config({}, "Adafactor")
+    state = pipeline.init({"b": np.ones(3, np.float32)}, config)
+    checkpoint = journal.checkpoint_of(journal.Contents("f", config, "refuse", TrainingMode(), state, 0, 0, {}, []))
+    stored = {slot: tensors for slot, tensors in checkpoint.slots.items() if tensors}  # what storage writes back
+    back = journal.contents_of(Checkpoint(checkpoint.meta, stored))
+    assert list(back.state.slots) == ["r", "c", "v"]
+    step = pipeline.make_step(config, ["b"])
+    np.testing.assert_array_equal(np.asarray(step(back.state, {"b": np.ones(3, np.float32)}).params["b"]),
+                                  np.asarray(step(state, {"b": np.ones(3, np.float32)}).params["b"]))
+    del stored["v"]
+    with pytest.raises(InvalidArgument, match="slots.v: missing; class Adafactor keeps it"):
+        journal.contents_of(Checkpoint(checkpoint.meta, stored))

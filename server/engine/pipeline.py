@@ -240,12 +240,15 @@ def export_scalars(state: OptimizerState) -> dict[str, float]:
 
 
 def restore(iterations: int, slots: Mapping[str, Mapping[str, np.ndarray]],
-            scalars: Mapping[str, float] | None = None) -> OptimizerState:
+            scalars: Mapping[str, float] | None = None, config: OptimizerConfig | None = None) -> OptimizerState:
     """The state that `export` (and `export_scalars`) captured, back on jax's default device.
 
     The parameters are laid out in the order of `slots["params"]`; a slot
     holding a tensor of every parameter's shape shares that layout, any
-    other slot (Adafactor's factors) is laid out in its own order.
+    other slot (Adafactor's factors) is laid out in its own order. With
+    `config`, the slots are the ones its class builds, in build order: one
+    over no tensor at all (Adafactor's factors of rank-1 tensors only) needs
+    no entry; any other missing is an InvalidArgument.
     """
     layout = FlatLayout({name: np.shape(value) for name, value in slots["params"].items()})
 
@@ -253,10 +256,17 @@ def restore(iterations: int, slots: Mapping[str, Mapping[str, np.ndarray]],
         own = FlatLayout({name: np.shape(value) for name, value in tensors.items()})
         return _slot(layout if own == layout else own, tensors) or Tensors(jnp.zeros(0, jnp.float32), own)
 
+    restored = {name: slot_of(tensors) for name, tensors in slots.items() if name not in RESERVED}
+    if config is not None:
+        specs = core_of(config).slots(config, layout)
+        for name, spec in specs.items():
+            if name not in restored and spec.layout.shapes:
+                raise InvalidArgument(f"slots.{name}: missing; class {config.class_name} keeps it")
+        restored = {name: restored.get(name) or _filled(spec) for name, spec in specs.items()}
     return OptimizerState(
         iterations=jnp.asarray(iterations, jnp.int32),
         params=_slot(layout, slots["params"]) or Tensors(jnp.zeros(0, jnp.float32), layout),
-        slots={name: slot_of(tensors) for name, tensors in slots.items() if name not in RESERVED},
+        slots=restored,
         ema=_slot(layout, slots.get("ema")),  # no entry: no EMA
         scalars={name: jnp.float32(value) for name, value in (scalars or {}).items()},
     )
