@@ -120,3 +120,22 @@ def test_state_survives_sigkill_through_the_log(tmp_path, name: str) -> None:
             for key in want:
                 np.testing.assert_array_equal(got[key], want[key])
             assert opt.push(GRADS, worker_id="w", seq=0).duplicate  # exactly once across the replay
+
+
+@pytest.mark.parametrize("optimizer,config", [("SGD", {"learning_rate": 0.1, "momentum": 0.9}),
+                                              ("RMSprop", {"learning_rate": 0.01})])
+def test_state_beside_another_class_is_kept_out_of_its_slots(client: Client, name: str, optimizer, config) -> None:
+    opt = client.create_optimizer(name, PARAMS, config, optimizer=optimizer, state=STATE)
+    reference = client.create_optimizer(name + "-ref", PARAMS, config, optimizer=optimizer)
+    try:
+        opt.push(GRADS, state={"bn": {"mean": np.full(3, 2, np.float32)}})
+        reference.push(GRADS)
+        pulled = opt.pull()
+        np.testing.assert_array_equal(pulled["bn/mean"], [2, 2, 2])
+        np.testing.assert_array_equal(pulled["bn/var"], STATE["bn"]["var"])
+        np.testing.assert_array_equal(pulled["dense/w"], reference.pull()["dense/w"])
+        for slot in opt.info().slots:
+            assert not opt.pull_slot(slot, names=["bn/mean"])["bn/mean"].any(), slot
+    finally:
+        client.delete_optimizer(name)
+        client.delete_optimizer(name + "-ref")
