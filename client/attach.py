@@ -7,13 +7,12 @@ the attaching worker would have created: the same tensor names and shapes, the
 same mode settings, and the same value for every config key the worker gave.
 """
 
-import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import grpc
 
-from optserve.client.errors import InvalidArgumentError, OptserveError
+from optserve.client.errors import OptserveError
 
 
 def create_or_attach(create: Callable[[], None], existing: Callable[[], Any], shapes: Mapping[str, tuple[int, ...]],
@@ -74,14 +73,3 @@ def _same(theirs: Any, ours: Any) -> bool:
         return ours.keys() == theirs.keys() and all(_same(theirs[k], ours[k]) for k in ours)
     return theirs == ours
 
-
-def optimizer_option(client: Any, optimizer: str) -> dict[str, str]:
-    """The `optimizer=` argument of `client.create_optimizer` for a framework adapter: none needed for Adam.
-
-    A client without that argument serves Adam only; another class is refused naming the argument.
-    """
-    if "optimizer" in inspect.signature(client.create_optimizer).parameters:
-        return {"optimizer": optimizer}
-    if optimizer != "Adam":
-        raise InvalidArgumentError(f"optimizer: this client creates Adam optimizers only, got {optimizer!r}")
-    return {}

@@ -22,7 +22,6 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from optserve.client import Client, OptserveError  # noqa: E402
-from optserve.client.attach import optimizer_option  # noqa: E402
 
 __all__ = ["RemoteOptimizer"]
 
@@ -55,7 +54,7 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
         self.client = Client(client) if isinstance(client, str) else client
         self.remote_name = name
         self.remote_config = dict(config or {})
-        self.create_options = {**create_or_mode_options, **optimizer_option(self.client, optimizer)}
+        self.create_options = {**create_or_mode_options, "optimizer": optimizer}
         self.worker_id = worker_id or f"keras-{uuid.uuid4().hex}"
         self.remote = None
         self._names: list[str] = []

@@ -19,7 +19,6 @@ import grpc
 import torch
 
 from optserve.client import Client, InvalidArgumentError, OptserveError, Weights
-from optserve.client.attach import optimizer_option
 
 __all__ = ["RemoteOptimizer"]
 
@@ -70,7 +69,7 @@ class RemoteOptimizer(torch.optim.Optimizer):
         self._params = {self._names[id(p)]: p for group in self.param_groups for p in group["params"]}
         self.remote = self.client.create_optimizer(name, self._params, config, if_exists="attach",
                                                    state=self._buffers or None,
-                                                   **create_or_mode_options, **optimizer_option(self.client, optimizer))
+                                                   optimizer=optimizer, **create_or_mode_options)
         self._seq = 0  # the next push's seq
         self._version = -1  # of the weights in the parameters
         self._weights: Weights | None = None  # the last pull, refilled by the next one
