@@ -10,12 +10,13 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[server,test,demo,bench]"
+	$(PY) -m pip install --quiet -e ".[server,test,demo,bench,torch,jax,keras]"  # torch: the local CPU wheel
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/optserve demo
 
+# The framework extras (torch, jax, keras) let the tests run the adapters and examples/.
 test: $(STAMP)
 	$(PY) -m pytest
 

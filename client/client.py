@@ -1,8 +1,9 @@
 """The Python client: NumPy arrays in, NumPy arrays out, over gRPC.
 
-Needs only grpcio, protobuf and NumPy; anything `np.asarray` accepts (NumPy,
-JAX, PyTorch CPU tensors) can be sent. Every failure raises `OptserveError`,
-which carries the gRPC status code and the server's message.
+Needs only grpcio, protobuf and NumPy; NumPy arrays, torch tensors, JAX arrays and
+TensorFlow tensors can be sent (see `optserve.client.arrays`), in pytrees whose
+paths name the tensors (see `optserve.client.trees`). Every failure raises
+`OptserveError`, which carries the gRPC status code and the server's message.
 """
 
 import json
@@ -10,13 +11,14 @@ import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from optserve.client import bulk
+from optserve.client import attach, bulk, trees
+from optserve.client.arrays import IndexedSlices, sparse_rows, to_numpy
 from optserve.client.errors import InvalidArgumentError, OptserveError, protocol_error
 from optserve.client.security import TLS, as_tls, make_channel
 from optserve.client.shared_memory import LocalTransport
@@ -50,16 +52,6 @@ _CHANNEL_OPTIONS = [  # times in ms
 ]
 _READ_RETRY = frozenset({grpc.StatusCode.UNAVAILABLE})  # reads are safe to repeat
 _PUSH_RETRY = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})  # with (worker_id, seq)
-
-
-class IndexedSlices(NamedTuple):
-    """A sparse gradient, as Keras's IndexedSlices: rows of a tensor's first axis.
-
-    `values[i]` is the gradient of row `indices[i]`; duplicate indices are summed.
-    """
-
-    indices: Any  # int array-like, shape (n,)
-    values: Any  # float array-like, shape (n, *tensor_shape[1:])
 
 
 class PushResult(int):
@@ -106,6 +98,7 @@ class OptimizerInfo:
     # pieces [(name, tensor, shard, row_start, row_stop, tensor_shape)]; None for a one-server optimizer
     shard: dict[str, Any] | None = None
     shards: tuple["OptimizerInfo", ...] = ()  # a sharded client's info: each shard's own, in shard order
+    non_trainable: tuple[str, ...] = ()  # tensors of non-trainable state (create_optimizer's `state`)
 
     @classmethod
     def from_wire(cls, info: pb.OptimizerInfo) -> "OptimizerInfo":
@@ -138,6 +131,7 @@ class OptimizerInfo:
             optimizer=info.optimizer or "Adam",  # a server from before the family serves Adam only
             slots=tuple(info.slots),
             shard=_shard_from_wire(info.shard) if info.HasField("shard") else None,
+            non_trainable=tuple(t.name for t in info.tensors if t.non_trainable),
         )
 
 
@@ -202,14 +196,16 @@ class Client:
             raise
 
     def create_optimizer(
-        self, name: str, params: Mapping[str, Any], config: Mapping[str, Any] | None = None, *,
+        self, name: str, params: Any, config: Mapping[str, Any] | None = None, *,
         mode: str = "async", num_workers: int = 1, backup_workers: int = 0, aggregation: str = "mean",
         sync_timeout: float = 60.0, max_staleness: int | None = None, non_finite_policy: str = "refuse",
-        optimizer: str | None = None, shard: pb.ShardDescription | None = None,
+        optimizer: str | None = None, if_exists: str = "refuse", state: Any = None,
+        shard: pb.ShardDescription | None = None,
     ) -> "Optimizer":
         """Creates an optimizer from initial weights and a tf-keras optimizer's arguments.
 
-        `params` maps tensor names to arrays (cast to float32). `optimizer` is
+        `params` is a pytree of arrays (cast to float32), a flat dict of names
+        or a nested one whose paths name the tensors (`optserve.client.trees`). `optimizer` is
         the tf-keras class ("SGD", "RMSprop", "Adagrad", "Adadelta", "Adam",
         "AdamW", "Adamax", "Nadam", "Ftrl", "Lion", "Adafactor"; default
         "Adam"); `config` takes its keyword arguments, its `get_config()`
@@ -224,16 +220,36 @@ class Client:
         `non_finite_policy` is "refuse" (NaN/Inf gradients are refused) or
         "apply" (as Keras: they reach the weights). `shard` makes it one shard
         of a logical optimizer (`params` its pieces); a ShardedClient sets it.
+        "apply" (as Keras: they reach the weights).
+
+        `if_exists` "refuse" answers ALREADY_EXISTS for a taken name; "attach"
+        makes this create-if-missing (`optserve.client.attach`): the first worker
+        creates, the others get a handle, and ALREADY_EXISTS names the first
+        tensor shape, config key or mode setting in which the existing optimizer
+        differs.
+
+        `state`, a pytree like `params`, holds non-trainable state (BatchNorm
+        moving statistics): kept and served with the weights (every pull has
+        them), never stepped; `push(..., state=...)` replaces their values
+        (sync: with the mean of the round's). Its paths may not be those of `params`.
         """
         for value, allowed, what in [(non_finite_policy, _NON_FINITE, "non_finite_policy"), (mode, _MODES, "mode"),
-                                     (aggregation, _AGGREGATIONS, "aggregation")]:
+                                     (aggregation, _AGGREGATIONS, "aggregation"),
+                                     (if_exists, {"refuse": 0, "attach": 1}, "if_exists")]:
             if value not in allowed:
                 raise InvalidArgumentError(f"{what}: must be one of {sorted(allowed)}, got {value!r}")
-        arrays = {key: _as_float32(value, f"params[{key!r}]") for key, value in params.items()}
+        arrays = {key: _as_float32(value, f"params[{key!r}]") for key, value in trees.flatten(params, "params").items()}
+        extra = {} if state is None else {key: _as_float32(value, f"state[{key!r}]")
+                                          for key, value in trees.flatten(state, "state").items()}
+        taken = [key for key in extra if key in arrays]
+        if taken:
+            raise InvalidArgumentError(f"state[{taken[0]!r}]: a tensor of params has that path already")
+        arrays.update(extra)
         header = pb.CreateOptimizerHeader(
             name=name,
             config_json=json.dumps(dict(config or {})),
-            tensors=[pb.TensorSpec(name=k, dtype=pb.DATA_TYPE_FLOAT32, shape=a.shape) for k, a in arrays.items()],
+            tensors=[pb.TensorSpec(name=k, dtype=pb.DATA_TYPE_FLOAT32, shape=a.shape, non_trainable=k in extra)
+                     for k, a in arrays.items()],
             non_finite_policy=_NON_FINITE[non_finite_policy],
             optimizer=optimizer or "",
             training_mode=pb.TrainingMode(
@@ -242,7 +258,20 @@ class Client:
                 max_staleness=max_staleness),
             shard=shard,
         )
-        self._call(self._create, lambda: encode_stream(header, arrays.values(), self.chunk_bytes))
+
+        def create() -> None:
+            self._call(self._create, lambda: encode_stream(header, arrays.values(), self.chunk_bytes))
+
+        if if_exists == "refuse":
+            create()
+        else:
+            settings = {"mode": mode, "num_workers": num_workers, "backup_workers": backup_workers,
+                        "aggregation": aggregation, "sync_timeout": sync_timeout, "max_staleness": max_staleness,
+                        "non_finite_policy": non_finite_policy, "non_trainable": tuple(extra)}
+            if optimizer:
+                settings["optimizer"] = optimizer
+            attach.create_or_attach(create, Optimizer(self, name).info, {k: a.shape for k, a in arrays.items()},
+                                    dict(config or {}), settings)
         return Optimizer(self, name)
 
     def optimizer(self, name: str) -> "Optimizer":
@@ -352,14 +381,16 @@ class Optimizer:
         self.client = client
         self.name = name
 
-    def push(self, grads: Mapping[str, Any], *, worker_id: str = "", seq: int | None = None,
+    def push(self, grads: Any, *, worker_id: str = "", seq: int | None = None,
              base_version: int | None = None, wire_dtype: str | None = None, missing: str = "refuse",
-             norm_inputs: pb.NormInputs | None = None) -> PushResult:
+             state: Any = None, norm_inputs: pb.NormInputs | None = None) -> PushResult:
         """Sends one gradient for every tensor (or some, with `missing="skip"`); returns the version that includes it.
 
-        `grads` holds, per tensor, an array of the tensor's shape or a sparse
-        gradient: an `IndexedSlices` of this module or TensorFlow's `tf.IndexedSlices`
-        (recognised by type; anything else, a torch tensor included, is dense). Float arrays go
+        `grads` is a pytree like the parameters' (`optserve.client.trees`) holding,
+        per tensor, an array of the tensor's shape (NumPy, torch, JAX, TensorFlow) or a
+        sparse gradient: an `IndexedSlices` of this module, TensorFlow's
+        `tf.IndexedSlices` or a torch sparse COO tensor (recognised by type; anything
+        else, a dense torch tensor included, is dense). Float arrays go
         as float32, or as float16/bfloat16 if they are already; `wire_dtype`
         "float16" or "bfloat16" rounds every gradient to that type first
         (round to nearest even), halving the bytes (the server upcasts; its
@@ -375,20 +406,33 @@ class Optimizer:
         it still counts as one step; "refuse" (the default) makes the server
         refuse such a push. `norm_inputs` (on a shard) carries the other
         shards' sums of squares for the clip; a ShardedClient sets it.
+        it still counts as one step; a None leaf in `grads` is such a tensor.
+        "refuse" (the default) makes the server refuse such a push.
+
+        `state` holds new values of non-trainable tensors (`create_optimizer`'s
+        `state`), sent as float32 whatever `wire_dtype` says; they replace the
+        old ones after the step (sync: the mean of the values the round's pushes
+        carry). Tensors of state that a push leaves out stay as they are.
         """
         if missing not in _MISSING:
             raise InvalidArgumentError(f"missing: must be one of {sorted(_MISSING)}, got {missing!r}")
         if wire_dtype not in (None, "float32", "float16", "bfloat16"):
             raise InvalidArgumentError(f"wire_dtype: must be float32, float16 or bfloat16, got {wire_dtype!r}")
         specs, arrays = [], []
-        for name, grad in grads.items():
-            sparse = _is_sparse(grad)
-            data_type, values = _wire_values(grad.values if sparse else grad, wire_dtype, f"gradients[{name!r}]")
-            if not sparse:
+        for name, grad in trees.flatten(grads, "gradients").items():
+            if grad is None:  # a tensor without a gradient (an unused layer), as frameworks give it
+                if missing == "skip":
+                    continue
+                raise InvalidArgumentError(f"gradients[{name!r}]: is None (no gradient); push with missing='skip' "
+                                           "to leave such tensors as they are")
+            sparse = sparse_rows(grad)
+            data_type, values = _wire_values(grad if sparse is None else sparse.values, wire_dtype,
+                                             f"gradients[{name!r}]")
+            if sparse is None:
                 specs.append(pb.GradientSpec(name=name, dtype=data_type, shape=values.shape))
                 arrays.append(values)
                 continue
-            indices = np.asarray(grad.indices)
+            indices = np.asarray(sparse.indices)
             if indices.ndim != 1 or values.ndim < 1 or len(indices) != len(values):
                 rows = values.shape[0] if values.ndim else 0
                 raise InvalidArgumentError(f"gradients[{name!r}]: {indices.size} indices for {rows} rows;"
@@ -396,14 +440,20 @@ class Optimizer:
             specs.append(pb.GradientSpec(name=name, dtype=data_type, shape=values.shape, sparse=True,
                                          index_dtype=_data_type(indices.dtype, f"gradients[{name!r}].indices")))
             arrays += [indices, values]
+        for name, value in ({} if state is None else trees.flatten(state, "state")).items():
+            if any(spec.name == name for spec in specs):
+                raise InvalidArgumentError(f"state[{name!r}]: also in gradients; a tensor takes a gradient or a value")
+            values = _as_float32(value, f"state[{name!r}]")
+            specs.append(pb.GradientSpec(name=name, dtype=pb.DATA_TYPE_FLOAT32, shape=values.shape))
+            arrays.append(values)
         header = pb.PushHeader(optimizer=self.name, gradients=specs, worker_id=worker_id, seq=seq,
                                base_version=base_version, missing=_MISSING[missing], norm_inputs=norm_inputs)
         retry = _PUSH_RETRY if worker_id and seq is not None else frozenset()
         return PushResult.from_wire(self.client._send_push(header, arrays, retry))
 
     def pull(self, ema: bool = False, names: Iterable[str] = (), *, min_version: int | None = None,
-             timeout: float | None = None, into: Weights | None = None, copy: bool = True) -> Weights:
-        """The current weights (or, with `ema=True`, their moving average).
+             timeout: float | None = None, into: Weights | None = None, copy: bool = True, like: Any = None) -> Any:
+        """The current weights (or, with `ema=True`, their moving average), a `Weights` or, with `like`, a tree.
 
         `names` picks a subset of tensors; all of them when empty. Every tensor
         comes from one version, reported as `.version`. With `min_version`, the
@@ -419,9 +469,20 @@ class Optimizer:
         `copy=False` skips the one copy out of a same-host segment: the
         returned tensors are then views of it, overwritten by this client's
         next pull of this optimizer (over the stream it changes nothing).
+
+        `like`, a pytree of arrays (the parameters as given to create, or any
+        subtree of them), pulls the tensors its paths name and returns them in
+        its structure, each leaf of its leaf's type, dtype and device (torch,
+        JAX, TensorFlow or NumPy; `Weights.as_tree`). Its version is not kept:
+        `w = opt.pull(); w.as_tree(like)` has both.
         """
-        return self._pull(pb.STATE_KIND_EMA if ema else pb.STATE_KIND_WEIGHTS, names, min_version, timeout, into,
-                          copy)
+        if like is not None:
+            if names:
+                raise InvalidArgumentError("names: give names or like, not both (like's paths name the tensors)")
+            names = list(trees.flatten(like, "like"))
+        weights = self._pull(pb.STATE_KIND_EMA if ema else pb.STATE_KIND_WEIGHTS, names, min_version, timeout, into,
+                             copy)
+        return weights if like is None else weights.as_tree(like)
 
     def gradient_buffers(self) -> dict[str, np.ndarray]:
         """Writable float32 arrays, one per tensor, to compute gradients into: a push of exactly these copies nothing.
@@ -518,18 +579,9 @@ def _read_weights(responses: Iterator[pb.PullWeightsResponse], into: Weights | N
     return Weights(tensors, header.version, header.iterations, buffer.data)
 
 
-def _is_sparse(grad: Any) -> bool:
-    """A sparse gradient: this module's IndexedSlices, or TensorFlow's (matched by class, TF is not imported).
-
-    Never by duck typing: every torch.Tensor has `indices` and `values` methods.
-    """
-    return isinstance(grad, IndexedSlices) or any(
-        cls.__name__ == "IndexedSlices" and cls.__module__.split(".")[0] == "tensorflow" for cls in type(grad).__mro__)
-
-
 def _as_float32(value: Any, field: str) -> np.ndarray:
     try:
-        return np.asarray(value, dtype=np.float32)
+        return np.asarray(to_numpy(value), dtype=np.float32)
     except (TypeError, ValueError) as err:
         raise InvalidArgumentError(f"{field}: cannot be read as a float32 array ({err})") from None
 
@@ -548,7 +600,10 @@ def _wire_values(value: Any, wire_dtype: str | None, field: str) -> tuple[int, n
     rounded to it (bfloat16 without ml_dtypes travels as its raw uint16 bits);
     any other dtype is sent as it is, for the server to judge.
     """
-    array = np.asarray(value)
+    try:
+        array = to_numpy(value)
+    except (TypeError, ValueError) as err:  # a symbolic tensor (a tracer, a graph tensor) has no data to send
+        raise InvalidArgumentError(f"{field}: cannot be read as an array ({type(value).__name__}: {err})") from None
     if array.dtype == np.float64:
         array = array.astype(np.float32)
     if wire_dtype == "bfloat16" and array.dtype.kind == "f" and array.dtype.name != "bfloat16":

@@ -23,6 +23,8 @@ from typing import Any
 import grpc
 import numpy as np
 
+from optserve.client import trees
+from optserve.client.arrays import sparse_rows, to_numpy
 from optserve.client.client import (
     _PUSH_RETRY,
     _SLOTS,
@@ -32,7 +34,6 @@ from optserve.client.client import (
     OptimizerInfo,
     PushResult,
     _as_float32,
-    _is_sparse,
     _wire_values,
 )
 from optserve.client.errors import InvalidArgumentError, OptserveError
@@ -106,7 +107,10 @@ class ShardedClient:
         shard refuses, the parts already created are deleted again and the
         error names that shard.
         """
-        arrays = {key: _as_float32(value, f"params[{key!r}]") for key, value in params.items()}
+        for setting in ("state", "if_exists"):
+            if settings.get(setting) not in (None, "refuse"):
+                raise InvalidArgumentError(f"{setting}: not supported by a sharded client yet (one server only)")
+        arrays = {key: _as_float32(value, f"params[{key!r}]") for key, value in trees.flatten(params, "params").items()}
         try:
             table = placements.place({key: a.shape for key, a in arrays.items()}, len(self.shards), max_shard_bytes)
         except ValueError as err:
@@ -277,10 +281,11 @@ class ShardedOptimizer:
         """
         if missing not in ("refuse", "skip"):
             raise InvalidArgumentError(f"missing: must be one of ['refuse', 'skip'], got {missing!r}")
+        grads = _dense_or_rows(grads, missing == "skip")
         parts = self._split(grads, missing == "skip")
         if self._refuse_non_finite:  # refused here, or the shards without the NaN would apply the push
             for name, grad in grads.items():
-                values = np.asarray(grad.values if _is_sparse(grad) else grad)
+                values = np.asarray(grad.values if isinstance(grad, IndexedSlices) else grad)
                 if values.dtype.kind == "f" and not np.isfinite(values).all():
                     raise InvalidArgumentError(f"gradients[{name!r}]: contains NaN or Inf (this optimizer's "
                                                f"non_finite_policy is 'refuse')")
@@ -445,7 +450,7 @@ class ShardedOptimizer:
         for name, grad in grads.items():
             shape = self._tensors[name]
             pieces = self.placement.of_tensor(name)
-            if _is_sparse(grad):
+            if isinstance(grad, IndexedSlices):
                 indices, values = np.asarray(grad.indices), np.asarray(grad.values)
                 if indices.ndim != 1 or values.ndim < 1 or len(indices) != len(values) or not shape:
                     raise InvalidArgumentError(f"gradients[{name!r}]: IndexedSlices needs 1-D indices, one per row "
@@ -551,6 +556,22 @@ class ShardedOptimizer:
         result = Weights(tensors, min(known), min(pulled[i].iterations for i in pulled), buffer.data)
         result.versions = versions
         return result
+
+
+def _dense_or_rows(grads: Any, skip: bool) -> dict[str, Any]:
+    """A push's gradients by tensor path: IndexedSlices for sparse ones (by type), NumPy for dense ones.
+
+    A None leaf is a tensor without a gradient: left out under `skip`, else refused."""
+    flat = {}
+    for name, grad in trees.flatten(grads, "gradients").items():
+        if grad is None:
+            if not skip:
+                raise InvalidArgumentError(f"gradients[{name!r}]: is None (no gradient); push with missing='skip' "
+                                           f"to leave such tensors as they are")
+            continue
+        rows = sparse_rows(grad)
+        flat[name] = rows if rows is not None else to_numpy(grad)
+    return flat
 
 
 def _judged_by_version(err: OptserveError) -> bool:

@@ -7,7 +7,7 @@ any state is touched; the messages name the offending field.
 import json
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -63,6 +63,7 @@ class CreateRequest:
     training_mode: TrainingMode
     optimizer: str = ""  # the tf-keras class; "" means the serialized config's, else Adam
     shard: Shard | None = None  # set for one shard of a logical optimizer over several servers
+    non_trainable: frozenset[str] = frozenset()  # tensors of non-trainable state: assigned by pushes, never stepped
 
 
 def validate_name(name: str, field: str = "name") -> str:
@@ -108,9 +109,15 @@ def decode_create(requests: Iterator[pb.CreateOptimizerRequest], max_bytes: int,
     params = {tensor_name: array for (tensor_name, _, _), array in zip(layout, arrays)}
     if header.non_finite_policy not in NON_FINITE_POLICIES:
         raise InvalidArgument(f"non_finite_policy: unknown value {header.non_finite_policy}")
+    non_trainable = frozenset(spec.name for spec in header.tensors if spec.non_trainable)
+    if len(non_trainable) == len(header.tensors):
+        raise InvalidArgument("tensors: every tensor is non_trainable; an optimizer needs a trainable one")
     shard = decode_shard(header.shard) if header.HasField("shard") else None
+    if shard is not None and non_trainable:
+        raise InvalidArgument("tensors: a shard of a logical optimizer over several servers keeps no non_trainable "
+                              "tensors (not supported yet)")
     return CreateRequest(name, config, params, NON_FINITE_POLICIES[header.non_finite_policy], training_mode,
-                         header.optimizer, shard)
+                         header.optimizer, shard, non_trainable)
 
 
 def decode_shard(wire: pb.ShardDescription) -> Shard:
@@ -206,7 +213,8 @@ def info_to_wire(info: "OptimizerInfo", clients: Sequence["ClientTraffic"] = ())
         config_json=json.dumps(info.config),
         optimizer=info.optimizer,
         slots=info.slots,
-        tensors=[pb.TensorSpec(name=n, dtype=pb.DATA_TYPE_FLOAT32, shape=s) for n, s in info.shapes.items()],
+        tensors=[pb.TensorSpec(name=n, dtype=pb.DATA_TYPE_FLOAT32, shape=s, non_trainable=n in info.non_trainable)
+                 for n, s in info.shapes.items()],
         device=info.device,
         non_finite_policy=_POLICY_TO_WIRE[info.non_finite_policy],
         next_learning_rate=info.next_learning_rate,
@@ -241,13 +249,15 @@ def split_push(requests: Iterator[pb.PushGradientsRequest]) -> tuple[pb.PushHead
 def decode_gradients(
     header: pb.PushHeader, chunks: Iterator, shapes: Mapping[str, tuple[int, ...]], max_bytes: int,
     into: Callable[[int, int], np.ndarray] | None = None, receive: Callable[[ChunkBuffer], None] | None = None,
+    optional: Collection[str] = (),
 ) -> dict[str, Gradient]:
     """Reads a push's gradients, checked against the optimizer's tensor shapes.
 
     `into` supplies the buffer the gradients are received into (see `_read_arrays`);
     `receive`, when the bytes come by another path than the chunks, fills it.
+    `optional` tensors (non-trainable state) may be left out of any push.
     """
-    _check_gradient_names(header, shapes)
+    _check_gradient_names(header, shapes, optional)
     layout = []  # (name, dtype, shape) of each byte range, in stream order
     for spec in header.gradients:
         layout.extend(_gradient_layout(spec, shapes[spec.name]))
@@ -263,12 +273,13 @@ def decode_gradients(
     return grads
 
 
-def check_segment_push(header: pb.PushHeader, shapes: Mapping[str, tuple[int, ...]]) -> None:
+def check_segment_push(header: pb.PushHeader, shapes: Mapping[str, tuple[int, ...]],
+                       optional: Collection[str] = ()) -> None:
     """Checks the header of a push from a same-host segment: every gradient dense float32 of its tensor's shape.
 
     (The segment's gradient region holds nothing else, each tensor at its `FlatLayout` offset.)
     """
-    _check_gradient_names(header, shapes)
+    _check_gradient_names(header, shapes, optional)
     for spec in header.gradients:
         field = f"gradients[{spec.name!r}]"
         if spec.sparse:
@@ -291,8 +302,10 @@ def missing_policy(header: pb.PushHeader) -> str:
     return _MISSING_FROM_WIRE[header.missing]
 
 
-def _check_gradient_names(header: pb.PushHeader, shapes: Mapping[str, tuple[int, ...]]) -> None:
-    """A push names each tensor of the optimizer at most once, and nothing else: every one, unless `missing` is SKIP."""
+def _check_gradient_names(header: pb.PushHeader, shapes: Mapping[str, tuple[int, ...]],
+                          optional: Collection[str] = ()) -> None:
+    """A push names each tensor of the optimizer at most once, and nothing else: every one but the `optional`
+    ones, unless `missing` is SKIP."""
     skip = missing_policy(header) == "skip"
     if not header.gradients:
         raise InvalidArgument("gradients: empty push; send a gradient for at least one tensor" if skip
@@ -304,7 +317,7 @@ def _check_gradient_names(header: pb.PushHeader, shapes: Mapping[str, tuple[int,
     for name in names:
         if name not in shapes:
             raise NotFound(f"gradients[{name!r}]: optimizer {header.optimizer!r} has no tensor {name!r}")
-    missing = [name for name in shapes if name not in set(names)]
+    missing = [name for name in shapes if name not in set(names) and name not in optional]
     if missing and not skip:
         raise InvalidArgument(f"gradients: missing {missing}; every push carries a gradient for every tensor "
                               "(or sets missing SKIP to leave those tensors as they are)")

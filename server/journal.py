@@ -29,6 +29,7 @@ class Contents(NamedTuple):
     version: int
     dedup: Mapping[str, list[list[int]]]  # `DedupTable.to_json`
     excluded_from_decay: list[str] | None  # the names matched at create; None in checkpoints from before
+    non_trainable: tuple[str, ...] = ()  # tensors of non-trainable state (assigned by pushes, never stepped)
     shard: Shard | None = None  # its place in a logical optimizer over several servers
     committed_round: Mapping[str, Any] | None = None  # a sync shard's newest two-phase commit, as a dict
 
@@ -47,6 +48,7 @@ def checkpoint_of(contents: Contents) -> Checkpoint:
         "version": contents.version,
         "dedup": dict(contents.dedup),
         "excluded_from_weight_decay": sorted(contents.excluded_from_decay or ()),  # matched once, at create
+        "non_trainable": sorted(contents.non_trainable),
         "shard": None if contents.shard is None else contents.shard.to_dict(),
         "committed_round": contents.committed_round,
     }
@@ -65,4 +67,5 @@ def contents_of(checkpoint: Checkpoint, placement: devices.Placement | None = No
                     pipeline.restore(meta["iterations"], slots, scalars, config,
                                      devices.layout_for(placement, slots["params"])),
                     meta["iterations"], meta["version"], meta["dedup"], meta.get("excluded_from_weight_decay"),
+                    tuple(meta.get("non_trainable", ())),
                     Shard.from_dict(meta["shard"]) if meta.get("shard") else None, meta.get("committed_round"))

@@ -55,6 +55,7 @@ class _PreparedRound:
     workers: list[tuple[str, int]]
     magnitudes: list[overflow.Magnitude]
     sums: ShardNorms  # this shard's own sums of squares of the combined gradient
+    values: Mapping[str, np.ndarray]  # the round's means of the non-trainable tensors
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,7 @@ class OptimizerInfo:
     saved_version: int  # version of the newest checkpoint; -1 without a data dir
     pushes_per_second: float  # accepted pushes per second over the last push_rate.WINDOW seconds
     last_push_age: float | None  # seconds since the last accepted push; None before the first
+    non_trainable: frozenset[str] = frozenset()  # tensors of non-trainable state (see Optimizer)
     shard: Shard | None = None  # its place in a logical optimizer over several servers; None: on its own
     flat_size: int = 0  # elements of each slot's flat buffer, padding included
     tensor_offsets: tuple[int, ...] = ()  # each tensor's first element in it, in creation order
@@ -107,7 +109,8 @@ class Optimizer:
     def __init__(self, name: str, config: OptimizerConfig, non_finite_policy: str, training_mode: TrainingMode,
                  state: pipeline.OptimizerState, version: int = 0, store: OptimizerStore | None = None,
                  on_step: Callable[["Optimizer"], None] = lambda optimizer: None, metrics: Metrics | None = None,
-                 excluded_from_decay: Collection[str] | None = None, shard: Shard | None = None):
+                 excluded_from_decay: Collection[str] | None = None, shard: Shard | None = None,
+                 non_trainable: Collection[str] = ()):
         self.name = name
         self.shard = shard
         self.config = config
@@ -115,6 +118,9 @@ class Optimizer:
         self.training_mode = training_mode
         self.layout = pipeline.layout_of(state)  # of every slot, and of the flat gradient a push can arrive in
         self.shapes = dict(self.layout.shapes)
+        # Non-trainable state (BatchNorm statistics): never stepped; a push's value for one replaces it after the
+        # step (sync: the mean of the round's values), in the weights and the EMA; its moments stay zero.
+        self.non_trainable = frozenset(non_trainable)
         self.rounds_closed_by_timeout = 0
         self.saved_version = -1 if store is None else version
         self.saved_at = time.monotonic()
@@ -177,6 +183,7 @@ class Optimizer:
         if sync and norms is not None:
             raise InvalidArgument("norm_inputs: a sync round clips its combined gradient; its pushes carry none")
         norm_inputs = None if sync else engine_norm_inputs(self.shard, self.config, list(self.shapes), norms)
+        self._check_non_trainable(grads)
         magnitudes = self._refuse_non_finite(grads)
         with self._lock:
             self._check_alive()
@@ -233,7 +240,7 @@ class Optimizer:
                                          f"version {self._versions.version}); push the round's gradients first")
             try:
                 result = self._apply(prepared.grads, prepared.workers, prepared.magnitudes, norms, norm_inputs,
-                                     prepared.sums)
+                                     prepared.sums, prepared.values)
             except (ResourceExhausted, InvalidArgument):
                 for worker_id, seq in prepared.workers:  # every push of the round is refused; retries start over
                     self._dedup.forget(worker_id, seq)
@@ -377,6 +384,7 @@ class Optimizer:
             saved_version=self.saved_version,
             pushes_per_second=pushes_per_second,
             last_push_age=last_push_age,
+            non_trainable=self.non_trainable,
             shard=self.shard,
             flat_size=self.layout.size,
             tensor_offsets=tuple(self.layout.offsets.values()),
@@ -408,7 +416,7 @@ class Optimizer:
             contents = journal.contents_of(checkpoint, placement)
             optimizer = cls(contents.name, contents.config, contents.non_finite_policy, contents.training_mode,
                             contents.state, contents.version, store, excluded_from_decay=contents.excluded_from_decay,
-                            shard=contents.shard, **hooks)
+                            shard=contents.shard, non_trainable=contents.non_trainable, **hooks)
         except InvalidArgument as err:  # a checkpoint without the matched names, whose pattern now runs out of time
             raise StorageError(f"{store.directory}: cannot restore optimizer {checkpoint.meta['name']!r}: {err}"
                                ) from None
@@ -421,8 +429,8 @@ class Optimizer:
         """The complete state as of now, as a checkpoint holds it (under the lock, or before it is shared)."""
         return journal.checkpoint_of(journal.Contents(
             self.name, self.config, self.non_finite_policy, self.training_mode, self._state, self._iterations,
-            self._versions.version, self._dedup.to_json(), sorted(self._excluded), self.shard,
-            None if self._committed is None else self._committed.to_dict()))
+            self._versions.version, self._dedup.to_json(), sorted(self._excluded), tuple(sorted(self.non_trainable)),
+            self.shard, None if self._committed is None else self._committed.to_dict()))
 
     def _count_accepted(self, staleness: int | None) -> None:
         self._push_rate.accepted()
@@ -493,17 +501,21 @@ class Optimizer:
 
     def _apply(self, grads: Mapping[str, Gradient], workers: list[tuple[str, int]],
                magnitudes: list[overflow.Magnitude] | None = None, norms: ShardNorms | None = None,
-               norm_inputs: pipeline.NormInputs | None = None, round_sums: ShardNorms | None = None) -> PushResult:
+               norm_inputs: pipeline.NormInputs | None = None, round_sums: ShardNorms | None = None,
+               values: Mapping[str, np.ndarray] | None = None) -> PushResult:
         """Logs, then applies, one step, under the lock.
 
         Under "refuse", a step that `overflow` cannot prove finite from the
         gradients' `magnitudes` (it bounds Adam's and AdamW's only: every other
         class's step is) is computed first, on a copy of the state, and
         refused if it leaves any value non-finite; then logged, then kept. So a
-        refused step, or a log write that fails, changes nothing.
+        refused step, or a log write that fails, changes nothing. The
+        non-trainable tensors then take their `values` (default: those `grads`
+        carries), logged with the step.
         """
         started = time.perf_counter()
-        record = LogRecord("step", self._versions.version + 1, workers, dict(grads), norms, round_sums)
+        values = self._values_in(grads) if values is None else values
+        record = LogRecord("step", self._versions.version + 1, workers, {**dict(grads), **values}, norms, round_sums)
         bounds = None
         if self._checked and self._bounded:
             if self._bounds is None:
@@ -516,9 +528,36 @@ class Optimizer:
         else:
             self._log(record)
             state = self._step(self._state, self._device_grads(grads), norm_inputs)
-        self._commit(state, grads, started)
-        self._bounds = bounds
+        self._commit(self._assigned(state, values), grads, started)
+        self._bounds = bounds if not values else None  # assigned values: measured again before the next step
         return PushResult(self._versions.version, self._iterations)
+
+    def _check_non_trainable(self, grads: Mapping[str, Gradient]) -> None:
+        """A push's value of a non-trainable tensor is dense, and a push carries some trainable gradient."""
+        for name in self.non_trainable:
+            if isinstance(grads.get(name), tuple):
+                raise InvalidArgument(f"gradients[{name!r}]: a non-trainable tensor takes a dense value, not rows")
+        if all(name in self.non_trainable for name in grads):
+            raise InvalidArgument("gradients: only non-trainable values; a push carries a gradient of at least one "
+                                  "trainable tensor")
+
+    def _values_in(self, grads: Mapping[str, Gradient]) -> dict[str, np.ndarray]:
+        """The values of non-trainable tensors a push (or a logged step) carries."""
+        return {name: np.asarray(grads[name], np.float32) for name in sorted(self.non_trainable) if name in grads}
+
+    def _assigned(self, state: pipeline.OptimizerState, values: Mapping[str, np.ndarray]) -> pipeline.OptimizerState:
+        """`state` with the non-trainable tensors' new values in the weights (and the EMA, which serves them too)."""
+        if not values:
+            return state
+        params, ema = np.array(state.params.flat), None if state.ema is None else np.array(state.ema.flat)
+        for name, value in values.items():
+            start = self.layout.offsets[name]
+            for flat in (params, ema):
+                if flat is not None:
+                    flat[start:start + self.layout.sizes[name]] = value.reshape(-1)
+        return state._replace(
+            params=pipeline.Tensors(devices.put(params, self.layout), self.layout),
+            ema=None if ema is None else pipeline.Tensors(devices.put(ema, self.layout), self.layout))
 
     def _checked_state(self, grads: Mapping[str, Gradient],
                        norm_inputs: pipeline.NormInputs | None = None) -> pipeline.OptimizerState:
@@ -537,17 +576,22 @@ class Optimizer:
         """Every tensor's gradient as the step takes it: the dense ones in one flat buffer (no copy when the
         push arrived in `self.layout`), the sparse ones padded to their bucket."""
         if isinstance(grads, RoundGradients):  # a sync round's sum: already one flat device buffer
+            present = grads.present
+            if self.non_trainable:  # their values are assigned, never stepped
+                present = frozenset(grads.present if present is not None else self.shapes) - self.non_trainable
             return pipeline.FlatGrads(grads.flat, {name: pipeline.sparse_grad(*g) for name, g in grads.sparse.items()},
-                                  grads.present)
+                                      present)
         # a push with missing SKIP carries some tensors only: the step leaves the others as they are
-        return pipeline.flat_grads(self.layout, {name: _to_device(grads[name]) for name in self.shapes if name in grads})
+        return pipeline.flat_grads(self.layout, {name: _to_device(grads[name]) for name in self.shapes
+                                                 if name in grads and name not in self.non_trainable})
 
     def _step_with(self, grads: Mapping[str, Gradient], norms: ShardNorms | None = None) -> None:
         """Re-applies a logged (so acknowledged) step as it was applied then."""
         started = time.perf_counter()
         self._bounds = None
         norm_inputs = None if norms is None else engine_norm_inputs(self.shard, self.config, list(self.shapes), norms)
-        self._commit(self._step(self._state, self._device_grads(grads), norm_inputs), grads, started)
+        self._commit(self._assigned(self._step(self._state, self._device_grads(grads), norm_inputs),
+                                    self._values_in(grads)), grads, started)
 
     def _commit(self, state: pipeline.OptimizerState, grads: Mapping[str, Gradient], started: float) -> None:
         """Makes `state` the optimizer's state: one more step and version."""
@@ -555,7 +599,8 @@ class Optimizer:
         jax.block_until_ready(self._state)
         self._iterations = min(self._iterations + 1, _INT32_MAX)
         self._versions.bump()
-        self._metrics.observe_step(self.name, time.perf_counter() - started, self._versions.version, grads)
+        stepped = grads if not self.non_trainable else {n: g for n, g in grads.items() if n not in self.non_trainable}
+        self._metrics.observe_step(self.name, time.perf_counter() - started, self._versions.version, stepped)
         self._on_step(self)
 
     def _log(self, record: LogRecord) -> None:
@@ -582,11 +627,12 @@ class Optimizer:
         workers = self._round.sequenced()
         try:
             combined, magnitudes = self._round.combine()
+            values = self._round.means(self.non_trainable, self.shapes)
             if self._two_phase:  # its commit applies it, with the other shards' sums of squares
                 self._prepared = _PreparedRound(self._versions.version + 1, combined, workers, magnitudes,
-                                                round_square_sums(self.shard, combined))
+                                                round_square_sums(self.shard, combined), values)
             else:
-                self._apply(combined, workers, magnitudes)
+                self._apply(combined, workers, magnitudes, values=values)
         except (ResourceExhausted, InvalidArgument) as err:
             # the log is full, or the aggregate step would make the state non-finite: every push of the
             # round is refused with that error, and retries start over

@@ -59,7 +59,8 @@ class Registry:
 
     def create(self, name: str, config: Mapping[str, Any], params: Mapping[str, np.ndarray],
                non_finite_policy: str = "refuse", training_mode: TrainingMode = TrainingMode(),
-               optimizer_class: str = "", shard: Shard | None = None) -> Optimizer:
+               optimizer_class: str = "", shard: Shard | None = None,
+               non_trainable: frozenset[str] = frozenset()) -> Optimizer:
         """Creates an optimizer (and its first checkpoint); ALREADY_EXISTS if the name is taken.
 
         `optimizer_class` is the tf-keras class ("" : the one a serialized
@@ -92,7 +93,7 @@ class Registry:
             state = pipeline.init(params, parsed, devices.layout_for(self.placement, params))
             optimizer = Optimizer(name, parsed, non_finite_policy, training_mode, state, store=store,
                                   on_step=self._note_step, metrics=self.metrics, excluded_from_decay=excluded,
-                                  shard=shard)
+                                  shard=shard, non_trainable=non_trainable)
             if store is not None:
                 store.create(optimizer.checkpoint())  # on failure it removes only what it made
             with self._lock:

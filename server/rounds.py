@@ -7,7 +7,9 @@ optimizer calls it under its lock, and decides when to close and how to apply.
 """
 
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
+
+import numpy as np
 
 from optserve.server import overflow
 from optserve.server.errors import Aborted, OptserveError, ResourceExhausted
@@ -53,6 +55,21 @@ class SyncRound:
     def sequenced(self) -> list[tuple[str, int]]:
         """(worker_id, seq) of the round's gradients that carry a seq, by worker."""
         return [(worker, seq) for worker, seq in sorted(self._seqs.items()) if seq is not None]
+
+    def means(self, names: Collection[str], shapes: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+        """Each of `names` (non-trainable state) averaged over the round's gradients that carry it, in worker order.
+
+        A gradient without it does not count (it is no zero), whatever the round's aggregation.
+        """
+        means = {}
+        for name in sorted(names):
+            carried = [self._gradients[worker][name] for worker in self.workers() if name in self._gradients[worker]]
+            if carried:
+                total = np.zeros(shapes[name], np.float32)
+                for value in carried:  # in worker order: the same sum on every run
+                    total += np.asarray(value, np.float32)
+                means[name] = total / np.float32(len(carried))
+        return means
 
     def combine(self) -> tuple[RoundGradients, list[overflow.Magnitude]]:
         """The round's aggregate, done reading the gradients' buffers, and the bound of its magnitudes."""

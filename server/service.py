@@ -66,7 +66,7 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
                                           into=lease.reserve)
             optimizer = self._registry.create(
                 request.name, request.config, request.params, request.non_finite_policy, request.training_mode,
-                request.optimizer, request.shard)
+                request.optimizer, request.shard, non_trainable=request.non_trainable)
         self._count(request.name, context, "grpc", received=_nbytes(request.params.values()))
         log.info("created optimizer %r: %d tensors", request.name, len(request.params))
         return self._info(optimizer)
@@ -174,7 +174,8 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
                     grads = self._segment_gradients(header, chunks, optimizer, context, lease, holds)
                 else:
                     grads = codec.decode_gradients(header, chunks, optimizer.shapes, self._options.max_request_bytes,
-                                                   into=lease.reserve, receive=None if bulk is None else bulk.receive)
+                                                   into=lease.reserve, receive=None if bulk is None else bulk.receive,
+                                                   optional=optimizer.non_trainable)
                 if bulk is not None:
                     bulk.end()  # every byte is in: the channel is free for the next transfer
                 self._count(optimizer.name, context, transport,
@@ -204,7 +205,7 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
             raise InvalidArgument("chunks: a push from shared memory is the header alone")
         segment = holds.enter_context(self.segments.use(header.shared_memory_session, optimizer, _caller(context),
                                                         "push"))
-        codec.check_segment_push(header, optimizer.shapes)  # before a byte is copied
+        codec.check_segment_push(header, optimizer.shapes, optimizer.non_trainable)  # before a byte is copied
         views = segment.layout.views(segment.copy_gradients(lease.reserve))
         named = {spec.name for spec in header.gradients}  # all of them, unless `missing` is SKIP
         return {name: view for name, view in views.items() if name in named}

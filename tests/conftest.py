@@ -1,8 +1,9 @@
 """Shared fixtures: a real optserve gRPC server on 127.0.0.1 and clients of it."""
 
 import re
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -43,6 +44,25 @@ def serving(**options) -> Iterator[RunningServer]:
     finally:
         running.stop()
 
+
+
+def run_threads(target: Callable[[int], None], count: int, timeout: float = 120.0) -> None:
+    """Runs `target(index)` in `count` threads at once and waits for them (each join bounded by `timeout`)."""
+    threads = [threading.Thread(target=target, args=(index,)) for index in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+
+
+def stepped_weights(client: Client, name: str, params, grads, config=None) -> dict:
+    """The weights (copies, by tensor name) after creating `name` from `params` and pushing `grads` once; deleted."""
+    opt = client.create_optimizer(name, params, config or {"learning_rate": 0.1})
+    try:
+        opt.push(grads)
+        return {k: v.copy() for k, v in opt.pull().items()}
+    finally:
+        client.delete_optimizer(name)
 
 
 def wait_until(condition, what: str, timeout: float = 60.0) -> None:

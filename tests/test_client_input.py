@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from optserve.client import Client, IndexedSlices, InvalidArgumentError, OptserveError
+from tests.conftest import stepped_weights
 
 PARAMS = {"w": np.linspace(-1, 1, 6, dtype=np.float32).reshape(2, 3), "emb": np.ones((4, 2), np.float32)}
 DENSE = {"w": np.full((2, 3), 0.25, np.float32), "emb": np.full((4, 2), -0.5, np.float32)}
@@ -35,12 +36,7 @@ def _tf_indexed_slices_class() -> type:
 
 
 def _pushed_weights(client: Client, name: str, grads: dict) -> dict:
-    opt = client.create_optimizer(name, PARAMS, {"learning_rate": 0.1})
-    try:
-        opt.push(grads)
-        return {k: v.copy() for k, v in opt.pull().items()}
-    finally:
-        client.delete_optimizer(name)
+    return stepped_weights(client, name, PARAMS, grads)
 
 
 def test_tensor_with_indices_and_values_methods_goes_dense(client: Client, name: str) -> None:

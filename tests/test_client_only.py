@@ -34,7 +34,7 @@ def test_client_only_install_needs_no_jax(client, name, tmp_path: Path) -> None:
     source.mkdir()
     for part in ["pyproject.toml", "README.md"]:
         shutil.copy(ROOT / part, source / part)
-    for part in ["client", "wire", "server"]:
+    for part in ["client", "wire", "server", "frameworks"]:
         shutil.copytree(ROOT / part, source / part, ignore=shutil.ignore_patterns("__pycache__"))
     env_dir = tmp_path / "client-venv"
     venv.create(env_dir, with_pip=True)

@@ -595,3 +595,23 @@ def test_a_partial_push_over_shards_skips_the_same_tensors_as_one_server(sharded
     finally:
         sharded.delete_optimizer(name)
         single.delete_optimizer(name)
+
+
+def test_a_sharded_optimizer_takes_pytrees_none_leaves_and_refuses_what_it_cannot_shard(sharded, single, name) -> None:
+    """Nested params name their tensors by path; a None gradient is a skipped tensor; state= is refused clearly."""
+    tree = {"enc": {"emb": PARAMS["emb"], "w": PARAMS["w"]}, "b": PARAMS["b"]}
+    opt = sharded.create_optimizer(name, tree, {"learning_rate": 0.05}, max_shard_bytes=SMALL)
+    ref = single.create_optimizer(name, tree, {"learning_rate": 0.05})
+    try:
+        assert list(opt.info().tensors) == ["enc/emb", "enc/w", "b"]
+        grads = grads_for(0, sparse=False)
+        push = {"enc": {"emb": grads["emb"], "w": None}, "b": grads["b"]}
+        assert opt.push(push, missing="skip") == ref.push(push, missing="skip")
+        same_weights(opt.pull(), ref.pull())
+        expect_error(grpc.StatusCode.INVALID_ARGUMENT, "enc/w", opt.push, push)
+        assert opt.info().version == 1
+    finally:
+        sharded.delete_optimizer(name)
+        single.delete_optimizer(name)
+    expect_error(grpc.StatusCode.INVALID_ARGUMENT, "state", sharded.create_optimizer, name, tree,
+                 state={"mean": np.zeros(3, np.float32)})

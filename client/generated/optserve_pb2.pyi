@@ -76,14 +76,16 @@ MISSING_GRADIENTS_REFUSE: MissingGradients
 MISSING_GRADIENTS_SKIP: MissingGradients
 
 class TensorSpec(_message.Message):
-    __slots__ = ("name", "dtype", "shape")
+    __slots__ = ("name", "dtype", "shape", "non_trainable")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
+    NON_TRAINABLE_FIELD_NUMBER: _ClassVar[int]
     name: str
     dtype: DataType
     shape: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+    non_trainable: bool
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., non_trainable: _Optional[bool] = ...) -> None: ...
 
 class GradientSpec(_message.Message):
     __slots__ = ("name", "dtype", "shape", "sparse", "index_dtype")
