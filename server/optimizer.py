@@ -617,8 +617,10 @@ class Optimizer:
             self._dedup.record(worker_id, seq, result)
         if len(self._round) >= self.training_mode.num_workers:
             self._close_round()
-        else:
+        elif self.shard is None or self.shard.placement.count == 1:
             self._round.start_timer(self.training_mode.sync_timeout, self._close_round_on_timeout, self._versions.version)
+        # one shard of several closes a round only when it is full: a straggler timeout would let each shard
+        # close it with its own subset of the workers, and the model would be stepped with different gradients
         return result
 
     def _close_round(self) -> None:

@@ -74,6 +74,13 @@ def same_weights(got, want, exact: bool = False) -> None:
             np.testing.assert_allclose(got[name], want[name], rtol=1e-6, atol=1e-7, err_msg=name)
 
 
+def same_after_finalize(opt, ref) -> None:
+    """Both optimizers finalized: the same weights."""
+    opt.finalize()
+    ref.finalize()
+    same_weights(opt.pull(), ref.pull())
+
+
 def test_a_list_or_dns_name_gives_a_sharded_client_and_one_address_the_plain_one(addresses) -> None:
     with Client(addresses[0]) as one:
         assert type(one) is Client
@@ -299,9 +306,7 @@ def test_sync_rounds_over_shards_match_one_server_and_pulls_see_one_round(sharde
         same_weights(opt.pull(), ref.pull())
         if config.get("use_ema"):
             same_weights(opt.pull(ema=True), ref.pull(ema=True))
-        opt.finalize()
-        ref.finalize()
-        same_weights(opt.pull(), ref.pull())
+        same_after_finalize(opt, ref)
     finally:
         sharded.delete_optimizer(name)
         single.delete_optimizer(name)
@@ -548,9 +553,7 @@ def test_every_class_over_split_shards_matches_one_server(sharded, single, name,
         same_weights(opt.pull(), ref.pull())
         for slot in ref.info().slots:
             same_weights(opt.pull_slot(slot), ref.pull_slot(slot))
-        opt.finalize()
-        ref.finalize()
-        same_weights(opt.pull(), ref.pull())
+        same_after_finalize(opt, ref)
     finally:
         sharded.delete_optimizer(name)
         single.delete_optimizer(name)
@@ -615,3 +618,24 @@ def test_a_sharded_optimizer_takes_pytrees_none_leaves_and_refuses_what_it_canno
         single.delete_optimizer(name)
     expect_error(grpc.StatusCode.INVALID_ARGUMENT, "state", sharded.create_optimizer, name, tree,
                  state={"mean": np.zeros(3, np.float32)})
+
+
+def test_a_sharded_sync_round_is_never_closed_by_timeout_on_one_shard_alone(sharded, plain, name) -> None:
+    """A straggler timeout would let each shard close the round with other workers: sharded rounds wait until full."""
+    opt = sharded.create_optimizer(name, PARAMS, {"learning_rate": 0.05}, mode="sync", num_workers=2,
+                                   sync_timeout=0.2, max_shard_bytes=SMALL)
+    try:
+        results = []
+        worker = threading.Thread(target=lambda: results.append(
+            opt.push(grads_for(0, sparse=False), worker_id="a", seq=0, base_version=0)), daemon=True)
+        worker.start()
+        worker.join(timeout=1.5)  # seven sync timeouts: a one-server round would have closed
+        assert worker.is_alive() and not results
+        for client in plain:
+            info = client.optimizer(name).info()
+            assert info.version == 0 and info.pending_gradients == 1
+        opt.push(grads_for(1, sparse=False), worker_id="b", seq=0, base_version=0)
+        worker.join(timeout=30)
+        assert results == [1] and opt.info().version == 1
+    finally:
+        sharded.delete_optimizer(name)
