@@ -145,6 +145,27 @@ def test_every_conformance_case_matches_tf_keras_on_a_server_spread_over_four_de
             client.delete_optimizer(opt.name)
 
 
+@pytest.mark.parametrize("case_name", ["rmsprop_centered_momentum", "ftrl_l1_l2", "nadam_betas_sched",
+                                       "adafactor_defaults", "adagrad_sparse_dup"])
+def test_family_cases_match_tf_keras_over_four_devices(spread_server: ServerProcess, case_name: str) -> None:
+    """Other classes over the mesh: their slots spread as the weights are (Adafactor's factors stay whole)."""
+    case = load_case(case_name)
+    with Client(spread_server.address) as client:
+        opt = client.create_optimizer(f"spread-{case_name}", case.init, case.config, optimizer=case.class_name)
+        try:
+            replay_steps(opt, case, lambda k, grads: opt.push(grads))
+            shared = {"weights"} | ({"ema"} if case.has_ema else set()) | (set(case.slot_names) - {"r", "c"})
+            info = _placement(spread_server.address, opt.name)
+            kept = [slot for slot in info.placement.slots if slot.slot in shared]
+            assert {slot.slot for slot in info.placement.slots} - shared <= {"r", "c"}
+            del info.placement.slots[:]
+            info.placement.slots.extend(kept)
+            _assert_spread(info, shared)
+            assert_slots_and_final(opt, case)
+        finally:
+            client.delete_optimizer(opt.name)
+
+
 def _mixed_model(rng: np.random.Generator) -> dict[str, np.ndarray]:
     """One embedding table much larger than a shard, and small dense layers and biases."""
     params = {"embedding": rng.normal(size=(4096, 64)).astype(np.float32)}
