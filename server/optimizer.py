@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from optserve.server import journal, overflow, patterns
+from optserve.server import journal, overflow, patterns, two_phase
 from optserve.server.engine import devices, pipeline
 from optserve.server.engine.config import AdamConfig, OptimizerConfig
 from optserve.server.errors import (
@@ -33,7 +33,8 @@ from optserve.server.metrics import Metrics
 from optserve.server.modes import DedupTable, Gradient, PushResult, RoundGradients, TrainingMode
 from optserve.server.push_rate import PushRate
 from optserve.server.rounds import SyncRound
-from optserve.server.sharding import Shard, ShardNorms, engine_norm_inputs, round_square_sums, two_phase
+from optserve.server.sharding import Shard, ShardNorms, engine_norm_inputs, round_square_sums
+from optserve.server.sharding import two_phase as is_two_phase
 from optserve.server.storage import Checkpoint, LogRecord, OptimizerStore, StorageError
 from optserve.server.versions import VersionGate
 from optserve.wire.dtypes import FLOAT32
@@ -44,37 +45,6 @@ log = logging.getLogger("optserve.optimizer")
 
 NON_FINITE_POLICIES = ("refuse", "apply")
 _INT32_MAX = 2**31 - 1  # the engine's iteration counter saturates here
-
-
-@dataclass(frozen=True)
-class _PreparedRound:
-    """A two-phase sync round, closed and combined, waiting for its commit."""
-
-    version: int  # the version its commit makes
-    grads: RoundGradients
-    workers: list[tuple[str, int]]
-    magnitudes: list[overflow.Magnitude]
-    sums: ShardNorms  # this shard's own sums of squares of the combined gradient
-    values: Mapping[str, np.ndarray]  # the round's means of the non-trainable tensors
-
-
-@dataclass(frozen=True)
-class _CommittedRound:
-    """The newest committed two-phase round: what a repeated commit or a retried push is answered with."""
-
-    version: int
-    norms: ShardNorms  # the other shards' sums it was committed with
-    sums: ShardNorms  # this shard's own
-    iterations: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"version": self.version, "norms": self.norms.to_dict(), "sums": self.sums.to_dict(),
-                "iterations": self.iterations}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "_CommittedRound":
-        return cls(int(data["version"]), ShardNorms.from_dict(data["norms"]), ShardNorms.from_dict(data["sums"]),
-                   int(data["iterations"]))
 
 
 @dataclass(frozen=True)
@@ -143,9 +113,9 @@ class Optimizer:
         self._dedup = DedupTable()
         self._round = SyncRound(training_mode.aggregation, self.layout)  # sync: the round for self._versions.version
         # a sync shard that clips by the whole gradient's norm: rounds are prepared, then committed
-        self._two_phase = two_phase(config, training_mode, shard)
-        self._prepared: _PreparedRound | None = None
-        self._committed: _CommittedRound | None = None
+        self._two_phase = is_two_phase(config, training_mode, shard)
+        self._prepared: two_phase.PreparedRound | None = None
+        self._committed: two_phase.CommittedRound | None = None
         self._on_step = on_step  # told after every step, under the lock (it must not block)
         self._metrics = metrics or Metrics()
         self._push_rate = PushRate()
@@ -248,18 +218,13 @@ class Optimizer:
             finally:
                 self._prepared = None
                 self._versions.notify()
-            self._committed = _CommittedRound(version, norms, prepared.sums, result.iterations)
+            self._committed = two_phase.CommittedRound(version, norms, prepared.sums, result.iterations)
             return replace(result, round_square_sums=prepared.sums)
 
     def _two_phase_answer(self, result: PushResult) -> PushResult:
         """Under the lock: a sync push's answer, with its round's sums of squares when the round is two-phase."""
-        prepared, committed = self._prepared, self._committed
-        if prepared is not None and prepared.version == result.version and self._versions.version < result.version:
-            return replace(result, prepared=True, iterations=min(self._iterations + 1, _INT32_MAX),
-                           round_square_sums=prepared.sums)
-        if committed is not None and committed.version == result.version:
-            return replace(result, iterations=committed.iterations, round_square_sums=committed.sums)
-        return result
+        return two_phase.answer(result, self._prepared, self._committed, self._versions.version,
+                                min(self._iterations + 1, _INT32_MAX))
 
     def pull(self, kind: str, names: Sequence[str], min_version: int | None = None, timeout: float | None = None,
              into: Callable[[int], np.ndarray] | None = None,
@@ -356,8 +321,8 @@ class Optimizer:
             else:
                 self._step_with(record.grads, record.norms)
                 if record.round_square_sums is not None:
-                    self._committed = _CommittedRound(record.version, record.norms, record.round_square_sums,
-                                                      self._iterations)
+                    self._committed = two_phase.CommittedRound(record.version, record.norms,
+                                                               record.round_square_sums, self._iterations)
             for worker_id, seq in record.workers:
                 self._dedup.record(worker_id, seq, PushResult(self._versions.version, self._iterations))
 
@@ -422,7 +387,7 @@ class Optimizer:
                                ) from None
         optimizer._dedup.load_json(contents.dedup)
         if contents.committed_round:  # so a repeated commit after a restart is still checked and answered
-            optimizer._committed = _CommittedRound.from_dict(contents.committed_round)
+            optimizer._committed = two_phase.CommittedRound.from_dict(contents.committed_round)
         return optimizer
 
     def checkpoint(self) -> Checkpoint:
@@ -631,8 +596,8 @@ class Optimizer:
             combined, magnitudes = self._round.combine()
             values = self._round.means(self.non_trainable, self.shapes)
             if self._two_phase:  # its commit applies it, with the other shards' sums of squares
-                self._prepared = _PreparedRound(self._versions.version + 1, combined, workers, magnitudes,
-                                                round_square_sums(self.shard, combined), values)
+                self._prepared = two_phase.PreparedRound(self._versions.version + 1, combined, workers, magnitudes,
+                                                         round_square_sums(self.shard, combined), values)
             else:
                 self._apply(combined, workers, magnitudes, values=values)
         except (ResourceExhausted, InvalidArgument) as err:

@@ -5,13 +5,14 @@ import threading
 import numpy as np
 import pytest
 
-from optserve.server import journal
+from optserve.server import journal, two_phase
 from optserve.server.engine import parse_config, pipeline
 from optserve.server.engine.config import CONFIG_CLASSES
 from optserve.server.errors import Aborted, InvalidArgument
-from optserve.server.modes import TrainingMode
+from optserve.server.modes import PushResult, TrainingMode
 from optserve.server.push_rate import WINDOW, PushRate
 from optserve.server.rounds import SyncRound
+from optserve.server.sharding import ShardNorms
 from optserve.server.storage import Checkpoint
 from optserve.wire.layout import FlatLayout
 
@@ -163,3 +164,17 @@ def test_a_version_wait_ends_at_the_version_or_when_told_to_stop_never_by_pollin
         assert gate.bump() == 4 and gate.bump() == 5
     threads[0].join(timeout=10)
     assert results == [True, True] and not threads[0].is_alive()
+
+
+def test_a_two_phase_answer_carries_the_prepared_or_committed_rounds_sums_and_nothing_else() -> None:
+    sums = ShardNorms(4.0, {"w[0:2]": 1.0})
+    prepared = two_phase.PreparedRound(3, None, [], [], sums, {})
+    committed = two_phase.CommittedRound(2, ShardNorms(9.0, {}), ShardNorms(5.0, {}), iterations=2)
+    waiting = two_phase.answer(PushResult(3, 2), prepared, committed, version=2, next_iterations=3)
+    assert waiting.prepared and waiting.round_square_sums == sums and waiting.iterations == 3
+    retried = two_phase.answer(PushResult(2, 1), prepared, committed, version=2, next_iterations=3)
+    assert not retried.prepared and retried.round_square_sums == ShardNorms(5.0, {}) and retried.iterations == 2
+    applied = two_phase.answer(PushResult(3, 3), prepared, committed, version=3, next_iterations=4)
+    assert not applied.prepared and applied.round_square_sums is None
+    restored = two_phase.CommittedRound.from_dict(committed.to_dict())
+    assert restored == committed
