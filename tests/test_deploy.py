@@ -792,3 +792,20 @@ def test_the_demo_hands_the_shards_of_a_compose_worker_to_the_client_as_a_list_i
         assert _demo_address(address) == ["shard-0:50051", "shard-1:50051", "shard-2:50051"]
     for one in ("server:50051", "dns:///optserve-headless.default.svc:50051", None):
         assert _demo_address(one) == one  # one server, or every address behind a DNS name
+
+
+def test_every_package_folder_is_in_the_distribution() -> None:
+    """A subpackage missing from pyproject installs from a checkout (editable) but not from a wheel or an image."""
+    import tomllib
+
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    roots = {package: ROOT / folder for package, folder in setuptools["package-dir"].items()}
+    found = set()
+    for package, folder in roots.items():
+        for init in folder.rglob("__init__.py"):
+            owner = max((other for other in roots.values() if other == init.parent or other in init.parents),
+                        key=lambda path: len(path.parts))
+            if owner == folder:  # not inside another package's own folder (client/generated is optserve.v1)
+                found.add(".".join((package, *init.parent.relative_to(folder).parts)))
+    missing = found - set(setuptools["packages"])
+    assert not missing, f"pyproject.toml [tool.setuptools] packages lacks {sorted(missing)}"
