@@ -381,8 +381,8 @@ class ShardedOptimizer:
                                          f"({reasons}); {then}")
 
     def pull(self, ema: bool = False, names: Iterable[str] = (), *, min_version: int | None = None,
-             timeout: float | None = None, into: Weights | None = None, copy: bool = True) -> Weights:
-        """Gathers every shard's pieces of the tensors; see `Optimizer.pull`.
+             timeout: float | None = None, into: Weights | None = None, copy: bool = True, like: Any = None) -> Any:
+        """Gathers every shard's pieces of the tensors; see `Optimizer.pull` (`like` returns that tree).
 
         `.version` is the logical version (the smallest shard's), `.versions`
         each shard's. Sync: all come from one round (lagging shards are pulled
@@ -393,7 +393,12 @@ class ShardedOptimizer:
         copied into the result.
         """
         del copy
-        return self._pull(pb.STATE_KIND_EMA if ema else pb.STATE_KIND_WEIGHTS, names, min_version, timeout, into)
+        if like is not None:
+            if names:
+                raise InvalidArgumentError("names: give names or like, not both (like's paths name the tensors)")
+            names = list(trees.flatten(like, "like"))
+        weights = self._pull(pb.STATE_KIND_EMA if ema else pb.STATE_KIND_WEIGHTS, names, min_version, timeout, into)
+        return weights if like is None else weights.as_tree(like)
 
     def pull_slot(self, slot: str, names: Iterable[str] = ()) -> Weights:
         """One slot of the class by its tf-keras name (see `Optimizer.pull_slot`), gathered from every shard."""

@@ -611,6 +611,10 @@ def test_a_sharded_optimizer_takes_pytrees_none_leaves_and_refuses_what_it_canno
         push = {"enc": {"emb": grads["emb"], "w": None}, "b": grads["b"]}
         assert opt.push(push, missing="skip") == ref.push(push, missing="skip")
         same_weights(opt.pull(), ref.pull())
+        pulled = opt.pull(like=tree)
+        assert list(pulled) == ["enc", "b"] and list(pulled["enc"]) == ["emb", "w"]
+        np.testing.assert_array_equal(pulled["enc"]["emb"], ref.pull()["enc/emb"])
+        expect_error(grpc.StatusCode.INVALID_ARGUMENT, "like", opt.pull, names=["b"], like=tree)
         expect_error(grpc.StatusCode.INVALID_ARGUMENT, "enc/w", opt.push, push)
         assert opt.info().version == 1
     finally:
