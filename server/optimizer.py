@@ -33,8 +33,7 @@ from optserve.server.metrics import Metrics
 from optserve.server.modes import DedupTable, Gradient, PushResult, RoundGradients, TrainingMode
 from optserve.server.push_rate import PushRate
 from optserve.server.rounds import SyncRound
-from optserve.server.sharding import Shard, ShardNorms, engine_norm_inputs, round_square_sums
-from optserve.server.sharding import two_phase as is_two_phase
+from optserve.server.sharding import Shard, ShardNorms, engine_norm_inputs, is_two_phase, round_square_sums
 from optserve.server.storage import Checkpoint, LogRecord, OptimizerStore, StorageError
 from optserve.server.versions import VersionGate
 from optserve.wire.dtypes import FLOAT32

@@ -102,7 +102,7 @@ def check_create(shard: Shard, shapes: Mapping[str, Sequence[int]], config: Opti
                                  "backup workers (each shard would close its round with its own first gradients)")
 
 
-def two_phase(config: OptimizerConfig, mode: "TrainingMode", shard: Shard | None) -> bool:
+def is_two_phase(config: OptimizerConfig, mode: "TrainingMode", shard: Shard | None) -> bool:
     """Whether this optimizer's sync rounds are prepared, then committed with the other shards' sums of squares.
 
     The combined round's norm is known to no worker and no shard: each shard

@@ -121,9 +121,11 @@ def put(flat: np.ndarray | Array, layout: FlatLayout) -> Array:
     return jax.device_put(flat)
 
 
-def zeros(layout: FlatLayout) -> Array:
-    """A float32 buffer of `layout.size` zeros, made on the devices the layout is sharded over (else the default)."""
-    return jnp.zeros(layout.size, jnp.float32, device=layout.sharding if isinstance(layout, ShardedLayout) else None)
+def own(flat: np.ndarray, layout: FlatLayout) -> Array:
+    """A state buffer: `flat` copied onto the layout's devices, into memory jax owns (so a step can donate it)."""
+    if isinstance(layout, ShardedLayout):
+        return jax.device_put(flat, layout.sharding)
+    return jnp.array(flat, copy=True)
 
 
 def constrain(flat: Array, layout: FlatLayout) -> Array:

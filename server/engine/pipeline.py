@@ -190,10 +190,7 @@ def _slot(layout: FlatLayout, tensors: Mapping[str, np.ndarray | Array] | None) 
     """
     if not tensors:
         return None
-    flat = _host_flat(layout, tensors)
-    if isinstance(layout, devices.ShardedLayout):
-        return Tensors(devices.put(flat, layout), layout)
-    return Tensors(jnp.array(flat, copy=True), layout)  # a copy jax owns, so the step can donate it
+    return Tensors(devices.own(_host_flat(layout, tensors), layout), layout)
 
 
 def _filled(spec: SlotSpec) -> Tensors:
