@@ -10,13 +10,14 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[server,test,demo,bench,torch,jax,keras]"  # torch: the local CPU wheel
+	$(PY) -m pip install --quiet -e ".[server,test,demo,bench,torch,jax,keras,tensorflow]"  # torch: the local CPU wheel
+	$(PY) -m pip install --quiet --no-deps "tf-keras==2.21.0"  # its tensorflow requirement is tensorflow-cpu's
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/optserve demo
 
-# The framework extras (torch, jax, keras) let the tests run the adapters and examples/.
+# The framework extras (torch, jax, keras, tensorflow and tf-keras) let the tests run the adapters and examples/.
 test: $(STAMP)
 	$(PY) -m pytest
 

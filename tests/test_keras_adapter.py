@@ -1,6 +1,8 @@
 """optserve.keras.RemoteOptimizer: compiled model.fit on Keras's JAX backend, with local Keras Adam's numbers."""
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -63,3 +65,19 @@ def test_second_worker_attaches_and_starts_from_the_servers_weights(client: Clie
             np.testing.assert_array_equal(got, pulled)
     finally:
         client.delete_optimizer(name)
+
+
+def test_a_backend_other_than_jax_or_tensorflow_is_failed_precondition() -> None:
+    """Keras's torch backend has no compiled step that can call the host: the constructor refuses, naming the field."""
+    script = ("from optserve.client import OptserveError\n"
+              "from optserve.keras import RemoteOptimizer\n"
+              "try:\n"
+              "    RemoteOptimizer('127.0.0.1:1', 'never-made')\n"
+              "except OptserveError as err:\n"
+              "    print(err.code().name, err.details())\n")
+    env = {**os.environ, "KERAS_BACKEND": "torch"}
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.startswith("FAILED_PRECONDITION backend: optserve.keras runs on Keras's JAX or TensorFlow"), \
+        run.stdout
+    assert "'torch'" in run.stdout

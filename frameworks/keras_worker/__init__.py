@@ -1,0 +1,96 @@
+"""What every Keras adapter shares: the variables' names, create-or-attach, and one step's exchange with the server.
+
+`optserve.keras` (Keras 3, JAX and TensorFlow backends) and `optserve.tf_keras`
+(Keras 2) each hold a `KerasWorker`; only how the compiled step reaches the host
+differs (`jax_step`, `tf_step`). Imports no framework.
+"""
+
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import grpc
+import numpy as np
+
+from optserve.client import Client, Optimizer, OptserveError
+
+__all__ = ["KerasWorker", "STALE_RETRIES", "local_learning_rate", "tensor_names"]
+
+STALE_RETRIES = 3  # a push refused as too stale (ABORTED) is retried against the current version this many times
+
+
+class KerasWorker:
+    """One Keras worker of the server's optimizer `name`: creates or attaches to it, then pushes and pulls each step.
+
+    `config` (the server optimizer's Keras arguments) and `create_options`
+    (with `optimizer`, the class) create it when this worker is the first;
+    a later worker attaches (a disagreeing shape, config or mode is refused
+    with ALREADY_EXISTS). `worker_id` names the worker for exactly-once pushes.
+    """
+
+    def __init__(self, client: Client | str, name: str, config: Mapping[str, Any] | None, optimizer: str,
+                 worker_id: str | None, create_options: Mapping[str, Any], prefix: str):
+        self.owns_client = isinstance(client, str)
+        self.client = Client(client) if isinstance(client, str) else client
+        self.name = name
+        self.config = dict(config or {})
+        self.create_options = {**create_options, "optimizer": optimizer}
+        self.worker_id = worker_id or f"{prefix}-{uuid.uuid4().hex}"
+        self.remote: Optimizer | None = None
+        self.names: list[str] = []  # the server's tensor names, in the order of the optimizer's variables
+        self.seq = 0  # the next push's seq
+        self.version = 0  # of the weights last assigned to the variables
+
+    def attach(self, variable_names: Sequence[str], values: Sequence[Any]) -> list[np.ndarray]:
+        """Creates the optimizer from these values (or attaches to it) and returns the server's weights in order."""
+        self.names = tensor_names(variable_names)
+        self.remote = self.client.create_optimizer(self.name, dict(zip(self.names, values)), self.config,
+                                                   if_exists="attach", **self.create_options)
+        pulled = self.remote.pull()
+        self.version = pulled.version
+        return [pulled[name] for name in self.names]
+
+    def exchange(self, names: Sequence[str], grads: Sequence[Any]) -> list[np.ndarray]:
+        """On the host: one push of these gradients (the other tensors skipped), then these tensors' new weights.
+
+        A push refused as too stale (ABORTED) is retried against the server's
+        current version up to STALE_RETRIES times: the gradient is then applied as fresh.
+        """
+        base_version = self.version
+        for attempt in range(STALE_RETRIES + 1):
+            try:
+                result = self.remote.push(dict(zip(names, grads)), worker_id=self.worker_id, seq=self.seq,
+                                          base_version=base_version, missing="skip")
+                break
+            except OptserveError as err:
+                if err.code() != grpc.StatusCode.ABORTED or attempt == STALE_RETRIES:
+                    raise
+                base_version = self.remote.info().version
+        self.seq += 1
+        pulled = self.remote.pull(min_version=int(result))
+        self.version = pulled.version
+        return [np.asarray(pulled[name]) for name in names]
+
+    def keras_config(self) -> dict[str, Any]:
+        """The optimizer's entries in its Keras config: where it lives, not its state (that stays on the server)."""
+        return {"address": self.client.address, "remote_name": self.name, "remote_config": self.config,
+                "create_options": self.create_options}
+
+
+def tensor_names(variable_names: Sequence[str]) -> list[str]:
+    """The tensors' names on the server: "<position>/<variable name>" ("0/kernel", "1/bias").
+
+    Stable for one architecture in every process and in both Kerases: Keras 2's
+    "dense_3/kernel:0" and Keras 3's paths ("sequential_4/dense_8/kernel") number
+    layers as they are made, so only the last part, without ":0", is kept.
+    """
+    return [f"{index}/{name.rsplit('/', 1)[-1].split(':', 1)[0]}" for index, name in enumerate(variable_names)]
+
+
+def local_learning_rate(config: Mapping[str, Any] | None) -> float:
+    """The learning rate the local optimizer object reports: the config's when it is a number, else Keras's 0.001.
+
+    Only shown (the step runs on the server); a schedule's dict stays in the config.
+    """
+    learning_rate = (config or {}).get("learning_rate", 0.001)
+    return float(learning_rate) if isinstance(learning_rate, (int, float)) else 0.001
