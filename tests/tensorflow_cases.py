@@ -69,6 +69,7 @@ def test_compiled_fit_for_an_epoch_equals_local_adam(client: Client, name: str, 
         info = optimizer.remote.info()
         assert info.iterations == 10 and list(info.tensors) == TENSORS
         assert int(optimizer.iterations.numpy()) == 10
+        assert optimizer.get_config()["remote_name"] == name and optimizer.get_config()["name"] == "optserve"
         _assert_trained_like(local, remote, initial, optimizer)
     finally:
         client.delete_optimizer(name)

@@ -22,15 +22,15 @@ os.environ.setdefault("KERAS_BACKEND", "jax")  # before Keras loads: the backend
 import grpc  # noqa: E402
 import keras  # noqa: E402
 
-from optserve.client import Client, Optimizer, OptserveError  # noqa: E402
-from optserve.keras_worker import STALE_RETRIES, KerasWorker, local_learning_rate  # noqa: E402
+from optserve.client import Client, OptserveError  # noqa: E402
+from optserve.keras_worker import STALE_RETRIES, KerasWorker, RemoteOptimizerMixin, local_learning_rate  # noqa: E402
 
 __all__ = ["RemoteOptimizer", "STALE_RETRIES"]
 
 BACKENDS = ("jax", "tensorflow")  # the backends whose compiled step can call the host
 
 
-class RemoteOptimizer(keras.optimizers.Optimizer):
+class RemoteOptimizer(RemoteOptimizerMixin, keras.optimizers.Optimizer):
     """A Keras 3 optimizer whose state and step live on an optserve server (Keras Adam's numbers by default).
 
     `client` is a `Client` or an address; `name` the optimizer on the server,
@@ -58,21 +58,6 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
         self._step = step
         self._worker = KerasWorker(client, name, config, optimizer, worker_id, create_or_mode_options, "keras")
 
-    @property
-    def client(self) -> Client:
-        """The client this optimizer talks through."""
-        return self._worker.client
-
-    @property
-    def remote(self) -> Optimizer | None:
-        """The server's optimizer, once `build` has created or attached to it."""
-        return self._worker.remote
-
-    @property
-    def worker_id(self) -> str:
-        """This worker's id for exactly-once pushes."""
-        return self._worker.worker_id
-
     def build(self, variables: list) -> None:
         """Creates or attaches to the server's optimizer, and starts the variables from its weights."""
         super().build(variables)
@@ -85,7 +70,3 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
         """One step on the server, called from the host by the compiled step: push the gradients, assign the weights."""
         names = [self._worker.names[self._get_variable_index(v)] for v in trainable_variables]
         self._step.exchange_in_step(lambda *arrays: self._worker.exchange(names, arrays), grads, trainable_variables)
-
-    def get_config(self) -> dict[str, Any]:
-        """The Keras config: where the optimizer lives, not its state (that stays on the server)."""
-        return {**super().get_config(), **self._worker.keras_config()}

@@ -14,7 +14,7 @@ import numpy as np
 
 from optserve.client import Client, Optimizer, OptserveError
 
-__all__ = ["KerasWorker", "STALE_RETRIES", "local_learning_rate", "tensor_names"]
+__all__ = ["KerasWorker", "RemoteOptimizerMixin", "STALE_RETRIES", "local_learning_rate", "tensor_names"]
 
 STALE_RETRIES = 3  # a push refused as too stale (ABORTED) is retried against the current version this many times
 
@@ -75,6 +75,31 @@ class KerasWorker:
         """The optimizer's entries in its Keras config: where it lives, not its state (that stays on the server)."""
         return {"address": self.client.address, "remote_name": self.name, "remote_config": self.config,
                 "create_options": self.create_options}
+
+
+class RemoteOptimizerMixin:
+    """What both Kerases' RemoteOptimizer show of their `KerasWorker` (`self._worker`): first in their bases."""
+
+    _worker: KerasWorker
+
+    @property
+    def client(self) -> Client:
+        """The client this optimizer talks through."""
+        return self._worker.client
+
+    @property
+    def remote(self) -> Optimizer | None:
+        """The server's optimizer, once `build` has created or attached to it."""
+        return self._worker.remote
+
+    @property
+    def worker_id(self) -> str:
+        """This worker's id for exactly-once pushes."""
+        return self._worker.worker_id
+
+    def get_config(self) -> dict[str, Any]:
+        """The Keras config: where the optimizer lives, not its state (that stays on the server)."""
+        return {**super().get_config(), **self._worker.keras_config()}  # type: ignore[misc]
 
 
 def tensor_names(variable_names: Sequence[str]) -> list[str]:

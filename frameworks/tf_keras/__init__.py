@@ -17,14 +17,14 @@ from typing import Any
 
 import tf_keras
 
-from optserve.client import Client, Optimizer
-from optserve.keras_worker import STALE_RETRIES, KerasWorker, local_learning_rate
+from optserve.client import Client
+from optserve.keras_worker import STALE_RETRIES, KerasWorker, RemoteOptimizerMixin, local_learning_rate
 from optserve.keras_worker.tf_step import exchange_in_step
 
 __all__ = ["RemoteOptimizer", "STALE_RETRIES"]
 
 
-class RemoteOptimizer(tf_keras.optimizers.Optimizer):
+class RemoteOptimizer(RemoteOptimizerMixin, tf_keras.optimizers.Optimizer):
     """A tf-keras optimizer whose state and step live on an optserve server (tf-keras Adam's numbers by default).
 
     As `optserve.keras.RemoteOptimizer`: `client` a `Client` or an address;
@@ -42,21 +42,6 @@ class RemoteOptimizer(tf_keras.optimizers.Optimizer):
         self._learning_rate = self._build_learning_rate(local_learning_rate(config))
         self._worker = KerasWorker(client, name, config, optimizer, worker_id, create_or_mode_options, "tf-keras")
 
-    @property
-    def client(self) -> Client:
-        """The client this optimizer talks through."""
-        return self._worker.client
-
-    @property
-    def remote(self) -> Optimizer | None:
-        """The server's optimizer, once `build` has created or attached to it."""
-        return self._worker.remote
-
-    @property
-    def worker_id(self) -> str:
-        """This worker's id for exactly-once pushes."""
-        return self._worker.worker_id
-
     def build(self, var_list: list) -> None:
         """Once (tf-keras calls it eagerly, in an init scope): create or attach, and start from the server's weights."""
         if getattr(self, "_built", False):
@@ -73,7 +58,3 @@ class RemoteOptimizer(tf_keras.optimizers.Optimizer):
         names = [self._worker.names[self._index_dict[self._var_key(v)]] for v in variables]
         exchange_in_step(lambda *arrays: self._worker.exchange(names, arrays), grads, variables)
         return self.iterations.assign_add(1)
-
-    def get_config(self) -> dict[str, Any]:
-        """The Keras config: where the optimizer lives, not its state (that stays on the server)."""
-        return {**super().get_config(), **self._worker.keras_config()}
