@@ -2,15 +2,23 @@
 
     python examples/keras_digits.py                  # starts a server, runs sync then async
     python examples/keras_digits.py --address HOST:PORT --mode async
+    python examples/keras_digits.py --backend tensorflow
 
 Each worker compiles its model with `optserve.keras.RemoteOptimizer` in place of
-`keras.optimizers.Adam` and calls `model.fit` (jit-compiled on the JAX backend).
-Needs `pip install "optserve[keras,demo]"` (and `[server]` to start one).
+`keras.optimizers.Adam` and calls `model.fit` (jit-compiled on the JAX backend, a
+tf.function on TensorFlow's). `--backend` (jax or tensorflow; default KERAS_BACKEND,
+else jax) is read before Keras loads; the spawned workers inherit it.
+Needs `pip install "optserve[keras,demo]"` (TensorFlow: `[tensorflow]`; and `[server]` to start one).
 """
 
+import argparse
 import os
+import sys
 
-os.environ.setdefault("KERAS_BACKEND", "jax")  # optserve.keras runs on Keras's JAX backend
+_backend = argparse.ArgumentParser(add_help=False)
+_backend.add_argument("--backend", choices=["jax", "tensorflow"], default=os.environ.get("KERAS_BACKEND", "jax"))
+_chosen, sys.argv[1:] = _backend.parse_known_args()  # the rest is digits.main's
+os.environ["KERAS_BACKEND"] = _chosen.backend  # before Keras loads
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402

@@ -15,12 +15,14 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
     ("torch_digits.py", ["torch"]),
     ("jax_digits.py", ["flax", "optax"]),
     ("keras_digits.py", ["keras"]),
+    ("keras_digits.py --backend tensorflow", ["keras", "tensorflow"]),
 ])
 def test_example_trains_two_workers_in_both_modes(script: str, needs: list[str]) -> None:
     missing = [module for module in needs if importlib.util.find_spec(module) is None]
     if missing:
-        pytest.skip(f"{script} needs {missing} (the torch, jax or keras extra)")
-    run = subprocess.run([sys.executable, str(EXAMPLES / script), "--steps", "60", "--workers", "2"],
+        pytest.skip(f"{script} needs {missing} (the torch, jax, keras or tensorflow extra)")
+    script, *options = script.split()
+    run = subprocess.run([sys.executable, str(EXAMPLES / script), *options, "--steps", "60", "--workers", "2"],
                          capture_output=True, text=True, timeout=600, cwd=EXAMPLES.parent)
     assert run.returncode == 0, run.stdout + run.stderr[-4000:]
     for mode, steps in (("sync", 60), ("async", 120)):
