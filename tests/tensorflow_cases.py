@@ -96,6 +96,37 @@ def test_second_worker_attaches_and_starts_from_the_servers_weights(client: Clie
         client.delete_optimizer(name)
 
 
+@pytest.mark.parametrize("kit,adapter", [(keras, optserve.keras), (tf_keras, optserve.tf_keras)],
+                         ids=["keras3-tensorflow", "tf-keras"])
+def test_batchnorm_statistics_live_on_the_server_with_local_adams_numbers(client: Client, name: str, kit,
+                                                                          adapter) -> None:
+    def model(weights=None):
+        kit.utils.set_random_seed(0)
+        net = kit.Sequential([kit.Input((8,)), kit.layers.Dense(16, use_bias=False), kit.layers.BatchNormalization(),
+                              kit.layers.Activation("tanh"), kit.layers.Dense(3)])
+        if weights is not None:
+            net.set_weights(weights)
+        return net
+
+    initial = model().get_weights()
+    local = model(initial)
+    _fit(kit, local, kit.optimizers.Adam(**ADAM))
+    remote = model(initial)
+    optimizer = adapter.RemoteOptimizer(client, name, ADAM, model=remote)
+    try:
+        _fit(kit, remote, optimizer)
+        pulled = optimizer.remote.pull()
+        state = [n for n in pulled.keys() if n.startswith("state/")]
+        assert state == ["state/0/moving_mean", "state/1/moving_variance"]
+        for want, got in zip(local.get_weights(), remote.get_weights()):  # the moving statistics included
+            np.testing.assert_allclose(got, want, atol=1e-5)
+        for state_name, variable in zip(state, remote.non_trainable_variables):
+            np.testing.assert_array_equal(np.asarray(variable.numpy()), pulled[state_name])
+        assert np.abs(remote.non_trainable_variables[0].numpy()).max() > 1e-3  # the statistics moved
+    finally:
+        client.delete_optimizer(name)
+
+
 def _rows(repeated: bool) -> tuple[np.ndarray, np.ndarray]:
     """10 batches of 32 samples of 4 embedding rows out of rows 0..159 (each row once per batch unless `repeated`)."""
     rng = np.random.default_rng(1)
@@ -133,7 +164,8 @@ def test_embedding_gradients_travel_as_indexed_slices_with_local_adams_numbers(c
     optimizer = adapter.RemoteOptimizer(client, name, ADAM)
     seen = []
     exchange = optimizer._worker.exchange  # the real exchange, recording what type of gradient reached the host
-    optimizer._worker.exchange = lambda names, grads: seen.append(type(grads[0]).__name__) or exchange(names, grads)
+    optimizer._worker.exchange = lambda names, grads, *rest: seen.append(type(grads[0]).__name__) or exchange(
+        names, grads, *rest)
     try:
         _fit(kit, remote, optimizer, x, y)
         assert seen == ["IndexedSlices"] * 10  # the embedding's gradient reached the client sparse

@@ -14,6 +14,7 @@ FAILED_PRECONDITION. KERAS_BACKEND defaults to jax here, the backend the
 """
 
 import os
+import types
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,9 +22,11 @@ os.environ.setdefault("KERAS_BACKEND", "jax")  # before Keras loads: the backend
 
 import grpc  # noqa: E402
 import keras  # noqa: E402
+import numpy as np  # noqa: E402
 
 from optserve.client import Client, OptserveError  # noqa: E402
-from optserve.keras_worker import STALE_RETRIES, KerasWorker, RemoteOptimizerMixin, local_learning_rate  # noqa: E402
+from optserve.keras_worker import (STALE_RETRIES, KerasWorker, RemoteOptimizerMixin, local_learning_rate,  # noqa: E402
+                                   server_state)
 
 __all__ = ["RemoteOptimizer", "STALE_RETRIES"]
 
@@ -41,10 +44,16 @@ class RemoteOptimizer(RemoteOptimizerMixin, keras.optimizers.Optimizer):
     ALREADY_EXISTS) and start from the server's weights. Clipping, weight
     decay and EMA belong in `config`: they run on the server. A variable
     whose gradient is None is skipped (`missing="skip"`), as Keras skips it.
+
+    `model` (the Keras model being trained) keeps its floating-point
+    non-trainable variables, BatchNorm's moving statistics, on the server
+    too: created with the optimizer, pushed with every step and assigned
+    back (in sync mode the round's mean). Without it they stay local.
     """
 
     def __init__(self, client: Client | str, name: str, config: Mapping[str, Any] | None = None,
-                 optimizer: str = "Adam", *, worker_id: str | None = None, **create_or_mode_options: Any):
+                 optimizer: str = "Adam", *, worker_id: str | None = None, model: Any = None,
+                 **create_or_mode_options: Any):
         backend = keras.backend.backend()
         if backend not in BACKENDS:
             raise OptserveError(grpc.StatusCode.FAILED_PRECONDITION,
@@ -56,17 +65,39 @@ class RemoteOptimizer(RemoteOptimizerMixin, keras.optimizers.Optimizer):
         else:
             from optserve.keras_worker import tf_step as step
         self._step = step
+        state = server_state(model)
+        self._held = types.SimpleNamespace(model=model, state=state)  # not Keras-tracked: the model's own variables
+        self._stashed: tuple[list[str], tuple] = ([], ())  # JAX with state: the step's gradients, until pushed
         self._worker = KerasWorker(client, name, config, optimizer, worker_id, create_or_mode_options, "keras")
+        if state and backend == "jax":
+            self._step.exchange_after_step(model, state, self._exchange_after_step)
 
     def build(self, variables: list) -> None:
         """Creates or attaches to the server's optimizer, and starts the variables from its weights."""
         super().build(variables)
         with self._step.outside_the_step():  # Keras on TensorFlow builds it while tracing the step
-            pulled = self._worker.attach([v.name for v in variables], [v.value for v in variables])
-            for variable, value in zip(variables, pulled):
+            pulled = self._worker.attach([v.name for v in variables], [v.value for v in variables],
+                                         [v.name for v in self._held.state], [v.value for v in self._held.state])
+            for variable, value in zip([*variables, *self._held.state], pulled):
                 variable.assign(value)
 
     def _backend_apply_gradients(self, grads: list, trainable_variables: list) -> None:
-        """One step on the server, called from the host by the compiled step: push the gradients, assign the weights."""
+        """One step on the server, called from the host by the compiled step: push the gradients, assign the weights.
+
+        JAX with state: only keeps the gradients; the wrapped train_step pushes them with the new statistics.
+        """
         names = [self._worker.names[self._get_variable_index(v)] for v in trainable_variables]
-        self._step.exchange_in_step(lambda *arrays: self._worker.exchange(names, arrays), grads, trainable_variables)
+        if self._held.state and keras.backend.backend() == "jax":
+            self._step.stash_in_step(lambda *arrays: setattr(self, "_stashed", (names, arrays)), grads)
+            return
+        count = len(grads)
+        self._step.exchange_in_step(lambda *arrays: self._worker.exchange(names, arrays[:count], arrays[count:]),
+                                    grads, trainable_variables, self._held.state)
+
+    def _exchange_after_step(self, *state: np.ndarray) -> list[np.ndarray]:
+        """JAX with state, on the host: push the kept gradients with the step's statistics; returns the model's
+        new trainable weights (in its order) and the server's statistics."""
+        names, grads = self._stashed
+        self._stashed = ([], ())
+        returned = [self._worker.names[self._get_variable_index(v)] for v in self._held.model.trainable_variables]
+        return self._worker.exchange(names, grads, state, returned)

@@ -14,10 +14,14 @@ import numpy as np
 import tensorflow as tf
 
 
-def exchange_in_step(exchange: Callable[..., list[np.ndarray]], grads: Sequence[Any], variables: Sequence[Any]) -> None:
-    """Calls `exchange(*grads)` on the host from the traced step and assigns the arrays it returns to `variables`."""
-    values = tf.py_function(exchange, list(grads), [tf.as_dtype(v.dtype) for v in variables])
-    for variable, value in zip(variables, values):
+def exchange_in_step(exchange: Callable[..., list[np.ndarray]], grads: Sequence[Any], variables: Sequence[Any],
+                     state_variables: Sequence[Any] = ()) -> None:
+    """Calls `exchange(*grads, *state values)` on the host from the traced step and assigns the arrays it
+    returns to `variables`, then to `state_variables` (read after the forward pass: the step's own statistics)."""
+    inputs = [*grads, *(tf.convert_to_tensor(v) for v in state_variables)]
+    targets = [*variables, *state_variables]
+    values = tf.py_function(exchange, inputs, [tf.as_dtype(v.dtype) for v in targets])
+    for variable, value in zip(targets, values):
         value.set_shape(variable.shape)
         variable.assign(value)
 

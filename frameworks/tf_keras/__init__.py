@@ -12,13 +12,14 @@ Needs the `tensorflow` extra and tf-keras (`pip install "optserve[tensorflow]"`,
 then `pip install --no-deps tf-keras==2.21.0`: its own requirement would pull the full `tensorflow` build).
 """
 
+import types
 from collections.abc import Mapping
 from typing import Any
 
 import tf_keras
 
 from optserve.client import Client
-from optserve.keras_worker import STALE_RETRIES, KerasWorker, RemoteOptimizerMixin, local_learning_rate
+from optserve.keras_worker import STALE_RETRIES, KerasWorker, RemoteOptimizerMixin, local_learning_rate, server_state
 from optserve.keras_worker.tf_step import exchange_in_step
 
 __all__ = ["RemoteOptimizer", "STALE_RETRIES"]
@@ -34,11 +35,15 @@ class RemoteOptimizer(RemoteOptimizerMixin, tf_keras.optimizers.Optimizer):
     `create_or_mode_options`; every worker starts from the server's weights.
     Clipping, weight decay and EMA belong in `config` (they run on the server);
     a variable whose gradient is None is skipped, as tf-keras skips it.
+    `model` keeps the model's floating-point non-trainable variables
+    (BatchNorm's moving statistics) on the server too, as in `optserve.keras`.
     """
 
     def __init__(self, client: Client | str, name: str, config: Mapping[str, Any] | None = None,
-                 optimizer: str = "Adam", *, worker_id: str | None = None, **create_or_mode_options: Any):
+                 optimizer: str = "Adam", *, worker_id: str | None = None, model: Any = None,
+                 **create_or_mode_options: Any):
         super().__init__(name="optserve", jit_compile=False)
+        self._held = types.SimpleNamespace(state=server_state(model))  # not tracked: the model's own variables
         self._learning_rate = self._build_learning_rate(local_learning_rate(config))
         self._worker = KerasWorker(client, name, config, optimizer, worker_id, create_or_mode_options, "tf-keras")
 
@@ -47,8 +52,9 @@ class RemoteOptimizer(RemoteOptimizerMixin, tf_keras.optimizers.Optimizer):
         if getattr(self, "_built", False):
             return
         super().build(var_list)
-        pulled = self._worker.attach([v.name for v in var_list], list(var_list))
-        for variable, value in zip(var_list, pulled):
+        state = self._held.state
+        pulled = self._worker.attach([v.name for v in var_list], list(var_list), [v.name for v in state], state)
+        for variable, value in zip([*var_list, *state], pulled):
             variable.assign(value)
         self._built = True
 
@@ -56,5 +62,7 @@ class RemoteOptimizer(RemoteOptimizerMixin, tf_keras.optimizers.Optimizer):
         """One step on the server, called from the host by the tf.function step; returns the iteration counter."""
         grads, variables = zip(*grads_and_vars)
         names = [self._worker.names[self._index_dict[self._var_key(v)]] for v in variables]
-        exchange_in_step(lambda *arrays: self._worker.exchange(names, arrays), grads, variables)
+        count = len(grads)
+        exchange_in_step(lambda *arrays: self._worker.exchange(names, arrays[:count], arrays[count:]), grads,
+                         variables, self._held.state)
         return self.iterations.assign_add(1)
