@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from optserve.server import journal, overflow, patterns, two_phase
+from optserve.server import journal, overflow, parallel, patterns, two_phase
 from optserve.server.engine import devices, pipeline
 from optserve.server.engine.config import AdamConfig, OptimizerConfig
 from optserve.server.errors import (
@@ -279,7 +279,7 @@ class Optimizer:
         buffer = into(padded_bytes(sizes))
         if names == list(layout.shapes) and layout.packed:
             flat = buffer[:layout.nbytes].view(np.float32)
-            np.copyto(flat, source)
+            parallel.copy(flat, source)  # split across the free cores: a pull's copy is under the lock
             return list(layout.views(flat).items())
         slots = ChunkBuffer(sizes, InvalidArgument, buffer)
         arrays = []

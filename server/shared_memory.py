@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from optserve.server.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from optserve.server import parallel
 from optserve.server.overflow import Magnitude, copy_measured
 from optserve.wire.layout import FlatLayout
 
@@ -79,13 +80,13 @@ class Segment:
         """The gradient region copied into a buffer from `reserve` (a Lease's), as float32 of layout.size, and
         with `measure` each tensor's `Magnitude` taken from the copy in the same pass (`copy_measured`).
 
-        The copy (np.copyto) releases the GIL, so concurrent pushes copy in parallel.
+        The copy releases the GIL, so concurrent pushes copy in parallel; one alone is split across the cores.
         """
         nbytes = self.layout.nbytes
         private = reserve(nbytes, nbytes)[:nbytes].view(np.float32)
         source = self._region(self.gradients_offset).view(np.float32)
         if not measure:
-            np.copyto(private, source)
+            parallel.copy(private, source)
             return private, None
         return private, copy_measured(private, source, self.layout, squares)
 
