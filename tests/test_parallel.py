@@ -9,7 +9,10 @@ import pytest
 from optserve.server import parallel
 
 
-@pytest.mark.parametrize("size", [0, 1, parallel.SPLIT_VALUES - 1, parallel.SPLIT_VALUES, 3 * parallel.SPLIT_VALUES + 5])
+SIZES = [0, 1, parallel.SPLIT_VALUES - 1, parallel.SPLIT_VALUES, 3 * parallel.SPLIT_VALUES + 5]
+
+
+@pytest.mark.parametrize("size", SIZES)
 def test_a_split_pass_covers_every_value_once_in_order(size: int) -> None:
     ranges = parallel.each(size, lambda start, stop: (start, stop))
     assert ranges[0][0] == 0 and ranges[-1][1] == size
