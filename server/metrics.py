@@ -62,13 +62,17 @@ class Metrics:
                                         registry=self.registry)
 
     def observe_step(self, optimizer: str, seconds: float, version: int,
-                     grads: Mapping[str, np.ndarray | tuple[np.ndarray, np.ndarray]]) -> None:
-        """One applied step: its latency, the new version and (when enabled) the gradient's norm."""
+                     grads: Mapping[str, np.ndarray | tuple[np.ndarray, np.ndarray]], squares: float | None = None,
+                     ) -> None:
+        """One applied step: its latency, the new version and (when enabled) the gradient's norm.
+
+        `squares`: the gradients' sum of squares when already known (taken as they arrived), else summed here.
+        """
         self.steps.labels(optimizer).inc()
         self.step_seconds.labels(optimizer).observe(seconds)
         self.version.labels(optimizer).set(version)
         if self.enabled:
-            self.grad_norm.labels(optimizer).set(global_norm(grads.values()))
+            self.grad_norm.labels(optimizer).set(global_norm(grads.values()) if squares is None else squares ** 0.5)
 
     def forget(self, optimizer: str) -> None:
         """Drops every series of a deleted optimizer."""

@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from optserve.server import journal, overflow, patterns, two_phase
+from optserve.server import journal, overflow, parallel, patterns, two_phase
 from optserve.server.engine import devices, pipeline
 from optserve.server.engine.config import AdamConfig, OptimizerConfig
 from optserve.server.errors import (
@@ -126,7 +126,8 @@ class Optimizer:
     def push(self, grads: Mapping[str, Gradient], worker_id: str = "", seq: int | None = None,
              base_version: int | None = None, timeout: float | None = None,
              retain: Callable[[], Callable[[], None]] | None = None,
-             cancelled: threading.Event | None = None, norms: ShardNorms | None = None) -> PushResult:
+             cancelled: threading.Event | None = None, norms: ShardNorms | None = None,
+             measured: Mapping[str, overflow.Magnitude] | None = None) -> PushResult:
         """Accepts one gradient for every tensor, or some (proto `MissingGradients` SKIP); see proto `PushHeader`.
 
         Async: applies one Adam step now. Sync: adds the gradient to the open
@@ -138,7 +139,8 @@ class Optimizer:
         function that gives it back once the round is applied or dropped.
         A wait ends early with CANCELLED once `cancelled` is set (its gradient
         stays in the round). `norms`: on a shard, the other shards' sums of
-        squares of this gradient, for the clip.
+        squares of this gradient, for the clip. `measured`: the gradients'
+        magnitudes, taken as they were copied in (see `measures`).
         """
         if seq is not None and not worker_id:
             raise InvalidArgument("worker_id: required with seq")
@@ -153,7 +155,7 @@ class Optimizer:
             raise InvalidArgument("norm_inputs: a sync round clips its combined gradient; its pushes carry none")
         norm_inputs = None if sync else engine_norm_inputs(self.shard, self.config, list(self.shapes), norms)
         self._check_non_trainable(grads)
-        magnitudes = self._refuse_non_finite(grads)
+        magnitudes = self._refuse_non_finite(grads, measured or {})
         with self._lock:
             self._check_alive()
             if seq is not None:
@@ -277,7 +279,7 @@ class Optimizer:
         buffer = into(padded_bytes(sizes))
         if names == list(layout.shapes) and layout.packed:
             flat = buffer[:layout.nbytes].view(np.float32)
-            np.copyto(flat, source)
+            parallel.copy(flat, source)  # split across the free cores: a pull's copy is under the lock
             return list(layout.views(flat).items())
         slots = ChunkBuffer(sizes, InvalidArgument, buffer)
         arrays = []
@@ -402,14 +404,22 @@ class Optimizer:
         if staleness is not None:
             self._metrics.staleness.labels(self.name).observe(staleness)
 
-    def _refuse_non_finite(self, grads: Mapping[str, Gradient]) -> list[overflow.Magnitude] | None:
-        """Under "refuse": the gradients' magnitudes, after refusing NaN or Inf; None under "apply"."""
-        if self.non_finite_policy != "refuse":
+    @property
+    def measures(self) -> tuple[bool, bool]:
+        """Whether a push's gradients are measured (`overflow.magnitude`), and with their sums of squares."""
+        return self.non_finite_policy == "refuse" or self._metrics.enabled, self._metrics.enabled
+
+    def _refuse_non_finite(self, grads: Mapping[str, Gradient],
+                           measured: Mapping[str, overflow.Magnitude]) -> list[overflow.Magnitude] | None:
+        """The gradients' magnitudes (`measured`, else taken here, outside the lock), after refusing NaN or Inf
+        under "refuse"; None when neither the policy nor the metrics need them."""
+        wanted, squares = self.measures
+        if not wanted:
             return None
         magnitudes = []
         for name, grad in grads.items():
-            magnitudes.append(overflow.magnitude(grad))
-            if not np.isfinite(magnitudes[-1].largest):
+            magnitudes.append(measured.get(name) or overflow.magnitude(grad, squares))
+            if self.non_finite_policy == "refuse" and not np.isfinite(magnitudes[-1].largest):
                 raise InvalidArgument(
                     f"gradients[{name!r}]: contains NaN or Inf (this optimizer's non_finite_policy is 'refuse')")
         return magnitudes
@@ -492,7 +502,7 @@ class Optimizer:
         else:
             self._log(record)
             state = self._step(self._state, self._device_grads(grads), norm_inputs)
-        self._commit(self._assigned(state, values), grads, started)
+        self._commit(self._assigned(state, values), grads, started, magnitudes)
         self._bounds = bounds if not values else None  # assigned values: measured again before the next step
         return PushResult(self._versions.version, self._iterations)
 
@@ -557,14 +567,18 @@ class Optimizer:
         self._commit(self._assigned(self._step(self._state, self._device_grads(grads), norm_inputs),
                                     self._values_in(grads)), grads, started)
 
-    def _commit(self, state: pipeline.OptimizerState, grads: Mapping[str, Gradient], started: float) -> None:
+    def _commit(self, state: pipeline.OptimizerState, grads: Mapping[str, Gradient], started: float,
+                magnitudes: list[overflow.Magnitude] | None = None) -> None:
         """Makes `state` the optimizer's state: one more step and version."""
         self._state = state
         jax.block_until_ready(self._state)
         self._iterations = min(self._iterations + 1, _INT32_MAX)
         self._versions.bump()
         stepped = grads if not self.non_trainable else {n: g for n, g in grads.items() if n not in self.non_trainable}
-        self._metrics.observe_step(self.name, time.perf_counter() - started, self._versions.version, stepped)
+        squares = None  # the stepped gradients' sum of squares, when measured before the lock; else the metrics sum
+        if magnitudes is not None and len(magnitudes) == len(grads) and all(m.squares is not None for m in magnitudes):
+            squares = sum(m.squares for name, m in zip(grads, magnitudes) if name in stepped)
+        self._metrics.observe_step(self.name, time.perf_counter() - started, self._versions.version, stepped, squares)
         self._on_step(self)
 
     def _log(self, record: LogRecord) -> None:

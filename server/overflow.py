@@ -8,6 +8,7 @@ stays below `LIMIT`, eight orders of magnitude under float32's largest value, so
 cannot bridge the gap. It may say "might overflow" for a safe step, never the reverse.
 """
 
+import itertools
 import math
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -16,8 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from optserve.server import parallel
 from optserve.server.engine import pipeline
 from optserve.server.engine.config import AdamConfig, OptimizerConfig
+from optserve.wire.layout import FlatLayout
 
 LIMIT = 1e30  # float32 holds up to 3.4e38
 _ROUNDING = 1 + 1e-5  # per formula: a few float32 roundings of 6e-8 each, with room to spare
@@ -30,6 +33,8 @@ class Magnitude(NamedTuple):
     largest: float  # max |g| after the cast to float32; inf or nan when some value is not finite
     elements: int  # values sent (the clipping norms sum over them)
     duplicates: int  # rows that may share an index and be summed (sparse), else 1
+    squares: float | None = None  # sum of g*g in float32 blocks, when asked for (the metrics' gradient norm)
+
 
 
 class Bounds(NamedTuple):
@@ -42,6 +47,9 @@ class Bounds(NamedTuple):
     ema: float
 
 
+BLOCK = 1 << 17  # values per block: 512 KiB of float32 stays in the L2 cache between a block's passes
+
+
 def combined(magnitudes: Sequence[Sequence[Magnitude]]) -> list[Magnitude]:
     """One `Magnitude` bounding the sum of several pushes' gradients (a sync round's aggregate)."""
     flat = [m for push in magnitudes for m in push]
@@ -51,23 +59,107 @@ def combined(magnitudes: Sequence[Sequence[Magnitude]]) -> list[Magnitude]:
                       sum(m.duplicates for m in flat))]
 
 
-def magnitude(grad: np.ndarray | tuple[np.ndarray, np.ndarray]) -> Magnitude:
-    """The `Magnitude` of a dense gradient or of a sparse (indices, rows) one; one pass, no copy."""
+def magnitude(grad: np.ndarray | tuple[np.ndarray, np.ndarray], squares: bool = False) -> Magnitude:
+    """The `Magnitude` of a dense gradient or of a sparse (indices, rows) one; no copy.
+
+    Float32 values are read once from memory: each block's max, min (and
+    `squares`: dot) run while it is in the cache, the blocks split across the cores.
+    """
     values = grad[1] if isinstance(grad, tuple) else grad
     duplicates = len(grad[0]) if isinstance(grad, tuple) else 1
     if values.size == 0:
-        return Magnitude(0.0, 0, duplicates)
+        return Magnitude(0.0, 0, duplicates, 0.0 if squares else None)
     half = _HALF_BITS.get(values.dtype.name)
     if half is None:
-        largest = max(abs(float(np.max(values))), abs(float(np.min(values))))  # NaN propagates through both
+        flat = values.reshape(-1)
+
+        def part(start: int, stop: int) -> _Tally:
+            tally = _Tally(squares)
+            for low in range(start, stop, BLOCK):
+                tally.add(flat[low:min(low + BLOCK, stop)])
+            return tally
+
+        return _Tally.merged(parallel.each(flat.size, part), squares).magnitude(duplicates)
+    exponent, dtype = half
+    bits = int((values.view(np.uint16) & np.uint16(0x7FFF)).max())
+    if bits >= exponent:
+        largest = math.inf
     else:
-        exponent, dtype = half
-        bits = int((values.view(np.uint16) & np.uint16(0x7FFF)).max())
-        if bits >= exponent:
-            largest = math.inf
-        else:
-            largest = float(np.uint16(bits).view(dtype)) if dtype else float(np.uint32(bits << 16).view(np.float32))
-    return Magnitude(largest, int(values.size), duplicates)
+        largest = float(np.uint16(bits).view(dtype)) if dtype else float(np.uint32(bits << 16).view(np.float32))
+    total = None
+    if squares:
+        flat = values.reshape(-1)
+        total = sum(_squares(flat[start:start + BLOCK].astype(np.float32)) for start in range(0, flat.size, BLOCK))
+    return Magnitude(largest, int(values.size), duplicates, total)
+
+
+def copy_measured(target: np.ndarray, source: np.ndarray, layout: FlatLayout,
+                  squares: bool = False) -> dict[str, Magnitude]:
+    """Copies flat float32 `source` into `target` block by block, and measures each tensor of `layout` in
+    `target` (the copy, never the source) while the block is in the cache: one read of memory for both.
+
+    The blocks are split across the cores (`parallel.each`).
+    """
+    spans = sorted((layout.offsets[name], layout.offsets[name] + layout.sizes[name], name) for name in layout.shapes)
+
+    def part(start: int, stop: int) -> dict[str, _Tally]:
+        tallies: dict[str, _Tally] = {}
+        first = 0  # the first span that may overlap the block
+        for low in range(start, stop, BLOCK):
+            high = min(low + BLOCK, stop)
+            np.copyto(target[low:high], source[low:high])
+            while first < len(spans) and spans[first][1] <= low:
+                first += 1
+            for begin, end, name in itertools.islice(spans, first, None):
+                if begin >= high:
+                    break
+                if end > begin:
+                    tallies.setdefault(name, _Tally(squares)).add(target[max(begin, low):min(end, high)])
+        return tallies
+
+    parts = parallel.each(layout.size, part)
+    return {name: _Tally.merged([tallies[name] for tallies in parts if name in tallies], squares).magnitude(1)
+            for name in layout.shapes}
+
+
+class _Tally:
+    """A float32 tensor's extremes and sum of squares, gathered block by block."""
+
+    def __init__(self, squares: bool):
+        self.highs: list[np.floating] = []
+        self.lows: list[np.floating] = []
+        self.elements = 0
+        self.squares = 0.0 if squares else None
+
+    @classmethod
+    def merged(cls, tallies: list["_Tally"], squares: bool) -> "_Tally":
+        """One tally of the blocks of several (the parts of one tensor)."""
+        whole = cls(squares)
+        for tally in tallies:
+            whole.highs += tally.highs
+            whole.lows += tally.lows
+            whole.elements += tally.elements
+            if squares:
+                whole.squares += tally.squares
+        return whole
+
+    def add(self, block: np.ndarray) -> None:
+        self.highs.append(block.max())
+        self.lows.append(block.min())
+        self.elements += block.size
+        if self.squares is not None:
+            self.squares += _squares(block)
+
+    def magnitude(self, duplicates: int) -> Magnitude:
+        if not self.elements:
+            return Magnitude(0.0, 0, duplicates, self.squares)
+        # np.max/np.min keep a NaN (Python's max would drop it by order); a NaN's block has NaN for both
+        largest = max(abs(float(np.max(self.highs))), abs(float(np.min(self.lows))))
+        return Magnitude(largest, self.elements, duplicates, self.squares)
+
+
+def _squares(block: np.ndarray) -> float:
+    return float(np.dot(block, block))
 
 
 def all_finite(values: np.ndarray) -> bool:

@@ -25,6 +25,7 @@ from optserve.server.bulk import BulkListener, Transfer
 from optserve.server.errors import FailedPrecondition, InvalidArgument, OptserveError, ResourceExhausted
 from optserve.server.options import ServerOptions
 from optserve.server.optimizer import Optimizer
+from optserve.server.overflow import Magnitude
 from optserve.server.registry import Registry
 from optserve.server.shared_memory import SegmentTable
 from optserve.server.traffic import Traffic
@@ -170,8 +171,9 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
                 if waits:
                     holds.enter_context(self._admission.admit("waiting", context.peer()))
                 lease = holds.enter_context(self._buffers.lease("gradients"))
+                measured = None
                 if transport == "shared_memory":
-                    grads = self._segment_gradients(header, chunks, optimizer, context, lease, holds)
+                    grads, measured = self._segment_gradients(header, chunks, optimizer, context, lease, holds)
                 else:
                     grads = codec.decode_gradients(header, chunks, optimizer.shapes, self._options.max_request_bytes,
                                                    into=lease.reserve, receive=None if bulk is None else bulk.receive,
@@ -189,6 +191,7 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
                     retain=lease.retain,
                     cancelled=self._cancellation(context, optimizer) if waits else None,
                     norms=codec.decode_norm_inputs(header),
+                    measured=measured,
                 )
         except OptserveError as err:  # counted per optimizer only once the optimizer is known to exist
             self._registry.metrics.refused.labels(optimizer.name, err.code.lower()).inc()
@@ -196,8 +199,10 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
         return codec.push_result_to_wire(result)
 
     def _segment_gradients(self, header: pb.PushHeader, chunks: Iterator, optimizer: Optimizer,
-                           context: grpc.ServicerContext, lease, holds: contextlib.ExitStack) -> dict:
-        """A push's gradients from its segment, copied into `lease` first: checks, log and step see those bytes.
+                           context: grpc.ServicerContext, lease, holds: contextlib.ExitStack,
+                           ) -> tuple[dict, dict[str, Magnitude] | None]:
+        """A push's gradients from its segment, copied into `lease` first: checks, log and step see those bytes;
+        and their magnitudes, measured on that copy as it is made (when the optimizer measures pushes).
 
         The segment stays held (one push at a time on it) until the push returns.
         """
@@ -206,9 +211,11 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
         segment = holds.enter_context(self.segments.use(header.shared_memory_session, optimizer, _caller(context),
                                                         "push"))
         codec.check_segment_push(header, optimizer.shapes, optimizer.non_trainable)  # before a byte is copied
-        views = segment.layout.views(segment.copy_gradients(lease.reserve))
+        private, measured = segment.copy_gradients(lease.reserve, *optimizer.measures)
+        views = segment.layout.views(private)
         named = {spec.name for spec in header.gradients}  # all of them, unless `missing` is SKIP
-        return {name: view for name, view in views.items() if name in named}
+        return ({name: view for name, view in views.items() if name in named},
+                None if measured is None else {name: m for name, m in measured.items() if name in named})
 
     def _take_bulk(self, transfer: pb.BulkTransfer) -> Transfer:
         """The named bulk channel for this transfer; FAILED_PRECONDITION on a server without bulk channels."""

@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 
 from optserve.server.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from optserve.server import parallel
+from optserve.server.overflow import Magnitude, copy_measured
 from optserve.wire.layout import FlatLayout
 
 log = logging.getLogger("optserve.shared_memory")
@@ -73,15 +75,20 @@ class Segment:
     unlinked: bool = False
     busy: set[str] = field(default_factory=set)  # "push" and/or "pull" in progress
 
-    def copy_gradients(self, reserve: Callable[[int, int], np.ndarray]) -> np.ndarray:
-        """The gradient region copied into a buffer from `reserve` (a Lease's), as float32 of layout.size.
+    def copy_gradients(self, reserve: Callable[[int, int], np.ndarray], measure: bool = False,
+                       squares: bool = False) -> tuple[np.ndarray, dict[str, Magnitude] | None]:
+        """The gradient region copied into a buffer from `reserve` (a Lease's), as float32 of layout.size, and
+        with `measure` each tensor's `Magnitude` taken from the copy in the same pass (`copy_measured`).
 
-        The copy (np.copyto) releases the GIL, so concurrent pushes copy in parallel.
+        The copy releases the GIL, so concurrent pushes copy in parallel; one alone is split across the cores.
         """
         nbytes = self.layout.nbytes
-        private = reserve(nbytes, nbytes)[:nbytes]
-        np.copyto(private, self._region(self.gradients_offset))
-        return private.view(np.float32)
+        private = reserve(nbytes, nbytes)[:nbytes].view(np.float32)
+        source = self._region(self.gradients_offset).view(np.float32)
+        if not measure:
+            parallel.copy(private, source)
+            return private, None
+        return private, copy_measured(private, source, self.layout, squares)
 
     def weights_into(self, nbytes: int) -> np.ndarray:
         """The start of the weights region, for a pull to copy `nbytes` into (`Optimizer.pull`'s `into`)."""

@@ -63,3 +63,41 @@ def test_every_admitted_step_stays_finite_and_within_its_bounds(raw: dict) -> No
         bounds = following
     if raw in ({}, {"global_clipnorm": 1.0}):
         assert admitted > 20  # the in-place path is the common one
+
+
+@pytest.mark.parametrize("size", [1, overflow.BLOCK - 1, overflow.BLOCK, 3 * overflow.BLOCK + 7])
+def test_a_blocked_magnitude_sees_every_value_of_every_block(size: int) -> None:
+    """The largest value, a NaN or an Inf in any block (first, last, a partial one) decides the magnitude."""
+    values = np.random.default_rng(size).uniform(-1, 1, size).astype(np.float32)
+    exact = float(np.max(np.abs(values)))
+    measured = overflow.magnitude(values, squares=True)
+    assert (measured.largest, measured.elements) == (exact, size)
+    assert math.isclose(measured.squares, float(np.sum(values.astype(np.float64) ** 2)), rel_tol=1e-5)
+    assert overflow.magnitude(values).squares is None  # not asked for: no dot pass
+    for position in {0, size // 2, size - 1}:
+        for bad in (np.nan, np.inf, -np.inf):
+            spoiled = values.copy()
+            spoiled[position] = bad
+            assert not math.isfinite(overflow.magnitude(spoiled).largest), (position, bad)
+        peak = values.copy()
+        peak[position] = -7.5
+        assert overflow.magnitude(peak).largest == 7.5
+
+
+def test_a_measured_copy_is_the_copy_and_measures_each_tensor_of_the_copy() -> None:
+    """Tensors straddling blocks, an empty one and padding: the bytes arrive whole, each tensor measured apart."""
+    from optserve.wire.layout import FlatLayout
+
+    layout = FlatLayout({"a": (3, overflow.BLOCK // 2 + 5), "empty": (0,), "one": (1,), "b": (overflow.BLOCK,),
+                         "c": (17, 3)})
+    source = np.random.default_rng(1).standard_normal(layout.size).astype(np.float32)
+    source[layout.offsets["b"] + overflow.BLOCK - 1] = np.inf  # the last value of "b" only
+    target = np.zeros(layout.size, np.float32)
+    measured = overflow.copy_measured(target, source, layout, squares=True)
+    assert target.tobytes() == source.tobytes()  # padding included
+    for name, view in layout.views(target).items():
+        alone = overflow.magnitude(view, squares=True)
+        assert (measured[name].largest, measured[name].elements) == (alone.largest, alone.elements), name
+        if name != "b":
+            assert math.isclose(measured[name].squares, alone.squares, rel_tol=1e-5, abs_tol=1e-12), name
+    assert math.isinf(measured["b"].largest) and math.isfinite(measured["a"].largest)

@@ -314,6 +314,41 @@ def test_non_finite_bytes_in_the_segment_are_refused(shm_server, local, name):
     assert weights.version == 0 and all(weights[k].tobytes() == PARAMS[k].tobytes() for k in PARAMS)
 
 
+def test_a_non_finite_value_past_the_first_block_is_refused_naming_its_tensor(shm_server, local, name):
+    """The copy out of the segment measures every block of the copy: a NaN deep in a large tensor is caught."""
+    from optserve.server.overflow import BLOCK
+
+    params = {"small": np.zeros(3, np.float32), "large": np.zeros(3 * BLOCK + 5, np.float32)}
+    optimizer = local.create_optimizer(name, params, non_finite_policy="refuse")
+    buffers = optimizer.gradient_buffers()
+    for value in buffers.values():
+        value[...] = 0.5
+    buffers["large"][2 * BLOCK + 1] = np.inf
+    with pytest.raises(OptserveError) as refused:
+        optimizer.push(buffers)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "'large'" in refused.value.details()
+    buffers["large"][2 * BLOCK + 1] = 0.5
+    assert optimizer.push(buffers) == 1
+
+
+def test_the_gradient_norm_metric_of_a_segment_push_is_the_gradients_norm(tmp_path):
+    """The norm comes from the sums of squares measured as the segment was copied, trainable tensors only."""
+    running = RunningServer(ServerOptions(host="127.0.0.1", port=0, shm_dir=_shm_dir(), metrics_port=0))
+    try:
+        with Client(running.address, timeout=60.0, transport="local") as client:
+            optimizer = client.create_optimizer("norm", PARAMS)
+            grads = _grads(3)
+            optimizer.push(grads)
+            metrics = running.registry.metrics
+            assert metrics.bytes_received.labels("norm", "shared_memory")._value.get() > 0  # it came by the segment
+            expected = float(np.sqrt(sum(np.sum(g.astype(np.float64) ** 2) for g in grads.values())))
+            assert metrics.grad_norm.labels("norm")._value.get() == pytest.approx(expected, rel=1e-5)
+    finally:
+        directory = running.built.service.segments.directory
+        running.stop()
+        shutil.rmtree(directory)
+
+
 def test_concurrent_pushes_on_one_session_are_refused_not_mixed(shm_server, local, stub, name):
     local.create_optimizer(name, PARAMS)
     segment = _segment_of(local, name)
