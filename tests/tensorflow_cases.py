@@ -1,4 +1,4 @@
-"""optserve.keras on Keras 3's TensorFlow backend and optserve.tf_keras: compiled model.fit equals local Adam.
+"""TensorFlow: optserve.keras on its Keras 3 backend and optserve.tf_keras equal local Adam; the client takes its arrays.
 
 Not collected by the suite (which loads Keras on JAX): tests/test_tensorflow.py runs
 this module in one subprocess with KERAS_BACKEND=tensorflow, so TensorFlow's
@@ -18,7 +18,9 @@ import keras  # noqa: E402
 
 import optserve.keras  # noqa: E402
 import optserve.tf_keras  # noqa: E402
-from optserve.client import Client  # noqa: E402
+from optserve.client import Client, IndexedSlices  # noqa: E402
+from tests.conftest import stepped_weights  # noqa: E402
+from tests.test_framework_inputs import GRADS, PARAMS, _assert_same  # noqa: E402
 
 ADAM = {"learning_rate": 0.01, "beta_1": 0.9, "beta_2": 0.999, "epsilon": 1e-7}
 TENSORS = ["0/kernel", "1/bias", "2/kernel", "3/bias"]
@@ -173,3 +175,22 @@ def test_embedding_gradients_travel_as_indexed_slices_with_local_adams_numbers(c
         np.testing.assert_array_equal(remote.get_weights()[0][160:], initial[0][160:])  # rows never looked up
     finally:
         client.delete_optimizer(name)
+
+
+def test_tensorflow_tensors_push_dense(client: Client, name: str) -> None:
+    want = stepped_weights(client, name + "-np", PARAMS, GRADS)
+    _assert_same(stepped_weights(client, name, {k: tf.Variable(v) for k, v in PARAMS.items()},
+                          {k: tf.constant(v) for k, v in GRADS.items()}), want)
+
+
+def test_tensorflow_indexed_slices_push_sparse(client: Client, name: str) -> None:
+    embedding = tf.Variable(PARAMS["emb"])
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(tf.gather(embedding, [1, 3, 1]))  # rows 1 (twice) and 3
+    grad = tape.gradient(loss, embedding)
+    assert isinstance(grad, tf.IndexedSlices)
+    want = stepped_weights(client, name + "-own", PARAMS,
+                    {"w": GRADS["w"], "emb": IndexedSlices(np.array([1, 3]), np.array([[2, 2], [1, 1]], np.float32))})
+    got = stepped_weights(client, name, PARAMS, {"w": GRADS["w"], "emb": grad})
+    _assert_same(got, want)
+    assert got["emb"][0].tolist() == PARAMS["emb"][0].tolist()  # row 0 untouched: sent as rows, not dense

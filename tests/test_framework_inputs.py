@@ -67,27 +67,6 @@ def test_jax_arrays_push_dense(client: Client, name: str) -> None:
                           {k: jnp.asarray(v) for k, v in GRADS.items()}), want)
 
 
-def test_tensorflow_tensors_push_dense(client: Client, name: str) -> None:
-    tf = pytest.importorskip("tensorflow", reason="TensorFlow is not installed (the tensorflow extra)")
-    want = stepped_weights(client, name + "-np", PARAMS, GRADS)
-    _assert_same(stepped_weights(client, name, {k: tf.Variable(v) for k, v in PARAMS.items()},
-                          {k: tf.constant(v) for k, v in GRADS.items()}), want)
-
-
-def test_tensorflow_indexed_slices_push_sparse(client: Client, name: str) -> None:
-    tf = pytest.importorskip("tensorflow", reason="TensorFlow is not installed (the tensorflow extra)")
-    embedding = tf.Variable(PARAMS["emb"])
-    with tf.GradientTape() as tape:
-        loss = tf.reduce_sum(tf.gather(embedding, [1, 3, 1]))  # rows 1 (twice) and 3
-    grad = tape.gradient(loss, embedding)
-    assert isinstance(grad, tf.IndexedSlices)
-    want = stepped_weights(client, name + "-own", PARAMS,
-                    {"w": GRADS["w"], "emb": IndexedSlices(np.array([1, 3]), np.array([[2, 2], [1, 1]], np.float32))})
-    got = stepped_weights(client, name, PARAMS, {"w": GRADS["w"], "emb": grad})
-    _assert_same(got, want)
-    assert got["emb"][0].tolist() == PARAMS["emb"][0].tolist()  # row 0 untouched: sent as rows, not dense
-
-
 def test_nested_tree_names_are_its_paths(client: Client, name: str) -> None:
     tree = {"params": {"Dense_0": Layer(np.zeros((2, 3), np.float32), np.zeros(3, np.float32))},
             "blocks": [{"w": np.ones(2, np.float32)}, (np.full(1, 2.0, np.float32),)]}
