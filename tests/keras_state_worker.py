@@ -11,7 +11,6 @@ import numpy as np  # noqa: E402
 from optserve.keras import RemoteOptimizer  # noqa: E402
 
 address, name, index, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-keras.utils.set_random_seed(0)
 model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, use_bias=False), keras.layers.BatchNormalization(),
                           keras.layers.Activation("tanh"), keras.layers.Dense(3)])
 rng = np.random.default_rng(100 + index)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-CASES = 9  # tests/tensorflow_cases.py's test cases: all must pass, none skip
+CASES = 11  # tests/tensorflow_cases.py's test cases: all must pass, none skip
 
 
 def test_tensorflow_backend_and_tf_keras_cases_pass() -> None:
