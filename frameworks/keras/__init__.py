@@ -66,10 +66,12 @@ class RemoteOptimizer(RemoteOptimizerMixin, keras.optimizers.Optimizer):
             from optserve.keras_worker import tf_step as step
         self._step = step
         state = server_state(model)
-        self._held = types.SimpleNamespace(model=model, state=state)  # not Keras-tracked: the model's own variables
-        self._stashed: tuple[list[str], tuple] = ([], ())  # JAX with state: the step's gradients, until pushed
+        # not Keras-tracked (the model's own variables, host arrays); `deferred`: JAX with state, where the wrapped
+        # train_step pushes the gradients `stashed` by the optimizer's callback, and gets back the `returned` weights
+        self._held = types.SimpleNamespace(model=model, state=state, deferred=bool(state) and backend == "jax",
+                                           stashed=([], ()), returned=[])
         self._worker = KerasWorker(client, name, config, optimizer, worker_id, create_or_mode_options, "keras")
-        if state and backend == "jax":
+        if self._held.deferred:
             self._step.exchange_after_step(model, state, self._exchange_after_step)
 
     def build(self, variables: list) -> None:
@@ -80,6 +82,9 @@ class RemoteOptimizer(RemoteOptimizerMixin, keras.optimizers.Optimizer):
                                          [v.name for v in self._held.state], [v.value for v in self._held.state])
             for variable, value in zip([*variables, *self._held.state], pulled):
                 variable.assign(value)
+        if self._held.deferred:  # the model's trainable variables, in the order its train_step holds them
+            self._held.returned = [self._worker.names[self._get_variable_index(v)]
+                                   for v in self._held.model.trainable_variables]
 
     def _backend_apply_gradients(self, grads: list, trainable_variables: list) -> None:
         """One step on the server, called from the host by the compiled step: push the gradients, assign the weights.
@@ -87,8 +92,8 @@ class RemoteOptimizer(RemoteOptimizerMixin, keras.optimizers.Optimizer):
         JAX with state: only keeps the gradients; the wrapped train_step pushes them with the new statistics.
         """
         names = [self._worker.names[self._get_variable_index(v)] for v in trainable_variables]
-        if self._held.state and keras.backend.backend() == "jax":
-            self._step.stash_in_step(lambda *arrays: setattr(self, "_stashed", (names, arrays)), grads)
+        if self._held.deferred:
+            self._step.stash_in_step(lambda *arrays: setattr(self._held, "stashed", (names, arrays)), grads)
             return
         count = len(grads)
         self._step.exchange_in_step(lambda *arrays: self._worker.exchange(names, arrays[:count], arrays[count:]),
@@ -97,7 +102,6 @@ class RemoteOptimizer(RemoteOptimizerMixin, keras.optimizers.Optimizer):
     def _exchange_after_step(self, *state: np.ndarray) -> list[np.ndarray]:
         """JAX with state, on the host: push the kept gradients with the step's statistics; returns the model's
         new trainable weights (in its order) and the server's statistics."""
-        names, grads = self._stashed
-        self._stashed = ([], ())
-        returned = [self._worker.names[self._get_variable_index(v)] for v in self._held.model.trainable_variables]
-        return self._worker.exchange(names, grads, state, returned)
+        names, grads = self._held.stashed
+        self._held.stashed = ([], ())
+        return self._worker.exchange(names, grads, state, self._held.returned)
