@@ -36,7 +36,6 @@ class Magnitude(NamedTuple):
     squares: float | None = None  # sum of g*g in float32 blocks, when asked for (the metrics' gradient norm)
 
 
-
 class Bounds(NamedTuple):
     """Upper bounds on max |x| over every tensor of each slot."""
 

@@ -34,8 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-from optserve.server.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from optserve.server import parallel
+from optserve.server.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from optserve.server.overflow import Magnitude, copy_measured
 from optserve.wire.layout import FlatLayout
 

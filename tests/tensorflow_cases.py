@@ -24,6 +24,8 @@ from tests.test_framework_inputs import GRADS, PARAMS, _assert_same  # noqa: E40
 
 ADAM = {"learning_rate": 0.01, "beta_1": 0.9, "beta_2": 0.999, "epsilon": 1e-7}
 TENSORS = ["0/kernel", "1/bias", "2/kernel", "3/bias"]
+BOTH_KERASES = pytest.mark.parametrize("kit,adapter", [(keras, optserve.keras), (tf_keras, optserve.tf_keras)],
+                                       ids=["keras3-tensorflow", "tf-keras"])
 
 
 def _data(features: int = 8):
@@ -57,8 +59,7 @@ def _assert_trained_like(local, remote, initial, optimizer) -> None:
     assert max(np.abs(a - b).max() for a, b in zip(initial, remote.get_weights())) > 0.01
 
 
-@pytest.mark.parametrize("kit,adapter", [(keras, optserve.keras), (tf_keras, optserve.tf_keras)],
-                         ids=["keras3-tensorflow", "tf-keras"])
+@BOTH_KERASES
 def test_compiled_fit_for_an_epoch_equals_local_adam(client: Client, name: str, kit, adapter) -> None:
     assert keras.backend.backend() == "tensorflow"
     initial = _dense(kit).get_weights()
@@ -77,8 +78,7 @@ def test_compiled_fit_for_an_epoch_equals_local_adam(client: Client, name: str, 
         client.delete_optimizer(name)
 
 
-@pytest.mark.parametrize("kit,adapter", [(keras, optserve.keras), (tf_keras, optserve.tf_keras)],
-                         ids=["keras3-tensorflow", "tf-keras"])
+@BOTH_KERASES
 def test_second_worker_attaches_and_starts_from_the_servers_weights(client: Client, name: str, kit,
                                                                     adapter) -> None:
     try:
@@ -98,8 +98,7 @@ def test_second_worker_attaches_and_starts_from_the_servers_weights(client: Clie
         client.delete_optimizer(name)
 
 
-@pytest.mark.parametrize("kit,adapter", [(keras, optserve.keras), (tf_keras, optserve.tf_keras)],
-                         ids=["keras3-tensorflow", "tf-keras"])
+@BOTH_KERASES
 def test_batchnorm_statistics_live_on_the_server_with_local_adams_numbers(client: Client, name: str, kit,
                                                                           adapter) -> None:
     def model(weights=None):
