@@ -244,3 +244,28 @@ def test_sums_of_a_layout_without_padding_read_the_buffer_as_it_is(sizes: list[i
     want = [np.sum(np.square(view, dtype=np.float64)) for view in layout.views(flat).values()]
     np.testing.assert_allclose(np.asarray(jax.jit(segments.square_sums)(jax.numpy.asarray(flat))), want, rtol=1e-5)
     np.testing.assert_allclose(float(jax.jit(segments.square_total)(jax.numpy.asarray(flat))), sum(want), rtol=1e-5)
+
+
+@pytest.mark.parametrize("sizes", [[16, 32], [3, 17]], ids=["unpadded", "padded"])
+def test_a_fresh_slot_holds_its_initial_value_inside_every_tensor_and_zero_in_the_padding(sizes):
+    params = {f"t{i}": np.arange(n, dtype=np.float32) for i, n in enumerate(sizes)}
+    state = pipeline.init(params, parse_config({"initial_accumulator_value": 0.25}, "Adagrad"))
+    layout = pipeline.layout_of(state)
+    accumulator, weights = np.asarray(state.slots["accumulator"].flat), np.asarray(state.params.flat)
+    inside = np.zeros(layout.size, bool)
+    for name, view in layout.views(inside).items():
+        view[...] = True
+        np.testing.assert_array_equal(layout.views(weights)[name], params[name])
+    assert np.all(accumulator[inside] == np.float32(0.25)) and np.all(accumulator[~inside] == 0)
+    assert np.all(weights[~inside] == 0) and ((~inside).any() == (sizes == [3, 17]))
+
+
+def test_the_state_owns_its_buffers_even_when_the_tensors_arrived_in_its_layout():
+    """A create's receive buffer in the layout is copied once, into memory the (donating) step may reuse."""
+    layout = FlatLayout({"a": (16,), "b": (32,)})
+    buffer = aligned_empty(layout.nbytes).view(np.float32)
+    buffer[...] = np.arange(layout.size)
+    state = pipeline.init(layout.views(buffer), parse_config({}))
+    assert state.params.flat.unsafe_buffer_pointer() != buffer.ctypes.data
+    buffer[...] = -1
+    np.testing.assert_array_equal(np.asarray(state.params.flat), np.arange(layout.size, dtype=np.float32))

@@ -128,6 +128,11 @@ def own(flat: np.ndarray, layout: FlatLayout) -> Array:
     return jnp.array(flat, copy=True)
 
 
+def filled(layout: FlatLayout, value: float) -> Array:
+    """A state buffer of `layout.size` float32 `value`s, made on the layout's devices (no host copy)."""
+    return jnp.full(layout.size, value, jnp.float32, device=layout.sharding if isinstance(layout, ShardedLayout) else None)
+
+
 def constrain(flat: Array, layout: FlatLayout) -> Array:
     """Inside a jitted step: `flat` keeps the layout's sharding (so the state stays spread, and is donated in place)."""
     if isinstance(layout, ShardedLayout):

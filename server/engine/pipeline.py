@@ -190,13 +190,24 @@ def _slot(layout: FlatLayout, tensors: Mapping[str, np.ndarray | Array] | None) 
     """
     if not tensors:
         return None
-    return Tensors(devices.own(_host_flat(layout, tensors), layout), layout)
+    flat = None  # tensors that already lie in the layout, with no padding to zero, are copied once, as they lie
+    if layout.size == sum(layout.sizes.values()) and len(tensors) == len(layout.shapes) \
+            and all(isinstance(value, np.ndarray) for value in tensors.values()):
+        flat = _flat_view(layout, tensors)
+    return Tensors(devices.own(_host_flat(layout, tensors) if flat is None else flat, layout), layout)
 
 
 def _filled(spec: SlotSpec) -> Tensors:
     """A slot as a class builds it: `spec.value` inside every tensor, padding 0."""
-    return _slot(spec.layout, {name: np.full(shape, spec.value, np.float32) for name, shape in spec.layout.shapes.items()}
-                 ) or Tensors(jnp.zeros(0, jnp.float32), spec.layout)
+    layout = spec.layout
+    if not layout.shapes:
+        return Tensors(jnp.zeros(0, jnp.float32), layout)
+    if not spec.value or layout.size == sum(layout.sizes.values()):  # no padding to keep at 0
+        return Tensors(devices.filled(layout, spec.value), layout)
+    flat = np.zeros(layout.size, np.float32)
+    for view in layout.views(flat).values():
+        view.fill(spec.value)
+    return Tensors(devices.own(flat, layout), layout)
 
 
 def init(params: Mapping[str, np.ndarray | Array], config: OptimizerConfig,
