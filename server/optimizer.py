@@ -496,12 +496,12 @@ class Optimizer:
                 self._bounds = overflow.bounds_of(self._state)
             bounds = overflow.next_bounds(self.config, self._iterations, self._bounds, magnitudes or [])
         if self._checked and bounds is None:
-            state = self._checked_state(grads, norm_inputs)
+            state = self._checked_state(grads, norm_inputs, magnitudes)
             self._log(record)
             bounds = overflow.bounds_of(state) if self._bounded else None
         else:
             self._log(record)
-            state = self._step(self._state, self._device_grads(grads), norm_inputs)
+            state = self._step(self._state, self._device_grads(grads, magnitudes), norm_inputs)
         self._commit(self._assigned(state, values), grads, started, magnitudes)
         self._bounds = bounds if not values else None  # assigned values: measured again before the next step
         return PushResult(self._versions.version, self._iterations)
@@ -533,10 +533,10 @@ class Optimizer:
             params=pipeline.Tensors(devices.put(params, self.layout), self.layout),
             ema=None if ema is None else pipeline.Tensors(devices.put(ema, self.layout), self.layout))
 
-    def _checked_state(self, grads: Mapping[str, Gradient],
-                       norm_inputs: pipeline.NormInputs | None = None) -> pipeline.OptimizerState:
+    def _checked_state(self, grads: Mapping[str, Gradient], norm_inputs: pipeline.NormInputs | None = None,
+                       magnitudes: list[overflow.Magnitude] | None = None) -> pipeline.OptimizerState:
         """The state after a step, computed beside the current one; INVALID_ARGUMENT if any value is non-finite."""
-        state, finite = self._checked_step(self._state, self._device_grads(grads), norm_inputs)
+        state, finite = self._checked_step(self._state, self._device_grads(grads, magnitudes), norm_inputs)
         finite = np.asarray(finite)
         if not finite.all():
             bad = [name for name, ok in zip(self.shapes, finite) if not ok]
@@ -546,18 +546,47 @@ class Optimizer:
                 f"the state as it was")
         return state
 
-    def _device_grads(self, grads: Mapping[str, Gradient]) -> pipeline.FlatGrads:
+    def _device_grads(self, grads: Mapping[str, Gradient],
+                      magnitudes: list[overflow.Magnitude] | None = None) -> pipeline.FlatGrads:
         """Every tensor's gradient as the step takes it: the dense ones in one flat buffer (no copy when the
-        push arrived in `self.layout`), the sparse ones padded to their bucket."""
+        push arrived in `self.layout`), the sparse ones padded to their bucket; under "refuse", with their limits."""
         if isinstance(grads, RoundGradients):  # a sync round's sum: already one flat device buffer
             present = grads.present
             if self.non_trainable:  # their values are assigned, never stepped
                 present = frozenset(grads.present if present is not None else self.shapes) - self.non_trainable
             return pipeline.FlatGrads(grads.flat, {name: pipeline.sparse_grad(*g) for name, g in grads.sparse.items()},
-                                      present)
+                                      present, self._limits(grads, None))
         # a push with missing SKIP carries some tensors only: the step leaves the others as they are
-        return pipeline.flat_grads(self.layout, {name: _to_device(grads[name]) for name in self.shapes
+        flat = pipeline.flat_grads(self.layout, {name: _to_device(grads[name]) for name in self.shapes
                                                  if name in grads and name not in self.non_trainable})
+        return flat._replace(limits=self._limits(grads, magnitudes))
+
+    def _limits(self, grads: Mapping[str, Gradient], magnitudes: list[overflow.Magnitude] | None) -> np.ndarray | None:
+        """Under "refuse", each tensor's largest |g| as measured before the step (inf where none was: a round's
+        sum, a logged step). The step reads any value past it as 0, so bytes changed after the measure cannot
+        take the state past what was proved finite; an honest gradient steps bit for bit as without limits.
+        Passed on every step under "refuse", so that all of them run one compiled step."""
+        if not self._checked:
+            return None
+        limits = np.full(len(self.layout.shapes), np.inf, np.float32)
+        if magnitudes is not None and len(magnitudes) == len(grads) and not isinstance(grads, RoundGradients):
+            index = {name: i for i, name in enumerate(self.layout.shapes)}
+            for name, magnitude in zip(grads, magnitudes):
+                limits[index[name]] = magnitude.largest
+        return limits
+
+    @property
+    def reads_segments_in_place(self) -> bool:
+        """Whether a same-host push's step may read the client's segment itself, not a private copy of it.
+
+        Only where nothing outlives the push's step: async (a sync round keeps
+        its gradients past the push), no write-ahead log (its record must be
+        the bytes the step read) and no non-trainable tensors (their values are
+        assigned as they are). The client may still change the bytes: the
+        checks measure them, and the step's limits (`_limits`) hold it to what
+        was measured.
+        """
+        return self._store is None and self.training_mode.mode == "async" and not self.non_trainable
 
     def _step_with(self, grads: Mapping[str, Gradient], norms: ShardNorms | None = None) -> None:
         """Re-applies a logged (so acknowledged) step as it was applied then."""

@@ -201,8 +201,9 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
     def _segment_gradients(self, header: pb.PushHeader, chunks: Iterator, optimizer: Optimizer,
                            context: grpc.ServicerContext, lease, holds: contextlib.ExitStack,
                            ) -> tuple[dict, dict[str, Magnitude] | None]:
-        """A push's gradients from its segment, copied into `lease` first: checks, log and step see those bytes;
-        and their magnitudes, measured on that copy as it is made (when the optimizer measures pushes).
+        """A push's gradients from its segment: views of the segment itself where the optimizer's step may read
+        it in place (`Optimizer.reads_segments_in_place`, measured by the push); else copied into `lease` first,
+        so that checks, log and step see those bytes, with their magnitudes measured on that copy as it is made.
 
         The segment stays held (one push at a time on it) until the push returns.
         """
@@ -210,9 +211,12 @@ class OptimizerService(pb_grpc.OptimizerServiceServicer):
             raise InvalidArgument("chunks: a push from shared memory is the header alone")
         segment = holds.enter_context(self.segments.use(header.shared_memory_session, optimizer, _caller(context),
                                                         "push"))
-        codec.check_segment_push(header, optimizer.shapes, optimizer.non_trainable)  # before a byte is copied
-        private, measured = segment.copy_gradients(lease.reserve, *optimizer.measures)
-        views = segment.layout.views(private)
+        codec.check_segment_push(header, optimizer.shapes, optimizer.non_trainable)  # before a byte is read
+        if optimizer.reads_segments_in_place:
+            flat, measured = segment.gradients_in_place(*optimizer.measures)
+        else:
+            flat, measured = segment.copy_gradients(lease.reserve, *optimizer.measures)
+        views = segment.layout.views(flat)
         named = {spec.name for spec in header.gradients}  # all of them, unless `missing` is SKIP
         return ({name: view for name, view in views.items() if name in named},
                 None if measured is None else {name: m for name, m in measured.items() if name in named})

@@ -8,12 +8,16 @@ client first uses the session (or after UNLINK_AFTER seconds), so nobody else
 can open it afterwards; the pages live on while the server and the client map
 them.
 
-Nothing in a segment is trusted: a push copies the gradient region into the
-server's own buffer first, and every check, the log and the step read that
-copy, never bytes the client can still change. A client that can open the file
-runs as the server's user (0600): it could also signal the server, so its power
-to shrink the file under the server's mapping (a SIGBUS) grants it nothing new;
-the size is still checked before each copy.
+Nothing in a segment is trusted. Where a step may read the gradient region in
+place (an async optimizer without a write-ahead log or non-trainable tensors:
+`Optimizer.reads_segments_in_place`), the push measures it there and the step
+reads every value past its tensor's measured magnitude, a NaN included, as 0:
+a client rewriting the bytes mid-push gets a gradient it did not mean, never a
+non-finite state. Elsewhere a push copies the region into the server's own
+buffer first, and every check, the log and the step read that copy. A client
+that can open the file runs as the server's user (0600): it could also signal
+the server, so its power to shrink the file under the server's mapping (a
+SIGBUS) grants it nothing new; the size is still checked before each read.
 
 Segments are bounded (count per optimizer, count in all, bytes in all: a
 budget of their own, so idle segments never starve the pushes in flight) and freed when idle past the idle timeout, on close, when
@@ -74,6 +78,13 @@ class Segment:
     opened: float = field(default_factory=time.monotonic)
     unlinked: bool = False
     busy: set[str] = field(default_factory=set)  # "push" and/or "pull" in progress
+
+    def gradients_in_place(self, measure: bool = False, squares: bool = False,
+                           ) -> tuple[np.ndarray, dict[str, Magnitude] | None]:
+        """The gradient region itself, as float32 of layout.size (bytes the client can still change), and with
+        `measure` each tensor's `Magnitude` taken from it in one pass."""
+        region = self._region(self.gradients_offset).view(np.float32)
+        return region, copy_measured(None, region, self.layout, squares) if measure else None
 
     def copy_gradients(self, reserve: Callable[[int, int], np.ndarray], measure: bool = False,
                        squares: bool = False) -> tuple[np.ndarray, dict[str, Magnitude] | None]:

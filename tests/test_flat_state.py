@@ -178,8 +178,9 @@ def test_the_trace_does_not_grow_with_dense_tensors():
         grads = pipeline.flat_grads(pipeline.layout_of(state), {name: np.ones_like(v) for name, v in params.items()})
         blocks = pipeline._block_tables(pipeline.layout_of(state))
         run = step._run  # the jitted function the step calls
-        return len(jax.make_jaxpr(run.__wrapped__, static_argnums=5)(  # present: static, as the step has it
-            state, grads.dense, {}, blocks, None, None).jaxpr.eqns)
+        limits = np.full(count, np.inf, np.float32)  # as every step of a "refuse" optimizer has them
+        return len(jax.make_jaxpr(run.__wrapped__, static_argnums=6)(  # present: static, as the step has it
+            state, grads.dense, {}, blocks, None, limits, None).jaxpr.eqns)
 
     assert equations(20) == equations(300)  # from 16 blocks on (a whole group of them), so every table is used
 
@@ -244,6 +245,47 @@ def test_sums_of_a_layout_without_padding_read_the_buffer_as_it_is(sizes: list[i
     want = [np.sum(np.square(view, dtype=np.float64)) for view in layout.views(flat).values()]
     np.testing.assert_allclose(np.asarray(jax.jit(segments.square_sums)(jax.numpy.asarray(flat))), want, rtol=1e-5)
     np.testing.assert_allclose(float(jax.jit(segments.square_total)(jax.numpy.asarray(flat))), sum(want), rtol=1e-5)
+
+
+def test_limits_step_an_honest_gradient_bit_for_bit_and_read_values_past_them_as_zero():
+    """`FlatGrads.limits` (a same-host segment read in place): within its tensor's limit a value steps as it is;
+    past it, or NaN, as 0, so bytes rewritten after they were measured cannot take the state past the proof."""
+    params = _tensors(12)
+    config = parse_config(MIXED)
+    step = pipeline.make_step(config, list(params))
+    plain, limited, hostile, zeroed = (pipeline.init(params, config) for _ in range(4))
+    layout = pipeline.layout_of(plain)
+    for k in range(3):
+        grads = _grads(params, k)
+        flat = pipeline.flat_grads(layout, grads)
+        dense = [name for name in layout.shapes if name not in flat.sparse]
+        limits = np.array([np.abs(np.asarray(grads[name], np.float32)).max() if name in dense else 0.0
+                           for name in layout.shapes], np.float32)
+        plain = step(plain, flat)
+        limited = step(limited, flat._replace(limits=limits))
+        rewritten, expected = np.array(flat.dense, np.float32), np.array(flat.dense, np.float32)
+        for index, name in enumerate(layout.shapes):
+            if name in dense:
+                view, zero = layout.views(rewritten)[name].reshape(-1), layout.views(expected)[name].reshape(-1)
+                view[::2] = np.where(np.arange(view[::2].size) % 2, np.nan, 2 * limits[index] + 1)
+                zero[::2] = 0
+        hostile = step(hostile, pipeline.FlatGrads(jax.device_put(rewritten), flat.sparse, None, limits))
+        zeroed = step(zeroed, pipeline.FlatGrads(jax.device_put(expected), flat.sparse, None, limits))
+    for slot in ADAM_TENSORS:
+        np.testing.assert_array_equal(np.asarray(getattr(limited, slot).flat), np.asarray(getattr(plain, slot).flat),
+                                      err_msg=slot)
+        np.testing.assert_array_equal(np.asarray(getattr(hostile, slot).flat),
+                                      np.asarray(getattr(zeroed, slot).flat), err_msg=slot)
+        assert np.isfinite(np.asarray(getattr(hostile, slot).flat)).all(), slot
+
+
+def test_limits_are_one_per_tensor():
+    params = _tensors(3)
+    config = parse_config(MIXED)
+    state = pipeline.init(params, config)
+    flat = pipeline.flat_grads(pipeline.layout_of(state), {n: np.ones(v.shape, np.float32) for n, v in params.items()})
+    with pytest.raises(Exception, match=r"gradients\.limits: one per tensor"):
+        pipeline.make_step(config, list(params))(state, flat._replace(limits=np.ones(2, np.float32)))
 
 
 @pytest.mark.parametrize("sizes", [[16, 32], [3, 17]], ids=["unpadded", "padded"])

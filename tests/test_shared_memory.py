@@ -439,6 +439,81 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def test_an_in_memory_async_step_reads_the_segment_in_place(shm_server, local, name, monkeypatch):
+    """No private copy where nothing outlives the step: the step's gradient buffer is the segment's memory."""
+    from optserve.server.engine import pipeline
+
+    optimizer = local.create_optimizer(name, PARAMS, CONFIG)
+    buffers = optimizer.gradient_buffers()
+    for key, value in _grads(3).items():
+        buffers[key][...] = value
+    stepped = []
+    flat_grads = pipeline.flat_grads
+    monkeypatch.setattr(pipeline, "flat_grads", lambda layout, grads: stepped.append(flat_grads(layout, grads)) or
+                        stepped[-1])
+    assert optimizer.push(buffers) == 1
+    (segment,) = [s for s in shm_server.built.service.segments._segments.values() if s.optimizer_name == name]
+    assert stepped[-1].dense.unsafe_buffer_pointer() == segment.gradients_in_place()[0].ctypes.data
+    stepped.clear()
+
+
+@pytest.mark.parametrize("rewrite", [np.nan, np.inf, 3e38], ids=["nan", "inf", "huge"])
+def test_bytes_rewritten_after_the_measure_are_read_as_zero_not_stepped(shm_server, local, name, monkeypatch,
+                                                                      rewrite):
+    """The race a hostile same-host client can win, made certain: the push is measured finite, then the client
+    writes a non-finite or huge value before the step. The state stays finite, and the step is the one a
+    gradient with 0 there gives."""
+    from optserve.server.shared_memory import Segment
+
+    measured = Segment.gradients_in_place
+
+    def raced(self, *args, **kwargs):
+        region, magnitudes = measured(self, *args, **kwargs)
+        region[self.layout.offsets["w"] + 7] = rewrite  # after the measure, before the step
+        return region, magnitudes
+
+    monkeypatch.setattr(Segment, "gradients_in_place", raced)
+    grads = _grads(4)
+    optimizer = local.create_optimizer(name, PARAMS, CONFIG, non_finite_policy="refuse")
+    buffers = optimizer.gradient_buffers()
+    for key, value in grads.items():
+        buffers[key][...] = value
+    assert optimizer.push(buffers) == 1
+    stepped = optimizer.pull()
+    assert all(np.isfinite(stepped[key]).all() for key in PARAMS)
+    monkeypatch.setattr(Segment, "gradients_in_place", measured)
+    with Client(shm_server.address, timeout=60.0, transport="network") as network:
+        reference = network.create_optimizer(name + "-ref", PARAMS, CONFIG, non_finite_policy="refuse")
+        zeroed = {key: value.copy() for key, value in grads.items()}
+        zeroed["w"].reshape(-1)[7] = 0.0
+        reference.push(zeroed)
+        expected = reference.pull()
+        network.delete_optimizer(name + "-ref")
+    assert all(stepped[key].tobytes() == expected[key].tobytes() for key in PARAMS)
+
+
+@pytest.mark.parametrize("kind", ["sync", "log", "non_trainable"])
+def test_a_push_whose_gradient_outlives_its_step_copies_the_segment(tmp_path, kind):
+    """A sync round, a write-ahead log and assigned values keep what the push carried: those read a private copy."""
+    directory = _shm_dir()
+    options = dict(host="127.0.0.1", port=0, shm_dir=directory)
+    if kind == "log":
+        options["data_dir"] = str(tmp_path)
+    running = RunningServer(ServerOptions(**options))
+    try:
+        with Client(running.address, timeout=60.0, transport="local") as client:
+            extra = {"mode": "sync", "num_workers": 1} if kind == "sync" else {}
+            if kind == "non_trainable":
+                extra = {"state": {"count": np.zeros(2, np.float32)}}
+            client.create_optimizer("copied", PARAMS, CONFIG, **extra)
+            assert not running.registry.get("copied").reads_segments_in_place
+            client.create_optimizer("in-place", PARAMS, CONFIG)
+            assert (kind == "log") != running.registry.get("in-place").reads_segments_in_place
+    finally:
+        running.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 def test_a_client_rewriting_the_segment_mid_push_cannot_split_log_and_step(tmp_path):
     """Whatever bytes the server copied, the log replayed after a crash gives the weights it served."""
     directory = _shm_dir()

@@ -126,6 +126,9 @@ class FlatGrads(NamedTuple):
     dense: Array | np.ndarray | None  # float32/float16/bfloat16 (layout.size,)
     sparse: Mapping[str, SparseGrad] = {}
     present: frozenset[str] | None = None  # the tensors that have a gradient; None: every tensor
+    # float32 (tensors,), layout order: the largest |g| each dense gradient was measured at; the step reads any
+    # other value (a NaN too) as 0, so bytes that changed after they were measured stay within the bound
+    limits: Array | np.ndarray | None = None
 
 
 RESERVED = ("params", "ema")  # names of `export`'s entries that are not slots
@@ -521,6 +524,12 @@ def _clip(config: OptimizerConfig, segments: Segments, g: Array, squares: Callab
     return g, sparse
 
 
+def _within(segments: Segments, dense: Array, limits: Array) -> Array:
+    """`dense` with every value past its tensor's limit (and every NaN) read as 0; the others as they are."""
+    rows = segments.rows(dense)
+    return jnp.where(jnp.abs(rows.astype(jnp.float32)) <= segments.column(limits), rows, 0).reshape(-1)
+
+
 def _dense_squares(segments: Segments, dense: Array | None, is_dense: Array | bool, total: bool = False) -> Array:
     """(tensors,): each dense gradient's sum of squares (0 for the others), read from the raw buffer; or their sum."""
     if dense is None or is_dense is False:
@@ -584,11 +593,13 @@ def _check_grads(known: frozenset[str], layout: FlatLayout, grads: FlatGrads) ->
             raise InvalidArgument(f"gradients.dtype: must be a float type, got {dense.dtype}")
         if tuple(dense.shape) != (layout.size,):
             raise InvalidArgument(f"gradients.shape: the flat buffer must be ({layout.size},), got {dense.shape}")
+    if grads.limits is not None and tuple(np.shape(grads.limits)) != (len(layout.shapes),):
+        raise InvalidArgument(f"gradients.limits: one per tensor, ({len(layout.shapes)},), got {np.shape(grads.limits)}")
 
 
 def _apply(config: OptimizerConfig, decayed: frozenset[str], state: OptimizerState, dense: Array | None,
            sparse: dict[str, SparseGrad], blocks: _Blocks, present: frozenset[str] | None,
-           others: NormInputs | None = None) -> OptimizerState:
+           others: NormInputs | None = None, limits: Array | None = None) -> OptimizerState:
     """One tf-keras `apply_gradients` call (spec/keras-adam.md §2.1, with §1 and §3), over flat buffers.
 
     With k = state.iterations:
@@ -603,7 +614,8 @@ def _apply(config: OptimizerConfig, decayed: frozenset[str], state: OptimizerSta
       8. iterations = k + 1, saturating.
     Tensors not in `present` (None: all) keep their parameters, slots and
     average, as tf-keras skips variables whose gradient is None; padding
-    elements keep their zeros.
+    elements keep their zeros. With `limits` (`FlatGrads.limits`) every read
+    of the dense buffer sees only values within them.
     """
     core = core_of(config)
     layout = layout_of(state)
@@ -614,6 +626,8 @@ def _apply(config: OptimizerConfig, decayed: frozenset[str], state: OptimizerSta
     inside = segments.inside()
     updated = inside & segments.mask(names) if present is not None else inside  # elements this step writes
     is_dense = segments.mask(names - frozenset(sparse))
+    if dense is not None and limits is not None:
+        dense = _within(segments, dense, limits)
     if dense is None or is_dense is False:
         g = jnp.zeros(layout.size, jnp.float32)
     else:
@@ -688,9 +702,9 @@ class _Step:
         self._checked = checked
 
         def run(state: OptimizerState, dense: Array | None, sparse: dict[str, SparseGrad], blocks: _Blocks,
-                others: NormInputs | None, present: frozenset[str] | None,
+                others: NormInputs | None, limits: Array | None, present: frozenset[str] | None,
                 ) -> OptimizerState | tuple[OptimizerState, Array]:
-            new = _apply(config, decayed, state, dense, sparse, blocks, present, others)
+            new = _apply(config, decayed, state, dense, sparse, blocks, present, others, limits)
             if not checked:
                 return new
             return new, _finite_per_tensor(Segments(layout_of(state), blocks), new)
@@ -713,7 +727,8 @@ class _Step:
             self._tables = layout, _block_tables(layout)
         if norm_inputs is not None:
             norm_inputs = _checked_norm_inputs(norm_inputs, len(layout.shapes))
-        return self._run(state, grads.dense, dict(grads.sparse), self._tables[1], norm_inputs, present=grads.present)
+        return self._run(state, grads.dense, dict(grads.sparse), self._tables[1], norm_inputs, grads.limits,
+                         present=grads.present)
 
     def _cache_size(self) -> int:
         """Compiled variants so far (jitted only): one per layout, set of sparse tensors, dtype and bucket."""
