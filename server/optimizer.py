@@ -523,15 +523,8 @@ class Optimizer:
         """`state` with the non-trainable tensors' new values in the weights (and the EMA, which serves them too)."""
         if not values:
             return state
-        params, ema = np.array(state.params.flat), None if state.ema is None else np.array(state.ema.flat)
-        for name, value in values.items():
-            start = self.layout.offsets[name]
-            for flat in (params, ema):
-                if flat is not None:
-                    flat[start:start + self.layout.sizes[name]] = value.reshape(-1)
-        return state._replace(
-            params=pipeline.Tensors(devices.put(params, self.layout), self.layout),
-            ema=None if ema is None else pipeline.Tensors(devices.put(ema, self.layout), self.layout))
+        return state._replace(params=pipeline.assign(state.params, values),
+                              ema=None if state.ema is None else pipeline.assign(state.ema, values))
 
     def _checked_state(self, grads: Mapping[str, Gradient], norm_inputs: pipeline.NormInputs | None = None,
                        magnitudes: list[overflow.Magnitude] | None = None) -> pipeline.OptimizerState:

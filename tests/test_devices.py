@@ -291,3 +291,24 @@ def test_a_server_asked_for_more_devices_than_it_has_exits_naming_the_flag(four_
 def server_one_device() -> Iterator[ServerProcess]:
     with ServerProcess([], log=open(os.devnull, "w")) as server:
         yield server
+
+
+def test_assigned_state_values_land_on_a_spread_server_and_keep_the_spread(spread_server: ServerProcess) -> None:
+    """A push's non-trainable values are written into the sharded weights and EMA in place; the slots stay spread."""
+    rng = np.random.default_rng(5)
+    params = {"kernel": rng.standard_normal((300, 500)).astype(np.float32), "bias": np.zeros(500, np.float32)}
+    state = {"bn/mean": np.zeros(500, np.float32), "bn/var": np.ones(500, np.float32)}
+    with Client(spread_server.address) as client:
+        opt = client.create_optimizer("assigned", params, {"learning_rate": 0.01, "use_ema": True}, state=state)
+        try:
+            for step in range(3):
+                grads = {name: rng.standard_normal(value.shape).astype(np.float32) for name, value in params.items()}
+                new = {name: np.full(500, step + 1.5, np.float32) for name in state}
+                opt.push(grads, state=new)
+            for ema in (False, True):
+                pulled = opt.pull(ema=ema)
+                for name in state:
+                    np.testing.assert_array_equal(pulled[name], np.full(500, 3.5, np.float32))
+            _assert_spread(_placement(spread_server.address, "assigned"), {"weights", "m", "v", "ema"})
+        finally:
+            client.delete_optimizer("assigned")

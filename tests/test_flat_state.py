@@ -311,3 +311,20 @@ def test_the_state_owns_its_buffers_even_when_the_tensors_arrived_in_its_layout(
     assert state.params.flat.unsafe_buffer_pointer() != buffer.ctypes.data
     buffer[...] = -1
     np.testing.assert_array_equal(np.asarray(state.params.flat), np.arange(layout.size, dtype=np.float32))
+
+
+def test_assign_writes_the_named_tensors_in_place_and_nothing_else():
+    params = _tensors(5)
+    state = pipeline.init(params, parse_config({}))
+    before = np.asarray(state.params.flat).copy()
+    layout = state.params.layout
+    names = list(params)[1::2]
+    values = {name: np.full(params[name].shape, 7.0, np.float32) for name in names}
+    pointer = state.params.flat.unsafe_buffer_pointer()
+    assigned = pipeline.assign(state.params, values)
+    assert assigned.flat.unsafe_buffer_pointer() == pointer and state.params.flat.is_deleted()  # donated, reused
+    after = np.asarray(assigned.flat)
+    expected = before.copy()
+    for name in names:
+        layout.views(expected)[name][...] = 7.0
+    np.testing.assert_array_equal(after, expected)

@@ -237,6 +237,21 @@ def init(params: Mapping[str, np.ndarray | Array], config: OptimizerConfig,
     )
 
 
+def assign(tensors: Tensors, values: Mapping[str, np.ndarray]) -> Tensors:
+    """`tensors` with some of them set to `values` (by name, any shape of their size), in place: the buffer
+    is donated, and only the values' elements are written."""
+    layout = tensors.layout
+    indices = np.concatenate([np.arange(layout.offsets[name], layout.offsets[name] + layout.sizes[name])
+                              for name in values]).astype(np.int32)
+    flat = _written(tensors.flat, indices, np.concatenate([np.ravel(value) for value in values.values()]))
+    return Tensors(devices.put(flat, layout), layout)  # the layout's sharding, where the scatter chose another
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _written(flat: Array, indices: Array, values: Array) -> Array:
+    return flat.at[indices].set(values.astype(flat.dtype), unique_indices=True)
+
+
 def export(state: OptimizerState) -> dict[str, dict[str, np.ndarray]]:
     """Host copies of every tensor of a state, by slot then tensor name (for checkpoints); {} for no EMA.
 
