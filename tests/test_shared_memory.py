@@ -315,7 +315,8 @@ def test_non_finite_bytes_in_the_segment_are_refused(shm_server, local, name):
 
 
 def test_a_non_finite_value_past_the_first_block_is_refused_naming_its_tensor(shm_server, local, name):
-    """The copy out of the segment measures every block of the copy: a NaN deep in a large tensor is caught."""
+    """The push measures every block of the segment (in place, or as it copies it): a NaN deep in a large tensor
+    is caught."""
     from optserve.server.overflow import BLOCK
 
     params = {"small": np.zeros(3, np.float32), "large": np.zeros(3 * BLOCK + 5, np.float32)}
