@@ -21,6 +21,7 @@ from optserve.server.engine import (
     parse_config,
     sparse_grad,
 )
+from optserve.server.engine import pipeline
 from optserve.server.engine.aggregate import sum_in_order, zeros_like_shapes
 from optserve.server.errors import InvalidArgument
 
@@ -347,3 +348,10 @@ def test_sum_in_order_writes_into_the_donated_buffers_and_keeps_nothing_of_them(
     result = sum_in_order(again, second, mean=True)
     assert result["w"].unsafe_buffer_pointer() == address
     np.testing.assert_array_equal(np.asarray(result["w"]), np.arange(1000, dtype=np.float32))
+
+
+@pytest.mark.parametrize("lr", [1e-3, 0.1, 3e-4, 1, 7, 1e-7, 0.123456789, 2.5e16])
+def test_a_constant_learning_rate_is_reported_as_the_step_uses_it(lr):
+    """learning_rate_at answers a constant without a device call; it is the float32 the jitted step takes."""
+    config = parse_config({"learning_rate": lr})
+    assert learning_rate_at(config, 5) == float(pipeline._scheduled_rate(config, jnp.int32(5)))

@@ -836,4 +836,6 @@ def learning_rate_at(config: OptimizerConfig, iterations: int) -> float:
     """The learning rate that the step starting at `iterations` completed steps uses (for reporting)."""
     if iterations < 0:
         raise InvalidArgument(f"iterations: must be >= 0, got {iterations}")
+    if isinstance(config.learning_rate, int | float):  # the float32 constant: no device call on every push
+        return float(np.float32(config.learning_rate))
     return float(_scheduled_rate(config, jnp.int32(min(iterations, _INT32_MAX))))
