@@ -130,7 +130,8 @@ def own(flat: np.ndarray, layout: FlatLayout) -> Array:
 
 def filled(layout: FlatLayout, value: float) -> Array:
     """A state buffer of `layout.size` float32 `value`s, made on the layout's devices (no host copy)."""
-    return jnp.full(layout.size, value, jnp.float32, device=layout.sharding if isinstance(layout, ShardedLayout) else None)
+    sharding = layout.sharding if isinstance(layout, ShardedLayout) else None
+    return jnp.full(layout.size, value, jnp.float32, device=sharding)
 
 
 def constrain(flat: Array, layout: FlatLayout) -> Array:

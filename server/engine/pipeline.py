@@ -609,7 +609,8 @@ def _check_grads(known: frozenset[str], layout: FlatLayout, grads: FlatGrads) ->
         if tuple(dense.shape) != (layout.size,):
             raise InvalidArgument(f"gradients.shape: the flat buffer must be ({layout.size},), got {dense.shape}")
     if grads.limits is not None and tuple(np.shape(grads.limits)) != (len(layout.shapes),):
-        raise InvalidArgument(f"gradients.limits: one per tensor, ({len(layout.shapes)},), got {np.shape(grads.limits)}")
+        raise InvalidArgument(f"gradients.limits: one per tensor, ({len(layout.shapes)},), "
+                              f"got {np.shape(grads.limits)}")
 
 
 def _apply(config: OptimizerConfig, decayed: frozenset[str], state: OptimizerState, dense: Array | None,
