@@ -55,6 +55,7 @@ class FlatLayout:
         if self.size < end or self.size % (ALIGNMENT // 4):
             raise ValueError(f"size: {self.size} elements do not hold the tensors ({end}) in aligned blocks")
         self.packed = starts == packed[:-1] and self.size == packed[-1]
+        self.padded = self.size != sum(self.sizes.values())  # some elements belong to no tensor
 
     @property
     def nbytes(self) -> int:

@@ -194,7 +194,7 @@ def _slot(layout: FlatLayout, tensors: Mapping[str, np.ndarray | Array] | None) 
     if not tensors:
         return None
     flat = None  # tensors that already lie in the layout, with no padding to zero, are copied once, as they lie
-    if layout.size == sum(layout.sizes.values()) and len(tensors) == len(layout.shapes) \
+    if not layout.padded and len(tensors) == len(layout.shapes) \
             and all(isinstance(value, np.ndarray) for value in tensors.values()):
         flat = _flat_view(layout, tensors)
     return Tensors(devices.own(_host_flat(layout, tensors) if flat is None else flat, layout), layout)
@@ -205,7 +205,7 @@ def _filled(spec: SlotSpec) -> Tensors:
     layout = spec.layout
     if not layout.shapes:
         return Tensors(jnp.zeros(0, jnp.float32), layout)
-    if not spec.value or layout.size == sum(layout.sizes.values()):  # no padding to keep at 0
+    if not spec.value or not layout.padded:  # no padding to keep at 0
         return Tensors(devices.filled(layout, spec.value), layout)
     flat = np.zeros(layout.size, np.float32)
     for view in layout.views(flat).values():
@@ -415,7 +415,6 @@ class Segments:
         self.layout, self.blocks = layout, blocks
         self.names = list(layout.shapes)
         self.shape = (layout.size // BLOCK, BLOCK)
-        self.padded = layout.size != sum(layout.sizes.values())  # some tensor leaves part of its last block
 
     def column(self, per_tensor: Array) -> Array:
         """(tensors,) values -> (blocks, 1), each block the value of its tensor."""
@@ -436,7 +435,7 @@ class Segments:
 
     def inside(self) -> Array | bool:
         """(blocks, BLOCK) bool: elements that belong to a tensor, not padding (True: no padding)."""
-        if not self.padded:
+        if not self.layout.padded:
             return True
         lane = jax.lax.broadcasted_iota(jnp.int32, self.shape, 1)
         return lane < self.blocks.valid[:, None]
@@ -474,7 +473,7 @@ class Segments:
 
     def square_sums(self, flat: Array, mask: Array | bool = True) -> Array:
         """(tensors,): the sum of squares of each tensor's elements of `flat` where `mask` (blocks, 1), 0 in the padding."""
-        if len(self.names) == 1 and mask is True and not self.padded:  # one reduce straight over the buffer
+        if len(self.names) == 1 and mask is True and not self.layout.padded:  # one reduce straight over the buffer
             return jnp.sum(jnp.square(flat.astype(jnp.float32)), keepdims=True)
         rows = self.rows(flat)
 
@@ -487,7 +486,7 @@ class Segments:
 
     def square_total(self, flat: Array, mask: Array | bool = True) -> Array:
         """(): the sum of squares of `flat` where `mask`, 0 in the padding."""
-        if mask is True and not self.padded:  # one reduce straight over the buffer
+        if mask is True and not self.layout.padded:  # one reduce straight over the buffer
             return jnp.sum(jnp.square(flat.astype(jnp.float32)))
         return jnp.sum(self.square_sums(flat, mask))
 
