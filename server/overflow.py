@@ -92,32 +92,31 @@ def magnitude(grad: np.ndarray | tuple[np.ndarray, np.ndarray], squares: bool = 
     return Magnitude(largest, int(values.size), duplicates, total)
 
 
-def copy_measured(target: np.ndarray | None, source: np.ndarray, layout: FlatLayout,
-                  squares: bool = False) -> dict[str, Magnitude]:
-    """Copies flat float32 `source` into `target` block by block, and measures each tensor of `layout` in
-    `target` (the copy, never the source) while the block is in the cache: one read of memory for both.
-    Without a `target`, measures `source` itself, in the same one pass.
+def measure_flat(source: np.ndarray, layout: FlatLayout, squares: bool = False,
+                 into: np.ndarray | None = None) -> dict[str, Magnitude]:
+    """Measures each tensor of `layout` in flat float32 `source`, block by block, in one read of memory.
 
-    The blocks are split across the cores (`parallel.each`).
+    With `into`, each block is copied there first and the copy (never the
+    source) is measured while it is in the cache. The blocks are split
+    across the cores (`parallel.each`).
     """
     spans = sorted((layout.offsets[name], layout.offsets[name] + layout.sizes[name], name) for name in layout.shapes)
-
-    measured = source if target is None else target
+    target = source if into is None else into
 
     def part(start: int, stop: int) -> dict[str, _Tally]:
         tallies: dict[str, _Tally] = {}
         first = 0  # the first span that may overlap the block
         for low in range(start, stop, BLOCK):
             high = min(low + BLOCK, stop)
-            if target is not None:
-                np.copyto(target[low:high], source[low:high])
+            if into is not None:
+                np.copyto(into[low:high], source[low:high])
             while first < len(spans) and spans[first][1] <= low:
                 first += 1
             for begin, end, name in itertools.islice(spans, first, None):
                 if begin >= high:
                     break
                 if end > begin:
-                    tallies.setdefault(name, _Tally(squares)).add(measured[max(begin, low):min(end, high)])
+                    tallies.setdefault(name, _Tally(squares)).add(target[max(begin, low):min(end, high)])
         return tallies
 
     parts = parallel.each(layout.size, part)

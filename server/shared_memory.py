@@ -40,7 +40,7 @@ import numpy as np
 
 from optserve.server import parallel
 from optserve.server.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from optserve.server.overflow import Magnitude, copy_measured
+from optserve.server.overflow import Magnitude, measure_flat
 from optserve.wire.layout import FlatLayout
 
 log = logging.getLogger("optserve.shared_memory")
@@ -84,12 +84,12 @@ class Segment:
         """The gradient region itself, as float32 of layout.size (bytes the client can still change), and with
         `measure` each tensor's `Magnitude` taken from it in one pass."""
         region = self._region(self.gradients_offset).view(np.float32)
-        return region, copy_measured(None, region, self.layout, squares) if measure else None
+        return region, measure_flat(region, self.layout, squares) if measure else None
 
     def copy_gradients(self, reserve: Callable[[int, int], np.ndarray], measure: bool = False,
                        squares: bool = False) -> tuple[np.ndarray, dict[str, Magnitude] | None]:
         """The gradient region copied into a buffer from `reserve` (a Lease's), as float32 of layout.size, and
-        with `measure` each tensor's `Magnitude` taken from the copy in the same pass (`copy_measured`).
+        with `measure` each tensor's `Magnitude` taken from the copy in the same pass (`measure_flat`).
 
         The copy releases the GIL, so concurrent pushes copy in parallel; one alone is split across the cores.
         """
@@ -99,7 +99,7 @@ class Segment:
         if not measure:
             parallel.copy(private, source)
             return private, None
-        return private, copy_measured(private, source, self.layout, squares)
+        return private, measure_flat(source, self.layout, squares, into=private)
 
     def weights_into(self, nbytes: int) -> np.ndarray:
         """The start of the weights region, for a pull to copy `nbytes` into (`Optimizer.pull`'s `into`)."""

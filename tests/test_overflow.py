@@ -93,7 +93,7 @@ def test_a_measured_copy_is_the_copy_and_measures_each_tensor_of_the_copy() -> N
     source = np.random.default_rng(1).standard_normal(layout.size).astype(np.float32)
     source[layout.offsets["b"] + overflow.BLOCK - 1] = np.inf  # the last value of "b" only
     target = np.zeros(layout.size, np.float32)
-    measured = overflow.copy_measured(target, source, layout, squares=True)
+    measured = overflow.measure_flat(source, layout, squares=True, into=target)
     assert target.tobytes() == source.tobytes()  # padding included
     for name, view in layout.views(target).items():
         alone = overflow.magnitude(view, squares=True)
@@ -101,3 +101,21 @@ def test_a_measured_copy_is_the_copy_and_measures_each_tensor_of_the_copy() -> N
         if name != "b":
             assert math.isclose(measured[name].squares, alone.squares, rel_tol=1e-5, abs_tol=1e-12), name
     assert math.isinf(measured["b"].largest) and math.isfinite(measured["a"].largest)
+
+
+def test_measuring_in_place_gives_what_measuring_the_copy_gives() -> None:
+    """A same-host segment read in place is measured without a copy, tensor by tensor, as its copy would be."""
+    from optserve.wire.layout import FlatLayout
+
+    layout = FlatLayout({"a": (3, overflow.BLOCK // 2 + 5), "empty": (0,), "one": (1,), "b": (overflow.BLOCK,)})
+    source = np.random.default_rng(2).standard_normal(layout.size).astype(np.float32)
+    source[layout.offsets["a"] + overflow.BLOCK + 3] = np.nan
+    copied = overflow.measure_flat(source, layout, squares=True, into=np.zeros(layout.size, np.float32))
+    in_place = overflow.measure_flat(source, layout, squares=True)
+    assert set(in_place) == set(copied)
+    for name in layout.shapes:
+        assert (in_place[name].elements, in_place[name].duplicates) == (copied[name].elements, copied[name].duplicates)
+        pairs = ((in_place[name].largest, copied[name].largest), (in_place[name].squares, copied[name].squares))
+        for got, want in pairs:
+            assert got == want or (math.isnan(got) and math.isnan(want)), name
+    assert math.isnan(in_place["a"].largest) and math.isfinite(in_place["b"].largest)
