@@ -562,7 +562,7 @@ class Optimizer:
         if not self._checked:
             return None
         limits = np.full(len(self.layout.shapes), np.inf, np.float32)
-        if magnitudes is not None and len(magnitudes) == len(grads) and not isinstance(grads, RoundGradients):
+        if magnitudes is not None and len(magnitudes) == len(grads):
             index = {name: i for i, name in enumerate(self.layout.shapes)}
             for name, magnitude in zip(grads, magnitudes):
                 limits[index[name]] = magnitude.largest
