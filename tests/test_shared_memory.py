@@ -493,6 +493,38 @@ def test_bytes_rewritten_after_the_measure_are_read_as_zero_not_stepped(shm_serv
     assert all(stepped[key].tobytes() == expected[key].tobytes() for key in PARAMS)
 
 
+def test_a_segment_freed_between_the_measure_and_the_step_is_still_read_whole(shm_server, local, name,
+                                                                              monkeypatch):
+    """Deleting the optimizer's segments (a delete, the idle reaper) while an in-place push is in flight unmaps
+    nothing the step still reads: the step's views keep the mapping, and it gives the stream's numbers."""
+    from optserve.server.shared_memory import Segment
+
+    table = shm_server.built.service.segments
+    measured = Segment.gradients_in_place
+
+    def freed(self, *args, **kwargs):
+        region, magnitudes = measured(self, *args, **kwargs)
+        table.forget(self.optimizer)  # every segment of the optimizer freed, this one included
+        return region, magnitudes
+
+    monkeypatch.setattr(Segment, "gradients_in_place", freed)
+    grads = _grads(6)
+    optimizer = local.create_optimizer(name, PARAMS, CONFIG)
+    buffers = optimizer.gradient_buffers()
+    for key, value in grads.items():
+        buffers[key][...] = value
+    assert optimizer.push(buffers) == 1
+    monkeypatch.setattr(Segment, "gradients_in_place", measured)
+    assert not [s for s in table._segments.values() if s.optimizer_name == name]
+    stepped = local.optimizer(name).pull()  # a new segment is opened transparently
+    with Client(shm_server.address, timeout=60.0, transport="network") as network:
+        reference = network.create_optimizer(name + "-ref", PARAMS, CONFIG)
+        reference.push(grads)
+        expected = reference.pull()
+        network.delete_optimizer(name + "-ref")
+    assert all(stepped[key].tobytes() == expected[key].tobytes() for key in PARAMS)
+
+
 @pytest.mark.parametrize("kind", ["sync", "log", "non_trainable"])
 def test_a_push_whose_gradient_outlives_its_step_copies_the_segment(tmp_path, kind):
     """A sync round, a write-ahead log and assigned values keep what the push carried: those read a private copy."""
